@@ -1,0 +1,198 @@
+//! BAR0 register map.
+//!
+//! BAR0 has three areas:
+//!
+//! * the **global page** at 0x0000: identity, capabilities, sizes, device control and status,
+//!   heartbeat, and 64-bit counters from 0x100;
+//! * **queue configuration** blocks of [`QUEUE_REGS_STRIDE`] bytes from [`QUEUE_REGS_BASE`]:
+//!   ring addresses, size, control, status, interrupt coalescing;
+//! * **doorbell pages**, one 4 KiB page per queue from [`DOORBELL_BASE`], so that a queue can
+//!   be handed to one thread or process by mapping just its page.
+//!
+//! 32-bit registers are read and written with 32-bit accesses; 64-bit registers (ring bases and
+//! counters) with one 64-bit access, or low half then high half.
+
+/// `MAGIC` (RO, u32): [`crate::DEVICE_MAGIC`].
+pub const MAGIC: u64 = 0x000;
+/// `VERSION` (RO, u32): major in bits 31:16, minor in bits 15:0.
+pub const VERSION: u64 = 0x004;
+/// `CAPABILITIES` (RO, u32): [`crate::Capabilities`].
+pub const CAPABILITIES: u64 = 0x008;
+/// `NUM_QUEUES` (RO, u32): queue pairs this device has.
+pub const NUM_QUEUES: u64 = 0x00c;
+/// `MAX_QUEUE_ENTRIES` (RO, u32): the largest ring size accepted.
+pub const MAX_QUEUE_ENTRIES: u64 = 0x010;
+/// `NUM_KEY_SLOTS` (RO, u32): entries in the key table.
+pub const NUM_KEY_SLOTS: u64 = 0x014;
+/// `MAX_DATA_LEN` (RO, u32): the largest `src_len` or `dst_len` of one job.
+pub const MAX_DATA_LEN: u64 = 0x018;
+/// `DOORBELL_STRIDE` (RO, u32): bytes between two queues' doorbell pages.
+pub const DOORBELL_STRIDE_REG: u64 = 0x01c;
+/// `DEVICE_CONTROL` (RW, u32): [`crate::DeviceControl`].
+pub const DEVICE_CONTROL: u64 = 0x020;
+/// `DEVICE_STATUS` (RO, u32): [`crate::DeviceStatus`].
+pub const DEVICE_STATUS: u64 = 0x024;
+/// `FATAL_CODE` (RO, u32): [`crate::FatalCode`], valid while `DEVICE_STATUS.FATAL` is set.
+pub const FATAL_CODE: u64 = 0x028;
+/// `HEARTBEAT` (RO, u32): increments at least every 10 ms while the device is alive.
+pub const HEARTBEAT: u64 = 0x02c;
+
+/// First 64-bit counter register; counters follow each other 8 bytes apart.
+pub const COUNTERS_BASE: u64 = 0x100;
+
+/// Device counters (RO, u64 each), at `COUNTERS_BASE + 8 * index`. Reset clears them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Counter {
+    /// Jobs completed with `OK`.
+    JobsOk = 0,
+    /// Jobs completed with any other status.
+    JobsFailed = 1,
+    /// Payload bytes read by record and AEAD jobs.
+    BytesIn = 2,
+    /// Payload bytes written by record and AEAD jobs.
+    BytesOut = 3,
+    /// Open jobs that failed authentication.
+    AuthFailures = 4,
+    /// Jobs that failed with `DMA_FAULT`, and ring accesses that faulted.
+    DmaFaults = 5,
+    /// Descriptors rejected before execution (bad opcode, slot, lengths, reserved fields).
+    Rejected = 6,
+    /// Interrupt messages sent.
+    Interrupts = 7,
+    /// Key slots currently loaded (a gauge, not a running count).
+    KeySlotsLoaded = 8,
+    /// TLS records sealed.
+    RecordsSealed = 9,
+    /// TLS records opened.
+    RecordsOpened = 10,
+    /// Descriptors fetched from submission rings.
+    DescriptorsFetched = 11,
+}
+
+impl Counter {
+    /// Every counter, in register order.
+    pub const ALL: [Counter; 12] = [
+        Counter::JobsOk,
+        Counter::JobsFailed,
+        Counter::BytesIn,
+        Counter::BytesOut,
+        Counter::AuthFailures,
+        Counter::DmaFaults,
+        Counter::Rejected,
+        Counter::Interrupts,
+        Counter::KeySlotsLoaded,
+        Counter::RecordsSealed,
+        Counter::RecordsOpened,
+        Counter::DescriptorsFetched,
+    ];
+
+    /// The counter's register offset.
+    pub const fn offset(self) -> u64 {
+        COUNTERS_BASE + 8 * self as u64
+    }
+
+    /// The counter's name in metrics and tool output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::JobsOk => "jobs_ok",
+            Counter::JobsFailed => "jobs_failed",
+            Counter::BytesIn => "bytes_in",
+            Counter::BytesOut => "bytes_out",
+            Counter::AuthFailures => "auth_failures",
+            Counter::DmaFaults => "dma_faults",
+            Counter::Rejected => "rejected",
+            Counter::Interrupts => "interrupts",
+            Counter::KeySlotsLoaded => "key_slots_loaded",
+            Counter::RecordsSealed => "records_sealed",
+            Counter::RecordsOpened => "records_opened",
+            Counter::DescriptorsFetched => "descriptors_fetched",
+        }
+    }
+}
+
+/// Start of the queue configuration blocks.
+pub const QUEUE_REGS_BASE: u64 = 0x1000;
+/// Bytes between two queues' configuration blocks.
+pub const QUEUE_REGS_STRIDE: u64 = 0x80;
+/// Most queue pairs a device may have (the configuration area ends below `DOORBELL_BASE`).
+pub const MAX_QUEUES: u32 = 64;
+
+/// Offsets inside one queue configuration block.
+pub mod queue {
+    /// `Q_SQ_BASE` (RW, u64): IOVA of the submission ring, [`crate::RING_ALIGN`]-aligned.
+    pub const SQ_BASE: u64 = 0x00;
+    /// `Q_CQ_BASE` (RW, u64): IOVA of the completion ring, [`crate::RING_ALIGN`]-aligned.
+    pub const CQ_BASE: u64 = 0x08;
+    /// `Q_SIZE` (RW, u32): entries in each ring, a power of two.
+    pub const SIZE: u64 = 0x10;
+    /// `Q_CONTROL` (RW, u32): [`crate::QueueControl`].
+    pub const CONTROL: u64 = 0x14;
+    /// `Q_STATUS` (RO, u32): [`crate::QueueStatus`].
+    pub const STATUS: u64 = 0x18;
+    /// `Q_ERROR` (RO, u32): [`crate::QueueErrorCode`].
+    pub const ERROR: u64 = 0x1c;
+    /// `Q_IRQ_COALESCE_COUNT` (RW, u32): completions that trigger an interrupt at once
+    /// (0 and 1 both mean every posting).
+    pub const IRQ_COALESCE_COUNT: u64 = 0x20;
+    /// `Q_IRQ_COALESCE_USECS` (RW, u32): the longest a posted completion waits for its
+    /// interrupt (0: no waiting).
+    pub const IRQ_COALESCE_USECS: u64 = 0x24;
+    /// `Q_SQ_HEAD` (RO, u32): the device's fetch position. Diagnostic only.
+    pub const SQ_HEAD: u64 = 0x28;
+    /// `Q_CQ_TAIL` (RO, u32): the device's completion write position. Diagnostic only.
+    pub const CQ_TAIL: u64 = 0x2c;
+}
+
+/// Start of the doorbell pages.
+pub const DOORBELL_BASE: u64 = 0x10000;
+/// Bytes between two queues' doorbell pages.
+pub const DOORBELL_STRIDE: u64 = 0x1000;
+/// Offset in a doorbell page of the submission tail doorbell (WO, u32).
+pub const DB_SQ_TAIL: u64 = 0x0;
+/// Offset in a doorbell page of the completion head doorbell (WO, u32).
+pub const DB_CQ_HEAD: u64 = 0x4;
+
+/// Offset of a register in queue `queue`'s configuration block.
+pub const fn queue_reg(queue: u32, reg: u64) -> u64 {
+    QUEUE_REGS_BASE + queue as u64 * QUEUE_REGS_STRIDE + reg
+}
+
+/// Offset of a doorbell in queue `queue`'s doorbell page.
+pub const fn doorbell(queue: u32, which: u64) -> u64 {
+    DOORBELL_BASE + queue as u64 * DOORBELL_STRIDE + which
+}
+
+/// BAR0 size of a device with `num_queues` queue pairs, rounded up to a power of two.
+pub const fn bar0_size(num_queues: u32) -> u64 {
+    (DOORBELL_BASE + num_queues as u64 * DOORBELL_STRIDE).next_power_of_two()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn areas_do_not_overlap() {
+        let last_queue_block_end = queue_reg(MAX_QUEUES - 1, 0) + QUEUE_REGS_STRIDE;
+        assert!(last_queue_block_end <= DOORBELL_BASE);
+        let last_counter = Counter::ALL[Counter::ALL.len() - 1];
+        assert!(last_counter.offset() + 8 <= QUEUE_REGS_BASE);
+        assert!(queue::CQ_TAIL + 4 <= QUEUE_REGS_STRIDE);
+    }
+
+    #[test]
+    fn counters_are_listed_in_register_order() {
+        for (index, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, index);
+        }
+    }
+
+    #[test]
+    fn doorbells_sit_on_their_own_pages() {
+        assert_eq!(doorbell(0, DB_SQ_TAIL), 0x10000);
+        assert_eq!(doorbell(3, DB_CQ_HEAD), 0x13004);
+        assert_eq!(bar0_size(8), 0x20000);
+        assert_eq!(bar0_size(64), 0x80000);
+    }
+}

@@ -1,0 +1,395 @@
+//! The engines' cryptography: AEAD through aws-lc-rs, and the TLS record constructions of
+//! RFC 8446 (TLS 1.3), RFC 5288 (TLS 1.2 AES-GCM) and RFC 7905 (TLS 1.2 ChaCha20-Poly1305)
+//! around it. Nothing here implements a primitive.
+
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use tlsaccel_abi::{
+    record_nonce, AeadAlgorithm, KeyBlock, KeyDirection, RecordProtocol, Status, NONCE_LEN,
+    TAG_LEN, TLS12_EXPLICIT_NONCE_LEN, TLS13_MAX_CIPHERTEXT, TLS_HEADER_LEN, TLS_LEGACY_VERSION,
+    TLS_MAX_PLAINTEXT,
+};
+use zeroize::{Zeroize, Zeroizing};
+
+/// TLS content type of application data, the outer type of every TLS 1.3 record.
+const APPLICATION_DATA: u8 = 23;
+
+/// The material of one loaded key slot.
+pub(crate) struct KeyContext {
+    pub(crate) algorithm: AeadAlgorithm,
+    pub(crate) protocol: RecordProtocol,
+    pub(crate) direction: KeyDirection,
+    key: LessSafeKey,
+    iv: Zeroizing<[u8; NONCE_LEN]>,
+}
+
+impl std::fmt::Debug for KeyContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyContext")
+            .field("algorithm", &self.algorithm)
+            .field("protocol", &self.protocol)
+            .field("direction", &self.direction)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyContext {
+    /// Validates a key block and expands its key. The caller zeroizes the block.
+    pub(crate) fn from_block(block: &KeyBlock) -> Result<Self, Status> {
+        let algorithm = AeadAlgorithm(block.algorithm);
+        let protocol = RecordProtocol(block.protocol);
+        let direction = KeyDirection(block.direction);
+        if block.reserved0 != [0; 5] || block.reserved1.get() != 0 {
+            return Err(Status::BAD_DESCRIPTOR);
+        }
+        let (aead_alg, key_len) = match algorithm {
+            AeadAlgorithm::AES_128_GCM => (&aead::AES_128_GCM, 16),
+            AeadAlgorithm::AES_256_GCM => (&aead::AES_256_GCM, 32),
+            AeadAlgorithm::CHACHA20_POLY1305 => (&aead::CHACHA20_POLY1305, 32),
+            _ => return Err(Status::UNSUPPORTED),
+        };
+        match (protocol, direction) {
+            (RecordProtocol::RAW, KeyDirection::ANY) => {}
+            (RecordProtocol::TLS12 | RecordProtocol::TLS13, KeyDirection::SEAL)
+            | (RecordProtocol::TLS12 | RecordProtocol::TLS13, KeyDirection::OPEN) => {}
+            (RecordProtocol::RAW | RecordProtocol::TLS12 | RecordProtocol::TLS13, _) => {
+                return Err(Status::BAD_DESCRIPTOR)
+            }
+            _ => return Err(Status::UNSUPPORTED),
+        }
+        if block.key[key_len..].iter().any(|&b| b != 0) {
+            return Err(Status::BAD_DESCRIPTOR);
+        }
+        let unbound =
+            UnboundKey::new(aead_alg, &block.key[..key_len]).map_err(|_| Status::UNSUPPORTED)?;
+        Ok(Self {
+            algorithm,
+            protocol,
+            direction,
+            key: LessSafeKey::new(unbound),
+            iv: Zeroizing::new(block.iv),
+        })
+    }
+
+    /// Seals `buf[start..]` in place and appends the tag.
+    fn seal_tail(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), Status> {
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf[start..],
+            )
+            .map_err(|_| Status::LENGTH_ERROR)?;
+        buf.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Opens `buf[start..]` (ciphertext then tag) in place; returns the plaintext length.
+    fn open_tail(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+        start: usize,
+    ) -> Result<usize, Status> {
+        self.key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut buf[start..],
+            )
+            .map(|plain| plain.len())
+            .map_err(|_| Status::AUTH_FAILED)
+    }
+}
+
+/// What an engine job produced: bytes `buf[start..start + len]` go to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Output {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) info: u8,
+}
+
+/// `AEAD_SEAL`: `buf` holds the plaintext; on return it holds ciphertext then tag.
+pub(crate) fn aead_seal(
+    key: &KeyContext,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<Output, Status> {
+    key.seal_tail(nonce, aad, buf, 0)?;
+    Ok(Output {
+        start: 0,
+        len: buf.len(),
+        info: 0,
+    })
+}
+
+/// `AEAD_OPEN`: `buf` holds ciphertext then tag; on success its head holds the plaintext.
+pub(crate) fn aead_open(
+    key: &KeyContext,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<Output, Status> {
+    if buf.len() < TAG_LEN {
+        return Err(Status::LENGTH_ERROR);
+    }
+    let len = key.open_tail(nonce, aad, buf, 0)?;
+    Ok(Output { start: 0, len, info: 0 })
+}
+
+/// `TLS13_SEAL`, first half: the caller has placed the plaintext at `buf[TLS_HEADER_LEN..]`.
+/// Builds header, inner content type and padding, seals, appends the tag.
+pub(crate) fn tls13_seal(
+    key: &KeyContext,
+    sequence: u64,
+    content_type: u8,
+    padding: usize,
+    buf: &mut Vec<u8>,
+) -> Result<Output, Status> {
+    buf.push(content_type);
+    buf.resize(buf.len() + padding, 0);
+    let inner_len = buf.len() - TLS_HEADER_LEN;
+    let length = u16::try_from(inner_len + TAG_LEN).map_err(|_| Status::LENGTH_ERROR)?;
+    let header = record_header(APPLICATION_DATA, length);
+    buf[..TLS_HEADER_LEN].copy_from_slice(&header);
+    key.seal_tail(
+        record_nonce(&key.iv, sequence),
+        &header,
+        buf,
+        TLS_HEADER_LEN,
+    )?;
+    Ok(Output {
+        start: 0,
+        len: buf.len(),
+        info: APPLICATION_DATA,
+    })
+}
+
+/// `TLS13_OPEN`: `buf` holds one whole record. Reports the inner content type in `info`.
+pub(crate) fn tls13_open(key: &KeyContext, sequence: u64, buf: &mut [u8]) -> Result<Output, Status> {
+    let header = parse_header(buf)?;
+    if header[0] != APPLICATION_DATA {
+        return Err(Status::RECORD_MALFORMED);
+    }
+    let body = buf.len() - TLS_HEADER_LEN;
+    if body > TLS13_MAX_CIPHERTEXT {
+        return Err(Status::RECORD_OVERFLOW);
+    }
+    if body < TAG_LEN + 1 {
+        return Err(Status::RECORD_MALFORMED);
+    }
+    let inner = key.open_tail(record_nonce(&key.iv, sequence), &header, buf, TLS_HEADER_LEN)?;
+    let inner_bytes = &buf[TLS_HEADER_LEN..TLS_HEADER_LEN + inner];
+    let type_at = inner_bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .ok_or(Status::RECORD_MALFORMED)?;
+    if type_at > TLS_MAX_PLAINTEXT {
+        return Err(Status::RECORD_OVERFLOW);
+    }
+    Ok(Output {
+        start: TLS_HEADER_LEN,
+        len: type_at,
+        info: inner_bytes[type_at],
+    })
+}
+
+/// `TLS12_SEAL`: the caller has placed the plaintext at `buf[prefix..]`, where `prefix` is
+/// the header plus the explicit nonce of the slot's algorithm.
+pub(crate) fn tls12_seal(
+    key: &KeyContext,
+    sequence: u64,
+    content_type: u8,
+    buf: &mut Vec<u8>,
+) -> Result<Output, Status> {
+    let explicit = key.algorithm.tls12_explicit_nonce_len();
+    let prefix = TLS_HEADER_LEN + explicit;
+    let plain_len = buf.len() - prefix;
+    let nonce = record_nonce(&key.iv, sequence);
+    let aad = tls12_aad(sequence, content_type, plain_len)?;
+    let length =
+        u16::try_from(explicit + plain_len + TAG_LEN).map_err(|_| Status::LENGTH_ERROR)?;
+    buf[..TLS_HEADER_LEN].copy_from_slice(&record_header(content_type, length));
+    buf[TLS_HEADER_LEN..prefix].copy_from_slice(&nonce[NONCE_LEN - explicit..]);
+    key.seal_tail(nonce, &aad, buf, prefix)?;
+    Ok(Output {
+        start: 0,
+        len: buf.len(),
+        info: content_type,
+    })
+}
+
+/// `TLS12_OPEN`: `buf` holds one whole record. Reports the header's content type in `info`.
+pub(crate) fn tls12_open(key: &KeyContext, sequence: u64, buf: &mut [u8]) -> Result<Output, Status> {
+    let header = parse_header(buf)?;
+    let explicit = key.algorithm.tls12_explicit_nonce_len();
+    let prefix = TLS_HEADER_LEN + explicit;
+    let plain_len = buf
+        .len()
+        .checked_sub(prefix + TAG_LEN)
+        .ok_or(Status::RECORD_MALFORMED)?;
+    if plain_len > TLS_MAX_PLAINTEXT + 1024 {
+        return Err(Status::RECORD_OVERFLOW);
+    }
+    let mut nonce = record_nonce(&key.iv, sequence);
+    if explicit == TLS12_EXPLICIT_NONCE_LEN {
+        nonce[NONCE_LEN - explicit..].copy_from_slice(&buf[TLS_HEADER_LEN..prefix]);
+    }
+    let aad = tls12_aad(sequence, header[0], plain_len)?;
+    let len = key.open_tail(nonce, &aad, buf, prefix)?;
+    if len > TLS_MAX_PLAINTEXT {
+        return Err(Status::RECORD_OVERFLOW);
+    }
+    Ok(Output {
+        start: prefix,
+        len,
+        info: header[0],
+    })
+}
+
+fn record_header(content_type: u8, length: u16) -> [u8; TLS_HEADER_LEN] {
+    let [v0, v1] = TLS_LEGACY_VERSION.to_be_bytes();
+    let [l0, l1] = length.to_be_bytes();
+    [content_type, v0, v1, l0, l1]
+}
+
+/// Checks a record header against the record's actual length and returns it.
+fn parse_header(record: &[u8]) -> Result<[u8; TLS_HEADER_LEN], Status> {
+    let header: [u8; TLS_HEADER_LEN] = record
+        .get(..TLS_HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(Status::RECORD_MALFORMED)?;
+    let version = u16::from_be_bytes([header[1], header[2]]);
+    let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if version != TLS_LEGACY_VERSION || length != record.len() - TLS_HEADER_LEN {
+        return Err(Status::RECORD_MALFORMED);
+    }
+    Ok(header)
+}
+
+/// The TLS 1.2 additional data: sequence, type, version, plaintext length (RFC 5246 6.2.3.3).
+fn tls12_aad(sequence: u64, content_type: u8, plain_len: usize) -> Result<[u8; 13], Status> {
+    let mut aad = [0u8; 13];
+    aad[..8].copy_from_slice(&sequence.to_be_bytes());
+    aad[8] = content_type;
+    aad[9..11].copy_from_slice(&TLS_LEGACY_VERSION.to_be_bytes());
+    let len = u16::try_from(plain_len).map_err(|_| Status::RECORD_OVERFLOW)?;
+    aad[11..].copy_from_slice(&len.to_be_bytes());
+    Ok(aad)
+}
+
+/// Zeroizes a scratch buffer that held key material or plaintext.
+pub(crate) fn scrub(buf: &mut Vec<u8>) {
+    buf.zeroize();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(algorithm: AeadAlgorithm, protocol: RecordProtocol, direction: KeyDirection) -> KeyContext {
+        let block = KeyBlock {
+            algorithm: algorithm.0,
+            protocol: protocol.0,
+            direction: direction.0,
+            key: [7; 32],
+            iv: [9; 12],
+            ..KeyBlock::default()
+        };
+        let mut block = block;
+        if algorithm == AeadAlgorithm::AES_128_GCM {
+            block.key[16..].fill(0);
+        }
+        KeyContext::from_block(&block).unwrap()
+    }
+
+    #[test]
+    fn key_blocks_with_bad_fields_are_refused() {
+        let good = KeyBlock {
+            algorithm: AeadAlgorithm::AES_256_GCM.0,
+            protocol: RecordProtocol::TLS13.0,
+            direction: KeyDirection::SEAL.0,
+            ..KeyBlock::default()
+        };
+        assert!(KeyContext::from_block(&good).is_ok());
+        let mut bad = good.clone();
+        bad.algorithm = 9;
+        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::UNSUPPORTED);
+        let mut bad = good.clone();
+        bad.direction = KeyDirection::ANY.0;
+        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::BAD_DESCRIPTOR);
+        let mut bad = good.clone();
+        bad.reserved0[2] = 1;
+        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::BAD_DESCRIPTOR);
+        let mut bad = good;
+        bad.algorithm = AeadAlgorithm::AES_128_GCM.0;
+        bad.key[20] = 1;
+        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::BAD_DESCRIPTOR);
+    }
+
+    #[test]
+    fn tls13_seal_then_open_recovers_type_and_payload() {
+        for algorithm in [
+            AeadAlgorithm::AES_128_GCM,
+            AeadAlgorithm::AES_256_GCM,
+            AeadAlgorithm::CHACHA20_POLY1305,
+        ] {
+            let seal = key(algorithm, RecordProtocol::TLS13, KeyDirection::SEAL);
+            let open = key(algorithm, RecordProtocol::TLS13, KeyDirection::OPEN);
+            let mut buf = vec![0u8; TLS_HEADER_LEN];
+            buf.extend_from_slice(b"hello");
+            let out = tls13_seal(&seal, 5, 22, 3, &mut buf).unwrap();
+            assert_eq!(out.len, tlsaccel_abi::tls13_record_len(5, 3));
+            let opened = tls13_open(&open, 5, &mut buf).unwrap();
+            assert_eq!(opened.info, 22);
+            assert_eq!(&buf[opened.start..opened.start + opened.len], b"hello");
+        }
+    }
+
+    #[test]
+    fn tls13_open_rejects_wrong_sequence_and_bad_headers() {
+        let k = key(AeadAlgorithm::AES_128_GCM, RecordProtocol::TLS13, KeyDirection::SEAL);
+        let mut buf = vec![0u8; TLS_HEADER_LEN];
+        buf.extend_from_slice(b"data");
+        tls13_seal(&k, 1, 23, 0, &mut buf).unwrap();
+        assert_eq!(tls13_open(&k, 2, &mut buf.clone()).unwrap_err(), Status::AUTH_FAILED);
+        let mut bad_version = buf.clone();
+        bad_version[2] = 1;
+        assert_eq!(tls13_open(&k, 1, &mut bad_version).unwrap_err(), Status::RECORD_MALFORMED);
+        let mut truncated = buf[..buf.len() - 1].to_vec();
+        assert_eq!(tls13_open(&k, 1, &mut truncated).unwrap_err(), Status::RECORD_MALFORMED);
+    }
+
+    #[test]
+    fn tls13_inner_plaintext_of_only_zeros_is_malformed() {
+        let k = key(AeadAlgorithm::AES_128_GCM, RecordProtocol::TLS13, KeyDirection::SEAL);
+        let mut buf = vec![0u8; TLS_HEADER_LEN];
+        // content type 0 followed by padding: no non-zero byte survives.
+        tls13_seal(&k, 0, 0, 4, &mut buf).unwrap();
+        assert_eq!(tls13_open(&k, 0, &mut buf).unwrap_err(), Status::RECORD_MALFORMED);
+    }
+
+    #[test]
+    fn tls12_records_round_trip_with_and_without_explicit_nonce() {
+        for algorithm in [AeadAlgorithm::AES_256_GCM, AeadAlgorithm::CHACHA20_POLY1305] {
+            let k = key(algorithm, RecordProtocol::TLS12, KeyDirection::SEAL);
+            let prefix = TLS_HEADER_LEN + algorithm.tls12_explicit_nonce_len();
+            let mut buf = vec![0u8; prefix];
+            buf.extend_from_slice(b"payload");
+            let out = tls12_seal(&k, 77, 23, &mut buf).unwrap();
+            assert_eq!(out.len, tlsaccel_abi::tls12_record_len(algorithm, 7));
+            let opened = tls12_open(&k, 77, &mut buf).unwrap();
+            assert_eq!(&buf[opened.start..opened.start + opened.len], b"payload");
+            assert_eq!(opened.info, 23);
+        }
+    }
+}

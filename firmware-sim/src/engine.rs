@@ -1,0 +1,392 @@
+//! The engines: descriptor acceptance (validation, slot grants, key-table operations, in
+//! submission order) and job execution (DMA in, crypto, DMA out, in any order).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tlsaccel_abi::regs::Counter;
+use tlsaccel_abi::{
+    tls12_record_len, tls13_record_len, Descriptor, KeyBlock, Opcode, SealParams, Status,
+    DESCRIPTOR_SIZE, KEY_BLOCK_SIZE, MAX_AAD_LEN, NONCE_LEN, TAG_LEN, TLS13_MAX_CIPHERTEXT,
+    TLS_HEADER_LEN, TLS_MAX_PLAINTEXT,
+};
+use zerocopy::FromBytes;
+use zeroize::Zeroize;
+
+use crate::crypto::{self, KeyContext, Output};
+use crate::device::Shared;
+use crate::memory::DmaRange;
+use crate::queue::{ActiveQueue, IrqAction, Posting};
+
+/// Descriptors one engine fetches from a queue at a time.
+pub(crate) const FETCH_BURST: u32 = 32;
+
+#[derive(Debug)]
+enum Work {
+    /// Finished at acceptance (NOP, key operations, and every rejection).
+    Done(Posting),
+    Job(Box<Job>),
+}
+
+#[derive(Debug)]
+struct Job {
+    cookie: u64,
+    opcode: Opcode,
+    key: Arc<KeyContext>,
+    sequence: u64,
+    src: DmaRange,
+    dst: DmaRange,
+    aad: Option<DmaRange>,
+    nonce: [u8; NONCE_LEN],
+    seal: SealParams,
+}
+
+/// One engine thread's reusable buffers.
+#[derive(Debug, Default)]
+pub(crate) struct EngineScratch {
+    data: Vec<u8>,
+    aad: Vec<u8>,
+    work: Vec<Work>,
+    postings: Vec<Posting>,
+}
+
+impl Drop for EngineScratch {
+    fn drop(&mut self) {
+        crypto::scrub(&mut self.data);
+    }
+}
+
+impl Shared {
+    /// Serves one burst from `queue`. Returns true when it did any work.
+    pub(crate) fn serve(&self, queue: &ActiveQueue, scratch: &mut EngineScratch) -> bool {
+        if queue.stopped.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(mut head) = queue.sq_head.try_lock() else {
+            return false;
+        };
+        let tail = queue.sq_tail.load(Ordering::Acquire);
+        let pending = tail.wrapping_sub(*head) & queue.mask();
+        if pending == 0 {
+            return false;
+        }
+        let granted = queue.reserve(pending.min(FETCH_BURST));
+        if granted == 0 {
+            return false;
+        }
+        scratch.work.clear();
+        let mut raw = [0u8; DESCRIPTOR_SIZE];
+        for _ in 0..granted {
+            if queue.read_descriptor(*head, &mut raw).is_err() {
+                self.count(Counter::DmaFaults, 1);
+                self.queue_ring_fault(queue);
+                queue.unreserve(granted);
+                return true;
+            }
+            *head = (*head + 1) & queue.mask();
+            let descriptor = Descriptor::read_from_bytes(&raw).unwrap_or_default();
+            scratch.work.push(self.accept(&descriptor));
+        }
+        queue.sq_head_shadow.store(*head, Ordering::Relaxed);
+        self.count(Counter::DescriptorsFetched, u64::from(granted));
+        let more = pending > granted;
+        drop(head);
+        if more {
+            self.work.notify();
+        }
+
+        scratch.postings.clear();
+        let mut work = std::mem::take(&mut scratch.work);
+        for item in work.drain(..) {
+            let posting = match item {
+                Work::Done(posting) => posting,
+                Work::Job(job) => self.execute(&job, scratch),
+            };
+            self.account(&posting);
+            if self.faults.take_drop_completion() {
+                continue;
+            }
+            scratch.postings.push(self.faults.apply_length_fault(posting));
+        }
+        scratch.work = work;
+        if self.is_fatal() {
+            queue.unreserve(granted);
+            return true;
+        }
+        let registers = self.queue_registers(queue.index);
+        match queue.post(
+            &scratch.postings,
+            granted,
+            registers.coalesce_count(),
+            registers.coalesce_usecs(),
+            registers.irq_enabled(),
+        ) {
+            Ok(IrqAction::None) => {}
+            Ok(IrqAction::SignalNow) => self.signal(queue.index),
+            Ok(IrqAction::ArmTimer(deadline)) => self.timer.arm(deadline),
+            Err(_) => {
+                self.count(Counter::DmaFaults, 1);
+                self.queue_ring_fault(queue);
+            }
+        }
+        true
+    }
+
+    fn account(&self, posting: &Posting) {
+        if posting.status.is_ok() {
+            self.count(Counter::JobsOk, 1);
+        } else {
+            self.count(Counter::JobsFailed, 1);
+        }
+        match posting.status {
+            Status::AUTH_FAILED => self.count(Counter::AuthFailures, 1),
+            Status::DMA_FAULT => self.count(Counter::DmaFaults, 1),
+            _ => {}
+        }
+    }
+
+    /// Validates a descriptor and, for key operations, performs it. Runs in submission order.
+    fn accept(&self, d: &Descriptor) -> Work {
+        let cookie = d.cookie.get();
+        let done = |status: Status| {
+            Work::Done(Posting {
+                cookie,
+                status,
+                result_len: 0,
+                info: 0,
+                sequence_advanced: false,
+            })
+        };
+        match self.accept_job(d) {
+            Ok(Some(job)) => Work::Job(job),
+            Ok(None) => done(Status::OK),
+            Err(status) => {
+                self.count(Counter::Rejected, 1);
+                done(status)
+            }
+        }
+    }
+
+    fn accept_job(&self, d: &Descriptor) -> Result<Option<Box<Job>>, Status> {
+        let opcode = Opcode(d.opcode);
+        if d.flags != 0 || d.reserved.get() != 0 {
+            return Err(Status::BAD_DESCRIPTOR);
+        }
+        let slot = d.key_slot.get();
+        match opcode {
+            Opcode::NOP => return Ok(None),
+            Opcode::KEY_LOAD => {
+                if d.src_len.get() as usize != KEY_BLOCK_SIZE {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                let range = self.translate(d.src_iova.get(), KEY_BLOCK_SIZE as u32)?;
+                let mut raw = [0u8; KEY_BLOCK_SIZE];
+                let read = range.read(0, &mut raw);
+                let mut block = KeyBlock::read_from_bytes(&raw).unwrap_or_default();
+                raw.zeroize();
+                let loaded = read
+                    .map_err(|_| Status::DMA_FAULT)
+                    .and_then(|()| self.keys.load(slot, &block));
+                block.key.zeroize();
+                block.iv.zeroize();
+                loaded?;
+                self.sync_key_gauge();
+                return Ok(None);
+            }
+            Opcode::KEY_DESTROY => {
+                let destroyed = self.keys.destroy(slot);
+                self.sync_key_gauge();
+                return destroyed.map(|()| None);
+            }
+            op if op.uses_key_slot() => {}
+            _ => return Err(Status::BAD_OPCODE),
+        }
+
+        let src_len = d.src_len.get();
+        let dst_len = d.dst_len.get();
+        if src_len > self.config.max_data_len || dst_len > self.config.max_data_len {
+            return Err(Status::LENGTH_ERROR);
+        }
+        let grant_opcode_checks = |needed_dst: usize| -> Result<(), Status> {
+            if (dst_len as usize) < needed_dst {
+                Err(Status::LENGTH_ERROR)
+            } else {
+                Ok(())
+            }
+        };
+        let src = src_len as usize;
+        let mut seal = SealParams::default();
+        let mut nonce = [0u8; NONCE_LEN];
+        match opcode {
+            Opcode::AEAD_SEAL | Opcode::AEAD_OPEN => {
+                if d.aad_len.get() > MAX_AAD_LEN {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                nonce = d.param;
+                if opcode == Opcode::AEAD_SEAL {
+                    grant_opcode_checks(src + TAG_LEN)?;
+                } else {
+                    let plain = src.checked_sub(TAG_LEN).ok_or(Status::LENGTH_ERROR)?;
+                    grant_opcode_checks(plain)?;
+                }
+            }
+            Opcode::TLS13_SEAL => {
+                seal = SealParams::decode(&d.param).ok_or(Status::BAD_DESCRIPTOR)?;
+                if src + 1 + usize::from(seal.padding) > TLS_MAX_PLAINTEXT + 1 {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                grant_opcode_checks(tls13_record_len(src, usize::from(seal.padding)))?;
+            }
+            Opcode::TLS13_OPEN => {
+                if !(TLS_HEADER_LEN + TAG_LEN + 1..=TLS_HEADER_LEN + TLS13_MAX_CIPHERTEXT)
+                    .contains(&src)
+                {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                grant_opcode_checks((src - TLS_HEADER_LEN - TAG_LEN - 1).min(TLS_MAX_PLAINTEXT))?;
+            }
+            Opcode::TLS12_SEAL | Opcode::TLS12_OPEN => {
+                seal = SealParams::decode(&d.param).ok_or(Status::BAD_DESCRIPTOR)?;
+                if seal.padding != 0 {
+                    return Err(Status::BAD_DESCRIPTOR);
+                }
+            }
+            _ => return Err(Status::BAD_OPCODE),
+        }
+        if opcode != Opcode::AEAD_SEAL && opcode != Opcode::AEAD_OPEN && d.aad_len.get() != 0 {
+            return Err(Status::BAD_DESCRIPTOR);
+        }
+        let src_range = self.translate(d.src_iova.get(), src_len)?;
+        let dst_range = self.translate(d.dst_iova.get(), dst_len)?;
+        let aad = match d.aad_len.get() {
+            0 => None,
+            len => Some(self.translate(d.aad_iova.get(), len)?),
+        };
+        // TLS 1.2 lengths depend on the slot's algorithm: check them against the slot before
+        // the grant consumes a sequence number.
+        if matches!(opcode, Opcode::TLS12_SEAL | Opcode::TLS12_OPEN) {
+            let algorithm = self.keys.algorithm_of(d.key_slot.get())?;
+            let prefix = TLS_HEADER_LEN + algorithm.tls12_explicit_nonce_len();
+            if opcode == Opcode::TLS12_SEAL {
+                if src > TLS_MAX_PLAINTEXT {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                grant_opcode_checks(tls12_record_len(algorithm, src))?;
+            } else {
+                let plain = src
+                    .checked_sub(prefix + TAG_LEN)
+                    .filter(|&p| p <= TLS_MAX_PLAINTEXT + 1024)
+                    .ok_or(Status::LENGTH_ERROR)?;
+                grant_opcode_checks(plain.min(TLS_MAX_PLAINTEXT))?;
+            }
+        }
+        let grant = self.keys.grant(d.key_slot.get(), opcode)?;
+        Ok(Some(Box::new(Job {
+            cookie: d.cookie.get(),
+            opcode,
+            key: grant.key,
+            sequence: grant.sequence.unwrap_or(0),
+            src: src_range,
+            dst: dst_range,
+            aad,
+            nonce,
+            seal,
+        })))
+    }
+
+    fn translate(&self, iova: u64, len: u32) -> Result<DmaRange, Status> {
+        self.iommu
+            .translate(iova, u64::from(len))
+            .map_err(|_| Status::DMA_FAULT)
+    }
+
+    /// Runs an accepted job: DMA the input in, transform it, DMA the output out.
+    fn execute(&self, job: &Job, scratch: &mut EngineScratch) -> Posting {
+        let sequence_advanced = job.opcode.is_tls_record();
+        let mut posting = Posting {
+            cookie: job.cookie,
+            status: Status::OK,
+            result_len: 0,
+            info: 0,
+            sequence_advanced,
+        };
+        match self.run(job, scratch) {
+            Ok(output) => {
+                posting.result_len = u32::try_from(output.len).unwrap_or(u32::MAX);
+                posting.info = output.info;
+                self.count(Counter::BytesIn, job.src.len());
+                self.count(Counter::BytesOut, output.len as u64);
+                match job.opcode {
+                    Opcode::TLS13_SEAL | Opcode::TLS12_SEAL => {
+                        self.count(Counter::RecordsSealed, 1)
+                    }
+                    Opcode::TLS13_OPEN | Opcode::TLS12_OPEN => {
+                        self.count(Counter::RecordsOpened, 1)
+                    }
+                    _ => {}
+                }
+            }
+            Err(status) => posting.status = status,
+        }
+        posting
+    }
+
+    fn run(&self, job: &Job, scratch: &mut EngineScratch) -> Result<Output, Status> {
+        if self.faults.take_dma_fault() {
+            return Err(Status::DMA_FAULT);
+        }
+        let src_len = usize::try_from(job.src.len()).map_err(|_| Status::LENGTH_ERROR)?;
+        let key = &job.key;
+        let buf = &mut scratch.data;
+        let prefix = match job.opcode {
+            Opcode::TLS13_SEAL => TLS_HEADER_LEN,
+            Opcode::TLS12_SEAL => TLS_HEADER_LEN + key.algorithm.tls12_explicit_nonce_len(),
+            _ => 0,
+        };
+        buf.clear();
+        buf.resize(prefix + src_len, 0);
+        job.src
+            .read(0, &mut buf[prefix..])
+            .map_err(|_| Status::DMA_FAULT)?;
+        let output = match job.opcode {
+            Opcode::AEAD_SEAL | Opcode::AEAD_OPEN => {
+                scratch.aad.clear();
+                if let Some(aad) = &job.aad {
+                    let len = usize::try_from(aad.len()).map_err(|_| Status::LENGTH_ERROR)?;
+                    scratch.aad.resize(len, 0);
+                    aad.read(0, &mut scratch.aad).map_err(|_| Status::DMA_FAULT)?;
+                }
+                if job.opcode == Opcode::AEAD_SEAL {
+                    crypto::aead_seal(key, job.nonce, &scratch.aad, buf)?
+                } else {
+                    crypto::aead_open(key, job.nonce, &scratch.aad, buf)?
+                }
+            }
+            Opcode::TLS13_SEAL => crypto::tls13_seal(
+                key,
+                job.sequence,
+                job.seal.content_type,
+                usize::from(job.seal.padding),
+                buf,
+            )?,
+            Opcode::TLS13_OPEN => crypto::tls13_open(key, job.sequence, buf)?,
+            Opcode::TLS12_SEAL => {
+                crypto::tls12_seal(key, job.sequence, job.seal.content_type, buf)?
+            }
+            Opcode::TLS12_OPEN => crypto::tls12_open(key, job.sequence, buf)?,
+            _ => return Err(Status::BAD_OPCODE),
+        };
+        if job.opcode.is_seal() && self.faults.take_corrupt_tag() {
+            if let Some(last) = buf.get_mut(output.start + output.len - 1) {
+                *last ^= 0x01;
+            }
+        }
+        if output.len as u64 > job.dst.len() {
+            return Err(Status::LENGTH_ERROR);
+        }
+        job.dst
+            .write(0, &buf[output.start..output.start + output.len])
+            .map_err(|_| Status::DMA_FAULT)?;
+        Ok(output)
+    }
+}

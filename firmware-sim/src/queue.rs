@@ -1,0 +1,200 @@
+//! One enabled queue pair as the device sees it: the two rings in host memory, the doorbell
+//! values the host wrote, the fetch position, and the completion writer with its phase and
+//! interrupt-coalescing state.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tlsaccel_abi::{Completion, CompletionFlags, Status, COMPLETION_SIZE, COMPLETION_STATUS_WORD};
+use zerocopy::IntoBytes;
+
+use crate::memory::{DmaFault, DmaRange};
+
+/// A completion the device is about to post.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Posting {
+    pub(crate) cookie: u64,
+    pub(crate) status: Status,
+    pub(crate) result_len: u32,
+    pub(crate) info: u8,
+    pub(crate) sequence_advanced: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct CompletionState {
+    tail: u32,
+    phase: bool,
+    /// Entries promised to jobs fetched but not yet posted.
+    reserved: u32,
+    irq_pending: u32,
+    irq_deadline: Option<Instant>,
+    stopped: bool,
+}
+
+/// What posting asks of the interrupt logic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IrqAction {
+    None,
+    SignalNow,
+    /// A coalescing window opened; the timer must look again at this instant.
+    ArmTimer(Instant),
+}
+
+#[derive(Debug)]
+pub(crate) struct ActiveQueue {
+    pub(crate) index: u32,
+    pub(crate) size: u32,
+    sq: DmaRange,
+    cq: DmaRange,
+    pub(crate) sq_tail: AtomicU32,
+    pub(crate) cq_head: AtomicU32,
+    pub(crate) sq_head: Mutex<u32>,
+    pub(crate) sq_head_shadow: AtomicU32,
+    completion: Mutex<CompletionState>,
+    pub(crate) stopped: AtomicBool,
+}
+
+impl ActiveQueue {
+    pub(crate) fn new(index: u32, size: u32, sq: DmaRange, cq: DmaRange) -> Self {
+        Self {
+            index,
+            size,
+            sq,
+            cq,
+            sq_tail: AtomicU32::new(0),
+            cq_head: AtomicU32::new(0),
+            sq_head: Mutex::new(0),
+            sq_head_shadow: AtomicU32::new(0),
+            completion: Mutex::new(CompletionState {
+                tail: 0,
+                phase: true,
+                reserved: 0,
+                irq_pending: 0,
+                irq_deadline: None,
+                stopped: false,
+            }),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn mask(&self) -> u32 {
+        self.size - 1
+    }
+
+    fn completion(&self) -> MutexGuard<'_, CompletionState> {
+        self.completion.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops the queue: nothing more is fetched or posted. Jobs in flight are dropped.
+    pub(crate) fn stop(&self) {
+        let mut state = self.completion();
+        state.stopped = true;
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn cq_tail(&self) -> u32 {
+        self.completion().tail
+    }
+
+    /// Reads descriptor `index` of the submission ring.
+    pub(crate) fn read_descriptor(&self, index: u32, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.sq
+            .read(u64::from(index) * tlsaccel_abi::DESCRIPTOR_SIZE as u64, buf)
+    }
+
+    /// Reserves up to `wanted` completion entries; returns how many were reserved. The device
+    /// fetches no descriptor it has no completion entry for, so posting never waits.
+    pub(crate) fn reserve(&self, wanted: u32) -> u32 {
+        let mut state = self.completion();
+        if state.stopped {
+            return 0;
+        }
+        let head = self.cq_head.load(Ordering::Acquire);
+        let used = state.tail.wrapping_sub(head) & self.mask();
+        let free = (self.size - 1).saturating_sub(used + state.reserved);
+        let granted = free.min(wanted);
+        state.reserved += granted;
+        granted
+    }
+
+    /// Gives back reserved entries that will not be posted.
+    pub(crate) fn unreserve(&self, count: u32) {
+        let mut state = self.completion();
+        state.reserved = state.reserved.saturating_sub(count);
+    }
+
+    /// Free completion entries not promised to anyone (for injected bogus entries).
+    pub(crate) fn unclaimed_entries(&self) -> u32 {
+        let state = self.completion();
+        let head = self.cq_head.load(Ordering::Acquire);
+        let used = state.tail.wrapping_sub(head) & self.mask();
+        (self.size - 1).saturating_sub(used + state.reserved)
+    }
+
+    /// Writes completions in order, each with the current phase tag written last. `reserved`
+    /// says how many of them had entries reserved at fetch time.
+    pub(crate) fn post(
+        &self,
+        postings: &[Posting],
+        reserved: u32,
+        coalesce_count: u32,
+        coalesce_usecs: u32,
+        irq_enabled: bool,
+    ) -> Result<IrqAction, DmaFault> {
+        let mut state = self.completion();
+        state.reserved = state.reserved.saturating_sub(reserved);
+        if state.stopped || postings.is_empty() {
+            return Ok(IrqAction::None);
+        }
+        for posting in postings {
+            let at = u64::from(state.tail) * COMPLETION_SIZE as u64;
+            let mut flags = CompletionFlags::empty();
+            flags.set(CompletionFlags::PHASE, state.phase);
+            flags.set(CompletionFlags::SEQUENCE_ADVANCED, posting.sequence_advanced);
+            let entry = Completion {
+                cookie: posting.cookie.into(),
+                result_len: posting.result_len.into(),
+                ..Completion::default()
+            };
+            self.cq.write(at, &entry.as_bytes()[..COMPLETION_STATUS_WORD])?;
+            let word = Completion::status_word(posting.status, posting.info, flags);
+            self.cq
+                .write_u32_release(at + COMPLETION_STATUS_WORD as u64, word)?;
+            state.tail = (state.tail + 1) & self.mask();
+            if state.tail == 0 {
+                state.phase = !state.phase;
+            }
+        }
+        if !irq_enabled {
+            return Ok(IrqAction::None);
+        }
+        state.irq_pending = state
+            .irq_pending
+            .saturating_add(u32::try_from(postings.len()).unwrap_or(u32::MAX));
+        if coalesce_usecs == 0 || state.irq_pending >= coalesce_count.max(1) {
+            state.irq_pending = 0;
+            state.irq_deadline = None;
+            return Ok(IrqAction::SignalNow);
+        }
+        if state.irq_deadline.is_none() {
+            let deadline = Instant::now() + Duration::from_micros(u64::from(coalesce_usecs));
+            state.irq_deadline = Some(deadline);
+            return Ok(IrqAction::ArmTimer(deadline));
+        }
+        Ok(IrqAction::None)
+    }
+
+    /// The coalescing timer: signals when the window has closed, else says when to look again.
+    pub(crate) fn irq_due(&self, now: Instant) -> (bool, Option<Instant>) {
+        let mut state = self.completion();
+        match state.irq_deadline {
+            Some(deadline) if deadline <= now => {
+                state.irq_deadline = None;
+                state.irq_pending = 0;
+                (!state.stopped, None)
+            }
+            other => (false, other),
+        }
+    }
+}
