@@ -1,0 +1,503 @@
+//! An opened device: identity check, reset and enable, the DMA pool, the admin queue used for
+//! key-table operations, data queue pairs, key slots, counters and recovery.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tlsaccel_abi::regs::{self, Counter};
+use tlsaccel_abi::{
+    AeadAlgorithm, Capabilities, DeviceControl, DeviceStatus, FatalCode, KeyBlock, KeyDirection,
+    RecordProtocol, Status, DEVICE_MAGIC, KEY_BLOCK_SIZE, NONCE_LEN, VERSION_MAJOR,
+};
+use zerocopy::FromBytes;
+use zeroize::Zeroizing;
+
+use crate::dma::{DmaError, DmaPool};
+use crate::queue::{Job, JobError, JobOp, JobOutput, QueueConfig, QueueError, QueuePair};
+use crate::transport::{DeviceAddress, Transport, TransportError};
+
+/// Errors of opening and managing a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{name}: not a tlsaccel device (magic {magic:#010x})")]
+    NotOurDevice { name: String, magic: u32 },
+    #[error("{name}: device speaks contract version {major}.{minor}; this driver speaks {VERSION_MAJOR}.x")]
+    Version { name: String, major: u16, minor: u16 },
+    #[error("{name}: device did not become ready within {waited:?} after reset")]
+    ResetTimeout { name: String, waited: Duration },
+    #[error("{name}: device is in the fatal state ({code:?})")]
+    Fatal { name: String, code: FatalCode },
+    #[error("{name}: device did not start running")]
+    NotRunning { name: String },
+    #[error("every data queue of the device is in use")]
+    NoFreeQueue,
+    #[error("every key slot of the device is in use")]
+    NoFreeSlot,
+    #[error("the device does not support {0}")]
+    Unsupported(&'static str),
+    #[error("key material is invalid: {0}")]
+    BadKey(&'static str),
+    #[error("the key slot belongs to a device incarnation that was reset")]
+    StaleSlot,
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Dma(#[from] DmaError),
+    #[error("admin job failed")]
+    Job(#[from] JobError),
+}
+
+/// What a device says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub version: (u16, u16),
+    pub capabilities: Capabilities,
+    pub queues: u32,
+    pub max_queue_entries: u32,
+    pub key_slots: u32,
+    pub max_data_len: u32,
+}
+
+/// Settings of an opened device.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// Bytes per DMA region.
+    pub dma_region_size: usize,
+    /// Most DMA memory the driver maps for this device.
+    pub dma_limit: usize,
+    /// How long an admin (key-table) job may take.
+    pub admin_timeout: Duration,
+    /// How long the device may take to come out of reset.
+    pub reset_timeout: Duration,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        Self {
+            dma_region_size: 4 << 20,
+            dma_limit: 1 << 30,
+            admin_timeout: Duration::from_secs(2),
+            reset_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The admin queue is queue 0; data queues are 1.. .
+const ADMIN_QUEUE: u32 = 0;
+const ADMIN_QUEUE_SIZE: u32 = 64;
+
+/// An opened device. Shared by everything that uses it.
+pub struct Device {
+    transport: Arc<dyn Transport>,
+    info: DeviceInfo,
+    options: DeviceOptions,
+    pool: DmaPool,
+    admin: Mutex<Option<QueuePair>>,
+    data_queues: Arc<Mutex<Vec<bool>>>,
+    free_slots: Mutex<Vec<u32>>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Opens the device at `address` (see [`DeviceAddress`]) with default options.
+    pub fn open(address: &str) -> Result<Arc<Self>, DeviceError> {
+        let address: DeviceAddress = address.parse()?;
+        Self::with_transport(address.connect()?, DeviceOptions::default())
+    }
+
+    /// Identifies, resets and enables the device behind `transport`.
+    pub fn with_transport(
+        transport: Arc<dyn Transport>,
+        options: DeviceOptions,
+    ) -> Result<Arc<Self>, DeviceError> {
+        let info = identify(transport.as_ref())?;
+        let pool = DmaPool::new(
+            Arc::clone(&transport) as Arc<dyn crate::dma::DmaMapper>,
+            options.dma_region_size,
+            options.dma_limit,
+        );
+        let slots = (0..info.key_slots).rev().collect();
+        let device = Arc::new(Self {
+            data_queues: Arc::new(Mutex::new(vec![false; info.queues as usize])),
+            transport,
+            info,
+            options,
+            pool,
+            admin: Mutex::new(None),
+            free_slots: Mutex::new(slots),
+            epoch: Arc::new(AtomicU64::new(0)),
+        });
+        device.start()?;
+        Ok(device)
+    }
+
+    /// Resets the device, enables it and creates the admin queue.
+    fn start(&self) -> Result<(), DeviceError> {
+        let t = self.transport.as_ref();
+        let name = self.info.name.clone();
+        t.write32(regs::DEVICE_CONTROL, DeviceControl::RESET.bits());
+        let start = Instant::now();
+        while !self.status().contains(DeviceStatus::READY) {
+            if start.elapsed() > self.options.reset_timeout {
+                return Err(DeviceError::ResetTimeout {
+                    name,
+                    waited: self.options.reset_timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        t.write32(regs::DEVICE_CONTROL, DeviceControl::ENABLE.bits());
+        let status = self.status();
+        if status.contains(DeviceStatus::FATAL) {
+            let code = FatalCode(t.read32(regs::FATAL_CODE));
+            return Err(DeviceError::Fatal { name, code });
+        }
+        if !status.contains(DeviceStatus::RUNNING) {
+            return Err(DeviceError::NotRunning { name });
+        }
+        let admin = QueuePair::create(
+            Arc::clone(&self.transport),
+            &self.pool,
+            ADMIN_QUEUE,
+            QueueConfig {
+                size: ADMIN_QUEUE_SIZE,
+                interrupts: false,
+                ..QueueConfig::default()
+            },
+            self.info.max_queue_entries,
+        )?
+        .with_epoch(Arc::clone(&self.epoch));
+        *self.admin_queue() = Some(admin);
+        Ok(())
+    }
+
+    /// Resets the device and brings it back: every queue pair and key slot of the previous
+    /// incarnation is dead (their jobs fail with `DeviceLost`), new ones can be created.
+    pub fn recover(&self) -> Result<(), DeviceError> {
+        tracing::warn!(device = %self.info.name, "resetting device");
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.admin_queue().take();
+        self.start()
+    }
+
+    fn admin_queue(&self) -> MutexGuard<'_, Option<QueuePair>> {
+        self.admin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the device said about itself when it was opened.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The transport the device is reached through.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// The device's DMA memory pool.
+    pub fn pool(&self) -> &DmaPool {
+        &self.pool
+    }
+
+    /// The `DEVICE_STATUS` register.
+    pub fn status(&self) -> DeviceStatus {
+        DeviceStatus::from_bits_retain(self.transport.read32(regs::DEVICE_STATUS))
+    }
+
+    /// A device counter.
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.transport.read64(counter.offset())
+    }
+
+    /// The `HEARTBEAT` register.
+    pub fn heartbeat(&self) -> u32 {
+        self.transport.read32(regs::HEARTBEAT)
+    }
+
+    /// Takes a free data queue and enables it with `config`. The queue goes back to the
+    /// device when the returned pair is dropped.
+    pub fn queue(&self, config: QueueConfig) -> Result<QueuePair, DeviceError> {
+        let index = {
+            let mut taken = self.data_queues.lock().unwrap_or_else(|e| e.into_inner());
+            let index = (1..taken.len())
+                .find(|&i| !taken[i])
+                .ok_or(DeviceError::NoFreeQueue)?;
+            taken[index] = true;
+            index as u32
+        };
+        let lease = QueueLease {
+            taken: Arc::clone(&self.data_queues),
+            index,
+        };
+        let pair = QueuePair::create(
+            Arc::clone(&self.transport),
+            &self.pool,
+            index,
+            config,
+            self.info.max_queue_entries,
+        )?;
+        Ok(pair.with_epoch(Arc::clone(&self.epoch)).with_lease(lease))
+    }
+
+    /// Runs one job on the admin queue and waits for it.
+    fn admin(&self, op: JobOp) -> Result<JobOutput, DeviceError> {
+        let mut guard = self.admin_queue();
+        let admin = guard.as_mut().ok_or(DeviceError::StaleSlot)?;
+        let mut result = Err(JobError::DeviceLost);
+        admin.run(
+            &[Job { user_data: 0, op }],
+            self.options.admin_timeout,
+            |done| result = done.result,
+        )?;
+        Ok(result?)
+    }
+
+    /// Loads `material` into a free key slot. The host copy of the key is zeroized once the
+    /// device has it; the slot is destroyed on the device when the returned handle is dropped.
+    pub fn load_key(self: &Arc<Self>, material: &KeyMaterial) -> Result<KeySlot, DeviceError> {
+        let needed = match material.algorithm {
+            AeadAlgorithm::AES_128_GCM => Capabilities::AES_128_GCM,
+            AeadAlgorithm::AES_256_GCM => Capabilities::AES_256_GCM,
+            AeadAlgorithm::CHACHA20_POLY1305 => Capabilities::CHACHA20_POLY1305,
+            _ => return Err(DeviceError::Unsupported("this AEAD algorithm")),
+        };
+        if !self.info.capabilities.contains(needed) {
+            return Err(DeviceError::Unsupported("this AEAD algorithm"));
+        }
+        let index = self
+            .free_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .ok_or(DeviceError::NoFreeSlot)?;
+        let slot = KeySlot {
+            device: Arc::clone(self),
+            index,
+            epoch: self.epoch.load(Ordering::Acquire),
+            algorithm: material.algorithm,
+            loaded: false,
+        };
+        self.load_into(slot, material)
+    }
+
+    fn load_into(&self, mut slot: KeySlot, material: &KeyMaterial) -> Result<KeySlot, DeviceError> {
+        let mut bytes = Zeroizing::new([0u8; KEY_BLOCK_SIZE]);
+        {
+            let block = KeyBlock::mut_from_bytes(&mut bytes[..])
+                .expect("a KEY_BLOCK_SIZE array is exactly one KeyBlock");
+            block.algorithm = material.algorithm.0;
+            block.protocol = material.protocol.0;
+            block.direction = material.direction.0;
+            block.sequence = material.sequence.into();
+            block.key[..material.key.len()].copy_from_slice(&material.key);
+            block.iv = *material.iv;
+        }
+        let buffer = self.pool.alloc(KEY_BLOCK_SIZE)?;
+        buffer.write(0, &bytes[..])?;
+        let result = self.admin(JobOp::KeyLoad {
+            slot: slot.index,
+            block: buffer.whole(),
+        });
+        buffer.zeroize()?;
+        result?;
+        slot.loaded = true;
+        Ok(slot)
+    }
+
+    fn destroy_slot(&self, index: u32) -> Result<(), DeviceError> {
+        match self.admin(JobOp::KeyDestroy { slot: index }) {
+            Ok(_) => Ok(()),
+            Err(DeviceError::Job(JobError::Device { status, .. })) if status == Status::SLOT_EMPTY => {
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.admin_queue().take();
+        // Leave the device reset: no key material survives the driver.
+        self.transport
+            .write32(regs::DEVICE_CONTROL, DeviceControl::RESET.bits());
+    }
+}
+
+/// Reads and checks the identity registers.
+fn identify(t: &dyn Transport) -> Result<DeviceInfo, DeviceError> {
+    let name = t.name();
+    let magic = t.read32(regs::MAGIC);
+    if magic != DEVICE_MAGIC {
+        return Err(DeviceError::NotOurDevice { name, magic });
+    }
+    let version = t.read32(regs::VERSION);
+    let (major, minor) = ((version >> 16) as u16, version as u16);
+    if major != VERSION_MAJOR {
+        return Err(DeviceError::Version { name, major, minor });
+    }
+    Ok(DeviceInfo {
+        name,
+        version: (major, minor),
+        capabilities: Capabilities::from_bits_retain(t.read32(regs::CAPABILITIES)),
+        queues: t.read32(regs::NUM_QUEUES).min(regs::MAX_QUEUES),
+        max_queue_entries: t
+            .read32(regs::MAX_QUEUE_ENTRIES)
+            .min(tlsaccel_abi::MAX_QUEUE_ENTRIES),
+        key_slots: t.read32(regs::NUM_KEY_SLOTS),
+        max_data_len: t.read32(regs::MAX_DATA_LEN),
+    })
+}
+
+/// Returns a data queue index to the device when its queue pair is dropped.
+#[derive(Debug)]
+pub(crate) struct QueueLease {
+    taken: Arc<Mutex<Vec<bool>>>,
+    index: u32,
+}
+
+impl Drop for QueueLease {
+    fn drop(&mut self) {
+        if let Some(taken) = self
+            .taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(self.index as usize)
+        {
+            *taken = false;
+        }
+    }
+}
+
+/// Key material for one slot. Zeroized on drop.
+pub struct KeyMaterial {
+    pub algorithm: AeadAlgorithm,
+    pub protocol: RecordProtocol,
+    pub direction: KeyDirection,
+    /// The next record sequence number (TLS slots).
+    pub sequence: u64,
+    key: Zeroizing<Vec<u8>>,
+    iv: Zeroizing<[u8; NONCE_LEN]>,
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyMaterial")
+            .field("algorithm", &self.algorithm)
+            .field("protocol", &self.protocol)
+            .field("direction", &self.direction)
+            .field("sequence", &self.sequence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyMaterial {
+    /// Key material for a TLS record slot (or a raw AEAD slot with `RecordProtocol::RAW`,
+    /// `KeyDirection::ANY` and any IV).
+    pub fn new(
+        algorithm: AeadAlgorithm,
+        protocol: RecordProtocol,
+        direction: KeyDirection,
+        key: &[u8],
+        iv: [u8; NONCE_LEN],
+        sequence: u64,
+    ) -> Result<Self, DeviceError> {
+        if algorithm.key_len() != Some(key.len()) {
+            return Err(DeviceError::BadKey("key length does not match the algorithm"));
+        }
+        let raw = protocol == RecordProtocol::RAW;
+        if raw != (direction == KeyDirection::ANY) {
+            return Err(DeviceError::BadKey(
+                "raw slots take direction ANY; record slots SEAL or OPEN",
+            ));
+        }
+        Ok(Self {
+            algorithm,
+            protocol,
+            direction,
+            sequence,
+            key: Zeroizing::new(key.to_vec()),
+            iv: Zeroizing::new(iv),
+        })
+    }
+
+    /// Key material for raw AEAD jobs.
+    pub fn raw(algorithm: AeadAlgorithm, key: &[u8]) -> Result<Self, DeviceError> {
+        Self::new(
+            algorithm,
+            RecordProtocol::RAW,
+            KeyDirection::ANY,
+            key,
+            [0; NONCE_LEN],
+            0,
+        )
+    }
+}
+
+/// A loaded key slot. Dropping it destroys (zeroizes) the slot on the device.
+///
+/// Jobs naming the slot must have completed before it is dropped; a job accepted after the
+/// destroy fails with `SLOT_EMPTY`.
+pub struct KeySlot {
+    device: Arc<Device>,
+    index: u32,
+    epoch: u64,
+    algorithm: AeadAlgorithm,
+    loaded: bool,
+}
+
+impl std::fmt::Debug for KeySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySlot")
+            .field("index", &self.index)
+            .field("algorithm", &self.algorithm)
+            .finish()
+    }
+}
+
+impl KeySlot {
+    /// The slot number descriptors name.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The slot's algorithm.
+    pub fn algorithm(&self) -> AeadAlgorithm {
+        self.algorithm
+    }
+
+    /// True while the device incarnation that holds this slot is alive.
+    pub fn is_live(&self) -> bool {
+        self.epoch == self.device.epoch.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        if self.loaded && self.is_live() {
+            if let Err(error) = self.device.destroy_slot(self.index) {
+                // The slot may still hold a key: the device must be reset before the index
+                // is reused or the key could outlive its owner.
+                tracing::error!(slot = self.index, %error, "key slot destroy failed; resetting device");
+                if let Err(error) = self.device.recover() {
+                    tracing::error!(%error, "device reset after failed key destroy failed");
+                }
+            }
+        }
+        self.device
+            .free_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.index);
+    }
+}

@@ -1,0 +1,271 @@
+//! How the driver reaches a device: BAR0 access, DMA mapping, interrupts, reset.
+//!
+//! Backends: `in-process` (the simulator linked in) here; kernel VFIO and vfio-user implement
+//! the same trait. A device address string selects one: `sim`, `sim:queues=4,engines=1`.
+
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rustix::event::{eventfd, EventfdFlags};
+use tlsaccel_sim::{DeviceConfig, InterruptSink};
+
+use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
+
+/// Errors of a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("device address {0:?} is not understood (expected `sim` or `sim:key=value,...`)")]
+    BadAddress(String),
+    #[error("could not start the simulated device")]
+    Simulator(#[source] tlsaccel_sim::ConfigError),
+    #[error("could not create an interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("interrupt vector {0} does not exist")]
+    NoSuchVector(u32),
+}
+
+/// A way to reach one device.
+pub trait Transport: DmaMapper {
+    /// A short name of the device, e.g. `sim` or `vfio:0000:03:00.0`.
+    fn name(&self) -> String;
+    /// Reads a 32-bit BAR0 register.
+    fn read32(&self, offset: u64) -> u32;
+    /// Writes a 32-bit BAR0 register.
+    fn write32(&self, offset: u64, value: u32);
+    /// Reads a 64-bit BAR0 register.
+    fn read64(&self, offset: u64) -> u64;
+    /// Writes a 64-bit BAR0 register.
+    fn write64(&self, offset: u64, value: u64);
+    /// Routes queue `vector`'s interrupt to `eventfd`, or disconnects it with `None`.
+    fn set_interrupt(&self, vector: u32, eventfd: Option<Arc<EventFd>>)
+        -> Result<(), TransportError>;
+    /// The simulator behind this transport, when it is in-process (for fault injection in
+    /// tests and for `tlsaccel devices`).
+    fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
+        None
+    }
+}
+
+/// An eventfd: the interrupt the device signals and the driver waits on.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// A non-blocking eventfd with counter 0.
+    pub fn new() -> Result<Self, TransportError> {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| TransportError::EventFd(e.into()))?;
+        Ok(Self { fd })
+    }
+
+    /// Adds one to the counter (what an interrupt does).
+    pub fn signal(&self) {
+        // A full counter (2^64 - 2) cannot happen with one add per interrupt; a failed write
+        // means the reader is behind, which it notices anyway.
+        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+    }
+
+    /// Reads and clears the counter; returns how many signals arrived (0 if none).
+    pub fn drain(&self) -> u64 {
+        let mut buf = [0u8; 8];
+        match rustix::io::read(&self.fd, &mut buf) {
+            Ok(8) => u64::from_ne_bytes(buf),
+            _ => 0,
+        }
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl std::os::fd::AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+}
+
+impl InterruptSink for EventFd {
+    fn signal(&self) {
+        EventFd::signal(self);
+    }
+}
+
+/// The simulator linked into this process.
+pub struct InProcess {
+    device: tlsaccel_sim::Device,
+}
+
+impl fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InProcess")
+            .field("config", self.device.config())
+            .finish()
+    }
+}
+
+impl InProcess {
+    /// Starts a simulated device with `config`.
+    pub fn new(config: DeviceConfig) -> Result<Self, TransportError> {
+        let device = tlsaccel_sim::Device::new(config).map_err(TransportError::Simulator)?;
+        Ok(Self { device })
+    }
+}
+
+impl DmaMapper for InProcess {
+    fn map(&self, region: &Arc<DmaRegion>, iova: Iova) -> Result<(), DmaError> {
+        let memory: Arc<dyn tlsaccel_sim::HostMemory> = region.clone();
+        self.device
+            .iommu()
+            .map(iova.0, region.len() as u64, memory, 0)
+            .map_err(|e| DmaError::Map(Box::new(e)))
+    }
+
+    fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
+        self.device
+            .iommu()
+            .unmap(iova.0, len as u64)
+            .map_err(|e| DmaError::Map(Box::new(e)))
+    }
+}
+
+impl Transport for InProcess {
+    fn name(&self) -> String {
+        "sim".into()
+    }
+    fn read32(&self, offset: u64) -> u32 {
+        self.device.bar_read32(offset)
+    }
+    fn write32(&self, offset: u64, value: u32) {
+        self.device.bar_write32(offset, value)
+    }
+    fn read64(&self, offset: u64) -> u64 {
+        self.device.bar_read64(offset)
+    }
+    fn write64(&self, offset: u64, value: u64) {
+        self.device.bar_write64(offset, value)
+    }
+    fn set_interrupt(
+        &self,
+        vector: u32,
+        eventfd: Option<Arc<EventFd>>,
+    ) -> Result<(), TransportError> {
+        if vector >= self.device.config().queues {
+            return Err(TransportError::NoSuchVector(vector));
+        }
+        self.device
+            .set_interrupt(vector, eventfd.map(|e| e as Arc<dyn InterruptSink>));
+        Ok(())
+    }
+    fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
+        Some(&self.device)
+    }
+}
+
+/// A parsed device address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceAddress {
+    /// `sim` or `sim:queues=N,engines=N,key-slots=N`: an in-process simulator.
+    Simulator(SimOptions),
+}
+
+/// Options of an in-process simulator address.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SimOptions {
+    pub queues: Option<u32>,
+    pub engines: Option<usize>,
+    pub key_slots: Option<u32>,
+}
+
+impl SimOptions {
+    /// The simulator configuration these options describe.
+    pub fn config(&self) -> DeviceConfig {
+        let mut config = DeviceConfig::default();
+        if let Some(queues) = self.queues {
+            config.queues = queues;
+        }
+        if let Some(engines) = self.engines {
+            config.engines = engines;
+        }
+        if let Some(slots) = self.key_slots {
+            config.key_slots = slots;
+        }
+        config
+    }
+}
+
+impl FromStr for DeviceAddress {
+    type Err = TransportError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || TransportError::BadAddress(s.to_owned());
+        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        match kind {
+            "sim" => {
+                let mut options = SimOptions::default();
+                for pair in rest.split(',').filter(|p| !p.is_empty()) {
+                    let (key, value) = pair.split_once('=').ok_or_else(bad)?;
+                    match key {
+                        "queues" => options.queues = Some(value.parse().map_err(|_| bad())?),
+                        "engines" => options.engines = Some(value.parse().map_err(|_| bad())?),
+                        "key-slots" => {
+                            options.key_slots = Some(value.parse().map_err(|_| bad())?)
+                        }
+                        _ => return Err(bad()),
+                    }
+                }
+                Ok(DeviceAddress::Simulator(options))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl DeviceAddress {
+    /// Connects to the device at this address.
+    pub fn connect(&self) -> Result<Arc<dyn Transport>, TransportError> {
+        match self {
+            DeviceAddress::Simulator(options) => Ok(Arc::new(InProcess::new(options.config())?)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_or_say_why_not() {
+        assert_eq!(
+            "sim".parse::<DeviceAddress>().unwrap(),
+            DeviceAddress::Simulator(SimOptions::default())
+        );
+        assert_eq!(
+            "sim:queues=4,engines=1".parse::<DeviceAddress>().unwrap(),
+            DeviceAddress::Simulator(SimOptions {
+                queues: Some(4),
+                engines: Some(1),
+                key_slots: None
+            })
+        );
+        let error = "sim:queues=lots".parse::<DeviceAddress>().unwrap_err();
+        assert!(error.to_string().contains("sim:queues=lots"));
+        assert!("pci:1".parse::<DeviceAddress>().is_err());
+    }
+
+    #[test]
+    fn eventfd_counts_signals() {
+        let fd = EventFd::new().unwrap();
+        assert_eq!(fd.drain(), 0);
+        fd.signal();
+        fd.signal();
+        assert_eq!(fd.drain(), 2);
+        assert_eq!(fd.drain(), 0);
+    }
+}
