@@ -1,1 +1,11 @@
-//! placeholder
+//! tlsaccel: TLS termination with record and handshake crypto offloaded to a tlsaccel device.
+//!
+//! This crate holds the command-line tool's logic; `main.rs` only parses arguments.
+//! * [`devices`]: which devices this host can reach.
+//! * [`selftest`]: known-answer tests of a device.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod devices;
+pub mod selftest;
