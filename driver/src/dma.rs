@@ -170,6 +170,35 @@ impl DmaRegion {
         Ok(())
     }
 
+    /// Writes `data` at `offset` with non-temporal stores: whole lines go to memory without
+    /// first fetching them for ownership from the cache of the device (or the core running
+    /// it), which read them last. Callers must issue [`store_fence`] before telling the
+    /// device to look. `offset` and `data.len()` must be multiples of 8.
+    pub fn write_streaming(&self, offset: usize, data: &[u8]) -> Result<(), DmaError> {
+        let dst = self.check(offset, data.len())?;
+        if dst.align_offset(8) != 0 || data.len() % 8 != 0 {
+            return self.write(offset, data);
+        }
+        for (i, chunk) in data.chunks_exact(8).enumerate() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let word = i64::from_ne_bytes(word);
+            let at = dst.wrapping_add(i * 8).cast::<i64>();
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `at` is 8-byte aligned and inside the mapping (`check` covered
+            // [dst, dst + data.len())); movnti has no other requirement.
+            unsafe {
+                core::arch::x86_64::_mm_stream_si64(at, word)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            // SAFETY: as above, an aligned in-bounds pointer into the mapping.
+            unsafe {
+                at.write_volatile(word)
+            };
+        }
+        Ok(())
+    }
+
     fn atomic_u32(&self, offset: usize) -> Result<&AtomicU32, DmaError> {
         let ptr = self.check(offset, 4)?;
         if ptr.align_offset(4) != 0 {
@@ -196,6 +225,16 @@ impl DmaRegion {
             .store(value.to_le(), Ordering::Release);
         Ok(())
     }
+}
+
+/// Orders earlier non-temporal stores before later stores (the doorbell).
+pub fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence has no preconditions.
+    unsafe {
+        core::arch::x86_64::_mm_sfence()
+    };
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
 }
 
 /// Copies from device-shared memory into `dst` using aligned 8-byte volatile loads.
@@ -493,6 +532,12 @@ impl DmaBuffer {
     /// Zeroes the whole buffer.
     pub fn zeroize(&self) -> Result<(), DmaError> {
         self.region.zero(self.offset, self.len)
+    }
+
+    /// Writes `data` with non-temporal stores; see [`DmaRegion::write_streaming`].
+    pub fn write_streaming(&self, offset: usize, data: &[u8]) -> Result<(), DmaError> {
+        let at = self.bounds(offset, data.len())?;
+        self.region.write_streaming(at, data)
     }
 
     /// Loads a 32-bit word at a 4-byte aligned offset with acquire ordering.

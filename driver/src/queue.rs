@@ -328,20 +328,28 @@ impl QueuePair {
                 submitted: now,
             });
             self.sq
-                .write(self.sq_tail as usize * DESCRIPTOR_SIZE, descriptor.as_bytes())?;
+                .write_streaming(self.sq_tail as usize * DESCRIPTOR_SIZE, descriptor.as_bytes())?;
             self.sq_tail = (self.sq_tail + 1) & (self.size - 1);
         }
         self.outstanding += count as u32;
         self.stats.submitted += count as u64;
-        // Release: the descriptor stores above must be visible to the device before it sees
-        // the new tail. The volatile stores are ordered before this fence, and the fence
-        // before the doorbell write; on x86-64 this is a compiler barrier, which is what the
-        // hardware's store ordering needs for write-back memory followed by an MMIO write.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        // The descriptor stores above must be visible to the device before it sees the new
+        // tail. They are non-temporal, which x86-64 does not order with later stores, so an
+        // sfence (plus a release fence for the compiler) comes before the doorbell write.
+        crate::dma::store_fence();
         self.transport
             .write32(regs::doorbell(self.index, regs::DB_SQ_TAIL), self.sq_tail);
         self.stats.doorbells += 1;
         Ok(count)
+    }
+
+    /// True when the device has posted a completion that `poll` would take: one acquire load
+    /// of the next entry's phase, no MMIO.
+    pub fn has_completion(&self) -> bool {
+        let at = self.cq_head as usize * COMPLETION_SIZE + COMPLETION_STATUS_WORD;
+        self.cq.load_u32_acquire(at).is_ok_and(|word| {
+            Completion::flags_of_status_word(word).contains(CompletionFlags::PHASE) == self.phase
+        })
     }
 
     /// Takes every completion the device has posted, checks it, and hands it to `sink`.

@@ -18,7 +18,7 @@ use tlsaccel_abi::{
 use crate::engine::EngineScratch;
 use crate::keys::KeyTable;
 use crate::memory::Iommu;
-use crate::queue::{ActiveQueue, Posting};
+use crate::queue::{ActiveQueue, Doorbells, Posting};
 
 /// Where the device sends a queue's interrupt message (an eventfd, an MSI-X write, ...).
 pub trait InterruptSink: Send + Sync + std::fmt::Debug {
@@ -217,6 +217,7 @@ pub(crate) struct QueueRegisters {
     coalesce_count: AtomicU32,
     coalesce_usecs: AtomicU32,
     active: RwLock<Option<Arc<ActiveQueue>>>,
+    doorbells: Arc<Doorbells>,
     config: Mutex<()>,
 }
 
@@ -238,6 +239,7 @@ impl QueueRegisters {
             .clone()
     }
     fn deactivate(&self) {
+        self.doorbells.size.store(0, Ordering::Release);
         if let Some(active) = self
             .active
             .write()
@@ -329,6 +331,9 @@ impl Shared {
             if self.is_running() && !self.faults.stalled.load(Ordering::Relaxed) {
                 for i in 0..queues {
                     let registers = &self.queues[(start + i) % queues];
+                    if !registers.doorbells.has_pending() {
+                        continue;
+                    }
                     if let Some(active) = registers.active() {
                         worked |= self.serve(&active, &mut scratch);
                     }
@@ -664,7 +669,7 @@ impl Device {
             regs::queue::ERROR => registers.error.load(Ordering::Relaxed),
             regs::queue::IRQ_COALESCE_COUNT => registers.coalesce_count(),
             regs::queue::IRQ_COALESCE_USECS => registers.coalesce_usecs(),
-            regs::queue::SQ_HEAD => active().map_or(0, |a| a.sq_head_shadow.load(Ordering::Relaxed)),
+            regs::queue::SQ_HEAD => registers.doorbells.sq_head.load(Ordering::Relaxed),
             regs::queue::CQ_TAIL => active().map_or(0, |a| a.cq_tail()),
             _ => 0,
         }
@@ -743,23 +748,33 @@ impl Device {
             s.queue_error(registers, QueueErrorCode::RING_NOT_MAPPED);
             return;
         };
-        *registers.active.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(Arc::new(ActiveQueue::new(index, size, sq, cq)));
+        let doorbells = &registers.doorbells;
+        for value in [&doorbells.sq_tail, &doorbells.cq_head, &doorbells.sq_head] {
+            value.store(0, Ordering::Relaxed);
+        }
+        doorbells.cq_stalled.store(false, Ordering::Relaxed);
+        *registers.active.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(
+            ActiveQueue::new(index, size, sq, cq, Arc::clone(doorbells)),
+        ));
+        doorbells.size.store(size, Ordering::Release);
         registers
             .status
             .store(QueueStatus::ENABLED.bits(), Ordering::Release);
     }
 
+    /// A doorbell write: a bounds check and a store, no lock (this is the hot path).
     fn write_doorbell(&self, offset: u64, value: u32) {
         let relative = offset - regs::DOORBELL_BASE;
         let index = (relative / regs::DOORBELL_STRIDE) as usize;
         let Some(registers) = self.shared.queues.get(index) else {
             return;
         };
-        let Some(active) = registers.active() else {
+        let doorbells = &registers.doorbells;
+        let size = doorbells.size.load(Ordering::Acquire);
+        if size == 0 {
             return;
-        };
-        if value >= active.size {
+        }
+        if value >= size {
             let _config = registers.config.lock().unwrap_or_else(|e| e.into_inner());
             self.shared
                 .queue_error(registers, QueueErrorCode::BAD_DOORBELL);
@@ -767,13 +782,15 @@ impl Device {
         }
         match relative % regs::DOORBELL_STRIDE {
             regs::DB_SQ_TAIL => {
-                active.sq_tail.store(value, Ordering::Release);
+                doorbells.sq_tail.store(value, Ordering::Release);
                 self.shared.work.notify();
             }
             regs::DB_CQ_HEAD => {
-                active.cq_head.store(value, Ordering::Release);
-                // Room in the completion ring may let a stalled queue go on.
-                self.shared.work.notify();
+                doorbells.cq_head.store(value, Ordering::SeqCst);
+                // Room in the completion ring lets a stalled queue go on.
+                if doorbells.cq_stalled.swap(false, Ordering::SeqCst) {
+                    self.shared.work.notify();
+                }
             }
             _ => {}
         }

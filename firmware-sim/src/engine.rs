@@ -65,7 +65,7 @@ impl Shared {
         let Ok(mut head) = queue.sq_head.try_lock() else {
             return false;
         };
-        let tail = queue.sq_tail.load(Ordering::Acquire);
+        let tail = queue.doorbells.sq_tail.load(Ordering::Acquire);
         let pending = tail.wrapping_sub(*head) & queue.mask();
         if pending == 0 {
             return false;
@@ -87,7 +87,7 @@ impl Shared {
             let descriptor = Descriptor::read_from_bytes(&raw).unwrap_or_default();
             scratch.work.push(self.accept(&descriptor));
         }
-        queue.sq_head_shadow.store(*head, Ordering::Relaxed);
+        queue.doorbells.sq_head.store(*head, Ordering::Relaxed);
         self.count(Counter::DescriptorsFetched, u64::from(granted));
         let more = pending > granted;
         drop(head);

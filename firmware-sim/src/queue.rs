@@ -3,7 +3,7 @@
 //! interrupt-coalescing state.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tlsaccel_abi::{Completion, CompletionFlags, Status, COMPLETION_SIZE, COMPLETION_STATUS_WORD};
@@ -41,31 +41,55 @@ pub(crate) enum IrqAction {
     ArmTimer(Instant),
 }
 
+/// A queue's doorbell page and what engines check before touching the queue: plain atomics,
+/// so an MMIO doorbell write is a bounds check and a store, with no lock.
+#[derive(Debug, Default)]
+pub(crate) struct Doorbells {
+    pub(crate) sq_tail: AtomicU32,
+    pub(crate) cq_head: AtomicU32,
+    /// The device's fetch position (also the `Q_SQ_HEAD` register).
+    pub(crate) sq_head: AtomicU32,
+    /// Ring size while the queue is enabled, 0 otherwise.
+    pub(crate) size: AtomicU32,
+    /// An engine found the completion ring full and waits for a head doorbell.
+    pub(crate) cq_stalled: AtomicBool,
+}
+
+impl Doorbells {
+    /// True when the host has submitted descriptors the device has not fetched.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.size.load(Ordering::Relaxed) != 0
+            && self.sq_tail.load(Ordering::Relaxed) != self.sq_head.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct ActiveQueue {
     pub(crate) index: u32,
     pub(crate) size: u32,
     sq: DmaRange,
     cq: DmaRange,
-    pub(crate) sq_tail: AtomicU32,
-    pub(crate) cq_head: AtomicU32,
+    pub(crate) doorbells: Arc<Doorbells>,
     pub(crate) sq_head: Mutex<u32>,
-    pub(crate) sq_head_shadow: AtomicU32,
     completion: Mutex<CompletionState>,
     pub(crate) stopped: AtomicBool,
 }
 
 impl ActiveQueue {
-    pub(crate) fn new(index: u32, size: u32, sq: DmaRange, cq: DmaRange) -> Self {
+    pub(crate) fn new(
+        index: u32,
+        size: u32,
+        sq: DmaRange,
+        cq: DmaRange,
+        doorbells: Arc<Doorbells>,
+    ) -> Self {
         Self {
             index,
             size,
             sq,
             cq,
-            sq_tail: AtomicU32::new(0),
-            cq_head: AtomicU32::new(0),
+            doorbells,
             sq_head: Mutex::new(0),
-            sq_head_shadow: AtomicU32::new(0),
             completion: Mutex::new(CompletionState {
                 tail: 0,
                 phase: true,
@@ -110,11 +134,22 @@ impl ActiveQueue {
         if state.stopped {
             return 0;
         }
-        let head = self.cq_head.load(Ordering::Acquire);
+        let head = self.doorbells.cq_head.load(Ordering::Acquire);
         let used = state.tail.wrapping_sub(head) & self.mask();
         let free = (self.size - 1).saturating_sub(used + state.reserved);
         let granted = free.min(wanted);
         state.reserved += granted;
+        if granted == 0 {
+            // Ask the next head doorbell to wake the engines. The flag is set under the lock
+            // and the head read again after it, so a doorbell in between is not missed.
+            self.doorbells.cq_stalled.store(true, Ordering::SeqCst);
+            let head = self.doorbells.cq_head.load(Ordering::SeqCst);
+            let used = state.tail.wrapping_sub(head) & self.mask();
+            let free = (self.size - 1).saturating_sub(used + state.reserved);
+            let granted = free.min(wanted);
+            state.reserved += granted;
+            return granted;
+        }
         granted
     }
 
@@ -127,7 +162,7 @@ impl ActiveQueue {
     /// Free completion entries not promised to anyone (for injected bogus entries).
     pub(crate) fn unclaimed_entries(&self) -> u32 {
         let state = self.completion();
-        let head = self.cq_head.load(Ordering::Acquire);
+        let head = self.doorbells.cq_head.load(Ordering::Acquire);
         let used = state.tail.wrapping_sub(head) & self.mask();
         (self.size - 1).saturating_sub(used + state.reserved)
     }
