@@ -41,7 +41,12 @@ pub fn pipeline(pair: &mut QueuePair, jobs: &[Job], batch: usize, rounds: u64) -
     let mut intervals = 0u32;
     let start = Instant::now();
     while completed < total {
-        if submitted < total && pair.free_slots() as usize >= batch {
+        // Never more jobs in flight than there are distinct jobs: each names its own buffers.
+        let in_flight = (submitted - completed) as usize;
+        if submitted < total
+            && pair.free_slots() as usize >= batch
+            && in_flight + batch <= jobs.len()
+        {
             let at = (submitted % jobs.len() as u64) as usize;
             let end = (at + batch).min(jobs.len());
             let t = Instant::now();
@@ -103,6 +108,7 @@ const BENCH_IV: [u8; 12] = [0x22; 12];
 
 /// TLS 1.3 AES-128-GCM record sealing on the device: `count` plaintexts of `size` bytes in
 /// DMA memory, each with its own output buffer.
+#[derive(Debug)]
 pub struct DeviceSeal {
     pub pair: QueuePair,
     pub jobs: Vec<Job>,
@@ -153,53 +159,58 @@ impl DeviceSeal {
         }
     }
 
-    /// Seals `rounds * count` records, 32 per doorbell.
+    /// Seals `rounds * count` records, up to 32 per doorbell.
     pub fn run(&mut self, rounds: u64) -> RunTime {
         pipeline(&mut self.pair, &self.jobs, 32, rounds)
     }
 }
 
-/// The same record construction on the CPU with aws-lc-rs: header, plaintext, content type,
-/// seal in place, tag.
+/// The same record construction on the CPU with aws-lc-rs, over the same data flow as
+/// [`DeviceSeal`]: `count` distinct plaintext buffers, each record built in its own output
+/// buffer (header, plaintext, content type, seal in place, tag).
+#[derive(Debug)]
 pub struct CpuSeal {
     key: LessSafeKey,
     sequence: u64,
-    record: Vec<u8>,
-}
-
-impl Default for CpuSeal {
-    fn default() -> Self {
-        Self::new()
-    }
+    inputs: Vec<Vec<u8>>,
+    records: Vec<Vec<u8>>,
+    next: usize,
 }
 
 impl CpuSeal {
-    pub fn new() -> Self {
+    pub fn new(size: usize, count: usize) -> Self {
         let key = UnboundKey::new(&AES_128_GCM, &BENCH_KEY).expect("valid key");
         Self {
             key: LessSafeKey::new(key),
             sequence: 0,
-            record: Vec::with_capacity(16384 + 64),
+            inputs: (0..count).map(|i| vec![i as u8; size]).collect(),
+            records: (0..count)
+                .map(|_| Vec::with_capacity(tls13_record_len(size, 0)))
+                .collect(),
+            next: 0,
         }
     }
 
-    /// Builds one TLS 1.3 record of `plaintext`; returns its length.
-    pub fn seal(&mut self, plaintext: &[u8]) -> usize {
-        let inner = plaintext.len() + 1;
-        let length = (inner + TAG_LEN) as u16;
-        self.record.clear();
-        self.record.extend_from_slice(&[23, 3, 3]);
-        self.record.extend_from_slice(&length.to_be_bytes());
-        self.record.extend_from_slice(plaintext);
-        self.record.push(23);
-        let header: [u8; 5] = self.record[..5].try_into().expect("5-byte header");
+    /// Builds the next record; returns its length.
+    pub fn seal_next(&mut self) -> usize {
+        let at = self.next;
+        self.next = (self.next + 1) % self.inputs.len();
+        let plaintext = &self.inputs[at];
+        let record = &mut self.records[at];
+        let length = (plaintext.len() + 1 + TAG_LEN) as u16;
+        record.clear();
+        record.extend_from_slice(&[23, 3, 3]);
+        record.extend_from_slice(&length.to_be_bytes());
+        record.extend_from_slice(plaintext);
+        record.push(23);
+        let header: [u8; 5] = record[..5].try_into().expect("5-byte header");
         let nonce = Nonce::assume_unique_for_key(record_nonce(&BENCH_IV, self.sequence));
         let tag = self
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut self.record[5..])
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut record[5..])
             .expect("record fits");
-        self.record.extend_from_slice(tag.as_ref());
+        record.extend_from_slice(tag.as_ref());
         self.sequence += 1;
-        self.record.len()
+        record.len()
     }
 }

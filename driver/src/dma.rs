@@ -75,6 +75,9 @@ impl fmt::Debug for DmaRegion {
 
 const HUGE_PAGE: usize = 2 << 20;
 
+/// Copies at least this long are payloads and use `memcpy` (see [`DmaRegion::read`]).
+pub const BULK_COPY: usize = 256;
+
 impl DmaRegion {
     /// Creates a zero-filled shared region of `len` bytes (rounded up to the page size).
     pub fn new(len: usize) -> Result<Self, DmaError> {
@@ -142,21 +145,39 @@ impl DmaRegion {
         }
     }
 
-    /// Copies bytes at `offset` into `buf` with volatile loads.
+    /// Copies bytes at `offset` into `buf`.
+    ///
+    /// Short copies (ring entries, key blocks) use volatile loads. Payloads of
+    /// [`BULK_COPY`] bytes or more use `memcpy` on raw pointers: the ring protocol gives a
+    /// payload buffer to the device at the doorbell (release) and back at the completion
+    /// (acquire), so the two sides never access it at the same time and the copy cannot be
+    /// torn by the protocol's rules; a peer that breaks them gets garbage in the bytes it
+    /// raced on, and nothing here reads those bytes twice or trusts them.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), DmaError> {
         let src = self.check(offset, buf.len())?;
-        // SAFETY: `check` proved [src, src + buf.len()) lies inside the live mapping owned by
-        // `self.map`; `buf` is a distinct Rust allocation, so the ranges cannot overlap.
-        unsafe { volatile_copy_from(src, buf) };
+        if buf.len() >= BULK_COPY {
+            // SAFETY: `check` proved [src, src + buf.len()) lies inside the live mapping owned
+            // by `self.map`; `buf` is a distinct Rust allocation, so the ranges do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        } else {
+            // SAFETY: as above.
+            unsafe { volatile_copy_from(src, buf) };
+        }
         Ok(())
     }
 
-    /// Copies `data` to `offset` with volatile stores.
+    /// Copies `data` to `offset`; volatile for short copies, `memcpy` for payloads (see
+    /// [`DmaRegion::read`]).
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), DmaError> {
         let dst = self.check(offset, data.len())?;
-        // SAFETY: as in `read`: the destination is inside the mapping and does not overlap
-        // `data`, which is ordinary Rust memory.
-        unsafe { volatile_copy_to(dst, data) };
+        if data.len() >= BULK_COPY {
+            // SAFETY: the destination is inside the mapping (`check`) and does not overlap
+            // `data`, which is ordinary Rust memory.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        } else {
+            // SAFETY: as above.
+            unsafe { volatile_copy_to(dst, data) };
+        }
         Ok(())
     }
 

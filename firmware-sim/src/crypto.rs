@@ -70,40 +70,44 @@ impl KeyContext {
         })
     }
 
-    /// Seals `buf[start..]` in place and appends the tag.
-    fn seal_tail(
-        &self,
-        nonce: [u8; NONCE_LEN],
-        aad: &[u8],
-        buf: &mut Vec<u8>,
-        start: usize,
-    ) -> Result<(), Status> {
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut buf[start..],
-            )
-            .map_err(|_| Status::LENGTH_ERROR)?;
-        buf.extend_from_slice(tag.as_ref());
-        Ok(())
-    }
-
-    /// Opens `buf[start..]` (ciphertext then tag) in place; returns the plaintext length.
-    fn open_tail(
+    /// Seals `buf[start..end]` in place and writes the tag right after it; returns the end
+    /// of the tag.
+    fn seal_range(
         &self,
         nonce: [u8; NONCE_LEN],
         aad: &[u8],
         buf: &mut [u8],
         start: usize,
+        end: usize,
     ) -> Result<usize, Status> {
-        self.key
-            .open_in_place(
+        let tag_end = end + TAG_LEN;
+        if tag_end > buf.len() || start > end {
+            return Err(Status::LENGTH_ERROR);
+        }
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad),
-                &mut buf[start..],
+                &mut buf[start..end],
             )
+            .map_err(|_| Status::LENGTH_ERROR)?;
+        buf[end..tag_end].copy_from_slice(tag.as_ref());
+        Ok(tag_end)
+    }
+
+    /// Opens `buf[start..end]` (ciphertext then tag) in place; returns the plaintext length.
+    fn open_range(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+    ) -> Result<usize, Status> {
+        let range = buf.get_mut(start..end).ok_or(Status::LENGTH_ERROR)?;
+        self.key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), range)
             .map(|plain| plain.len())
             .map_err(|_| Status::AUTH_FAILED)
     }
@@ -117,77 +121,101 @@ pub(crate) struct Output {
     pub(crate) info: u8,
 }
 
-/// `AEAD_SEAL`: `buf` holds the plaintext; on return it holds ciphertext then tag.
+/// Room a seal needs in the engine buffer beyond its input: content type, padding and tag.
+pub(crate) const fn seal_headroom(padding: usize) -> usize {
+    1 + padding + TAG_LEN
+}
+
+/// `AEAD_SEAL`: `buf[..len]` holds the plaintext; ciphertext then tag replace it.
 pub(crate) fn aead_seal(
     key: &KeyContext,
     nonce: [u8; NONCE_LEN],
     aad: &[u8],
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
+    len: usize,
 ) -> Result<Output, Status> {
-    key.seal_tail(nonce, aad, buf, 0)?;
-    Ok(Output {
-        start: 0,
-        len: buf.len(),
-        info: 0,
-    })
+    let end = key.seal_range(nonce, aad, buf, 0, len)?;
+    Ok(Output { start: 0, len: end, info: 0 })
 }
 
-/// `AEAD_OPEN`: `buf` holds ciphertext then tag; on success its head holds the plaintext.
+/// `AEAD_OPEN`: `buf[..len]` holds ciphertext then tag; on success its head holds the
+/// plaintext.
 pub(crate) fn aead_open(
     key: &KeyContext,
     nonce: [u8; NONCE_LEN],
     aad: &[u8],
     buf: &mut [u8],
+    len: usize,
 ) -> Result<Output, Status> {
-    if buf.len() < TAG_LEN {
+    if len < TAG_LEN {
         return Err(Status::LENGTH_ERROR);
     }
-    let len = key.open_tail(nonce, aad, buf, 0)?;
-    Ok(Output { start: 0, len, info: 0 })
+    let plain = key.open_range(nonce, aad, buf, 0, len)?;
+    Ok(Output { start: 0, len: plain, info: 0 })
 }
 
-/// `TLS13_SEAL`, first half: the caller has placed the plaintext at `buf[TLS_HEADER_LEN..]`.
-/// Builds header, inner content type and padding, seals, appends the tag.
+/// `TLS13_SEAL`: the caller has placed `plain_len` plaintext bytes at `buf[TLS_HEADER_LEN..]`.
+/// Writes header, inner content type and padding, seals, appends the tag.
 pub(crate) fn tls13_seal(
     key: &KeyContext,
     sequence: u64,
     content_type: u8,
     padding: usize,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
+    plain_len: usize,
 ) -> Result<Output, Status> {
-    buf.push(content_type);
-    buf.resize(buf.len() + padding, 0);
-    let inner_len = buf.len() - TLS_HEADER_LEN;
-    let length = u16::try_from(inner_len + TAG_LEN).map_err(|_| Status::LENGTH_ERROR)?;
+    let type_at = TLS_HEADER_LEN + plain_len;
+    let inner_end = type_at + 1 + padding;
+    if inner_end + TAG_LEN > buf.len() {
+        return Err(Status::LENGTH_ERROR);
+    }
+    buf[type_at] = content_type;
+    buf[type_at + 1..inner_end].fill(0);
+    let length =
+        u16::try_from(inner_end - TLS_HEADER_LEN + TAG_LEN).map_err(|_| Status::LENGTH_ERROR)?;
     let header = record_header(APPLICATION_DATA, length);
     buf[..TLS_HEADER_LEN].copy_from_slice(&header);
-    key.seal_tail(
+    let end = key.seal_range(
         record_nonce(&key.iv, sequence),
         &header,
         buf,
         TLS_HEADER_LEN,
+        inner_end,
     )?;
     Ok(Output {
         start: 0,
-        len: buf.len(),
+        len: end,
         info: APPLICATION_DATA,
     })
 }
 
-/// `TLS13_OPEN`: `buf` holds one whole record. Reports the inner content type in `info`.
-pub(crate) fn tls13_open(key: &KeyContext, sequence: u64, buf: &mut [u8]) -> Result<Output, Status> {
-    let header = parse_header(buf)?;
+/// `TLS13_OPEN`: `buf[..len]` holds one whole record. Reports the inner content type in
+/// `info`.
+pub(crate) fn tls13_open(
+    key: &KeyContext,
+    sequence: u64,
+    buf: &mut [u8],
+    len: usize,
+) -> Result<Output, Status> {
+    let record = buf.get(..len).ok_or(Status::LENGTH_ERROR)?;
+    let header = parse_header(record)?;
     if header[0] != APPLICATION_DATA {
         return Err(Status::RECORD_MALFORMED);
     }
-    let body = buf.len() - TLS_HEADER_LEN;
+    let body = len - TLS_HEADER_LEN;
     if body > TLS13_MAX_CIPHERTEXT {
         return Err(Status::RECORD_OVERFLOW);
     }
     if body < TAG_LEN + 1 {
         return Err(Status::RECORD_MALFORMED);
     }
-    let inner = key.open_tail(record_nonce(&key.iv, sequence), &header, buf, TLS_HEADER_LEN)?;
+    let inner = key.open_range(
+        record_nonce(&key.iv, sequence),
+        &header,
+        buf,
+        TLS_HEADER_LEN,
+        len,
+    )?;
     let inner_bytes = &buf[TLS_HEADER_LEN..TLS_HEADER_LEN + inner];
     let type_at = inner_bytes
         .iter()
@@ -203,38 +231,47 @@ pub(crate) fn tls13_open(key: &KeyContext, sequence: u64, buf: &mut [u8]) -> Res
     })
 }
 
-/// `TLS12_SEAL`: the caller has placed the plaintext at `buf[prefix..]`, where `prefix` is
-/// the header plus the explicit nonce of the slot's algorithm.
+/// `TLS12_SEAL`: the caller has placed `plain_len` plaintext bytes at `buf[prefix..]`, where
+/// `prefix` is the header plus the explicit nonce of the slot's algorithm.
 pub(crate) fn tls12_seal(
     key: &KeyContext,
     sequence: u64,
     content_type: u8,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
+    plain_len: usize,
 ) -> Result<Output, Status> {
     let explicit = key.algorithm.tls12_explicit_nonce_len();
     let prefix = TLS_HEADER_LEN + explicit;
-    let plain_len = buf.len() - prefix;
     let nonce = record_nonce(&key.iv, sequence);
     let aad = tls12_aad(sequence, content_type, plain_len)?;
     let length =
         u16::try_from(explicit + plain_len + TAG_LEN).map_err(|_| Status::LENGTH_ERROR)?;
+    if prefix > buf.len() {
+        return Err(Status::LENGTH_ERROR);
+    }
     buf[..TLS_HEADER_LEN].copy_from_slice(&record_header(content_type, length));
     buf[TLS_HEADER_LEN..prefix].copy_from_slice(&nonce[NONCE_LEN - explicit..]);
-    key.seal_tail(nonce, &aad, buf, prefix)?;
+    let end = key.seal_range(nonce, &aad, buf, prefix, prefix + plain_len)?;
     Ok(Output {
         start: 0,
-        len: buf.len(),
+        len: end,
         info: content_type,
     })
 }
 
-/// `TLS12_OPEN`: `buf` holds one whole record. Reports the header's content type in `info`.
-pub(crate) fn tls12_open(key: &KeyContext, sequence: u64, buf: &mut [u8]) -> Result<Output, Status> {
-    let header = parse_header(buf)?;
+/// `TLS12_OPEN`: `buf[..len]` holds one whole record. Reports the header's content type in
+/// `info`.
+pub(crate) fn tls12_open(
+    key: &KeyContext,
+    sequence: u64,
+    buf: &mut [u8],
+    len: usize,
+) -> Result<Output, Status> {
+    let record = buf.get(..len).ok_or(Status::LENGTH_ERROR)?;
+    let header = parse_header(record)?;
     let explicit = key.algorithm.tls12_explicit_nonce_len();
     let prefix = TLS_HEADER_LEN + explicit;
-    let plain_len = buf
-        .len()
+    let plain_len = len
         .checked_sub(prefix + TAG_LEN)
         .ok_or(Status::RECORD_MALFORMED)?;
     if plain_len > TLS_MAX_PLAINTEXT + 1024 {
@@ -245,13 +282,13 @@ pub(crate) fn tls12_open(key: &KeyContext, sequence: u64, buf: &mut [u8]) -> Res
         nonce[NONCE_LEN - explicit..].copy_from_slice(&buf[TLS_HEADER_LEN..prefix]);
     }
     let aad = tls12_aad(sequence, header[0], plain_len)?;
-    let len = key.open_tail(nonce, &aad, buf, prefix)?;
-    if len > TLS_MAX_PLAINTEXT {
+    let plain = key.open_range(nonce, &aad, buf, prefix, len)?;
+    if plain > TLS_MAX_PLAINTEXT {
         return Err(Status::RECORD_OVERFLOW);
     }
     Ok(Output {
         start: prefix,
-        len,
+        len: plain,
         info: header[0],
     })
 }
@@ -288,7 +325,7 @@ fn tls12_aad(sequence: u64, content_type: u8, plain_len: usize) -> Result<[u8; 1
 }
 
 /// Zeroizes a scratch buffer that held key material or plaintext.
-pub(crate) fn scrub(buf: &mut Vec<u8>) {
+pub(crate) fn scrub(buf: &mut [u8]) {
     buf.zeroize();
 }
 
@@ -345,11 +382,11 @@ mod tests {
         ] {
             let seal = key(algorithm, RecordProtocol::TLS13, KeyDirection::SEAL);
             let open = key(algorithm, RecordProtocol::TLS13, KeyDirection::OPEN);
-            let mut buf = vec![0u8; TLS_HEADER_LEN];
-            buf.extend_from_slice(b"hello");
-            let out = tls13_seal(&seal, 5, 22, 3, &mut buf).unwrap();
+            let mut buf = vec![0u8; 64];
+            buf[TLS_HEADER_LEN..TLS_HEADER_LEN + 5].copy_from_slice(b"hello");
+            let out = tls13_seal(&seal, 5, 22, 3, &mut buf, 5).unwrap();
             assert_eq!(out.len, tlsaccel_abi::tls13_record_len(5, 3));
-            let opened = tls13_open(&open, 5, &mut buf).unwrap();
+            let opened = tls13_open(&open, 5, &mut buf, out.len).unwrap();
             assert_eq!(opened.info, 22);
             assert_eq!(&buf[opened.start..opened.start + opened.len], b"hello");
         }
@@ -358,24 +395,24 @@ mod tests {
     #[test]
     fn tls13_open_rejects_wrong_sequence_and_bad_headers() {
         let k = key(AeadAlgorithm::AES_128_GCM, RecordProtocol::TLS13, KeyDirection::SEAL);
-        let mut buf = vec![0u8; TLS_HEADER_LEN];
-        buf.extend_from_slice(b"data");
-        tls13_seal(&k, 1, 23, 0, &mut buf).unwrap();
-        assert_eq!(tls13_open(&k, 2, &mut buf.clone()).unwrap_err(), Status::AUTH_FAILED);
+        let mut buf = vec![0u8; 64];
+        buf[TLS_HEADER_LEN..TLS_HEADER_LEN + 4].copy_from_slice(b"data");
+        let len = tls13_seal(&k, 1, 23, 0, &mut buf, 4).unwrap().len;
+        assert_eq!(tls13_open(&k, 2, &mut buf.clone(), len).unwrap_err(), Status::AUTH_FAILED);
         let mut bad_version = buf.clone();
         bad_version[2] = 1;
-        assert_eq!(tls13_open(&k, 1, &mut bad_version).unwrap_err(), Status::RECORD_MALFORMED);
-        let mut truncated = buf[..buf.len() - 1].to_vec();
-        assert_eq!(tls13_open(&k, 1, &mut truncated).unwrap_err(), Status::RECORD_MALFORMED);
+        assert_eq!(tls13_open(&k, 1, &mut bad_version, len).unwrap_err(), Status::RECORD_MALFORMED);
+        assert_eq!(tls13_open(&k, 1, &mut buf.clone(), len - 1).unwrap_err(), Status::RECORD_MALFORMED);
+        assert_eq!(tls13_open(&k, 1, &mut buf, 200).unwrap_err(), Status::LENGTH_ERROR);
     }
 
     #[test]
     fn tls13_inner_plaintext_of_only_zeros_is_malformed() {
         let k = key(AeadAlgorithm::AES_128_GCM, RecordProtocol::TLS13, KeyDirection::SEAL);
-        let mut buf = vec![0u8; TLS_HEADER_LEN];
+        let mut buf = vec![0u8; 64];
         // content type 0 followed by padding: no non-zero byte survives.
-        tls13_seal(&k, 0, 0, 4, &mut buf).unwrap();
-        assert_eq!(tls13_open(&k, 0, &mut buf).unwrap_err(), Status::RECORD_MALFORMED);
+        let len = tls13_seal(&k, 0, 0, 4, &mut buf, 0).unwrap().len;
+        assert_eq!(tls13_open(&k, 0, &mut buf, len).unwrap_err(), Status::RECORD_MALFORMED);
     }
 
     #[test]
@@ -383,11 +420,11 @@ mod tests {
         for algorithm in [AeadAlgorithm::AES_256_GCM, AeadAlgorithm::CHACHA20_POLY1305] {
             let k = key(algorithm, RecordProtocol::TLS12, KeyDirection::SEAL);
             let prefix = TLS_HEADER_LEN + algorithm.tls12_explicit_nonce_len();
-            let mut buf = vec![0u8; prefix];
-            buf.extend_from_slice(b"payload");
-            let out = tls12_seal(&k, 77, 23, &mut buf).unwrap();
+            let mut buf = vec![0u8; 64];
+            buf[prefix..prefix + 7].copy_from_slice(b"payload");
+            let out = tls12_seal(&k, 77, 23, &mut buf, 7).unwrap();
             assert_eq!(out.len, tlsaccel_abi::tls12_record_len(algorithm, 7));
-            let opened = tls12_open(&k, 77, &mut buf).unwrap();
+            let opened = tls12_open(&k, 77, &mut buf, out.len).unwrap();
             assert_eq!(&buf[opened.start..opened.start + opened.len], b"payload");
             assert_eq!(opened.info, 23);
         }

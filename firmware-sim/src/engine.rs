@@ -41,6 +41,17 @@ struct Job {
     seal: SealParams,
 }
 
+/// Counter increments an engine collects during a burst and adds to the device's counters
+/// once at its end (one atomic add per counter per burst, not per job).
+#[derive(Debug, Default)]
+pub(crate) struct Tally([u64; Counter::ALL.len()]);
+
+impl Tally {
+    fn add(&mut self, counter: Counter, by: u64) {
+        self.0[counter as usize] += by;
+    }
+}
+
 /// One engine thread's reusable buffers.
 #[derive(Debug, Default)]
 pub(crate) struct EngineScratch {
@@ -48,6 +59,7 @@ pub(crate) struct EngineScratch {
     aad: Vec<u8>,
     work: Vec<Work>,
     postings: Vec<Posting>,
+    tally: Tally,
 }
 
 impl Drop for EngineScratch {
@@ -85,10 +97,11 @@ impl Shared {
             }
             *head = (*head + 1) & queue.mask();
             let descriptor = Descriptor::read_from_bytes(&raw).unwrap_or_default();
-            scratch.work.push(self.accept(&descriptor));
+            let work = self.accept(&descriptor, &mut scratch.tally);
+            scratch.work.push(work);
         }
         queue.doorbells.sq_head.store(*head, Ordering::Relaxed);
-        self.count(Counter::DescriptorsFetched, u64::from(granted));
+        scratch.tally.add(Counter::DescriptorsFetched, u64::from(granted));
         let more = pending > granted;
         drop(head);
         if more {
@@ -102,13 +115,14 @@ impl Shared {
                 Work::Done(posting) => posting,
                 Work::Job(job) => self.execute(&job, scratch),
             };
-            self.account(&posting);
+            self.account(&posting, &mut scratch.tally);
             if self.faults.take_drop_completion() {
                 continue;
             }
             scratch.postings.push(self.faults.apply_length_fault(posting));
         }
         scratch.work = work;
+        self.flush(&mut scratch.tally);
         if self.is_fatal() {
             queue.unreserve(granted);
             return true;
@@ -132,21 +146,29 @@ impl Shared {
         true
     }
 
-    fn account(&self, posting: &Posting) {
+    fn account(&self, posting: &Posting, tally: &mut Tally) {
         if posting.status.is_ok() {
-            self.count(Counter::JobsOk, 1);
+            tally.add(Counter::JobsOk, 1);
         } else {
-            self.count(Counter::JobsFailed, 1);
+            tally.add(Counter::JobsFailed, 1);
         }
         match posting.status {
-            Status::AUTH_FAILED => self.count(Counter::AuthFailures, 1),
-            Status::DMA_FAULT => self.count(Counter::DmaFaults, 1),
+            Status::AUTH_FAILED => tally.add(Counter::AuthFailures, 1),
+            Status::DMA_FAULT => tally.add(Counter::DmaFaults, 1),
             _ => {}
         }
     }
 
+    fn flush(&self, tally: &mut Tally) {
+        for (counter, value) in Counter::ALL.iter().zip(tally.0.iter_mut()) {
+            if *value != 0 {
+                self.count(*counter, std::mem::take(value));
+            }
+        }
+    }
+
     /// Validates a descriptor and, for key operations, performs it. Runs in submission order.
-    fn accept(&self, d: &Descriptor) -> Work {
+    fn accept(&self, d: &Descriptor, tally: &mut Tally) -> Work {
         let cookie = d.cookie.get();
         let done = |status: Status| {
             Work::Done(Posting {
@@ -161,7 +183,7 @@ impl Shared {
             Ok(Some(job)) => Work::Job(job),
             Ok(None) => done(Status::OK),
             Err(status) => {
-                self.count(Counter::Rejected, 1);
+                tally.add(Counter::Rejected, 1);
                 done(status)
             }
         }
@@ -314,15 +336,12 @@ impl Shared {
             Ok(output) => {
                 posting.result_len = u32::try_from(output.len).unwrap_or(u32::MAX);
                 posting.info = output.info;
-                self.count(Counter::BytesIn, job.src.len());
-                self.count(Counter::BytesOut, output.len as u64);
+                let tally = &mut scratch.tally;
+                tally.add(Counter::BytesIn, job.src.len());
+                tally.add(Counter::BytesOut, output.len as u64);
                 match job.opcode {
-                    Opcode::TLS13_SEAL | Opcode::TLS12_SEAL => {
-                        self.count(Counter::RecordsSealed, 1)
-                    }
-                    Opcode::TLS13_OPEN | Opcode::TLS12_OPEN => {
-                        self.count(Counter::RecordsOpened, 1)
-                    }
+                    Opcode::TLS13_SEAL | Opcode::TLS12_SEAL => tally.add(Counter::RecordsSealed, 1),
+                    Opcode::TLS13_OPEN | Opcode::TLS12_OPEN => tally.add(Counter::RecordsOpened, 1),
                     _ => {}
                 }
             }
@@ -337,16 +356,20 @@ impl Shared {
         }
         let src_len = usize::try_from(job.src.len()).map_err(|_| Status::LENGTH_ERROR)?;
         let key = &job.key;
-        let buf = &mut scratch.data;
         let prefix = match job.opcode {
             Opcode::TLS13_SEAL => TLS_HEADER_LEN,
             Opcode::TLS12_SEAL => TLS_HEADER_LEN + key.algorithm.tls12_explicit_nonce_len(),
             _ => 0,
         };
-        buf.clear();
-        buf.resize(prefix + src_len, 0);
+        // The buffer only grows (never zero-filled per job); every byte a job reads back was
+        // written by that job's DMA read or by the record construction.
+        let needed = prefix + src_len + crypto::seal_headroom(usize::from(job.seal.padding));
+        if scratch.data.len() < needed {
+            scratch.data.resize(needed, 0);
+        }
+        let buf = &mut scratch.data[..];
         job.src
-            .read(0, &mut buf[prefix..])
+            .read(0, &mut buf[prefix..prefix + src_len])
             .map_err(|_| Status::DMA_FAULT)?;
         let output = match job.opcode {
             Opcode::AEAD_SEAL | Opcode::AEAD_OPEN => {
@@ -357,9 +380,9 @@ impl Shared {
                     aad.read(0, &mut scratch.aad).map_err(|_| Status::DMA_FAULT)?;
                 }
                 if job.opcode == Opcode::AEAD_SEAL {
-                    crypto::aead_seal(key, job.nonce, &scratch.aad, buf)?
+                    crypto::aead_seal(key, job.nonce, &scratch.aad, buf, src_len)?
                 } else {
-                    crypto::aead_open(key, job.nonce, &scratch.aad, buf)?
+                    crypto::aead_open(key, job.nonce, &scratch.aad, buf, src_len)?
                 }
             }
             Opcode::TLS13_SEAL => crypto::tls13_seal(
@@ -368,12 +391,13 @@ impl Shared {
                 job.seal.content_type,
                 usize::from(job.seal.padding),
                 buf,
+                src_len,
             )?,
-            Opcode::TLS13_OPEN => crypto::tls13_open(key, job.sequence, buf)?,
+            Opcode::TLS13_OPEN => crypto::tls13_open(key, job.sequence, buf, src_len)?,
             Opcode::TLS12_SEAL => {
-                crypto::tls12_seal(key, job.sequence, job.seal.content_type, buf)?
+                crypto::tls12_seal(key, job.sequence, job.seal.content_type, buf, src_len)?
             }
-            Opcode::TLS12_OPEN => crypto::tls12_open(key, job.sequence, buf)?,
+            Opcode::TLS12_OPEN => crypto::tls12_open(key, job.sequence, buf, src_len)?,
             _ => return Err(Status::BAD_OPCODE),
         };
         if job.opcode.is_seal() && self.faults.take_corrupt_tag() {
