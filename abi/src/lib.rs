@@ -363,7 +363,9 @@ bitflags::bitflags! {
 /// | 40 | 8 | aad_iova |
 /// | 48 | 4 | aad_len |
 /// | 52 | 12 | param (opcode specific) |
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Descriptor {
     pub opcode: u8,
@@ -384,7 +386,9 @@ pub struct Descriptor {
 ///
 /// The device writes bytes 0..12 first and the 32-bit word at 12 (status, info, flags) last,
 /// so a host that sees the new phase in `flags` sees the whole entry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 #[repr(C)]
 pub struct Completion {
     pub cookie: U64,
@@ -488,6 +492,10 @@ pub fn record_nonce(iv: &[u8; NONCE_LEN], sequence: u64) -> [u8; NONCE_LEN] {
     nonce
 }
 
+const _: () = assert!(core::mem::size_of::<Descriptor>() == DESCRIPTOR_SIZE);
+const _: () = assert!(core::mem::size_of::<Completion>() == COMPLETION_SIZE);
+const _: () = assert!(core::mem::size_of::<KeyBlock>() == KEY_BLOCK_SIZE);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,7 +569,10 @@ mod tests {
     impl core::fmt::Write for Cursor<'_> {
         fn write_str(&mut self, s: &str) -> core::fmt::Result {
             let end = self.1 + s.len();
-            self.0.get_mut(self.1..end).ok_or(core::fmt::Error)?.copy_from_slice(s.as_bytes());
+            self.0
+                .get_mut(self.1..end)
+                .ok_or(core::fmt::Error)?
+                .copy_from_slice(s.as_bytes());
             self.1 = end;
             Ok(())
         }
@@ -569,7 +580,10 @@ mod tests {
 
     #[test]
     fn seal_params_round_trip_and_reject_reserved_bytes() {
-        let params = SealParams { content_type: 23, padding: 300 };
+        let params = SealParams {
+            content_type: 23,
+            padding: 300,
+        };
         assert_eq!(SealParams::decode(&params.encode()), Some(params));
         let mut raw = params.encode();
         raw[11] = 1;
@@ -589,7 +603,13 @@ mod tests {
     #[test]
     fn record_lengths_follow_the_rfcs() {
         assert_eq!(tls13_record_len(0, 0), 5 + 1 + 16);
-        assert_eq!(tls12_record_len(AeadAlgorithm::AES_128_GCM, 10), 5 + 8 + 10 + 16);
-        assert_eq!(tls12_record_len(AeadAlgorithm::CHACHA20_POLY1305, 10), 5 + 10 + 16);
+        assert_eq!(
+            tls12_record_len(AeadAlgorithm::AES_128_GCM, 10),
+            5 + 8 + 10 + 16
+        );
+        assert_eq!(
+            tls12_record_len(AeadAlgorithm::CHACHA20_POLY1305, 10),
+            5 + 10 + 16
+        );
     }
 }

@@ -168,18 +168,14 @@ pub const fn bar0_size(num_queues: u32) -> u64 {
     (DOORBELL_BASE + num_queues as u64 * DOORBELL_STRIDE).next_power_of_two()
 }
 
+// The three areas of BAR0 never overlap.
+const _: () = assert!(queue_reg(MAX_QUEUES - 1, 0) + QUEUE_REGS_STRIDE <= DOORBELL_BASE);
+const _: () = assert!(Counter::ALL[Counter::ALL.len() - 1].offset() + 8 <= QUEUE_REGS_BASE);
+const _: () = assert!(queue::CQ_TAIL + 4 <= QUEUE_REGS_STRIDE);
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn areas_do_not_overlap() {
-        let last_queue_block_end = queue_reg(MAX_QUEUES - 1, 0) + QUEUE_REGS_STRIDE;
-        assert!(last_queue_block_end <= DOORBELL_BASE);
-        let last_counter = Counter::ALL[Counter::ALL.len() - 1];
-        assert!(last_counter.offset() + 8 <= QUEUE_REGS_BASE);
-        assert!(queue::CQ_TAIL + 4 <= QUEUE_REGS_STRIDE);
-    }
 
     #[test]
     fn counters_are_listed_in_register_order() {

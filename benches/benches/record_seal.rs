@@ -28,14 +28,20 @@ fn record_seal(c: &mut Criterion) {
                 t.mul_f64(iters as f64 / (rounds * BUFFERS as u64) as f64)
             })
         });
-        group.bench_function(format!("cpu/{size}"), |b| {
-            b.iter(|| on_cpu.seal_next())
-        });
+        group.bench_function(format!("cpu/{size}"), |b| b.iter(|| on_cpu.seal_next()));
     }
     group.finish();
+    if tlsaccel_benches::smoke_mode() {
+        return;
+    }
 
-    println!("\nrecord_seal summary (same process; device = simulator engines on this machine's cores)");
-    println!("{:>7} {:>12} {:>12} {:>14}", "bytes", "device MB/s", "cpu MB/s", "device/cpu");
+    println!(
+        "\nrecord_seal summary (same process; device = simulator engines on this machine's cores)"
+    );
+    println!(
+        "{:>7} {:>12} {:>12} {:>14}",
+        "bytes", "device MB/s", "cpu MB/s", "device/cpu"
+    );
     for size in SIZES {
         let mut on_device = DeviceSeal::new(&device, size, BUFFERS);
         let mut on_cpu = CpuSeal::new(size, BUFFERS);

@@ -11,7 +11,12 @@ use tlsaccel_driver::{Job, JobOp};
 const BATCHES: [usize; 4] = [1, 8, 32, 128];
 
 fn nop_jobs() -> Vec<Job> {
-    (0..1024).map(|i| Job { user_data: i, op: JobOp::Nop }).collect()
+    (0..1024)
+        .map(|i| Job {
+            user_data: i,
+            op: JobOp::Nop,
+        })
+        .collect()
 }
 
 fn ring(c: &mut Criterion) {
@@ -29,8 +34,14 @@ fn ring(c: &mut Criterion) {
     }
     group.finish();
 
+    if tlsaccel_benches::smoke_mode() {
+        return;
+    }
     println!("\nnop_ring summary (same process, 200k jobs per batch size)");
-    println!("{:>6} {:>14} {:>14} {:>16}", "batch", "jobs/s", "wall ns/job", "driver ns/job");
+    println!(
+        "{:>6} {:>14} {:>14} {:>16}",
+        "batch", "jobs/s", "wall ns/job", "driver ns/job"
+    );
     for batch in BATCHES {
         let rounds = 200;
         let RunTime { wall, driver } = pipeline(&mut pair, &jobs, batch, rounds);

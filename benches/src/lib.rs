@@ -9,7 +9,15 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use tlsaccel_driver::abi::{
     record_nonce, tls13_record_len, AeadAlgorithm, KeyDirection, RecordProtocol, TAG_LEN,
 };
-use tlsaccel_driver::{Device, DmaBuffer, Job, JobOp, KeyMaterial, KeySlot, QueueConfig, QueuePair};
+use tlsaccel_driver::{
+    Device, DmaBuffer, Job, JobOp, KeyMaterial, KeySlot, QueueConfig, QueuePair,
+};
+
+/// True when criterion runs each benchmark once as a smoke test (`cargo bench -- --test`);
+/// the summaries after the criterion groups are then skipped.
+pub fn smoke_mode() -> bool {
+    std::env::args().any(|arg| arg == "--test")
+}
 
 /// Opens the in-process simulator for benchmarks. `TLSACCEL_BENCH_DEVICE` overrides the
 /// address; the default gives the simulator one engine thread per core not used by the

@@ -94,7 +94,11 @@ pub fn report(sysfs: &Path, dev: &Path) -> String {
     let mut out = String::new();
     match Device::open("sim") {
         Ok(device) => {
-            let _ = writeln!(out, "sim  (in-process simulator, always available)\n    {}", describe(device.info()));
+            let _ = writeln!(
+                out,
+                "sim  (in-process simulator, always available)\n    {}",
+                describe(device.info())
+            );
         }
         Err(error) => {
             let _ = writeln!(out, "sim  unavailable: {error}");
@@ -114,7 +118,10 @@ pub fn report(sysfs: &Path, dev: &Path) -> String {
         } else {
             "not a tlsaccel device"
         };
-        let group = f.iommu_group.as_deref().unwrap_or("none (no IOMMU: cannot be used)");
+        let group = f
+            .iommu_group
+            .as_deref()
+            .unwrap_or("none (no IOMMU: cannot be used)");
         let access = if f.group_accessible {
             "this user can open it"
         } else {
@@ -130,7 +137,10 @@ pub fn report(sysfs: &Path, dev: &Path) -> String {
         None => "unlimited".to_string(),
         Some(bytes) => format!("{} KiB", bytes / 1024),
     };
-    let _ = writeln!(out, "locked-memory limit (DMA mappings count against it): {memlock}");
+    let _ = writeln!(
+        out,
+        "locked-memory limit (DMA mappings count against it): {memlock}"
+    );
     out
 }
 
@@ -157,7 +167,11 @@ mod tests {
             std::fs::create_dir_all(&function).unwrap();
             std::fs::write(function.join("vendor"), format!("{vendor}\n")).unwrap();
             std::fs::write(function.join("device"), format!("{device}\n")).unwrap();
-            std::os::unix::fs::symlink(format!("../../../kernel/iommu_groups/{group}"), function.join("iommu_group")).unwrap();
+            std::os::unix::fs::symlink(
+                format!("../../../kernel/iommu_groups/{group}"),
+                function.join("iommu_group"),
+            )
+            .unwrap();
             std::fs::create_dir_all(driver.join(address)).unwrap();
         }
         std::fs::create_dir_all(root.join("dev/vfio")).unwrap();
@@ -185,7 +199,10 @@ mod tests {
 
     #[test]
     fn a_host_without_vfio_says_so() {
-        let text = report(Path::new("/nonexistent-sysfs"), Path::new("/nonexistent-dev"));
+        let text = report(
+            Path::new("/nonexistent-sysfs"),
+            Path::new("/nonexistent-dev"),
+        );
         assert!(text.contains("no PCI function is bound to vfio-pci"));
     }
 }

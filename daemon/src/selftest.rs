@@ -11,6 +11,8 @@ use tlsaccel_driver::{
     Device, Job, JobError, JobOp, JobOutput, KeyMaterial, QueueConfig, QueuePair,
 };
 
+type CheckResult = Result<(), String>;
+
 /// One row of the result table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
@@ -125,7 +127,11 @@ impl Tester<'_> {
         &mut self,
         input: &[u8],
         aad: &[u8],
-        make: impl FnOnce(tlsaccel_driver::DmaSpan, Option<tlsaccel_driver::DmaSpan>, tlsaccel_driver::DmaSpan) -> JobOp,
+        make: impl FnOnce(
+            tlsaccel_driver::DmaSpan,
+            Option<tlsaccel_driver::DmaSpan>,
+            tlsaccel_driver::DmaSpan,
+        ) -> JobOp,
     ) -> Result<Result<(Vec<u8>, u8), JobError>, String> {
         let pool = self.device.pool();
         let src = pool.alloc(input.len().max(1)).map_err(|e| e.to_string())?;
@@ -171,70 +177,154 @@ fn aead_checks(t: &mut Tester<'_>, kat: &AeadKat, out: &mut Vec<Check>) {
             .map_err(|_| "nonce is not 12 bytes".to_string())?;
         let material = KeyMaterial::raw(kat.algorithm, &key).map_err(|e| e.to_string())?;
         let slot = t.device.load_key(&material).map_err(|e| e.to_string())?;
-        Ok((slot, nonce, unhex(kat.aad)?, unhex(kat.plaintext)?, unhex(kat.sealed)?))
+        Ok((
+            slot,
+            nonce,
+            unhex(kat.aad)?,
+            unhex(kat.plaintext)?,
+            unhex(kat.sealed)?,
+        ))
     })();
     let (slot, nonce, aad, plaintext, sealed) = match prepared {
         Ok(p) => p,
         Err(e) => {
             for mode in ["aead seal", "aead open", "aead tampered open"] {
-                out.push(Check { algorithm, mode, result: Err(e.clone()) });
+                out.push(Check {
+                    algorithm,
+                    mode,
+                    result: Err(e.clone()),
+                });
             }
             return;
         }
     };
     let index = slot.index();
     let seal = t
-        .transform(&plaintext, &aad, |src, aad, dst| JobOp::AeadSeal { slot: index, nonce, aad, src, dst })
+        .transform(&plaintext, &aad, |src, aad, dst| JobOp::AeadSeal {
+            slot: index,
+            nonce,
+            aad,
+            src,
+            dst,
+        })
         .and_then(|got| expect_bytes(got, &sealed));
-    out.push(Check { algorithm, mode: "aead seal", result: seal.map_err(|e| format!("{e} ({})", kat.source)) });
+    out.push(Check {
+        algorithm,
+        mode: "aead seal",
+        result: seal.map_err(|e| format!("{e} ({})", kat.source)),
+    });
     let open = t
-        .transform(&sealed, &aad, |src, aad, dst| JobOp::AeadOpen { slot: index, nonce, aad, src, dst })
+        .transform(&sealed, &aad, |src, aad, dst| JobOp::AeadOpen {
+            slot: index,
+            nonce,
+            aad,
+            src,
+            dst,
+        })
         .and_then(|got| expect_bytes(got, &plaintext));
-    out.push(Check { algorithm, mode: "aead open", result: open });
+    out.push(Check {
+        algorithm,
+        mode: "aead open",
+        result: open,
+    });
     let mut tampered = sealed.clone();
     if let Some(first) = tampered.first_mut() {
         *first ^= 1;
     }
     let tamper = t
-        .transform(&tampered, &aad, |src, aad, dst| JobOp::AeadOpen { slot: index, nonce, aad, src, dst })
+        .transform(&tampered, &aad, |src, aad, dst| JobOp::AeadOpen {
+            slot: index,
+            nonce,
+            aad,
+            src,
+            dst,
+        })
         .and_then(expect_auth_failure);
-    out.push(Check { algorithm, mode: "aead tampered open", result: tamper });
+    out.push(Check {
+        algorithm,
+        mode: "aead tampered open",
+        result: tamper,
+    });
 }
 
-fn record_material(algorithm: AeadAlgorithm, protocol: RecordProtocol, direction: KeyDirection) -> Result<KeyMaterial, String> {
+fn record_material(
+    algorithm: AeadAlgorithm,
+    protocol: RecordProtocol,
+    direction: KeyDirection,
+) -> Result<KeyMaterial, String> {
     let key_len = algorithm.key_len().ok_or("unknown algorithm")?;
     let key: Vec<u8> = (0..key_len).map(|i| (i * 7 + 1) as u8).collect();
     let iv: [u8; NONCE_LEN] = std::array::from_fn(|i| 0xa0 + i as u8);
-    KeyMaterial::new(algorithm, protocol, direction, &key, iv, RECORD_SEQUENCE).map_err(|e| e.to_string())
+    KeyMaterial::new(algorithm, protocol, direction, &key, iv, RECORD_SEQUENCE)
+        .map_err(|e| e.to_string())
 }
 
 fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
     let algorithm = name(kat.algorithm);
     for (protocol, expected_hex, seal_mode, open_mode) in [
-        (RecordProtocol::TLS13, kat.tls13, "tls1.3 seal", "tls1.3 open"),
-        (RecordProtocol::TLS12, kat.tls12, "tls1.2 seal", "tls1.2 open"),
+        (
+            RecordProtocol::TLS13,
+            kat.tls13,
+            "tls1.3 seal",
+            "tls1.3 open",
+        ),
+        (
+            RecordProtocol::TLS12,
+            kat.tls12,
+            "tls1.2 seal",
+            "tls1.2 open",
+        ),
     ] {
-        let outcome = (|| -> Result<(Result<(), String>, Result<(), String>), String> {
+        let outcome = (|| -> Result<(CheckResult, CheckResult), String> {
             let expected = unhex(expected_hex)?;
             let sealer = t
                 .device
-                .load_key(&record_material(kat.algorithm, protocol, KeyDirection::SEAL)?)
+                .load_key(&record_material(
+                    kat.algorithm,
+                    protocol,
+                    KeyDirection::SEAL,
+                )?)
                 .map_err(|e| e.to_string())?;
             let opener = t
                 .device
-                .load_key(&record_material(kat.algorithm, protocol, KeyDirection::OPEN)?)
+                .load_key(&record_material(
+                    kat.algorithm,
+                    protocol,
+                    KeyDirection::OPEN,
+                )?)
                 .map_err(|e| e.to_string())?;
             let (s, o, alg) = (sealer.index(), opener.index(), kat.algorithm);
             let sealed = t.transform(RECORD_PLAINTEXT, &[], |src, _, dst| match protocol {
-                RecordProtocol::TLS13 => JobOp::Tls13Seal { slot: s, content_type: TLS13_INNER_TYPE, padding: TLS13_PADDING, src, dst },
-                _ => JobOp::Tls12Seal { slot: s, algorithm: alg, content_type: TLS12_TYPE, src, dst },
+                RecordProtocol::TLS13 => JobOp::Tls13Seal {
+                    slot: s,
+                    content_type: TLS13_INNER_TYPE,
+                    padding: TLS13_PADDING,
+                    src,
+                    dst,
+                },
+                _ => JobOp::Tls12Seal {
+                    slot: s,
+                    algorithm: alg,
+                    content_type: TLS12_TYPE,
+                    src,
+                    dst,
+                },
             })?;
             let seal = expect_bytes(sealed, &expected);
             let opened = t.transform(&expected, &[], |src, _, dst| match protocol {
                 RecordProtocol::TLS13 => JobOp::Tls13Open { slot: o, src, dst },
-                _ => JobOp::Tls12Open { slot: o, algorithm: alg, src, dst },
+                _ => JobOp::Tls12Open {
+                    slot: o,
+                    algorithm: alg,
+                    src,
+                    dst,
+                },
             })?;
-            let want_type = if protocol == RecordProtocol::TLS13 { TLS13_INNER_TYPE } else { TLS12_TYPE };
+            let want_type = if protocol == RecordProtocol::TLS13 {
+                TLS13_INNER_TYPE
+            } else {
+                TLS12_TYPE
+            };
             let open = match opened {
                 Ok((bytes, ty)) if bytes == RECORD_PLAINTEXT && ty == want_type => Ok(()),
                 Ok((bytes, ty)) => Err(format!("opened to type {ty}, {}", hex::encode(bytes))),
@@ -243,7 +333,12 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
             // The opener's sequence has moved on: the same record again must fail.
             let replay = t.transform(&expected, &[], |src, _, dst| match protocol {
                 RecordProtocol::TLS13 => JobOp::Tls13Open { slot: o, src, dst },
-                _ => JobOp::Tls12Open { slot: o, algorithm: alg, src, dst },
+                _ => JobOp::Tls12Open {
+                    slot: o,
+                    algorithm: alg,
+                    src,
+                    dst,
+                },
             })?;
             let open = open.and_then(|()| {
                 expect_auth_failure(replay).map_err(|e| format!("replayed record: {e}"))
@@ -254,14 +349,25 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
             Ok(pair) => pair,
             Err(e) => (Err(e.clone()), Err(e)),
         };
-        out.push(Check { algorithm, mode: seal_mode, result: seal });
-        out.push(Check { algorithm, mode: open_mode, result: open });
+        out.push(Check {
+            algorithm,
+            mode: seal_mode,
+            result: seal,
+        });
+        out.push(Check {
+            algorithm,
+            mode: open_mode,
+            result: open,
+        });
     }
 }
 
 /// Runs every known-answer test on `device`.
 pub fn run(device: &Arc<Device>) -> Result<Vec<Check>, tlsaccel_driver::DeviceError> {
-    let pair = device.queue(QueueConfig { size: 64, ..QueueConfig::default() })?;
+    let pair = device.queue(QueueConfig {
+        size: 64,
+        ..QueueConfig::default()
+    })?;
     let mut tester = Tester { device, pair };
     let mut checks = Vec::new();
     let nop = tester.run(JobOp::Nop);
@@ -291,7 +397,10 @@ pub fn table(checks: &[Check]) -> String {
             Ok(()) => "pass".to_string(),
             Err(e) => format!("FAIL: {e}"),
         };
-        text.push_str(&format!("{:<20} {:<20} {}\n", check.algorithm, check.mode, result));
+        text.push_str(&format!(
+            "{:<20} {:<20} {}\n",
+            check.algorithm, check.mode, result
+        ));
     }
     text
 }

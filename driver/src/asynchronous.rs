@@ -132,7 +132,10 @@ impl AsyncQueue {
                 let (tx, rx) = oneshot::channel();
                 waiters.insert(id, tx);
                 receivers.push(rx);
-                jobs.push(Job { user_data: id, op: *op });
+                jobs.push(Job {
+                    user_data: id,
+                    op: *op,
+                });
             }
         }
         let mut next = 0;
@@ -188,7 +191,9 @@ async fn reactor(shared: std::sync::Weak<Shared>, fd: AsyncFd<Arc<EventFd>>, tim
             Ok(Err(error)) => {
                 tracing::error!(%error, "interrupt eventfd failed; failing queue");
                 let mut failed = Vec::new();
-                shared.pair().fail_all(JobError::DeviceLost, |c| failed.push(c));
+                shared
+                    .pair()
+                    .fail_all(JobError::DeviceLost, |c| failed.push(c));
                 for c in failed {
                     shared.deliver(c);
                 }

@@ -25,7 +25,11 @@ pub enum DeviceError {
     #[error("{name}: not a tlsaccel device (magic {magic:#010x})")]
     NotOurDevice { name: String, magic: u32 },
     #[error("{name}: device speaks contract version {major}.{minor}; this driver speaks {VERSION_MAJOR}.x")]
-    Version { name: String, major: u16, minor: u16 },
+    Version {
+        name: String,
+        major: u16,
+        minor: u16,
+    },
     #[error("{name}: device did not become ready within {waited:?} after reset")]
     ResetTimeout { name: String, waited: Duration },
     #[error("{name}: device is in the fatal state ({code:?})")]
@@ -104,7 +108,9 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("Device")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -317,7 +323,9 @@ impl Device {
     fn destroy_slot(&self, index: u32) -> Result<(), DeviceError> {
         match self.admin(JobOp::KeyDestroy { slot: index }) {
             Ok(_) => Ok(()),
-            Err(DeviceError::Job(JobError::Device { status, .. })) if status == Status::SLOT_EMPTY => {
+            Err(DeviceError::Job(JobError::Device { status, .. }))
+                if status == Status::SLOT_EMPTY =>
+            {
                 Ok(())
             }
             Err(error) => Err(error),
@@ -413,7 +421,9 @@ impl KeyMaterial {
         sequence: u64,
     ) -> Result<Self, DeviceError> {
         if algorithm.key_len() != Some(key.len()) {
-            return Err(DeviceError::BadKey("key length does not match the algorithm"));
+            return Err(DeviceError::BadKey(
+                "key length does not match the algorithm",
+            ));
         }
         let raw = protocol == RecordProtocol::RAW;
         if raw != (direction == KeyDirection::ANY) {

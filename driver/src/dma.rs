@@ -51,7 +51,11 @@ pub enum DmaError {
     #[error("DMA pool limit of {limit} bytes reached")]
     Exhausted { limit: usize },
     #[error("access of {len} bytes at offset {offset} is outside a {size}-byte buffer")]
-    OutOfBounds { offset: usize, len: usize, size: usize },
+    OutOfBounds {
+        offset: usize,
+        len: usize,
+        size: usize,
+    },
     #[error("the device transport refused to map DMA memory")]
     Map(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -237,7 +241,9 @@ impl DmaRegion {
 
     /// Loads a little-endian 32-bit word with acquire ordering.
     pub fn load_u32_acquire(&self, offset: usize) -> Result<u32, DmaError> {
-        Ok(u32::from_le(self.atomic_u32(offset)?.load(Ordering::Acquire)))
+        Ok(u32::from_le(
+            self.atomic_u32(offset)?.load(Ordering::Acquire),
+        ))
     }
 
     /// Stores a little-endian 32-bit word with release ordering.
@@ -330,7 +336,11 @@ impl tlsaccel_sim::HostMemory for DmaRegion {
         DmaRegion::write(self, offset, data).map_err(|_| tlsaccel_sim::HostMemoryError)
     }
 
-    fn write_u32_release(&self, offset: u64, value: u32) -> Result<(), tlsaccel_sim::HostMemoryError> {
+    fn write_u32_release(
+        &self,
+        offset: u64,
+        value: u32,
+    ) -> Result<(), tlsaccel_sim::HostMemoryError> {
         let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
         self.store_u32_release(offset, value)
             .map_err(|_| tlsaccel_sim::HostMemoryError)
@@ -631,9 +641,15 @@ mod tests {
         let pool = pool(2 << 20);
         let ring = pool.alloc(8192).unwrap();
         assert_eq!(ring.iova().0 % 4096, 0);
-        assert!(matches!(pool.alloc(2 << 20), Err(DmaError::TooLarge { .. })));
+        assert!(matches!(
+            pool.alloc(2 << 20),
+            Err(DmaError::TooLarge { .. })
+        ));
         let _a = pool.alloc(1 << 20).unwrap();
-        assert!(matches!(pool.alloc(1 << 20), Err(DmaError::Exhausted { .. })));
+        assert!(matches!(
+            pool.alloc(1 << 20),
+            Err(DmaError::Exhausted { .. })
+        ));
     }
 
     #[test]

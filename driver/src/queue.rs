@@ -41,14 +41,52 @@ pub enum QueueError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOp {
     Nop,
-    KeyLoad { slot: u32, block: DmaSpan },
-    KeyDestroy { slot: u32 },
-    AeadSeal { slot: u32, nonce: [u8; NONCE_LEN], aad: Option<DmaSpan>, src: DmaSpan, dst: DmaSpan },
-    AeadOpen { slot: u32, nonce: [u8; NONCE_LEN], aad: Option<DmaSpan>, src: DmaSpan, dst: DmaSpan },
-    Tls13Seal { slot: u32, content_type: u8, padding: u16, src: DmaSpan, dst: DmaSpan },
-    Tls13Open { slot: u32, src: DmaSpan, dst: DmaSpan },
-    Tls12Seal { slot: u32, algorithm: AeadAlgorithm, content_type: u8, src: DmaSpan, dst: DmaSpan },
-    Tls12Open { slot: u32, algorithm: AeadAlgorithm, src: DmaSpan, dst: DmaSpan },
+    KeyLoad {
+        slot: u32,
+        block: DmaSpan,
+    },
+    KeyDestroy {
+        slot: u32,
+    },
+    AeadSeal {
+        slot: u32,
+        nonce: [u8; NONCE_LEN],
+        aad: Option<DmaSpan>,
+        src: DmaSpan,
+        dst: DmaSpan,
+    },
+    AeadOpen {
+        slot: u32,
+        nonce: [u8; NONCE_LEN],
+        aad: Option<DmaSpan>,
+        src: DmaSpan,
+        dst: DmaSpan,
+    },
+    Tls13Seal {
+        slot: u32,
+        content_type: u8,
+        padding: u16,
+        src: DmaSpan,
+        dst: DmaSpan,
+    },
+    Tls13Open {
+        slot: u32,
+        src: DmaSpan,
+        dst: DmaSpan,
+    },
+    Tls12Seal {
+        slot: u32,
+        algorithm: AeadAlgorithm,
+        content_type: u8,
+        src: DmaSpan,
+        dst: DmaSpan,
+    },
+    Tls12Open {
+        slot: u32,
+        algorithm: AeadAlgorithm,
+        src: DmaSpan,
+        dst: DmaSpan,
+    },
     /// A descriptor exactly as given (its cookie is replaced). For conformance tests.
     Raw(Descriptor),
 }
@@ -75,7 +113,10 @@ pub struct JobOutput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
     #[error("the device reported {status}")]
-    Device { status: Status, sequence_advanced: bool },
+    Device {
+        status: Status,
+        sequence_advanced: bool,
+    },
     #[error("the device wrote an impossible completion ({0})")]
     BadCompletion(&'static str),
     #[error("the job did not complete within its timeout")]
@@ -327,8 +368,10 @@ impl QueuePair {
                 expect,
                 submitted: now,
             });
-            self.sq
-                .write_streaming(self.sq_tail as usize * DESCRIPTOR_SIZE, descriptor.as_bytes())?;
+            self.sq.write_streaming(
+                self.sq_tail as usize * DESCRIPTOR_SIZE,
+                descriptor.as_bytes(),
+            )?;
             self.sq_tail = (self.sq_tail + 1) & (self.size - 1);
         }
         self.outstanding += count as u32;
@@ -369,7 +412,11 @@ impl QueuePair {
                 break;
             }
             let mut raw = [0u8; COMPLETION_SIZE];
-            if self.cq.read(at, &mut raw[..COMPLETION_STATUS_WORD]).is_err() {
+            if self
+                .cq
+                .read(at, &mut raw[..COMPLETION_STATUS_WORD])
+                .is_err()
+            {
                 break;
             }
             raw[COMPLETION_STATUS_WORD..].copy_from_slice(&word.to_le_bytes());
@@ -404,7 +451,11 @@ impl QueuePair {
             .filter(|job| job.generation == generation);
         let Some(job) = known else {
             self.stats.unknown_cookies += 1;
-            tracing::warn!(queue = self.index, cookie, "completion with unknown cookie ignored");
+            tracing::warn!(
+                queue = self.index,
+                cookie,
+                "completion with unknown cookie ignored"
+            );
             return None;
         };
         self.slots[slot as usize] = None;
@@ -418,7 +469,9 @@ impl QueuePair {
             Err(JobError::BadCompletion("unknown status"))
         } else if !status.is_ok() {
             if len != 0 {
-                Err(JobError::BadCompletion("failed job reports a result length"))
+                Err(JobError::BadCompletion(
+                    "failed job reports a result length",
+                ))
             } else {
                 Err(JobError::Device {
                     status,
@@ -439,12 +492,20 @@ impl QueuePair {
                     sequence_advanced,
                 })
             } else {
-                Err(JobError::BadCompletion("result length the job cannot produce"))
+                Err(JobError::BadCompletion(
+                    "result length the job cannot produce",
+                ))
             }
         };
         if matches!(result, Err(JobError::BadCompletion(_))) {
             self.stats.bad_completions += 1;
-            tracing::warn!(queue = self.index, cookie, len, ?status, "impossible completion");
+            tracing::warn!(
+                queue = self.index,
+                cookie,
+                len,
+                ?status,
+                "impossible completion"
+            );
         }
         Some(JobCompletion {
             user_data: job.user_data,
@@ -569,10 +630,26 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
             d.key_slot = slot.into();
             Expect::Exact(0)
         }
-        JobOp::AeadSeal { slot, nonce, aad, src, dst }
-        | JobOp::AeadOpen { slot, nonce, aad, src, dst } => {
+        JobOp::AeadSeal {
+            slot,
+            nonce,
+            aad,
+            src,
+            dst,
+        }
+        | JobOp::AeadOpen {
+            slot,
+            nonce,
+            aad,
+            src,
+            dst,
+        } => {
             let seal = matches!(op, JobOp::AeadSeal { .. });
-            d.opcode = if seal { Opcode::AEAD_SEAL.0 } else { Opcode::AEAD_OPEN.0 };
+            d.opcode = if seal {
+                Opcode::AEAD_SEAL.0
+            } else {
+                Opcode::AEAD_OPEN.0
+            };
             set_io(&mut d, slot, src, dst);
             d.param = nonce;
             if let Some(aad) = aad {
@@ -585,10 +662,20 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
                 Expect::Exact(src_minus(src, TAG_LEN))
             }
         }
-        JobOp::Tls13Seal { slot, content_type, padding, src, dst } => {
+        JobOp::Tls13Seal {
+            slot,
+            content_type,
+            padding,
+            src,
+            dst,
+        } => {
             d.opcode = Opcode::TLS13_SEAL.0;
             set_io(&mut d, slot, src, dst);
-            d.param = SealParams { content_type, padding }.encode();
+            d.param = SealParams {
+                content_type,
+                padding,
+            }
+            .encode();
             Expect::Exact(tls13_record_len(src.len as usize, usize::from(padding)) as u32)
         }
         JobOp::Tls13Open { slot, src, dst } => {
@@ -599,13 +686,28 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
                 content_type: true,
             }
         }
-        JobOp::Tls12Seal { slot, algorithm, content_type, src, dst } => {
+        JobOp::Tls12Seal {
+            slot,
+            algorithm,
+            content_type,
+            src,
+            dst,
+        } => {
             d.opcode = Opcode::TLS12_SEAL.0;
             set_io(&mut d, slot, src, dst);
-            d.param = SealParams { content_type, padding: 0 }.encode();
+            d.param = SealParams {
+                content_type,
+                padding: 0,
+            }
+            .encode();
             Expect::Exact(tls12_record_len(algorithm, src.len as usize) as u32)
         }
-        JobOp::Tls12Open { slot, algorithm, src, dst } => {
+        JobOp::Tls12Open {
+            slot,
+            algorithm,
+            src,
+            dst,
+        } => {
             d.opcode = Opcode::TLS12_OPEN.0;
             set_io(&mut d, slot, src, dst);
             let overhead = TLS_HEADER_LEN + algorithm.tls12_explicit_nonce_len() + TAG_LEN;
@@ -632,10 +734,22 @@ mod tests {
 
     #[test]
     fn encoded_descriptors_carry_the_job() {
-        let src = DmaSpan { iova: crate::Iova(0x1_0000_0040), len: 100 };
-        let dst = DmaSpan { iova: crate::Iova(0x1_0000_1000), len: 200 };
+        let src = DmaSpan {
+            iova: crate::Iova(0x1_0000_0040),
+            len: 100,
+        };
+        let dst = DmaSpan {
+            iova: crate::Iova(0x1_0000_1000),
+            len: 200,
+        };
         let (d, expect) = encode(
-            JobOp::Tls13Seal { slot: 9, content_type: 23, padding: 2, src, dst },
+            JobOp::Tls13Seal {
+                slot: 9,
+                content_type: 23,
+                padding: 2,
+                src,
+                dst,
+            },
             0xabc,
         );
         assert_eq!(d.opcode, Opcode::TLS13_SEAL.0);
@@ -643,14 +757,30 @@ mod tests {
         assert_eq!(d.cookie.get(), 0xabc);
         assert_eq!(d.src_len.get(), 100);
         assert_eq!(d.dst_iova.get(), 0x1_0000_1000);
-        assert_eq!(SealParams::decode(&d.param), Some(SealParams { content_type: 23, padding: 2 }));
+        assert_eq!(
+            SealParams::decode(&d.param),
+            Some(SealParams {
+                content_type: 23,
+                padding: 2
+            })
+        );
         assert!(matches!(expect, Expect::Exact(n) if n as usize == tls13_record_len(100, 2)));
     }
 
     #[test]
     fn open_expectations_never_underflow() {
-        let tiny = DmaSpan { iova: crate::Iova(0), len: 3 };
-        let (_, expect) = encode(JobOp::Tls13Open { slot: 0, src: tiny, dst: tiny }, 1);
+        let tiny = DmaSpan {
+            iova: crate::Iova(0),
+            len: 3,
+        };
+        let (_, expect) = encode(
+            JobOp::Tls13Open {
+                slot: 0,
+                src: tiny,
+                dst: tiny,
+            },
+            1,
+        );
         assert!(matches!(expect, Expect::AtMost { max: 0, .. }));
     }
 }

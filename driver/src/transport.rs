@@ -39,8 +39,11 @@ pub trait Transport: DmaMapper {
     /// Writes a 64-bit BAR0 register.
     fn write64(&self, offset: u64, value: u64);
     /// Routes queue `vector`'s interrupt to `eventfd`, or disconnects it with `None`.
-    fn set_interrupt(&self, vector: u32, eventfd: Option<Arc<EventFd>>)
-        -> Result<(), TransportError>;
+    fn set_interrupt(
+        &self,
+        vector: u32,
+        eventfd: Option<Arc<EventFd>>,
+    ) -> Result<(), TransportError>;
     /// The simulator behind this transport, when it is in-process (for fault injection in
     /// tests and for `tlsaccel devices`).
     fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
@@ -214,9 +217,7 @@ impl FromStr for DeviceAddress {
                     match key {
                         "queues" => options.queues = Some(value.parse().map_err(|_| bad())?),
                         "engines" => options.engines = Some(value.parse().map_err(|_| bad())?),
-                        "key-slots" => {
-                            options.key_slots = Some(value.parse().map_err(|_| bad())?)
-                        }
+                        "key-slots" => options.key_slots = Some(value.parse().map_err(|_| bad())?),
                         _ => return Err(bad()),
                     }
                 }

@@ -135,7 +135,11 @@ pub(crate) fn aead_seal(
     len: usize,
 ) -> Result<Output, Status> {
     let end = key.seal_range(nonce, aad, buf, 0, len)?;
-    Ok(Output { start: 0, len: end, info: 0 })
+    Ok(Output {
+        start: 0,
+        len: end,
+        info: 0,
+    })
 }
 
 /// `AEAD_OPEN`: `buf[..len]` holds ciphertext then tag; on success its head holds the
@@ -151,7 +155,11 @@ pub(crate) fn aead_open(
         return Err(Status::LENGTH_ERROR);
     }
     let plain = key.open_range(nonce, aad, buf, 0, len)?;
-    Ok(Output { start: 0, len: plain, info: 0 })
+    Ok(Output {
+        start: 0,
+        len: plain,
+        info: 0,
+    })
 }
 
 /// `TLS13_SEAL`: the caller has placed `plain_len` plaintext bytes at `buf[TLS_HEADER_LEN..]`.
@@ -244,8 +252,7 @@ pub(crate) fn tls12_seal(
     let prefix = TLS_HEADER_LEN + explicit;
     let nonce = record_nonce(&key.iv, sequence);
     let aad = tls12_aad(sequence, content_type, plain_len)?;
-    let length =
-        u16::try_from(explicit + plain_len + TAG_LEN).map_err(|_| Status::LENGTH_ERROR)?;
+    let length = u16::try_from(explicit + plain_len + TAG_LEN).map_err(|_| Status::LENGTH_ERROR)?;
     if prefix > buf.len() {
         return Err(Status::LENGTH_ERROR);
     }
@@ -333,7 +340,11 @@ pub(crate) fn scrub(buf: &mut [u8]) {
 mod tests {
     use super::*;
 
-    fn key(algorithm: AeadAlgorithm, protocol: RecordProtocol, direction: KeyDirection) -> KeyContext {
+    fn key(
+        algorithm: AeadAlgorithm,
+        protocol: RecordProtocol,
+        direction: KeyDirection,
+    ) -> KeyContext {
         let block = KeyBlock {
             algorithm: algorithm.0,
             protocol: protocol.0,
@@ -360,17 +371,29 @@ mod tests {
         assert!(KeyContext::from_block(&good).is_ok());
         let mut bad = good.clone();
         bad.algorithm = 9;
-        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::UNSUPPORTED);
+        assert_eq!(
+            KeyContext::from_block(&bad).unwrap_err(),
+            Status::UNSUPPORTED
+        );
         let mut bad = good.clone();
         bad.direction = KeyDirection::ANY.0;
-        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::BAD_DESCRIPTOR);
+        assert_eq!(
+            KeyContext::from_block(&bad).unwrap_err(),
+            Status::BAD_DESCRIPTOR
+        );
         let mut bad = good.clone();
         bad.reserved0[2] = 1;
-        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::BAD_DESCRIPTOR);
+        assert_eq!(
+            KeyContext::from_block(&bad).unwrap_err(),
+            Status::BAD_DESCRIPTOR
+        );
         let mut bad = good;
         bad.algorithm = AeadAlgorithm::AES_128_GCM.0;
         bad.key[20] = 1;
-        assert_eq!(KeyContext::from_block(&bad).unwrap_err(), Status::BAD_DESCRIPTOR);
+        assert_eq!(
+            KeyContext::from_block(&bad).unwrap_err(),
+            Status::BAD_DESCRIPTOR
+        );
     }
 
     #[test]
@@ -394,25 +417,48 @@ mod tests {
 
     #[test]
     fn tls13_open_rejects_wrong_sequence_and_bad_headers() {
-        let k = key(AeadAlgorithm::AES_128_GCM, RecordProtocol::TLS13, KeyDirection::SEAL);
+        let k = key(
+            AeadAlgorithm::AES_128_GCM,
+            RecordProtocol::TLS13,
+            KeyDirection::SEAL,
+        );
         let mut buf = vec![0u8; 64];
         buf[TLS_HEADER_LEN..TLS_HEADER_LEN + 4].copy_from_slice(b"data");
         let len = tls13_seal(&k, 1, 23, 0, &mut buf, 4).unwrap().len;
-        assert_eq!(tls13_open(&k, 2, &mut buf.clone(), len).unwrap_err(), Status::AUTH_FAILED);
+        assert_eq!(
+            tls13_open(&k, 2, &mut buf.clone(), len).unwrap_err(),
+            Status::AUTH_FAILED
+        );
         let mut bad_version = buf.clone();
         bad_version[2] = 1;
-        assert_eq!(tls13_open(&k, 1, &mut bad_version, len).unwrap_err(), Status::RECORD_MALFORMED);
-        assert_eq!(tls13_open(&k, 1, &mut buf.clone(), len - 1).unwrap_err(), Status::RECORD_MALFORMED);
-        assert_eq!(tls13_open(&k, 1, &mut buf, 200).unwrap_err(), Status::LENGTH_ERROR);
+        assert_eq!(
+            tls13_open(&k, 1, &mut bad_version, len).unwrap_err(),
+            Status::RECORD_MALFORMED
+        );
+        assert_eq!(
+            tls13_open(&k, 1, &mut buf.clone(), len - 1).unwrap_err(),
+            Status::RECORD_MALFORMED
+        );
+        assert_eq!(
+            tls13_open(&k, 1, &mut buf, 200).unwrap_err(),
+            Status::LENGTH_ERROR
+        );
     }
 
     #[test]
     fn tls13_inner_plaintext_of_only_zeros_is_malformed() {
-        let k = key(AeadAlgorithm::AES_128_GCM, RecordProtocol::TLS13, KeyDirection::SEAL);
+        let k = key(
+            AeadAlgorithm::AES_128_GCM,
+            RecordProtocol::TLS13,
+            KeyDirection::SEAL,
+        );
         let mut buf = vec![0u8; 64];
         // content type 0 followed by padding: no non-zero byte survives.
         let len = tls13_seal(&k, 0, 0, 4, &mut buf, 0).unwrap().len;
-        assert_eq!(tls13_open(&k, 0, &mut buf, len).unwrap_err(), Status::RECORD_MALFORMED);
+        assert_eq!(
+            tls13_open(&k, 0, &mut buf, len).unwrap_err(),
+            Status::RECORD_MALFORMED
+        );
     }
 
     #[test]

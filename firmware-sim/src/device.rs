@@ -99,7 +99,11 @@ pub enum Fault {
     /// Enter the fatal state.
     Fatal,
     /// Write a completion nobody asked for into a queue's completion ring.
-    BogusCompletion { queue: u32, cookie: u64, result_len: u32 },
+    BogusCompletion {
+        queue: u32,
+        cookie: u64,
+        result_len: u32,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +255,9 @@ impl QueueRegisters {
     }
 }
 
+/// Where one interrupt vector goes, if anywhere.
+type InterruptVector = RwLock<Option<Arc<dyn InterruptSink>>>;
+
 /// State shared by the register file and the device's threads.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -263,7 +270,7 @@ pub(crate) struct Shared {
     queues: Box<[QueueRegisters]>,
     pub(crate) keys: KeyTable,
     pub(crate) iommu: Iommu,
-    interrupts: Box<[RwLock<Option<Arc<dyn InterruptSink>>>]>,
+    interrupts: Box<[InterruptVector]>,
     pub(crate) work: WorkSignal,
     pub(crate) timer: TimerSignal,
     pub(crate) faults: Faults,
@@ -419,7 +426,9 @@ impl Device {
             fatal_code: AtomicU32::new(FatalCode::NONE.0),
             heartbeat: AtomicU32::new(0),
             counters: Default::default(),
-            queues: (0..config.queues).map(|_| QueueRegisters::default()).collect(),
+            queues: (0..config.queues)
+                .map(|_| QueueRegisters::default())
+                .collect(),
             keys: KeyTable::new(config.key_slots),
             iommu: Iommu::default(),
             interrupts: (0..config.queues).map(|_| RwLock::new(None)).collect(),

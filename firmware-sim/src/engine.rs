@@ -101,7 +101,9 @@ impl Shared {
             scratch.work.push(work);
         }
         queue.doorbells.sq_head.store(*head, Ordering::Relaxed);
-        scratch.tally.add(Counter::DescriptorsFetched, u64::from(granted));
+        scratch
+            .tally
+            .add(Counter::DescriptorsFetched, u64::from(granted));
         let more = pending > granted;
         drop(head);
         if more {
@@ -119,7 +121,9 @@ impl Shared {
             if self.faults.take_drop_completion() {
                 continue;
             }
-            scratch.postings.push(self.faults.apply_length_fault(posting));
+            scratch
+                .postings
+                .push(self.faults.apply_length_fault(posting));
         }
         scratch.work = work;
         self.flush(&mut scratch.tally);
@@ -377,7 +381,8 @@ impl Shared {
                 if let Some(aad) = &job.aad {
                     let len = usize::try_from(aad.len()).map_err(|_| Status::LENGTH_ERROR)?;
                     scratch.aad.resize(len, 0);
-                    aad.read(0, &mut scratch.aad).map_err(|_| Status::DMA_FAULT)?;
+                    aad.read(0, &mut scratch.aad)
+                        .map_err(|_| Status::DMA_FAULT)?;
                 }
                 if job.opcode == Opcode::AEAD_SEAL {
                     crypto::aead_seal(key, job.nonce, &scratch.aad, buf, src_len)?

@@ -116,9 +116,7 @@ impl KeyTable {
         }
         let sequence = if opcode.is_tls_record() {
             let sequence = entry.next_sequence;
-            entry.next_sequence = sequence
-                .checked_add(1)
-                .ok_or(Status::SEQUENCE_EXHAUSTED)?;
+            entry.next_sequence = sequence.checked_add(1).ok_or(Status::SEQUENCE_EXHAUSTED)?;
             Some(sequence)
         } else {
             None
@@ -151,22 +149,40 @@ mod tests {
         table
             .load(1, &block(RecordProtocol::TLS13, KeyDirection::SEAL, 10))
             .unwrap();
-        assert_eq!(table.grant(1, Opcode::TLS13_SEAL).unwrap().sequence, Some(10));
-        assert_eq!(table.grant(1, Opcode::TLS13_SEAL).unwrap().sequence, Some(11));
+        assert_eq!(
+            table.grant(1, Opcode::TLS13_SEAL).unwrap().sequence,
+            Some(10)
+        );
+        assert_eq!(
+            table.grant(1, Opcode::TLS13_SEAL).unwrap().sequence,
+            Some(11)
+        );
         assert_eq!(
             table.grant(1, Opcode::TLS13_OPEN).unwrap_err(),
             Status::SLOT_MISMATCH
         );
-        assert_eq!(table.grant(1, Opcode::AEAD_SEAL).unwrap_err(), Status::SLOT_MISMATCH);
-        assert_eq!(table.grant(4, Opcode::TLS13_SEAL).unwrap_err(), Status::BAD_SLOT);
-        assert_eq!(table.grant(2, Opcode::TLS13_SEAL).unwrap_err(), Status::SLOT_EMPTY);
+        assert_eq!(
+            table.grant(1, Opcode::AEAD_SEAL).unwrap_err(),
+            Status::SLOT_MISMATCH
+        );
+        assert_eq!(
+            table.grant(4, Opcode::TLS13_SEAL).unwrap_err(),
+            Status::BAD_SLOT
+        );
+        assert_eq!(
+            table.grant(2, Opcode::TLS13_SEAL).unwrap_err(),
+            Status::SLOT_EMPTY
+        );
     }
 
     #[test]
     fn exhausted_sequence_is_reported_and_not_wrapped() {
         let table = KeyTable::new(1);
         table
-            .load(0, &block(RecordProtocol::TLS12, KeyDirection::OPEN, u64::MAX))
+            .load(
+                0,
+                &block(RecordProtocol::TLS12, KeyDirection::OPEN, u64::MAX),
+            )
             .unwrap();
         assert_eq!(
             table.grant(0, Opcode::TLS12_OPEN).unwrap_err(),
@@ -187,6 +203,9 @@ mod tests {
         table.destroy(0).unwrap();
         assert_eq!(table.loaded(), 0);
         assert_eq!(table.destroy(0).unwrap_err(), Status::SLOT_EMPTY);
-        assert_eq!(table.grant(0, Opcode::AEAD_SEAL).unwrap_err(), Status::SLOT_EMPTY);
+        assert_eq!(
+            table.grant(0, Opcode::AEAD_SEAL).unwrap_err(),
+            Status::SLOT_EMPTY
+        );
     }
 }

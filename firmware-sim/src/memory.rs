@@ -30,7 +30,9 @@ pub struct HostMemoryError;
 pub enum IommuError {
     #[error("mapping [{iova:#x}, +{len:#x}) overlaps an existing mapping")]
     Overlap { iova: u64, len: u64 },
-    #[error("mapping [{iova:#x}, +{len:#x}) is empty, wraps around, or exceeds its backing memory")]
+    #[error(
+        "mapping [{iova:#x}, +{len:#x}) is empty, wraps around, or exceeds its backing memory"
+    )]
     BadRange { iova: u64, len: u64 },
     #[error("no mapping starts at {iova:#x} with length {len:#x}")]
     NotMapped { iova: u64, len: u64 },
@@ -81,13 +83,17 @@ impl DmaRange {
     /// Reads `buf.len()` bytes at `at` inside the range.
     pub fn read(&self, at: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
         let offset = self.checked(at, buf.len())?;
-        self.memory.read(offset, buf).map_err(|_| self.fault(at, buf.len()))
+        self.memory
+            .read(offset, buf)
+            .map_err(|_| self.fault(at, buf.len()))
     }
 
     /// Writes `data` at `at` inside the range.
     pub fn write(&self, at: u64, data: &[u8]) -> Result<(), DmaFault> {
         let offset = self.checked(at, data.len())?;
-        self.memory.write(offset, data).map_err(|_| self.fault(at, data.len()))
+        self.memory
+            .write(offset, data)
+            .map_err(|_| self.fault(at, data.len()))
     }
 
     /// Stores a 32-bit word at `at` with release ordering.
@@ -124,13 +130,18 @@ impl Iommu {
         offset: u64,
     ) -> Result<(), IommuError> {
         let fits = iova.checked_add(len).is_some()
-            && offset.checked_add(len).is_some_and(|end| end <= memory.size());
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= memory.size());
         if len == 0 || !fits {
             return Err(IommuError::BadRange { iova, len });
         }
         let mut mappings = self.mappings.write().unwrap_or_else(|e| e.into_inner());
         let end = iova + len;
-        if mappings.iter().any(|m| iova < m.iova + m.len && m.iova < end) {
+        if mappings
+            .iter()
+            .any(|m| iova < m.iova + m.len && m.iova < end)
+        {
             return Err(IommuError::Overlap { iova, len });
         }
         let at = mappings.partition_point(|m| m.iova < iova);
@@ -171,7 +182,10 @@ impl Iommu {
         let end = iova.checked_add(len).ok_or(fault)?;
         let mappings = self.mappings.read().unwrap_or_else(|e| e.into_inner());
         let at = mappings.partition_point(|m| m.iova <= iova);
-        let mapping = at.checked_sub(1).and_then(|i| mappings.get(i)).ok_or(fault)?;
+        let mapping = at
+            .checked_sub(1)
+            .and_then(|i| mappings.get(i))
+            .ok_or(fault)?;
         if end > mapping.iova + mapping.len {
             return Err(fault);
         }
@@ -212,9 +226,7 @@ impl HostMemory for HeapMemory {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostMemoryError> {
         self.with(|b| {
             let start = usize::try_from(offset).map_err(|_| HostMemoryError)?;
-            let src = b
-                .get(start..start + buf.len())
-                .ok_or(HostMemoryError)?;
+            let src = b.get(start..start + buf.len()).ok_or(HostMemoryError)?;
             buf.copy_from_slice(src);
             Ok(())
         })
@@ -253,7 +265,10 @@ mod tests {
         assert!(iommu.translate(0x1fff, 1).is_ok());
         assert_eq!(
             iommu.translate(0x1fff, 2).unwrap_err(),
-            DmaFault { iova: 0x1fff, len: 2 }
+            DmaFault {
+                iova: 0x1fff,
+                len: 2
+            }
         );
         assert!(iommu.translate(0x0fff, 1).is_err());
         assert!(iommu.translate(0x3000, 1).is_err());

@@ -186,13 +186,17 @@ impl ActiveQueue {
             let at = u64::from(state.tail) * COMPLETION_SIZE as u64;
             let mut flags = CompletionFlags::empty();
             flags.set(CompletionFlags::PHASE, state.phase);
-            flags.set(CompletionFlags::SEQUENCE_ADVANCED, posting.sequence_advanced);
+            flags.set(
+                CompletionFlags::SEQUENCE_ADVANCED,
+                posting.sequence_advanced,
+            );
             let entry = Completion {
                 cookie: posting.cookie.into(),
                 result_len: posting.result_len.into(),
                 ..Completion::default()
             };
-            self.cq.write(at, &entry.as_bytes()[..COMPLETION_STATUS_WORD])?;
+            self.cq
+                .write(at, &entry.as_bytes()[..COMPLETION_STATUS_WORD])?;
             let word = Completion::status_word(posting.status, posting.info, flags);
             self.cq
                 .write_u32_release(at + COMPLETION_STATUS_WORD as u64, word)?;

@@ -45,7 +45,10 @@ pub const SUITES: [AeadAlgorithm; 3] = [
     AeadAlgorithm::CHACHA20_POLY1305,
 ];
 
-fn suite_for(version: TlsVersion, algorithm: AeadAlgorithm) -> Result<rustls::SupportedCipherSuite> {
+fn suite_for(
+    version: TlsVersion,
+    algorithm: AeadAlgorithm,
+) -> Result<rustls::SupportedCipherSuite> {
     use aws_lc_rs::cipher_suite as cs;
     Ok(match (version, algorithm) {
         (TlsVersion::Tls13, AeadAlgorithm::AES_128_GCM) => cs::TLS13_AES_128_GCM_SHA256,
@@ -132,12 +135,11 @@ pub fn connect(version: TlsVersion, algorithm: AeadAlgorithm) -> Result<Peer> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let mut server = ServerConnection::new(Arc::new(server_config))?;
-    let mut client = ClientConnection::new(
-        Arc::new(client_config),
-        ServerName::try_from("localhost")?,
-    )?;
+    let mut client =
+        ClientConnection::new(Arc::new(client_config), ServerName::try_from("localhost")?)?;
     for _ in 0..20 {
-        let moved = pump_to_server(&mut client, &mut server)? | pump_to_client(&mut server, &mut client)?;
+        let moved =
+            pump_to_server(&mut client, &mut server)? | pump_to_client(&mut server, &mut client)?;
         if !moved && !client.is_handshaking() && !server.is_handshaking() {
             break;
         }
