@@ -311,7 +311,7 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
                 },
             })?;
             let seal = expect_bytes(sealed, &expected);
-            let opened = t.transform(&expected, &[], |src, _, dst| match protocol {
+            let open_op = |src, _, dst| match protocol {
                 RecordProtocol::TLS13 => JobOp::Tls13Open { slot: o, src, dst },
                 _ => JobOp::Tls12Open {
                     slot: o,
@@ -319,7 +319,8 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
                     src,
                     dst,
                 },
-            })?;
+            };
+            let opened = t.transform(&expected, &[], open_op)?;
             let want_type = if protocol == RecordProtocol::TLS13 {
                 TLS13_INNER_TYPE
             } else {
@@ -331,15 +332,7 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
                 Err(e) => Err(e.to_string()),
             };
             // The opener's sequence has moved on: the same record again must fail.
-            let replay = t.transform(&expected, &[], |src, _, dst| match protocol {
-                RecordProtocol::TLS13 => JobOp::Tls13Open { slot: o, src, dst },
-                _ => JobOp::Tls12Open {
-                    slot: o,
-                    algorithm: alg,
-                    src,
-                    dst,
-                },
-            })?;
+            let replay = t.transform(&expected, &[], open_op)?;
             let open = open.and_then(|()| {
                 expect_auth_failure(replay).map_err(|e| format!("replayed record: {e}"))
             });

@@ -193,6 +193,7 @@ impl Device {
         tracing::warn!(device = %self.info.name, "resetting device");
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.admin_queue().take();
+        self.transport.reset()?;
         self.start()
     }
 

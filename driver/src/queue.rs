@@ -395,14 +395,17 @@ impl QueuePair {
         })
     }
 
-    /// Takes every completion the device has posted, checks it, and hands it to `sink`.
-    /// Rings the completion-head doorbell once if anything was taken. Returns the count.
+    /// Takes the completions the device has posted (at most one ring's worth), checks each,
+    /// and hands it to `sink`. Rings the completion-head doorbell once if anything was taken.
+    /// Returns the count.
     pub fn poll(&mut self, mut sink: impl FnMut(JobCompletion)) -> usize {
         if self.device_was_reset() {
             return self.fail_all(JobError::DeviceLost, sink);
         }
         let mut taken = 0;
-        loop {
+        // At most one ring's worth per call: a device that keeps writing entries cannot keep
+        // the caller here forever.
+        for _ in 0..self.size {
             let at = self.cq_head as usize * COMPLETION_SIZE;
             let Ok(word) = self.cq.load_u32_acquire(at + COMPLETION_STATUS_WORD) else {
                 break;

@@ -44,6 +44,9 @@ pub trait Transport: DmaMapper {
         vector: u32,
         eventfd: Option<Arc<EventFd>>,
     ) -> Result<(), TransportError>;
+    /// Resets the whole function (a PCI function-level reset or its equivalent) and returns
+    /// when it is done. All device state is lost; the driver starts the device afresh after.
+    fn reset(&self) -> Result<(), TransportError>;
     /// The simulator behind this transport, when it is in-process (for fault injection in
     /// tests and for `tlsaccel devices`).
     fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
@@ -164,6 +167,15 @@ impl Transport for InProcess {
         }
         self.device
             .set_interrupt(vector, eventfd.map(|e| e as Arc<dyn InterruptSink>));
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), TransportError> {
+        // The model has no separate function-level reset; its register reset is complete
+        // and synchronous.
+        self.device.bar_write32(
+            tlsaccel_abi::regs::DEVICE_CONTROL,
+            tlsaccel_abi::DeviceControl::RESET.bits(),
+        );
         Ok(())
     }
     fn simulator(&self) -> Option<&tlsaccel_sim::Device> {

@@ -1,5 +1,9 @@
 //! The device's key table: one entry per key slot, each holding an expanded AEAD key, its
 //! static IV and the next record sequence number.
+//!
+//! Destroying a slot drops the table's reference to its key; jobs accepted earlier keep theirs
+//! until they finish. When the last reference goes, the IV is zeroized (`Zeroizing`) and the
+//! expanded key is freed by aws-lc, whose `OPENSSL_free` cleanses every allocation it frees.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
