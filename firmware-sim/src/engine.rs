@@ -25,7 +25,7 @@ pub(crate) const FETCH_BURST: u32 = 32;
 enum Work {
     /// Finished at acceptance (NOP, key operations, and every rejection).
     Done(Posting),
-    Job(Box<Job>),
+    Job(Job),
 }
 
 #[derive(Debug)]
@@ -193,7 +193,7 @@ impl Shared {
         }
     }
 
-    fn accept_job(&self, d: &Descriptor) -> Result<Option<Box<Job>>, Status> {
+    fn accept_job(&self, d: &Descriptor) -> Result<Option<Job>, Status> {
         let opcode = Opcode(d.opcode);
         if d.flags != 0 || d.reserved.get() != 0 {
             return Err(Status::BAD_DESCRIPTOR);
@@ -307,7 +307,7 @@ impl Shared {
             }
         }
         let grant = self.keys.grant(d.key_slot.get(), opcode)?;
-        Ok(Some(Box::new(Job {
+        Ok(Some(Job {
             cookie: d.cookie.get(),
             opcode,
             key: grant.key,
@@ -317,7 +317,7 @@ impl Shared {
             aad,
             nonce,
             seal,
-        })))
+        }))
     }
 
     fn translate(&self, iova: u64, len: u32) -> Result<DmaRange, Status> {
