@@ -17,6 +17,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+pub mod ivshmem;
 pub mod regs;
 
 /// Value of the `MAGIC` register: the bytes `"TLSA"` read as a little-endian `u32`.

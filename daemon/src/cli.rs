@@ -25,6 +25,23 @@ pub enum Command {
         #[arg(long, default_value = "/dev")]
         dev: PathBuf,
     },
+    /// Run the simulated device as a separate process behind an ivshmem server socket, for
+    /// QEMU's ivshmem-doorbell device (`-chardev socket,path=PATH,id=ivs -device
+    /// ivshmem-doorbell,chardev=ivs,vectors=QUEUES`). Runs until killed.
+    Sim {
+        /// Socket QEMU connects to.
+        #[arg(long)]
+        ivshmem: PathBuf,
+        /// Shared memory in MiB (a power of two): the register mailbox, rings and buffers.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: usize,
+        /// Queue pairs (and interrupt vectors).
+        #[arg(long, default_value_t = 8)]
+        queues: u32,
+        /// Engine threads.
+        #[arg(long, default_value_t = 2)]
+        engines: usize,
+    },
     /// Run known-answer tests on a device and print a table; exits non-zero on any failure.
     Selftest {
         /// Device address: `sim`, or `sim:queues=N,engines=N,key-slots=N`.
@@ -38,6 +55,29 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Devices { sysfs, dev } => {
             print!("{}", crate::devices::report(&sysfs, &dev));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sim {
+            ivshmem,
+            memory_mib,
+            queues,
+            engines,
+        } => {
+            let config = tlsaccel_sim::DeviceConfig {
+                queues,
+                engines,
+                ..tlsaccel_sim::DeviceConfig::default()
+            };
+            let memory = memory_mib
+                .checked_mul(1 << 20)
+                .ok_or_else(|| anyhow::anyhow!("--memory-mib {memory_mib} is too large"))?;
+            let server = crate::simserver::IvshmemServer::bind(&ivshmem, memory, config)?;
+            eprintln!(
+                "tlsaccel sim: ivshmem server on {}",
+                server.path().display()
+            );
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            server.run(&stop)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest { device } => {

@@ -3,9 +3,11 @@
 //! This crate holds the command-line tool's logic; `main.rs` only parses arguments.
 //! * [`devices`]: which devices this host can reach.
 //! * [`selftest`]: known-answer tests of a device.
+//! * [`simserver`]: the simulator as a separate process behind QEMU's ivshmem device.
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod devices;
 pub mod selftest;
+pub mod simserver;

@@ -127,11 +127,16 @@ impl Device {
         options: DeviceOptions,
     ) -> Result<Arc<Self>, DeviceError> {
         let info = identify(transport.as_ref())?;
-        let pool = DmaPool::new(
-            Arc::clone(&transport) as Arc<dyn crate::dma::DmaMapper>,
-            options.dma_region_size,
-            options.dma_limit,
-        );
+        let pool = match transport.region_source() {
+            Some(source) => {
+                DmaPool::with_source(source, options.dma_region_size, options.dma_limit)
+            }
+            None => DmaPool::new(
+                Arc::clone(&transport) as Arc<dyn crate::dma::DmaMapper>,
+                options.dma_region_size,
+                options.dma_limit,
+            ),
+        };
         let slots = (0..info.key_slots).rev().collect();
         let device = Arc::new(Self {
             data_queues: Arc::new(Mutex::new(vec![false; info.queues as usize])),

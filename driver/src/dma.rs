@@ -60,10 +60,13 @@ pub enum DmaError {
     Map(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// One shared mapping. Unmapped when the last reference goes.
+/// A window of memory the device can reach: all of a memfd-backed mapping this driver made,
+/// or part of another mapping (a device BAR, or memory another process shared). The mapping
+/// is unmapped when the last region using it goes.
 pub struct DmaRegion {
-    map: MmapRaw,
-    fd: OwnedFd,
+    map: Arc<MmapRaw>,
+    fd: Option<Arc<OwnedFd>>,
+    offset: usize,
     len: usize,
     huge_pages: bool,
 }
@@ -72,6 +75,7 @@ impl fmt::Debug for DmaRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DmaRegion")
             .field("len", &self.len)
+            .field("offset", &self.offset)
             .field("huge_pages", &self.huge_pages)
             .finish()
     }
@@ -102,11 +106,46 @@ impl DmaRegion {
         ftruncate(&fd, len as u64)?;
         let map = MmapOptions::new().len(len).populate().map_raw(&fd)?;
         Ok(Self {
-            map,
-            fd,
+            map: Arc::new(map),
+            fd: Some(Arc::new(fd)),
+            offset: 0,
             len,
             huge_pages,
         })
+    }
+
+    /// Maps `len` bytes of a shared-memory file another process created (a memfd received
+    /// over a socket), read-write and shared.
+    pub fn from_fd(fd: OwnedFd, len: usize) -> Result<Self, DmaError> {
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&fd)
+            .map_err(|source| DmaError::Create { size: len, source })?;
+        Ok(Self {
+            map: Arc::new(map),
+            fd: Some(Arc::new(fd)),
+            offset: 0,
+            len,
+            huge_pages: false,
+        })
+    }
+
+    /// A window of `len` bytes at `offset` in an existing mapping (for example a BAR).
+    pub fn window(map: Arc<MmapRaw>, offset: usize, len: usize) -> Result<Self, DmaError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= map.len() => Ok(Self {
+                map,
+                fd: None,
+                offset,
+                len,
+                huge_pages: false,
+            }),
+            _ => Err(DmaError::OutOfBounds {
+                offset,
+                len,
+                size: map.len(),
+            }),
+        }
     }
 
     /// Bytes in the region.
@@ -124,22 +163,24 @@ impl DmaRegion {
         self.huge_pages
     }
 
-    /// The memfd behind the region, for transports that share it with another process.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The shared-memory file behind the region and the region's offset in it, for
+    /// transports that share it with another process. `None` for windows of a BAR.
+    pub fn fd(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        self.fd.as_ref().map(|fd| (fd.as_fd(), self.offset as u64))
     }
 
     /// The host virtual address of the region, for transports that map it for the device
     /// (kernel VFIO). Not for access: use the checked methods.
     pub fn host_address(&self) -> NonNull<u8> {
-        NonNull::new(self.map.as_mut_ptr()).unwrap_or(NonNull::dangling())
+        NonNull::new(self.map.as_mut_ptr().wrapping_add(self.offset)).unwrap_or(NonNull::dangling())
     }
 
     fn check(&self, offset: usize, len: usize) -> Result<*mut u8, DmaError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => {
-                // The pointer arithmetic stays inside the mapping because end <= self.len.
-                Ok(self.map.as_mut_ptr().wrapping_add(offset))
+                // The pointer arithmetic stays inside the mapping: the window lies inside it
+                // (checked at construction) and end <= self.len.
+                Ok(self.map.as_mut_ptr().wrapping_add(self.offset + offset))
             }
             _ => Err(DmaError::OutOfBounds {
                 offset,
@@ -347,8 +388,8 @@ impl tlsaccel_sim::HostMemory for DmaRegion {
     }
 }
 
-/// Where the pool puts its regions in device address space. IOVA 0 stays unmapped, so a
-/// zeroed descriptor faults instead of reading memory.
+/// Where the pool puts its regions in device address space by default. IOVA 0 stays
+/// unmapped, so a zeroed descriptor faults instead of reading memory.
 pub const POOL_IOVA_BASE: u64 = 0x1_0000_0000;
 
 /// Something that makes regions reachable by a device: a transport.
@@ -359,11 +400,47 @@ pub trait DmaMapper: Send + Sync + fmt::Debug {
     fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError>;
 }
 
+/// Where a pool gets its regions from.
+pub trait RegionSource: Send + Sync + fmt::Debug {
+    /// Region number `index`, of `size` bytes, reachable by the device, and its IOVA.
+    fn region(&self, index: usize, size: usize) -> Result<(Arc<DmaRegion>, Iova), DmaError>;
+    /// Region `index` is no longer used (the pool is going away).
+    fn release(&self, index: usize, region: &Arc<DmaRegion>, iova: Iova);
+}
+
+/// The usual source: fresh memfd regions mapped for the device at
+/// `POOL_IOVA_BASE + index * size`.
+#[derive(Debug)]
+pub struct MappedMemfd {
+    mapper: Arc<dyn DmaMapper>,
+}
+
+impl MappedMemfd {
+    pub fn new(mapper: Arc<dyn DmaMapper>) -> Self {
+        Self { mapper }
+    }
+}
+
+impl RegionSource for MappedMemfd {
+    fn region(&self, index: usize, size: usize) -> Result<(Arc<DmaRegion>, Iova), DmaError> {
+        let region = Arc::new(DmaRegion::new(size)?);
+        let iova = Iova(POOL_IOVA_BASE + (index * size) as u64);
+        self.mapper.map(&region, iova)?;
+        Ok((region, iova))
+    }
+
+    fn release(&self, _index: usize, region: &Arc<DmaRegion>, iova: Iova) {
+        if let Err(error) = self.mapper.unmap(iova, region.len()) {
+            tracing::warn!(%iova, %error, "could not unmap DMA region");
+        }
+    }
+}
+
 const SMALLEST_CLASS: usize = 64;
 
 #[derive(Debug)]
 struct PoolState {
-    regions: Vec<Arc<DmaRegion>>,
+    regions: Vec<(Arc<DmaRegion>, Iova)>,
     /// Bump pointer in the newest region.
     next_offset: usize,
     /// Free buffers per size class (index = log2(size / SMALLEST_CLASS)).
@@ -372,7 +449,7 @@ struct PoolState {
 
 #[derive(Debug)]
 struct PoolInner {
-    mapper: Arc<dyn DmaMapper>,
+    source: Arc<dyn RegionSource>,
     region_size: usize,
     limit: usize,
     state: Mutex<PoolState>,
@@ -381,16 +458,13 @@ struct PoolInner {
 impl Drop for PoolInner {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        for (index, region) in state.regions.iter().enumerate() {
-            let iova = Iova(POOL_IOVA_BASE + (index * self.region_size) as u64);
-            if let Err(error) = self.mapper.unmap(iova, region.len()) {
-                tracing::warn!(%iova, %error, "could not unmap DMA region");
-            }
+        for (index, (region, iova)) in state.regions.iter().enumerate() {
+            self.source.release(index, region, *iova);
         }
     }
 }
 
-/// A pool of DMA buffers in power-of-two size classes, carved from large regions mapped for
+/// A pool of DMA buffers in power-of-two size classes, carved from large regions reachable by
 /// one device. Buffers of 4 KiB and more are 4 KiB aligned (ring bases need that).
 #[derive(Debug, Clone)]
 pub struct DmaPool {
@@ -398,12 +472,18 @@ pub struct DmaPool {
 }
 
 impl DmaPool {
-    /// A pool whose regions are `region_size` bytes and whose total stays under `limit`.
+    /// A pool of memfd regions of `region_size` bytes mapped through `mapper`, holding at most
+    /// `limit` bytes.
     pub fn new(mapper: Arc<dyn DmaMapper>, region_size: usize, limit: usize) -> Self {
+        Self::with_source(Arc::new(MappedMemfd::new(mapper)), region_size, limit)
+    }
+
+    /// A pool whose regions come from `source`.
+    pub fn with_source(source: Arc<dyn RegionSource>, region_size: usize, limit: usize) -> Self {
         let classes = (region_size / SMALLEST_CLASS).trailing_zeros() as usize + 1;
         Self {
             inner: Arc::new(PoolInner {
-                mapper,
+                source,
                 region_size,
                 limit,
                 state: Mutex::new(PoolState {
@@ -442,23 +522,22 @@ impl DmaPool {
                     if (state.regions.len() + 1) * inner.region_size > inner.limit {
                         return Err(DmaError::Exhausted { limit: inner.limit });
                     }
-                    let region = Arc::new(DmaRegion::new(inner.region_size)?);
-                    let iova =
-                        Iova(POOL_IOVA_BASE + (state.regions.len() * inner.region_size) as u64);
-                    inner.mapper.map(&region, iova)?;
-                    state.regions.push(region);
+                    let index = state.regions.len();
+                    let made = inner.source.region(index, inner.region_size)?;
+                    state.regions.push(made);
                     offset = 0;
                 }
                 state.next_offset = offset + class_size;
                 (state.regions.len() - 1, offset)
             }
         };
-        let region = Arc::clone(&state.regions[region_index]);
+        let (region, region_iova) = state.regions[region_index].clone();
         drop(state);
         region.zero(offset, len)?;
         Ok(DmaBuffer {
             pool: Arc::clone(inner),
             region,
+            region_iova,
             region_index,
             offset,
             len,
@@ -471,6 +550,7 @@ impl DmaPool {
 pub struct DmaBuffer {
     pool: Arc<PoolInner>,
     region: Arc<DmaRegion>,
+    region_iova: Iova,
     region_index: usize,
     offset: usize,
     len: usize,
@@ -489,7 +569,7 @@ impl fmt::Debug for DmaBuffer {
 impl DmaBuffer {
     /// The buffer's device address.
     pub fn iova(&self) -> Iova {
-        Iova(POOL_IOVA_BASE + (self.region_index * self.pool.region_size + self.offset) as u64)
+        Iova(self.region_iova.0 + self.offset as u64)
     }
 
     /// Usable bytes.

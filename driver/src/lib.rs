@@ -1,21 +1,25 @@
 //! Userspace driver for the tlsaccel crypto accelerator.
 //!
 //! * [`Transport`] reaches a device: BAR0 access, DMA mapping, interrupts. Backends:
-//!   [`transport::InProcess`] (the simulator linked in); more to come. A device address string
-//!   picks one ([`DeviceAddress`]).
+//!   [`transport::InProcess`] (the simulator linked in) and kernel VFIO ([`vfio`]: a tlsaccel
+//!   card, or the simulator behind QEMU's ivshmem device). A device address string picks one
+//!   ([`DeviceAddress`]).
 //! * [`DmaPool`] hands out [`DmaBuffer`]s in memory the device can reach, named by [`Iova`].
 //! * [`Device`] checks the device's identity, resets and enables it, and owns the admin queue
 //!   that loads and destroys [`KeySlot`]s.
 //! * [`QueuePair`] is the synchronous ring API: fill descriptors, ring the doorbell once per
 //!   burst, find completions by phase tag in memory. [`AsyncQueue`] puts it behind tokio.
 //!
-//! This is the only crate of the workspace with `unsafe`, and only in [`dma`].
+//! This is the only crate of the workspace with `unsafe`: in [`dma`], [`mmio`], [`vfio`] and
+//! the eventfd/`AsyncFd` glue.
 
 mod asynchronous;
 mod device;
 pub mod dma;
+pub mod mmio;
 mod queue;
 pub mod transport;
+pub mod vfio;
 
 pub use asynchronous::{AsyncQueue, AsyncQueueError};
 pub use device::{Device, DeviceError, DeviceInfo, DeviceOptions, KeyMaterial, KeySlot};

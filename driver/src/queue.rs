@@ -252,11 +252,11 @@ impl QueuePair {
         transport.write32(reg(qreg::IRQ_COALESCE_COUNT), config.coalesce_count);
         transport.write32(reg(qreg::IRQ_COALESCE_USECS), config.coalesce_usecs);
         let interrupt = if config.interrupts {
-            let fd = Arc::new(EventFd::new()?);
-            transport.set_interrupt(index, Some(Arc::clone(&fd)))?;
+            let fd = transport.interrupt(index)?;
+            // Signals left from an earlier user of this vector mean nothing now.
+            fd.drain();
             Some(fd)
         } else {
-            transport.set_interrupt(index, None)?;
             None
         };
         let mut control = QueueControl::ENABLE;
@@ -598,7 +598,6 @@ impl Drop for QueuePair {
         // Disable the queue before its rings go back to the pool.
         let reg = regs::queue_reg(self.index, qreg::CONTROL);
         self.transport.write32(reg, 0);
-        let _ = self.transport.set_interrupt(self.index, None);
     }
 }
 

@@ -4,11 +4,10 @@
 //! the same trait. A device address string selects one: `sim`, `sim:queues=4,engines=1`.
 
 use std::fmt;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rustix::event::{eventfd, EventfdFlags};
 use tlsaccel_sim::{DeviceConfig, InterruptSink};
 
 use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
@@ -16,7 +15,7 @@ use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
 /// Errors of a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("device address {0:?} is not understood (expected `sim` or `sim:key=value,...`)")]
+    #[error("device address {0:?} is not understood (expected `sim`, `sim:key=value,...` or `vfio:0000:03:00.0`)")]
     BadAddress(String),
     #[error("could not start the simulated device")]
     Simulator(#[source] tlsaccel_sim::ConfigError),
@@ -24,6 +23,10 @@ pub enum TransportError {
     EventFd(#[source] std::io::Error),
     #[error("interrupt vector {0} does not exist")]
     NoSuchVector(u32),
+    #[error("kernel VFIO")]
+    Vfio(#[source] Box<crate::vfio::VfioError>),
+    #[error("device {0} stopped answering and is considered lost")]
+    Lost(String),
 }
 
 /// A way to reach one device.
@@ -38,12 +41,15 @@ pub trait Transport: DmaMapper {
     fn read64(&self, offset: u64) -> u64;
     /// Writes a 64-bit BAR0 register.
     fn write64(&self, offset: u64, value: u64);
-    /// Routes queue `vector`'s interrupt to `eventfd`, or disconnects it with `None`.
-    fn set_interrupt(
-        &self,
-        vector: u32,
-        eventfd: Option<Arc<EventFd>>,
-    ) -> Result<(), TransportError>;
+    /// The eventfd that interrupt vector `vector` (queue `vector`'s) signals. The transport
+    /// owns the eventfds: kernel VFIO must enable every MSI-X vector in one call.
+    fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError>;
+    /// Where DMA memory comes from when it is not host memory mapped through
+    /// [`DmaMapper`] (for example a window of a device BAR). `None`: memfd regions mapped
+    /// with this transport's `DmaMapper`.
+    fn region_source(&self) -> Option<Arc<dyn crate::dma::RegionSource>> {
+        None
+    }
     /// Resets the whole function (a PCI function-level reset or its equivalent) and returns
     /// when it is done. All device state is lost; the driver starts the device afresh after.
     fn reset(&self) -> Result<(), TransportError>;
@@ -57,43 +63,46 @@ pub trait Transport: DmaMapper {
 /// An eventfd: the interrupt the device signals and the driver waits on.
 #[derive(Debug)]
 pub struct EventFd {
-    fd: OwnedFd,
+    inner: vmm_sys_util::eventfd::EventFd,
 }
 
 impl EventFd {
     /// A non-blocking eventfd with counter 0.
     pub fn new() -> Result<Self, TransportError> {
-        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| TransportError::EventFd(e.into()))?;
-        Ok(Self { fd })
+        let inner = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+            .map_err(TransportError::EventFd)?;
+        Ok(Self { inner })
     }
 
     /// Adds one to the counter (what an interrupt does).
     pub fn signal(&self) {
         // A full counter (2^64 - 2) cannot happen with one add per interrupt; a failed write
         // means the reader is behind, which it notices anyway.
-        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
+        let _ = self.inner.write(1);
     }
 
     /// Reads and clears the counter; returns how many signals arrived (0 if none).
     pub fn drain(&self) -> u64 {
-        let mut buf = [0u8; 8];
-        match rustix::io::read(&self.fd, &mut buf) {
-            Ok(8) => u64::from_ne_bytes(buf),
-            _ => 0,
-        }
+        self.inner.read().unwrap_or(0)
+    }
+
+    /// The eventfd as the VFIO crates want it.
+    pub fn as_vmm(&self) -> &vmm_sys_util::eventfd::EventFd {
+        &self.inner
     }
 }
 
 impl AsFd for EventFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        // SAFETY: the descriptor is owned by `self.inner` and stays open for as long as
+        // `self`, and so the returned borrow, lives.
+        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
     }
 }
 
-impl std::os::fd::AsRawFd for EventFd {
+impl AsRawFd for EventFd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+        self.inner.as_raw_fd()
     }
 }
 
@@ -106,6 +115,7 @@ impl InterruptSink for EventFd {
 /// The simulator linked into this process.
 pub struct InProcess {
     device: tlsaccel_sim::Device,
+    vectors: std::sync::Mutex<Vec<Option<Arc<EventFd>>>>,
 }
 
 impl fmt::Debug for InProcess {
@@ -119,8 +129,9 @@ impl fmt::Debug for InProcess {
 impl InProcess {
     /// Starts a simulated device with `config`.
     pub fn new(config: DeviceConfig) -> Result<Self, TransportError> {
+        let vectors = std::sync::Mutex::new(vec![None; config.queues as usize]);
         let device = tlsaccel_sim::Device::new(config).map_err(TransportError::Simulator)?;
-        Ok(Self { device })
+        Ok(Self { device, vectors })
     }
 }
 
@@ -157,17 +168,19 @@ impl Transport for InProcess {
     fn write64(&self, offset: u64, value: u64) {
         self.device.bar_write64(offset, value)
     }
-    fn set_interrupt(
-        &self,
-        vector: u32,
-        eventfd: Option<Arc<EventFd>>,
-    ) -> Result<(), TransportError> {
-        if vector >= self.device.config().queues {
-            return Err(TransportError::NoSuchVector(vector));
+    fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
+        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = vectors
+            .get_mut(vector as usize)
+            .ok_or(TransportError::NoSuchVector(vector))?;
+        if let Some(fd) = slot {
+            return Ok(Arc::clone(fd));
         }
+        let fd = Arc::new(EventFd::new()?);
         self.device
-            .set_interrupt(vector, eventfd.map(|e| e as Arc<dyn InterruptSink>));
-        Ok(())
+            .set_interrupt(vector, Some(Arc::clone(&fd) as Arc<dyn InterruptSink>));
+        *slot = Some(Arc::clone(&fd));
+        Ok(fd)
     }
     fn reset(&self) -> Result<(), TransportError> {
         // The model has no separate function-level reset; its register reset is complete
@@ -188,6 +201,9 @@ impl Transport for InProcess {
 pub enum DeviceAddress {
     /// `sim` or `sim:queues=N,engines=N,key-slots=N`: an in-process simulator.
     Simulator(SimOptions),
+    /// `vfio:0000:03:00.0`: a PCI function bound to vfio-pci (a tlsaccel card, or the
+    /// simulator behind QEMU's ivshmem device).
+    Vfio(String),
 }
 
 /// Options of an in-process simulator address.
@@ -235,6 +251,7 @@ impl FromStr for DeviceAddress {
                 }
                 Ok(DeviceAddress::Simulator(options))
             }
+            "vfio" if crate::vfio::valid_pci_address(rest) => Ok(DeviceAddress::Vfio(rest.into())),
             _ => Err(bad()),
         }
     }
@@ -245,6 +262,7 @@ impl DeviceAddress {
     pub fn connect(&self) -> Result<Arc<dyn Transport>, TransportError> {
         match self {
             DeviceAddress::Simulator(options) => Ok(Arc::new(InProcess::new(options.config())?)),
+            DeviceAddress::Vfio(address) => crate::vfio::open(address),
         }
     }
 }
@@ -270,6 +288,11 @@ mod tests {
         let error = "sim:queues=lots".parse::<DeviceAddress>().unwrap_err();
         assert!(error.to_string().contains("sim:queues=lots"));
         assert!("pci:1".parse::<DeviceAddress>().is_err());
+        assert_eq!(
+            "vfio:0000:03:00.0".parse::<DeviceAddress>().unwrap(),
+            DeviceAddress::Vfio("0000:03:00.0".into())
+        );
+        assert!("vfio:03:00.0".parse::<DeviceAddress>().is_err());
     }
 
     #[test]

@@ -667,9 +667,14 @@ pub fn out_of_order_completions_reach_their_callers(device: &Arc<Device>) -> Res
     let small_in = buffer_with(device, &[2u8; 16], 16)?;
     let small_out = device.pool().alloc(32 * 32)?;
     let mut reordered = 0;
+    // Reordering must be seen on the in-process simulator with several engines; elsewhere
+    // (another process, a guest) it is only checked that every completion is matched.
+    let must_reorder =
+        device.info().name == "sim" && simulator(device).is_some_and(|s| s.config().engines > 1);
     // Whether the second engine runs while the first seals depends on the scheduler (tests
     // share two cores); keep trying for a while rather than a fixed number of times.
-    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    let patience = Duration::from_secs(if must_reorder { 20 } else { 2 });
+    let give_up = std::time::Instant::now() + patience;
     for attempt in 0..u64::MAX {
         if std::time::Instant::now() > give_up {
             break;
@@ -729,7 +734,7 @@ pub fn out_of_order_completions_reach_their_callers(device: &Arc<Device>) -> Res
             }
         }
     }
-    if device.info().name == "sim" && simulator(device).is_some_and(|s| s.config().engines > 1) {
+    if must_reorder {
         ensure!(
             reordered > 0,
             "never saw a short job overtake a long one with several engines"
