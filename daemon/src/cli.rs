@@ -25,13 +25,27 @@ pub enum Command {
         #[arg(long, default_value = "/dev")]
         dev: PathBuf,
     },
-    /// Run the simulated device as a separate process behind an ivshmem server socket, for
-    /// QEMU's ivshmem-doorbell device (`-chardev socket,path=PATH,id=ivs -device
+    /// Run the simulated device as a separate process: a vfio-user server (`--vfio-user PATH`,
+    /// for `vfio-user:PATH` addresses) or an ivshmem server for QEMU's ivshmem-doorbell device
+    /// (`--ivshmem PATH`; QEMU: `-chardev socket,path=PATH,id=ivs -device
     /// ivshmem-doorbell,chardev=ivs,vectors=QUEUES`). Runs until killed.
     Sim {
-        /// Socket QEMU connects to.
+        /// Serve ivshmem on this socket (for QEMU's ivshmem-doorbell).
+        #[arg(
+            long,
+            conflicts_with = "vfio_user",
+            required_unless_present = "vfio_user"
+        )]
+        ivshmem: Option<PathBuf>,
+        /// Serve vfio-user on this socket (for `vfio-user:PATH` device addresses).
         #[arg(long)]
-        ivshmem: PathBuf,
+        vfio_user: Option<PathBuf>,
+        /// vfio-user connections served at once, each with a device function of its own.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Exit when the process that started this one exits (for tests and benchmarks).
+        #[arg(long)]
+        exit_with_parent: bool,
         /// Shared memory in MiB (a power of two): the register mailbox, rings and buffers.
         #[arg(long, default_value_t = 64)]
         memory_mib: usize,
@@ -59,10 +73,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sim {
             ivshmem,
+            vfio_user,
+            clients,
+            exit_with_parent,
             memory_mib,
             queues,
             engines,
         } => {
+            if exit_with_parent {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))?;
+            }
             let config = tlsaccel_sim::DeviceConfig {
                 queues,
                 engines,
@@ -71,7 +93,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let memory = memory_mib
                 .checked_mul(1 << 20)
                 .ok_or_else(|| anyhow::anyhow!("--memory-mib {memory_mib} is too large"))?;
-            let server = crate::simserver::IvshmemServer::bind(&ivshmem, memory, config)?;
+            if let Some(path) = vfio_user {
+                let server = crate::simserver::VfioUserServer::bind(&path, config, clients)?;
+                eprintln!(
+                    "tlsaccel sim: vfio-user server on {}",
+                    server.path().display()
+                );
+                server.run()?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let path = ivshmem.ok_or_else(|| anyhow::anyhow!("give --ivshmem or --vfio-user"))?;
+            let server = crate::simserver::IvshmemServer::bind(&path, memory, config)?;
             eprintln!(
                 "tlsaccel sim: ivshmem server on {}",
                 server.path().display()

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use tlsaccel_driver::abi::ivshmem::{IVSHMEM_DEVICE_ID, IVSHMEM_VENDOR_ID};
 use tlsaccel_driver::abi::{PCI_DEVICE_ID, PCI_VENDOR_ID};
 use tlsaccel_driver::{Device, DeviceInfo};
 
@@ -23,6 +24,11 @@ impl VfioFunction {
     /// True when the vendor and device ids are tlsaccel's.
     pub fn is_tlsaccel(&self) -> bool {
         self.vendor == PCI_VENDOR_ID && self.device == PCI_DEVICE_ID
+    }
+
+    /// True for QEMU's ivshmem device, behind which the simulator can serve.
+    pub fn is_ivshmem(&self) -> bool {
+        self.vendor == IVSHMEM_VENDOR_ID && self.device == IVSHMEM_DEVICE_ID
     }
 }
 
@@ -76,6 +82,27 @@ pub fn memlock_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Memlock).current
 }
 
+/// Opens a VFIO function and reads its identity without resetting it.
+fn probe(address: &str) -> String {
+    match tlsaccel_driver::vfio::open(address) {
+        Ok(transport) => match DeviceInfo::probe(transport.as_ref()) {
+            Ok(info) => describe(&info),
+            Err(error) => format!("not usable: {error}"),
+        },
+        Err(error) => format!("cannot open: {error} ({})", source_chain(&error)),
+    }
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        parts.push(cause.to_string());
+        next = cause.source();
+    }
+    parts.join(": ")
+}
+
 fn describe(info: &DeviceInfo) -> String {
     format!(
         "version {}.{}, {} queues (rings up to {} entries), {} key slots, jobs up to {} bytes\n    capabilities: {:?}",
@@ -115,6 +142,8 @@ pub fn report(sysfs: &Path, dev: &Path) -> String {
     for f in &functions {
         let kind = if f.is_tlsaccel() {
             "tlsaccel device"
+        } else if f.is_ivshmem() {
+            "ivshmem device (the simulator in shared-memory mode, if one serves it)"
         } else {
             "not a tlsaccel device"
         };
@@ -132,6 +161,9 @@ pub fn report(sysfs: &Path, dev: &Path) -> String {
             "vfio:{}  {:04x}:{:04x} {}\n    IOMMU group {}, {}",
             f.address, f.vendor, f.device, kind, group, access
         );
+        if f.group_accessible && (f.is_tlsaccel() || f.is_ivshmem()) {
+            let _ = writeln!(out, "    {}", probe(&f.address));
+        }
     }
     let memlock = match memlock_limit() {
         None => "unlimited".to_string(),

@@ -293,3 +293,282 @@ fn send(stream: &UnixStream, value: i64, fd: Option<BorrowedFd<'_>>) -> std::io:
     }
     Ok(())
 }
+
+/// The simulator served over vfio-user (`tlsaccel sim --vfio-user PATH`).
+///
+/// Each connection gets a device function of its own (like an SR-IOV virtual function): a
+/// fresh simulated device with the configured queues and key slots, reset when the connection
+/// closes. `clients` connections are served at once; more wait in the listen queue.
+#[derive(Debug)]
+pub struct VfioUserServer {
+    listener: UnixListener,
+    path: PathBuf,
+    config: DeviceConfig,
+    clients: usize,
+}
+
+impl VfioUserServer {
+    /// Listens on `path` (replacing a stale socket file).
+    pub fn bind(path: &Path, config: DeviceConfig, clients: usize) -> Result<Self, SimServerError> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|source| SimServerError::Listen {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+            config,
+            clients: clients.max(1),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves connections until the process ends.
+    pub fn run(&self) -> Result<(), SimServerError> {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..self.clients)
+                .map(|_| scope.spawn(|| self.worker()))
+                .collect();
+            for worker in workers {
+                worker.join().unwrap_or(Ok(()))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn worker(&self) -> Result<(), SimServerError> {
+        loop {
+            let listener = self.listener.try_clone().map_err(SimServerError::Client)?;
+            let server = vfio_user::Server::from_owned_fd(
+                std::os::fd::OwnedFd::from(listener),
+                true,
+                vfio_user_irqs(self.config.queues),
+                vfio_user_regions(regs_bar0_size(self.config.queues)),
+            );
+            let mut backend = VfioUserBackend {
+                device: Device::new(self.config.clone()).map_err(SimServerError::Device)?,
+                config_space: config_space(),
+            };
+            match server.run(&mut backend) {
+                Ok(()) => tracing::info!("vfio-user client disconnected"),
+                Err(error) => tracing::warn!(%error, "vfio-user client session failed"),
+            }
+        }
+    }
+}
+
+impl Drop for VfioUserServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn regs_bar0_size(queues: u32) -> u64 {
+    tlsaccel_driver::abi::regs::bar0_size(queues)
+}
+
+/// The nine regions of a vfio PCI device, by position: BAR0 with the register map, config
+/// space, the rest empty.
+fn vfio_user_regions(bar0_size: u64) -> Vec<vfio_user::ServerRegion> {
+    use vfio_bindings::bindings::vfio::{
+        vfio_region_info, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+        VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    };
+    (0..VFIO_PCI_NUM_REGIONS)
+        .map(|index| {
+            let size = match index {
+                VFIO_PCI_BAR0_REGION_INDEX => bar0_size,
+                VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SPACE_SIZE as u64,
+                _ => 0,
+            };
+            let flags = if size > 0 {
+                VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
+            } else {
+                0
+            };
+            vfio_user::ServerRegion {
+                region_info: vfio_region_info {
+                    argsz: std::mem::size_of::<vfio_region_info>() as u32,
+                    flags,
+                    index,
+                    cap_offset: 0,
+                    size,
+                    offset: 0,
+                },
+                sparse_areas: Vec::new(),
+                mmap_fd: None,
+            }
+        })
+        .collect()
+}
+
+/// INTx, MSI, MSI-X, ERR, REQ by position; only MSI-X has vectors, one per queue.
+fn vfio_user_irqs(queues: u32) -> Vec<vfio_user::IrqInfo> {
+    use vfio_bindings::bindings::vfio::{VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX};
+    (0..5)
+        .map(|index| vfio_user::IrqInfo {
+            index,
+            flags: VFIO_IRQ_INFO_EVENTFD,
+            count: if index == VFIO_PCI_MSIX_IRQ_INDEX {
+                queues
+            } else {
+                0
+            },
+        })
+        .collect()
+}
+
+const CONFIG_SPACE_SIZE: usize = 256;
+
+/// A minimal type-0 config header: tlsaccel's ids, class "other encryption controller".
+fn config_space() -> [u8; CONFIG_SPACE_SIZE] {
+    let mut config = [0u8; CONFIG_SPACE_SIZE];
+    config[0..2].copy_from_slice(&tlsaccel_driver::abi::PCI_VENDOR_ID.to_le_bytes());
+    config[2..4].copy_from_slice(&tlsaccel_driver::abi::PCI_DEVICE_ID.to_le_bytes());
+    config[0x0a] = 0x80; // subclass: other
+    config[0x0b] = 0x10; // class: encryption controller
+    config
+}
+
+/// One connection's device function.
+struct VfioUserBackend {
+    device: Device,
+    config_space: [u8; CONFIG_SPACE_SIZE],
+}
+
+/// An interrupt eventfd the client sent.
+#[derive(Debug)]
+struct EventFile(std::fs::File);
+
+impl InterruptSink for EventFile {
+    fn signal(&self) {
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+}
+
+impl vfio_user::ServerBackend for VfioUserBackend {
+    // Register accesses never fail: the crate's client does not read error replies, so an
+    // error here would desynchronise it. Bytes outside a region read as all-ones.
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        use vfio_bindings::bindings::vfio::{
+            VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+        };
+        data.fill(0xff);
+        match (region, data.len()) {
+            (VFIO_PCI_BAR0_REGION_INDEX, 4) => {
+                data.copy_from_slice(&self.device.bar_read32(offset).to_le_bytes())
+            }
+            (VFIO_PCI_BAR0_REGION_INDEX, 8) => {
+                data.copy_from_slice(&self.device.bar_read64(offset).to_le_bytes())
+            }
+            (VFIO_PCI_CONFIG_REGION_INDEX, len) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX);
+                if let Some(bytes) = self.config_space.get(start..start.saturating_add(len)) {
+                    data.copy_from_slice(bytes);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
+        if region == VFIO_PCI_BAR0_REGION_INDEX {
+            match <[u8; 4]>::try_from(data) {
+                Ok(word) => self.device.bar_write32(offset, u32::from_le_bytes(word)),
+                Err(_) => {
+                    if let Ok(quad) = <[u8; 8]>::try_from(data) {
+                        self.device.bar_write64(offset, u64::from_le_bytes(quad));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        _flags: vfio_user::DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<std::fs::File>,
+    ) -> std::io::Result<()> {
+        let invalid =
+            |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned());
+        let fd = fd.ok_or_else(|| invalid("DMA map without a file descriptor"))?;
+        let len = usize::try_from(size).map_err(|_| invalid("DMA map too large"))?;
+        let region = DmaRegion::from_fd_at(fd.into(), offset, len)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.device
+            .iommu()
+            .map(address, size, Arc::new(region) as Arc<dyn HostMemory>, 0)
+            .map_err(|e| {
+                tracing::warn!(%e, "vfio-user DMA map refused");
+                std::io::Error::other(e.to_string())
+            })
+    }
+
+    fn dma_unmap(
+        &mut self,
+        _flags: vfio_user::DmaUnmapFlags,
+        address: u64,
+        size: u64,
+    ) -> std::io::Result<()> {
+        self.device
+            .iommu()
+            .unmap(address, size)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.device.bar_write32(
+            tlsaccel_driver::abi::regs::DEVICE_CONTROL,
+            tlsaccel_driver::abi::DeviceControl::RESET.bits(),
+        );
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        _flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<std::fs::File>,
+    ) -> std::io::Result<()> {
+        if index != vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX {
+            return Ok(());
+        }
+        if fds.is_empty() {
+            for vector in start..start.saturating_add(count) {
+                self.device.set_interrupt(vector, None);
+            }
+            return Ok(());
+        }
+        for (i, file) in fds.into_iter().enumerate() {
+            let vector = start.saturating_add(i as u32);
+            self.device.set_interrupt(
+                vector,
+                Some(Arc::new(EventFile(file)) as Arc<dyn InterruptSink>),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for VfioUserBackend {
+    fn drop(&mut self) {
+        // The device and its key table go with the connection; zeroize first.
+        self.device.bar_write32(
+            tlsaccel_driver::abi::regs::DEVICE_CONTROL,
+            tlsaccel_driver::abi::DeviceControl::RESET.bits(),
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! An opened device: identity check, reset and enable, the DMA pool, the admin queue used for
 //! key-table operations, data queue pairs, key slots, counters and recovery.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,8 @@ pub enum DeviceError {
     Dma(#[from] DmaError),
     #[error("admin job failed")]
     Job(#[from] JobError),
+    #[error("could not start the health-watch thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// What a device says about itself.
@@ -104,6 +106,8 @@ pub struct Device {
     data_queues: Arc<Mutex<Vec<bool>>>,
     free_slots: Mutex<Vec<u32>>,
     epoch: Arc<AtomicU64>,
+    /// Set by the health watch when the device is gone or fatal; cleared by `recover`.
+    lost: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Device {
@@ -147,8 +151,10 @@ impl Device {
             admin: Mutex::new(None),
             free_slots: Mutex::new(slots),
             epoch: Arc::new(AtomicU64::new(0)),
+            lost: Arc::new(AtomicBool::new(false)),
         });
         device.start()?;
+        spawn_health_watch(Arc::downgrade(&device))?;
         Ok(device)
     }
 
@@ -187,7 +193,8 @@ impl Device {
             },
             self.info.max_queue_entries,
         )?
-        .with_epoch(Arc::clone(&self.epoch));
+        .with_epoch(Arc::clone(&self.epoch))
+        .with_lost_flag(Arc::clone(&self.lost));
         *self.admin_queue() = Some(admin);
         Ok(())
     }
@@ -199,7 +206,9 @@ impl Device {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.admin_queue().take();
         self.transport.reset()?;
-        self.start()
+        self.start()?;
+        self.lost.store(false, Ordering::Release);
+        Ok(())
     }
 
     fn admin_queue(&self) -> MutexGuard<'_, Option<QueuePair>> {
@@ -219,6 +228,13 @@ impl Device {
     /// The device's DMA memory pool.
     pub fn pool(&self) -> &DmaPool {
         &self.pool
+    }
+
+    /// True when the health watch found the device gone (its transport lost, the device
+    /// fatal, or its heartbeat stopped). Jobs in flight then fail with `DeviceLost`;
+    /// `recover()` brings the device back if it can be reached.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     /// The `DEVICE_STATUS` register.
@@ -258,7 +274,10 @@ impl Device {
             config,
             self.info.max_queue_entries,
         )?;
-        Ok(pair.with_epoch(Arc::clone(&self.epoch)).with_lease(lease))
+        Ok(pair
+            .with_epoch(Arc::clone(&self.epoch))
+            .with_lost_flag(Arc::clone(&self.lost))
+            .with_lease(lease))
     }
 
     /// Runs one job on the admin queue and waits for it.
@@ -346,6 +365,63 @@ impl Drop for Device {
         self.transport
             .write32(regs::DEVICE_CONTROL, DeviceControl::RESET.bits());
     }
+}
+
+impl DeviceInfo {
+    /// Reads and checks a device's identity registers without resetting or enabling it (for
+    /// `tlsaccel devices`).
+    pub fn probe(transport: &dyn Transport) -> Result<Self, DeviceError> {
+        identify(transport)
+    }
+}
+
+/// How often the health watch looks at the device, and how long a heartbeat may stand still.
+const HEALTH_PERIOD: Duration = Duration::from_millis(100);
+const HEARTBEAT_STALL: Duration = Duration::from_secs(3);
+
+/// Watches a device until it is dropped: transport lost, FATAL set, or a heartbeat that stands
+/// still for `HEARTBEAT_STALL` marks it lost, once, with an error in the log.
+fn spawn_health_watch(device: std::sync::Weak<Device>) -> Result<(), DeviceError> {
+    std::thread::Builder::new()
+        .name("tlsaccel-health".into())
+        .spawn(move || {
+            let mut last_beat = None;
+            let mut beat_changed = Instant::now();
+            loop {
+                std::thread::sleep(HEALTH_PERIOD);
+                let Some(device) = device.upgrade() else {
+                    return;
+                };
+                if device.lost.load(Ordering::Acquire) {
+                    last_beat = None;
+                    continue;
+                }
+                let name = &device.info.name;
+                let reason = if device.transport.is_lost() {
+                    Some("the transport lost the device".to_string())
+                } else if device.status().contains(DeviceStatus::FATAL) {
+                    let code = FatalCode(device.transport.read32(regs::FATAL_CODE));
+                    Some(format!("the device is fatal ({code:?})"))
+                } else {
+                    let beat = device.heartbeat();
+                    if last_beat != Some(beat) {
+                        last_beat = Some(beat);
+                        beat_changed = Instant::now();
+                        None
+                    } else if beat_changed.elapsed() > HEARTBEAT_STALL {
+                        Some(format!("the heartbeat stood still for {HEARTBEAT_STALL:?}"))
+                    } else {
+                        None
+                    }
+                };
+                if let Some(reason) = reason {
+                    tracing::error!(device = %name, %reason, "device lost");
+                    device.lost.store(true, Ordering::Release);
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(DeviceError::Thread)
 }
 
 /// Reads and checks the identity registers.

@@ -117,7 +117,13 @@ impl DmaRegion {
     /// Maps `len` bytes of a shared-memory file another process created (a memfd received
     /// over a socket), read-write and shared.
     pub fn from_fd(fd: OwnedFd, len: usize) -> Result<Self, DmaError> {
+        Self::from_fd_at(fd, 0, len)
+    }
+
+    /// Maps `len` bytes at `offset` (a multiple of the page size) of a shared-memory file.
+    pub fn from_fd_at(fd: OwnedFd, offset: u64, len: usize) -> Result<Self, DmaError> {
         let map = MmapOptions::new()
+            .offset(offset)
             .len(len)
             .map_raw(&fd)
             .map_err(|source| DmaError::Create { size: len, source })?;

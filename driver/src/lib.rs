@@ -20,6 +20,7 @@ pub mod mmio;
 mod queue;
 pub mod transport;
 pub mod vfio;
+pub mod vfio_user;
 
 pub use asynchronous::{AsyncQueue, AsyncQueueError};
 pub use device::{Device, DeviceError, DeviceInfo, DeviceOptions, KeyMaterial, KeySlot};

@@ -5,7 +5,7 @@
 //! flight (cookie with a generation, so a stale or invented cookie is caught) and against the
 //! result lengths the job can produce.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -191,6 +191,8 @@ pub struct QueuePair {
     stats: QueueStats,
     /// The device incarnation this queue belongs to, and the counter that says which is live.
     epoch: Option<(Arc<AtomicU64>, u64)>,
+    /// Set by the device's health watch when the device is gone.
+    lost: Option<Arc<AtomicBool>>,
     _lease: Option<QueueLease>,
 }
 
@@ -284,6 +286,7 @@ impl QueuePair {
             interrupt,
             stats: QueueStats::default(),
             epoch: None,
+            lost: None,
             _lease: None,
         })
     }
@@ -291,6 +294,11 @@ impl QueuePair {
     pub(crate) fn with_epoch(mut self, epoch: Arc<AtomicU64>) -> Self {
         let current = epoch.load(Ordering::Acquire);
         self.epoch = Some((epoch, current));
+        self
+    }
+
+    pub(crate) fn with_lost_flag(mut self, lost: Arc<AtomicBool>) -> Self {
+        self.lost = Some(lost);
         self
     }
 
@@ -437,6 +445,14 @@ impl QueuePair {
         if taken > 0 {
             self.transport
                 .write32(regs::doorbell(self.index, regs::DB_CQ_HEAD), self.cq_head);
+        } else if self.outstanding > 0
+            && self
+                .lost
+                .as_ref()
+                .is_some_and(|l| l.load(Ordering::Acquire))
+        {
+            // Nothing will ever complete: fail what is in flight now rather than at timeout.
+            return self.fail_all(JobError::DeviceLost, sink);
         }
         taken
     }

@@ -15,7 +15,7 @@ use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
 /// Errors of a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("device address {0:?} is not understood (expected `sim`, `sim:key=value,...` or `vfio:0000:03:00.0`)")]
+    #[error("device address {0:?} is not understood (expected `sim`, `sim:key=value,...`, `vfio:0000:03:00.0` or `vfio-user:/path/to.sock`)")]
     BadAddress(String),
     #[error("could not start the simulated device")]
     Simulator(#[source] tlsaccel_sim::ConfigError),
@@ -27,6 +27,10 @@ pub enum TransportError {
     Vfio(#[source] Box<crate::vfio::VfioError>),
     #[error("device {0} stopped answering and is considered lost")]
     Lost(String),
+    #[error("vfio-user protocol")]
+    VfioUser(#[source] Box<vfio_user::Error>),
+    #[error("{0}")]
+    NotOurs(String),
 }
 
 /// A way to reach one device.
@@ -53,6 +57,11 @@ pub trait Transport: DmaMapper {
     /// Resets the whole function (a PCI function-level reset or its equivalent) and returns
     /// when it is done. All device state is lost; the driver starts the device afresh after.
     fn reset(&self) -> Result<(), TransportError>;
+    /// True once the transport knows the device is gone (its process died, it stopped
+    /// answering). Every later register read returns all-ones.
+    fn is_lost(&self) -> bool {
+        false
+    }
     /// The simulator behind this transport, when it is in-process (for fault injection in
     /// tests and for `tlsaccel devices`).
     fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
@@ -204,6 +213,8 @@ pub enum DeviceAddress {
     /// `vfio:0000:03:00.0`: a PCI function bound to vfio-pci (a tlsaccel card, or the
     /// simulator behind QEMU's ivshmem device).
     Vfio(String),
+    /// `vfio-user:/run/tlsaccel/sim.sock`: a device served over vfio-user by another process.
+    VfioUser(std::path::PathBuf),
 }
 
 /// Options of an in-process simulator address.
@@ -252,6 +263,7 @@ impl FromStr for DeviceAddress {
                 Ok(DeviceAddress::Simulator(options))
             }
             "vfio" if crate::vfio::valid_pci_address(rest) => Ok(DeviceAddress::Vfio(rest.into())),
+            "vfio-user" if !rest.is_empty() => Ok(DeviceAddress::VfioUser(rest.into())),
             _ => Err(bad()),
         }
     }
@@ -263,6 +275,9 @@ impl DeviceAddress {
         match self {
             DeviceAddress::Simulator(options) => Ok(Arc::new(InProcess::new(options.config())?)),
             DeviceAddress::Vfio(address) => crate::vfio::open(address),
+            DeviceAddress::VfioUser(path) => Ok(Arc::new(
+                crate::vfio_user::VfioUserTransport::connect(path)?,
+            )),
         }
     }
 }
@@ -293,6 +308,11 @@ mod tests {
             DeviceAddress::Vfio("0000:03:00.0".into())
         );
         assert!("vfio:03:00.0".parse::<DeviceAddress>().is_err());
+        assert_eq!(
+            "vfio-user:/run/sim.sock".parse::<DeviceAddress>().unwrap(),
+            DeviceAddress::VfioUser("/run/sim.sock".into())
+        );
+        assert!("vfio-user:".parse::<DeviceAddress>().is_err());
     }
 
     #[test]

@@ -663,6 +663,9 @@ impl Transport for IvshmemTransport {
             .cloned()
             .ok_or(TransportError::NoSuchVector(vector))
     }
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
     fn region_source(&self) -> Option<Arc<dyn RegionSource>> {
         Some(Arc::new(BarWindows {
             memory: self.memory.clone(),

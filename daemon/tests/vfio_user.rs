@@ -1,0 +1,140 @@
+//! The device conformance suite against the simulator in a separate process, over vfio-user,
+//! and what happens when that process dies with jobs in flight.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tlsaccel_driver::abi::AeadAlgorithm;
+use tlsaccel_driver::{Device, Job, JobError, JobOp, KeyMaterial, QueueConfig};
+
+fn spawn_simulator(path: &Path) -> std::io::Result<Child> {
+    let _ = std::fs::remove_file(path);
+    let child = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
+        .args(["sim", "--vfio-user"])
+        .arg(path)
+        .args([
+            "--exit-with-parent",
+            "--clients",
+            "4",
+            "--queues",
+            "8",
+            "--engines",
+            "2",
+        ])
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other(
+                "the simulator did not create its socket",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+/// One simulator process for the whole test binary. It is started from a thread that lives as
+/// long as the process, because the parent-death signal fires when the starting thread ends.
+fn shared_simulator() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("tlsaccel-vu-{}.sock", std::process::id()));
+        let (ready, started) = mpsc::channel();
+        let socket = path.clone();
+        std::thread::spawn(move || {
+            let child = spawn_simulator(&socket);
+            let _ = ready.send(child.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            loop {
+                std::thread::park();
+            }
+        });
+        started
+            .recv()
+            .expect("the spawning thread reports")
+            .expect("the simulator starts");
+        path
+    })
+}
+
+fn open() -> anyhow::Result<Arc<Device>> {
+    Ok(Device::open(&format!(
+        "vfio-user:{}",
+        shared_simulator().display()
+    ))?)
+}
+
+tlsaccel_tests::conformance_suite!(open());
+
+#[test]
+fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
+    let path = std::env::temp_dir().join(format!("tlsaccel-vu-kill-{}.sock", std::process::id()));
+    let mut child = spawn_simulator(&path).expect("simulator starts");
+    let device = Device::open(&format!("vfio-user:{}", path.display())).expect("device opens");
+    let mut pair = device
+        .queue(QueueConfig {
+            size: 256,
+            ..QueueConfig::default()
+        })
+        .expect("queue");
+    let key = KeyMaterial::raw(AeadAlgorithm::AES_256_GCM, &[5; 32]).expect("key");
+    let slot = device.load_key(&key).expect("key loads");
+    let size = 64 * 1024;
+    let input = device.pool().alloc(size).expect("dma");
+    let outputs: Vec<_> = (0..8)
+        .map(|_| device.pool().alloc(size + 16).expect("dma"))
+        .collect();
+    let jobs: Vec<Job> = (0..200u64)
+        .map(|i| Job {
+            user_data: i,
+            op: JobOp::AeadSeal {
+                slot: slot.index(),
+                nonce: [i as u8; 12],
+                aad: None,
+                src: input.whole(),
+                dst: outputs[i as usize % 8].whole(),
+            },
+        })
+        .collect();
+    assert_eq!(pair.submit(&jobs).expect("submit"), 200);
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+
+    let mut results = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while results.len() < jobs.len() {
+        assert!(
+            Instant::now() < deadline,
+            "hung: {} of 200 jobs answered",
+            results.len()
+        );
+        pair.poll(|done| results.push(done));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut tags: Vec<u64> = results.iter().map(|c| c.user_data).collect();
+    tags.sort_unstable();
+    assert_eq!(
+        tags,
+        (0..200).collect::<Vec<_>>(),
+        "every job is answered exactly once"
+    );
+    let lost = results
+        .iter()
+        .filter(|c| c.result == Err(JobError::DeviceLost))
+        .count();
+    assert!(lost > 0, "no job failed with DeviceLost");
+    assert!(
+        results
+            .iter()
+            .all(|c| c.result.is_ok() || c.result == Err(JobError::DeviceLost)),
+        "jobs fail only with DeviceLost"
+    );
+    assert!(device.is_lost(), "the device is reported lost");
+    assert!(
+        pair.submit(&jobs[..1]).is_err(),
+        "a dead queue takes no jobs"
+    );
+    drop(slot);
+}

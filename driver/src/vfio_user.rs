@@ -1,0 +1,218 @@
+//! The vfio-user backend: the device in another process (`tlsaccel sim --vfio-user PATH`),
+//! reached over a Unix socket with the vfio-user protocol (the one QEMU 10.1 and later speak),
+//! through the `vfio_user` crate's client.
+//!
+//! Register accesses are messages; DMA memory is shared by passing each region's memfd with
+//! `DMA_MAP`; interrupts are eventfds handed over with `SET_IRQS`. The crate's client has known
+//! defects, worked around here: `resettable()` answers the opposite, so its value is inverted;
+//! error replies are not checked, so the simulator's server never answers a register access
+//! with an error (reads outside BAR0 return all-ones) and a broken connection is what marks the
+//! device lost.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX,
+};
+
+use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
+use crate::transport::{EventFd, Transport, TransportError};
+
+/// A device served over vfio-user.
+pub struct VfioUserTransport {
+    path: PathBuf,
+    client: Mutex<vfio_user::Client>,
+    vectors: Vec<Arc<EventFd>>,
+    resettable: bool,
+    lost: AtomicBool,
+}
+
+impl std::fmt::Debug for VfioUserTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioUserTransport")
+            .field("path", &self.path)
+            .field("vectors", &self.vectors.len())
+            .field("lost", &self.lost)
+            .finish()
+    }
+}
+
+fn protocol(error: vfio_user::Error) -> TransportError {
+    TransportError::VfioUser(Box::new(error))
+}
+
+impl VfioUserTransport {
+    /// Connects to the server at `path`, checks it offers BAR0, and hands it one interrupt
+    /// eventfd per MSI-X vector.
+    pub fn connect(path: &Path) -> Result<Self, TransportError> {
+        let mut client = vfio_user::Client::new(path).map_err(protocol)?;
+        if client
+            .region(VFIO_PCI_BAR0_REGION_INDEX)
+            .is_none_or(|region| region.size == 0)
+        {
+            return Err(TransportError::NotOurs(format!(
+                "{}: the vfio-user server offers no BAR0",
+                path.display()
+            )));
+        }
+        let irqs = client
+            .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
+            .map_err(protocol)?;
+        let vectors = (0..irqs.count)
+            .map(|_| EventFd::new().map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fds: Vec<_> = vectors.iter().map(|fd| fd.as_raw_fd()).collect();
+        if !fds.is_empty() {
+            client
+                .set_irqs(
+                    VFIO_PCI_MSIX_IRQ_INDEX,
+                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                    0,
+                    irqs.count,
+                    &fds,
+                )
+                .map_err(protocol)?;
+        }
+        // The crate reports the reset flag inverted (see the module docs).
+        let resettable = !client.resettable();
+        Ok(Self {
+            path: path.to_owned(),
+            client: Mutex::new(client),
+            vectors,
+            resettable,
+            lost: AtomicBool::new(false),
+        })
+    }
+
+    fn client(&self) -> Option<MutexGuard<'_, vfio_user::Client>> {
+        if self.lost.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.client.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn gone(&self, what: &str, error: &vfio_user::Error) {
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            tracing::error!(path = %self.path.display(), %error, "vfio-user {what} failed; device lost");
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let Some(mut client) = self.client() else {
+            return false;
+        };
+        match client.region_read(VFIO_PCI_BAR0_REGION_INDEX, offset, buf) {
+            Ok(()) => true,
+            Err(error) => {
+                self.gone("register read", &error);
+                false
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let Some(mut client) = self.client() else {
+            return;
+        };
+        if let Err(error) = client.region_write(VFIO_PCI_BAR0_REGION_INDEX, offset, data) {
+            self.gone("register write", &error);
+        }
+    }
+}
+
+impl DmaMapper for VfioUserTransport {
+    fn map(&self, region: &Arc<DmaRegion>, iova: Iova) -> Result<(), DmaError> {
+        let lost =
+            || DmaError::Map(format!("vfio-user device {} is lost", self.path.display()).into());
+        let (fd, offset) = region
+            .fd()
+            .ok_or_else(|| DmaError::Map("a vfio-user DMA region must be a shared memfd".into()))?;
+        let mut client = self.client().ok_or_else(lost)?;
+        client
+            .dma_map(offset, iova.0, region.len() as u64, fd.as_raw_fd())
+            .map_err(|e| {
+                self.gone("DMA map", &e);
+                DmaError::Map(Box::new(e))
+            })
+    }
+
+    fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
+        let Some(mut client) = self.client() else {
+            // The server is gone and its mappings with it.
+            return Ok(());
+        };
+        client.dma_unmap(iova.0, len as u64).map_err(|e| {
+            self.gone("DMA unmap", &e);
+            DmaError::Map(Box::new(e))
+        })
+    }
+}
+
+impl Transport for VfioUserTransport {
+    fn name(&self) -> String {
+        format!("vfio-user:{}", self.path.display())
+    }
+    fn read32(&self, offset: u64) -> u32 {
+        let mut raw = [0u8; 4];
+        if self.read(offset, &mut raw) {
+            u32::from_le_bytes(raw)
+        } else {
+            u32::MAX
+        }
+    }
+    fn write32(&self, offset: u64, value: u32) {
+        self.write(offset, &value.to_le_bytes())
+    }
+    fn read64(&self, offset: u64) -> u64 {
+        let mut raw = [0u8; 8];
+        if self.read(offset, &mut raw) {
+            u64::from_le_bytes(raw)
+        } else {
+            u64::MAX
+        }
+    }
+    fn write64(&self, offset: u64, value: u64) {
+        self.write(offset, &value.to_le_bytes())
+    }
+    fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
+        self.vectors
+            .get(vector as usize)
+            .cloned()
+            .ok_or(TransportError::NoSuchVector(vector))
+    }
+    fn reset(&self) -> Result<(), TransportError> {
+        let mut client = self
+            .client()
+            .ok_or_else(|| TransportError::Lost(self.name()))?;
+        if self.resettable {
+            client.reset().map_err(|e| {
+                self.gone("reset", &e);
+                protocol(e)
+            })?;
+        }
+        drop(client);
+        self.write32(
+            tlsaccel_abi::regs::DEVICE_CONTROL,
+            tlsaccel_abi::DeviceControl::RESET.bits(),
+        );
+        if self.is_lost() {
+            return Err(TransportError::Lost(self.name()));
+        }
+        Ok(())
+    }
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for VfioUserTransport {
+    fn drop(&mut self) {
+        if let Some(client) = self.client() {
+            let _ = client.shutdown();
+        }
+    }
+}
