@@ -83,41 +83,60 @@ fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
     let slot = device.load_key(&key).expect("key loads");
     let size = 64 * 1024;
     let input = device.pool().alloc(size).expect("dma");
-    let outputs: Vec<_> = (0..8)
-        .map(|_| device.pool().alloc(size + 16).expect("dma"))
-        .collect();
-    let jobs: Vec<Job> = (0..200u64)
-        .map(|i| Job {
-            user_data: i,
-            op: JobOp::AeadSeal {
-                slot: slot.index(),
-                nonce: [i as u8; 12],
-                aad: None,
-                src: input.whole(),
-                dst: outputs[i as usize % 8].whole(),
-            },
-        })
-        .collect();
-    assert_eq!(pair.submit(&jobs).expect("submit"), 200);
-    child.kill().expect("kill");
-    child.wait().expect("reap");
+    let output = device.pool().alloc(size + 16).expect("dma");
+    let job = |i: u64| Job {
+        user_data: i,
+        op: JobOp::AeadSeal {
+            slot: slot.index(),
+            nonce: [i as u8; 12],
+            aad: None,
+            src: input.whole(),
+            dst: output.whole(),
+        },
+    };
 
+    // Keep the ring full while another thread kills the simulator: whatever was submitted
+    // after it died, or was still queued, can only end as DeviceLost.
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a child has a pid");
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+    });
     let mut results = Vec::new();
+    let mut submitted = 0u64;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while results.len() < jobs.len() {
+    while !device.is_lost() {
         assert!(
             Instant::now() < deadline,
-            "hung: {} of 200 jobs answered",
+            "the device was never reported lost"
+        );
+        pair.poll(|done| results.push(done));
+        let batch: Vec<Job> = (submitted..submitted + u64::from(pair.free_slots()))
+            .map(job)
+            .collect();
+        match pair.submit(&batch) {
+            Ok(n) => submitted += n as u64,
+            Err(_) => break,
+        }
+    }
+    killer
+        .join()
+        .expect("killer thread")
+        .expect("kill delivered");
+    child.wait().expect("reap");
+    while (results.len() as u64) < submitted {
+        assert!(
+            Instant::now() < deadline,
+            "hung: {} of {submitted} jobs answered",
             results.len()
         );
         pair.poll(|done| results.push(done));
-        std::thread::sleep(Duration::from_millis(1));
     }
     let mut tags: Vec<u64> = results.iter().map(|c| c.user_data).collect();
     tags.sort_unstable();
     assert_eq!(
         tags,
-        (0..200).collect::<Vec<_>>(),
+        (0..submitted).collect::<Vec<_>>(),
         "every job is answered exactly once"
     );
     let lost = results
@@ -131,9 +150,8 @@ fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
             .all(|c| c.result.is_ok() || c.result == Err(JobError::DeviceLost)),
         "jobs fail only with DeviceLost"
     );
-    assert!(device.is_lost(), "the device is reported lost");
     assert!(
-        pair.submit(&jobs[..1]).is_err(),
+        pair.submit(&[job(submitted)]).is_err(),
         "a dead queue takes no jobs"
     );
     drop(slot);
