@@ -38,7 +38,7 @@ pub enum Command {
         )]
         ivshmem: Option<PathBuf>,
         /// Serve vfio-user on this socket (for `vfio-user:PATH` device addresses).
-        #[arg(long)]
+        #[arg(long, alias = "socket")]
         vfio_user: Option<PathBuf>,
         /// vfio-user connections served at once, each with a device function of its own.
         #[arg(long, default_value_t = 4)]

@@ -459,7 +459,11 @@ impl vfio_user::ServerBackend for VfioUserBackend {
             VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
         };
         data.fill(0xff);
+        let inside_bar0 = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.device.bar0_size());
         match (region, data.len()) {
+            (VFIO_PCI_BAR0_REGION_INDEX, _) if !inside_bar0 => {}
             (VFIO_PCI_BAR0_REGION_INDEX, 4) => {
                 data.copy_from_slice(&self.device.bar_read32(offset).to_le_bytes())
             }
@@ -479,7 +483,10 @@ impl vfio_user::ServerBackend for VfioUserBackend {
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
         use vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
-        if region == VFIO_PCI_BAR0_REGION_INDEX {
+        let inside_bar0 = offset
+            .checked_add(data.len() as u64)
+            .is_some_and(|end| end <= self.device.bar0_size());
+        if region == VFIO_PCI_BAR0_REGION_INDEX && inside_bar0 {
             match <[u8; 4]>::try_from(data) {
                 Ok(word) => self.device.bar_write32(offset, u32::from_le_bytes(word)),
                 Err(_) => {

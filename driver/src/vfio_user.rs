@@ -88,6 +88,11 @@ impl VfioUserTransport {
         })
     }
 
+    /// Whether the server can reset the device (the corrected value of the crate's flag).
+    pub fn resettable(&self) -> bool {
+        self.resettable
+    }
+
     fn client(&self) -> Option<MutexGuard<'_, vfio_user::Client>> {
         if self.lost.load(Ordering::Acquire) {
             return None;

@@ -59,6 +59,32 @@ fn bind_to_vfio(address: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn check_dma_mapping(address: &str) -> Result<String, String> {
+    use std::sync::Arc;
+    use tlsaccel_driver::dma::{DmaRegion, POOL_IOVA_BASE};
+    use tlsaccel_driver::vfio::{VfioError, VfioPci};
+    use tlsaccel_driver::Iova;
+    let pci = VfioPci::open(address).map_err(|e| format!("open: {e}"))?;
+    let region = Arc::new(DmaRegion::new(2 << 20).map_err(|e| format!("memory: {e}"))?);
+    pci.dma_map(&region, Iova(POOL_IOVA_BASE)).map_err(|e| {
+        format!(
+            "map at {POOL_IOVA_BASE:#x}: {e} ({:?})",
+            std::error::Error::source(&e)
+        )
+    })?;
+    pci.dma_unmap(Iova(POOL_IOVA_BASE), region.len())
+        .map_err(|e| format!("unmap: {e}"))?;
+    match pci.dma_map(&region, Iova(0xfee0_0000)) {
+        Err(VfioError::ReservedIova { kind, .. }) => Ok(format!(
+            "2 MiB mapped and unmapped at {POOL_IOVA_BASE:#x}; the {kind} window was refused"
+        )),
+        Err(other) => Err(format!(
+            "mapping over the MSI window failed the wrong way: {other}"
+        )),
+        Ok(()) => Err("a mapping over the MSI window was accepted".into()),
+    }
+}
+
 fn main() -> ExitCode {
     let Some(address) = std::env::args().nth(1).or_else(find_ivshmem) else {
         println!("GUEST FAIL setup: no ivshmem function on the PCI bus");
@@ -95,6 +121,18 @@ fn main() -> ExitCode {
                 failed += 1;
                 println!("GUEST FAIL {name}: panicked");
             }
+        }
+    }
+    // The IOMMU path a card's DMA takes (shared-memory mode never needs it): map host memory
+    // through the type1 container, unmap it, and see the MSI window refused.
+    match check_dma_mapping(&address) {
+        Ok(detail) => {
+            passed += 1;
+            println!("GUEST PASS vfio_dma_map: {detail}");
+        }
+        Err(error) => {
+            failed += 1;
+            println!("GUEST FAIL vfio_dma_map: {error}");
         }
     }
     println!("guest: {passed} passed, {failed} failed, {skipped} skipped");
