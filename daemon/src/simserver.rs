@@ -344,20 +344,40 @@ impl VfioUserServer {
     fn worker(&self) -> Result<(), SimServerError> {
         loop {
             let listener = self.listener.try_clone().map_err(SimServerError::Client)?;
+            let device = Device::new(self.config.clone()).map_err(SimServerError::Device)?;
+            // BAR0's doorbell pages are memory the client maps and writes directly; the
+            // device polls them there. The rest of BAR0 goes through messages.
+            let bar0_size = regs_bar0_size(self.config.queues);
+            let bar0 = DmaRegion::new(bar0_size as usize).map_err(SimServerError::Memory)?;
+            let doorbell_bytes =
+                u64::from(self.config.queues) * tlsaccel_driver::abi::regs::DOORBELL_STRIDE;
+            let doorbells = bar0
+                .subregion(
+                    tlsaccel_driver::abi::regs::DOORBELL_BASE as usize,
+                    doorbell_bytes as usize,
+                )
+                .map_err(SimServerError::Memory)?;
+            device.place_doorbells(Arc::new(doorbells));
+            let mmap_fd = bar0
+                .fd()
+                .map(|(fd, _)| std::os::fd::AsRawFd::as_raw_fd(&fd));
             let server = vfio_user::Server::from_owned_fd(
                 std::os::fd::OwnedFd::from(listener),
                 true,
                 vfio_user_irqs(self.config.queues),
-                vfio_user_regions(regs_bar0_size(self.config.queues)),
+                vfio_user_regions(bar0_size, doorbell_bytes, mmap_fd),
             );
             let mut backend = VfioUserBackend {
-                device: Device::new(self.config.clone()).map_err(SimServerError::Device)?,
+                device,
                 config_space: config_space(),
             };
             match server.run(&mut backend) {
                 Ok(()) => tracing::info!("vfio-user client disconnected"),
                 Err(error) => tracing::warn!(%error, "vfio-user client session failed"),
             }
+            // The device (and the memory its doorbells live in) go with the connection.
+            drop(backend);
+            drop(bar0);
         }
     }
 }
@@ -372,12 +392,17 @@ fn regs_bar0_size(queues: u32) -> u64 {
     tlsaccel_driver::abi::regs::bar0_size(queues)
 }
 
-/// The nine regions of a vfio PCI device, by position: BAR0 with the register map, config
-/// space, the rest empty.
-fn vfio_user_regions(bar0_size: u64) -> Vec<vfio_user::ServerRegion> {
+/// The nine regions of a vfio PCI device, by position: BAR0 with the register map (its
+/// doorbell pages mmap-able from `mmap_fd`), config space, the rest empty.
+fn vfio_user_regions(
+    bar0_size: u64,
+    doorbell_bytes: u64,
+    mmap_fd: Option<std::os::fd::RawFd>,
+) -> Vec<vfio_user::ServerRegion> {
     use vfio_bindings::bindings::vfio::{
-        vfio_region_info, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
-        VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+        vfio_region_info, vfio_region_sparse_mmap_area, VFIO_PCI_BAR0_REGION_INDEX,
+        VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
+        VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
     };
     (0..VFIO_PCI_NUM_REGIONS)
         .map(|index| {
@@ -386,11 +411,15 @@ fn vfio_user_regions(bar0_size: u64) -> Vec<vfio_user::ServerRegion> {
                 VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SPACE_SIZE as u64,
                 _ => 0,
             };
-            let flags = if size > 0 {
+            let mut flags = if size > 0 {
                 VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
             } else {
                 0
             };
+            let bar0 = index == VFIO_PCI_BAR0_REGION_INDEX && mmap_fd.is_some();
+            if bar0 {
+                flags |= VFIO_REGION_INFO_FLAG_MMAP;
+            }
             vfio_user::ServerRegion {
                 region_info: vfio_region_info {
                     argsz: std::mem::size_of::<vfio_region_info>() as u32,
@@ -400,8 +429,17 @@ fn vfio_user_regions(bar0_size: u64) -> Vec<vfio_user::ServerRegion> {
                     size,
                     offset: 0,
                 },
-                sparse_areas: Vec::new(),
-                mmap_fd: None,
+                sparse_areas: if bar0 {
+                    vec![vfio_user::SparseArea {
+                        area: vfio_region_sparse_mmap_area {
+                            offset: tlsaccel_driver::abi::regs::DOORBELL_BASE,
+                            size: doorbell_bytes,
+                        },
+                    }]
+                } else {
+                    Vec::new()
+                },
+                mmap_fd: if bar0 { mmap_fd } else { None },
             }
         })
         .collect()

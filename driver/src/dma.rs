@@ -154,6 +154,24 @@ impl DmaRegion {
         }
     }
 
+    /// A window of `len` bytes at `offset` inside this region, sharing its mapping.
+    pub fn subregion(&self, offset: usize, len: usize) -> Result<Self, DmaError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(Self {
+                map: Arc::clone(&self.map),
+                fd: self.fd.clone(),
+                offset: self.offset + offset,
+                len,
+                huge_pages: self.huge_pages,
+            }),
+            _ => Err(DmaError::OutOfBounds {
+                offset,
+                len,
+                size: self.len,
+            }),
+        }
+    }
+
     /// Bytes in the region.
     pub fn len(&self) -> usize {
         self.len
@@ -381,6 +399,12 @@ impl tlsaccel_sim::HostMemory for DmaRegion {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), tlsaccel_sim::HostMemoryError> {
         let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
         DmaRegion::write(self, offset, data).map_err(|_| tlsaccel_sim::HostMemoryError)
+    }
+
+    fn read_u32_acquire(&self, offset: u64) -> Result<u32, tlsaccel_sim::HostMemoryError> {
+        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
+        self.load_u32_acquire(offset)
+            .map_err(|_| tlsaccel_sim::HostMemoryError)
     }
 
     fn write_u32_release(

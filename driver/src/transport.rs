@@ -31,6 +31,8 @@ pub enum TransportError {
     VfioUser(#[source] Box<vfio_user::Error>),
     #[error("{0}")]
     NotOurs(String),
+    #[error("cannot map the device's doorbell pages")]
+    DoorbellMap(#[source] std::io::Error),
 }
 
 /// A way to reach one device.

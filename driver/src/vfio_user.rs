@@ -2,8 +2,10 @@
 //! reached over a Unix socket with the vfio-user protocol (the one QEMU 10.1 and later speak),
 //! through the `vfio_user` crate's client.
 //!
-//! Register accesses are messages; DMA memory is shared by passing each region's memfd with
-//! `DMA_MAP`; interrupts are eventfds handed over with `SET_IRQS`. The crate's client has known
+//! Register accesses are messages, except doorbells: when the server offers BAR0's doorbell
+//! pages as a sparse mmap area, they are mapped and a doorbell is a store. DMA memory is
+//! shared by passing each region's memfd with `DMA_MAP`; interrupts are eventfds handed over
+//! with `SET_IRQS`. The crate's client has known
 //! defects, worked around here: `resettable()` answers the opposite, so its value is inverted;
 //! error replies are not checked, so the simulator's server never answers a register access
 //! with an error (reads outside BAR0 return all-ones) and a broken connection is what marks the
@@ -19,13 +21,19 @@ use vfio_bindings::bindings::vfio::{
     VFIO_PCI_MSIX_IRQ_INDEX,
 };
 
+use tlsaccel_abi::regs::DOORBELL_BASE;
+
 use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
+use crate::mmio::Bar;
 use crate::transport::{EventFd, Transport, TransportError};
 
 /// A device served over vfio-user.
 pub struct VfioUserTransport {
     path: PathBuf,
     client: Mutex<vfio_user::Client>,
+    /// BAR0's doorbell pages, mapped when the server offers them (a sparse mmap area); then a
+    /// doorbell is a store into shared memory instead of a message.
+    doorbells: Option<Bar>,
     vectors: Vec<Arc<EventFd>>,
     resettable: bool,
     lost: AtomicBool,
@@ -79,13 +87,20 @@ impl VfioUserTransport {
         }
         // The crate reports the reset flag inverted (see the module docs).
         let resettable = !client.resettable();
+        let doorbells = map_doorbells(&client)?;
         Ok(Self {
             path: path.to_owned(),
             client: Mutex::new(client),
+            doorbells,
             vectors,
             resettable,
             lost: AtomicBool::new(false),
         })
+    }
+
+    /// True when doorbells are stores into the server's mapped doorbell pages.
+    pub fn doorbells_mapped(&self) -> bool {
+        self.doorbells.is_some()
     }
 
     /// Whether the server can reset the device (the corrected value of the crate's flag).
@@ -120,6 +135,17 @@ impl VfioUserTransport {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
+        if let (Some(bar), Ok(word)) = (&self.doorbells, <[u8; 4]>::try_from(data)) {
+            let inside = offset
+                .checked_sub(DOORBELL_BASE)
+                .filter(|at| at + 4 <= bar.len() as u64);
+            if let Some(at) = inside {
+                if !self.lost.load(Ordering::Acquire) {
+                    bar.write32(at, u32::from_le_bytes(word));
+                }
+                return;
+            }
+        }
         let Some(mut client) = self.client() else {
             return;
         };
@@ -127,6 +153,31 @@ impl VfioUserTransport {
             self.gone("register write", &error);
         }
     }
+}
+
+/// Maps BAR0's doorbell pages if the server offers them as a sparse mmap area.
+fn map_doorbells(client: &vfio_user::Client) -> Result<Option<Bar>, TransportError> {
+    let Some(region) = client.region(VFIO_PCI_BAR0_REGION_INDEX) else {
+        return Ok(None);
+    };
+    let Some(file) = region.file_offset.as_ref() else {
+        return Ok(None);
+    };
+    let Some(area) = region
+        .sparse_areas
+        .iter()
+        .find(|area| area.offset == DOORBELL_BASE && area.size > 0)
+    else {
+        return Ok(None);
+    };
+    let len = usize::try_from(area.size)
+        .map_err(|_| TransportError::NotOurs("doorbell area too large".into()))?;
+    let map = memmap2::MmapOptions::new()
+        .offset(file.start() + area.offset)
+        .len(len)
+        .map_raw(file.file())
+        .map_err(TransportError::DoorbellMap)?;
+    Ok(Some(Bar::new(map)))
 }
 
 impl DmaMapper for VfioUserTransport {

@@ -17,7 +17,7 @@ use tlsaccel_abi::{
 
 use crate::engine::EngineScratch;
 use crate::keys::KeyTable;
-use crate::memory::Iommu;
+use crate::memory::{HostMemory, Iommu};
 use crate::queue::{ActiveQueue, Doorbells, Posting};
 
 /// Where the device sends a queue's interrupt message (an eventfd, an MSI-X write, ...).
@@ -275,6 +275,7 @@ pub(crate) struct Shared {
     pub(crate) timer: TimerSignal,
     pub(crate) faults: Faults,
     shutdown: AtomicBool,
+    memory_doorbells: AtomicBool,
 }
 
 impl Shared {
@@ -313,6 +314,13 @@ impl Shared {
         }
     }
 
+    /// A doorbell value read from host memory is outside the ring.
+    pub(crate) fn queue_bad_doorbell(&self, queue: &ActiveQueue) {
+        let registers = self.queue_registers(queue.index);
+        let _config = registers.config.lock().unwrap_or_else(|e| e.into_inner());
+        self.queue_error(registers, QueueErrorCode::BAD_DOORBELL);
+    }
+
     /// A ring access faulted: the queue stops with an error, as hardware would.
     pub(crate) fn queue_ring_fault(&self, queue: &ActiveQueue) {
         let registers = self.queue_registers(queue.index);
@@ -332,6 +340,7 @@ impl Shared {
         let mut scratch = EngineScratch::default();
         let queues = self.queues.len();
         let mut start = id % queues;
+        let mut idle_rounds = 0u32;
         while !self.shutdown.load(Ordering::Acquire) {
             let seen = self.work.epoch();
             let mut worked = false;
@@ -347,10 +356,25 @@ impl Shared {
                 }
                 start = (start + 1) % queues;
             }
-            if !worked {
-                self.work
-                    .wait(seen, self.config.idle_spin, Duration::from_millis(10));
+            if worked {
+                idle_rounds = 0;
+                continue;
             }
+            idle_rounds = idle_rounds.saturating_add(1);
+            // Spin only right after work; a long-idle engine just sleeps.
+            let spin = if idle_rounds <= 2 {
+                self.config.idle_spin
+            } else {
+                Duration::ZERO
+            };
+            // Doorbells in host memory ring no bell, so they are polled: often right after
+            // work, backing off to every millisecond while idle.
+            let nap = if self.memory_doorbells.load(Ordering::Relaxed) {
+                Duration::from_micros(50 << idle_rounds.min(5)).min(Duration::from_millis(1))
+            } else {
+                Duration::from_millis(10)
+            };
+            self.work.wait(seen, spin, nap);
         }
     }
 
@@ -436,6 +460,7 @@ impl Device {
             timer: TimerSignal::default(),
             faults: Faults::default(),
             shutdown: AtomicBool::new(false),
+            memory_doorbells: AtomicBool::new(false),
             config,
         });
         let mut device = Self {
@@ -592,6 +617,28 @@ impl Device {
                 }
             }
         }
+    }
+
+    /// Moves the doorbell pages into `memory`, which the host maps and writes directly:
+    /// queue *q*'s page is at `q * DOORBELL_STRIDE` in it. Engines then poll the doorbell words
+    /// there; MMIO doorbell writes that still arrive are stored there too. Call before any
+    /// queue is enabled; returns false when the doorbells were already placed or `memory` is
+    /// too small.
+    pub fn place_doorbells(&self, memory: Arc<dyn HostMemory>) -> bool {
+        let needed = u64::from(self.shared.config.queues) * regs::DOORBELL_STRIDE;
+        if memory.size() < needed {
+            return false;
+        }
+        let placed = self.shared.queues.iter().enumerate().all(|(q, registers)| {
+            registers
+                .doorbells
+                .place_in(Arc::clone(&memory), q as u64 * regs::DOORBELL_STRIDE)
+        });
+        self.shared
+            .memory_doorbells
+            .store(placed, Ordering::Release);
+        self.shared.work.notify();
+        placed
     }
 
     /// Key slots currently loaded.
@@ -758,9 +805,9 @@ impl Device {
             return;
         };
         let doorbells = &registers.doorbells;
-        for value in [&doorbells.sq_tail, &doorbells.cq_head, &doorbells.sq_head] {
-            value.store(0, Ordering::Relaxed);
-        }
+        doorbells.set_sq_tail(0);
+        doorbells.set_cq_head(0);
+        doorbells.sq_head.store(0, Ordering::Relaxed);
         doorbells.cq_stalled.store(false, Ordering::Relaxed);
         *registers.active.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(
             ActiveQueue::new(index, size, sq, cq, Arc::clone(doorbells)),
@@ -791,11 +838,11 @@ impl Device {
         }
         match relative % regs::DOORBELL_STRIDE {
             regs::DB_SQ_TAIL => {
-                doorbells.sq_tail.store(value, Ordering::Release);
+                doorbells.set_sq_tail(value);
                 self.shared.work.notify();
             }
             regs::DB_CQ_HEAD => {
-                doorbells.cq_head.store(value, Ordering::SeqCst);
+                doorbells.set_cq_head(value);
                 // Room in the completion ring lets a stalled queue go on.
                 if doorbells.cq_stalled.swap(false, Ordering::SeqCst) {
                     self.shared.work.notify();

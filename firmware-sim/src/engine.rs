@@ -77,7 +77,13 @@ impl Shared {
         let Ok(mut head) = queue.sq_head.try_lock() else {
             return false;
         };
-        let tail = queue.doorbells.sq_tail.load(Ordering::Acquire);
+        let tail = queue.doorbells.sq_tail();
+        if tail >= queue.size {
+            // Only possible with doorbells in host memory: MMIO writes are checked on arrival.
+            drop(head);
+            self.queue_bad_doorbell(queue);
+            return true;
+        }
         let pending = tail.wrapping_sub(*head) & queue.mask();
         if pending == 0 {
             return false;

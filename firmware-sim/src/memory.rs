@@ -18,6 +18,13 @@ pub trait HostMemory: Send + Sync + std::fmt::Debug {
     /// Stores a little-endian 32-bit word at a 4-byte aligned `offset` with release ordering:
     /// a reader that sees the word also sees every earlier `write`.
     fn write_u32_release(&self, offset: u64, value: u32) -> Result<(), HostMemoryError>;
+    /// Loads a little-endian 32-bit word at a 4-byte aligned `offset` with acquire ordering
+    /// (doorbells that live in shared memory).
+    fn read_u32_acquire(&self, offset: u64) -> Result<u32, HostMemoryError> {
+        let mut raw = [0u8; 4];
+        self.read(offset, &mut raw)?;
+        Ok(u32::from_le_bytes(raw))
+    }
 }
 
 /// The backing memory refused an access (for example a shared file that was truncated).

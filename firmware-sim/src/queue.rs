@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tlsaccel_abi::{Completion, CompletionFlags, Status, COMPLETION_SIZE, COMPLETION_STATUS_WORD};
 use zerocopy::IntoBytes;
 
-use crate::memory::{DmaFault, DmaRange};
+use crate::memory::{DmaFault, DmaRange, HostMemory};
+use tlsaccel_abi::regs;
 
 /// A completion the device is about to post.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,24 +43,67 @@ pub(crate) enum IrqAction {
 }
 
 /// A queue's doorbell page and what engines check before touching the queue: plain atomics,
-/// so an MMIO doorbell write is a bounds check and a store, with no lock.
+/// so an MMIO doorbell write is a bounds check and a store, with no lock. When the doorbell
+/// pages are memory the host maps and writes directly (vfio-user with an mmap-able BAR0), the
+/// tail and head words live there instead and engines poll them.
 #[derive(Debug, Default)]
 pub(crate) struct Doorbells {
-    pub(crate) sq_tail: AtomicU32,
-    pub(crate) cq_head: AtomicU32,
+    sq_tail: AtomicU32,
+    cq_head: AtomicU32,
     /// The device's fetch position (also the `Q_SQ_HEAD` register).
     pub(crate) sq_head: AtomicU32,
     /// Ring size while the queue is enabled, 0 otherwise.
     pub(crate) size: AtomicU32,
     /// An engine found the completion ring full and waits for a head doorbell.
     pub(crate) cq_stalled: AtomicBool,
+    /// This queue's doorbell page in host-mapped memory, when doorbells live there.
+    external: std::sync::OnceLock<(Arc<dyn HostMemory>, u64)>,
 }
 
 impl Doorbells {
+    fn load(&self, word: &AtomicU32, which: u64) -> u32 {
+        match self.external.get() {
+            Some((memory, page)) => memory.read_u32_acquire(page + which).unwrap_or(u32::MAX),
+            None => word.load(Ordering::Acquire),
+        }
+    }
+
+    fn store(&self, word: &AtomicU32, which: u64, value: u32) {
+        match self.external.get() {
+            Some((memory, page)) => {
+                let _ = memory.write_u32_release(page + which, value);
+            }
+            None => word.store(value, Ordering::SeqCst),
+        }
+    }
+
+    /// The host's submission tail (unchecked: may be out of range).
+    pub(crate) fn sq_tail(&self) -> u32 {
+        self.load(&self.sq_tail, regs::DB_SQ_TAIL)
+    }
+
+    /// The host's completion head (unchecked: may be out of range).
+    pub(crate) fn cq_head(&self) -> u32 {
+        self.load(&self.cq_head, regs::DB_CQ_HEAD)
+    }
+
+    pub(crate) fn set_sq_tail(&self, value: u32) {
+        self.store(&self.sq_tail, regs::DB_SQ_TAIL, value)
+    }
+
+    pub(crate) fn set_cq_head(&self, value: u32) {
+        self.store(&self.cq_head, regs::DB_CQ_HEAD, value)
+    }
+
+    /// Moves this queue's doorbells into host-mapped memory at `page`.
+    pub(crate) fn place_in(&self, memory: Arc<dyn HostMemory>, page: u64) -> bool {
+        self.external.set((memory, page)).is_ok()
+    }
+
     /// True when the host has submitted descriptors the device has not fetched.
     pub(crate) fn has_pending(&self) -> bool {
         self.size.load(Ordering::Relaxed) != 0
-            && self.sq_tail.load(Ordering::Relaxed) != self.sq_head.load(Ordering::Relaxed)
+            && self.sq_tail() != self.sq_head.load(Ordering::Relaxed)
     }
 }
 
@@ -134,7 +178,7 @@ impl ActiveQueue {
         if state.stopped {
             return 0;
         }
-        let head = self.doorbells.cq_head.load(Ordering::Acquire);
+        let head = self.doorbells.cq_head();
         let used = state.tail.wrapping_sub(head) & self.mask();
         let free = (self.size - 1).saturating_sub(used + state.reserved);
         let granted = free.min(wanted);
@@ -143,7 +187,7 @@ impl ActiveQueue {
             // Ask the next head doorbell to wake the engines. The flag is set under the lock
             // and the head read again after it, so a doorbell in between is not missed.
             self.doorbells.cq_stalled.store(true, Ordering::SeqCst);
-            let head = self.doorbells.cq_head.load(Ordering::SeqCst);
+            let head = self.doorbells.cq_head();
             let used = state.tail.wrapping_sub(head) & self.mask();
             let free = (self.size - 1).saturating_sub(used + state.reserved);
             let granted = free.min(wanted);
@@ -162,7 +206,7 @@ impl ActiveQueue {
     /// Free completion entries not promised to anyone (for injected bogus entries).
     pub(crate) fn unclaimed_entries(&self) -> u32 {
         let state = self.completion();
-        let head = self.doorbells.cq_head.load(Ordering::Acquire);
+        let head = self.doorbells.cq_head();
         let used = state.tail.wrapping_sub(head) & self.mask();
         (self.size - 1).saturating_sub(used + state.reserved)
     }
