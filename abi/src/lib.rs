@@ -136,6 +136,93 @@ open_enum! {
         TLS12_SEAL = 0x22,
         /// Open one TLS 1.2 record (header included) at `src`.
         TLS12_OPEN = 0x23,
+        /// Load the private key at `src` (type in `param[0]`, [`PrivateKeyType`]) into
+        /// `key_slot`.
+        PKE_KEY_LOAD = 0x30,
+        /// ECDSA-sign the digest at `src` with the slot's key; write the DER signature.
+        ECDSA_SIGN = 0x31,
+        /// RSA-sign the digest at `src` (padding in `param[0]`, [`RsaPadding`]; hash in
+        /// `param[1]`, [`HashAlgorithm`]); write the signature.
+        RSA_SIGN = 0x32,
+        /// Generate a key-exchange key pair (group in `param[0]`, [`PrivateKeyType`]) into
+        /// `key_slot`; write its public key.
+        KX_GENERATE = 0x33,
+        /// Derive the shared secret of the slot's key-exchange key and the peer public key at
+        /// `src`; write it. The slot is emptied whatever the outcome.
+        KX_DERIVE = 0x34,
+    }
+}
+
+impl Opcode {
+    /// True for the public-key operations, which run on the public-key engines.
+    pub const fn is_public_key(self) -> bool {
+        matches!(
+            self,
+            Self::PKE_KEY_LOAD
+                | Self::ECDSA_SIGN
+                | Self::RSA_SIGN
+                | Self::KX_GENERATE
+                | Self::KX_DERIVE
+        )
+    }
+}
+
+open_enum! {
+    /// What a public-key slot holds, and the format of its key material.
+    pub struct PrivateKeyType(u8) {
+        /// ECDSA P-256 (signing with SHA-256 digests); PKCS#8 DER.
+        ECDSA_P256 = 0x01,
+        /// ECDSA P-384 (signing with SHA-384 digests); PKCS#8 DER.
+        ECDSA_P384 = 0x02,
+        /// RSA, 2048 to 4096 bits, with CRT parameters; PKCS#8 DER.
+        RSA = 0x03,
+        /// X25519 key exchange; the 32-byte private key.
+        X25519 = 0x04,
+        /// P-256 ECDH; the 32-byte big-endian private scalar.
+        ECDH_P256 = 0x05,
+    }
+}
+
+impl PrivateKeyType {
+    /// Length of the public key `KX_GENERATE` writes: X25519 32 bytes, P-256 65 bytes
+    /// (uncompressed point); `None` for signing keys.
+    pub const fn key_share_len(self) -> Option<usize> {
+        match self {
+            Self::X25519 => Some(32),
+            Self::ECDH_P256 => Some(65),
+            _ => None,
+        }
+    }
+}
+
+open_enum! {
+    /// RSA signature padding.
+    pub struct RsaPadding(u8) {
+        /// RSASSA-PKCS1-v1_5.
+        PKCS1_V15 = 0x01,
+        /// RSASSA-PSS with MGF1 over the same hash and a salt as long as the digest (TLS 1.3).
+        PSS = 0x02,
+    }
+}
+
+open_enum! {
+    /// The hash a digest was made with.
+    pub struct HashAlgorithm(u8) {
+        SHA256 = 0x01,
+        SHA384 = 0x02,
+        SHA512 = 0x03,
+    }
+}
+
+impl HashAlgorithm {
+    /// Digest length in bytes.
+    pub const fn digest_len(self) -> Option<usize> {
+        match self {
+            Self::SHA256 => Some(32),
+            Self::SHA384 => Some(48),
+            Self::SHA512 => Some(64),
+            _ => None,
+        }
     }
 }
 
@@ -188,6 +275,11 @@ open_enum! {
         RECORD_MALFORMED = 0x0b,
         /// A TLS record's plaintext is longer than 2^14 bytes.
         RECORD_OVERFLOW = 0x0c,
+        /// A peer's key-exchange public key is malformed, not on the curve, or yields a
+        /// degenerate shared secret.
+        INVALID_PUBLIC_KEY = 0x0d,
+        /// Private key material that does not parse or is not of the stated type.
+        INVALID_KEY = 0x0e,
     }
 }
 
@@ -282,6 +374,12 @@ bitflags::bitflags! {
         const TLS13_RECORD = 1 << 5;
         const TLS12_RECORD = 1 << 6;
         const INTERRUPT_COALESCING = 1 << 7;
+        const ECDSA_P256 = 1 << 8;
+        const ECDSA_P384 = 1 << 9;
+        /// RSA 2048 to 4096 bits, PKCS#1 v1.5 and PSS signatures.
+        const RSA = 1 << 10;
+        const X25519 = 1 << 11;
+        const ECDH_P256 = 1 << 12;
         const _ = !0;
     }
 }
@@ -320,6 +418,9 @@ bitflags::bitflags! {
         const ENABLE = 1 << 0;
         /// Signal the queue's interrupt vector when completions are posted.
         const IRQ_ENABLE = 1 << 1;
+        /// A public-key queue: served by the public-key engines, apart from record crypto
+        /// (latched at enable).
+        const PUBLIC_KEY = 1 << 2;
         const _ = !0;
     }
 }

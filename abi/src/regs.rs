@@ -68,11 +68,15 @@ pub enum Counter {
     RecordsOpened = 10,
     /// Descriptors fetched from submission rings.
     DescriptorsFetched = 11,
+    /// Signatures made (ECDSA and RSA).
+    Signatures = 12,
+    /// Key-exchange operations (generations and derivations).
+    KeyExchanges = 13,
 }
 
 impl Counter {
     /// Every counter, in register order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 14] = [
         Counter::JobsOk,
         Counter::JobsFailed,
         Counter::BytesIn,
@@ -85,6 +89,8 @@ impl Counter {
         Counter::RecordsSealed,
         Counter::RecordsOpened,
         Counter::DescriptorsFetched,
+        Counter::Signatures,
+        Counter::KeyExchanges,
     ];
 
     /// The counter's register offset.
@@ -107,6 +113,8 @@ impl Counter {
             Counter::RecordsSealed => "records_sealed",
             Counter::RecordsOpened => "records_opened",
             Counter::DescriptorsFetched => "descriptors_fetched",
+            Counter::Signatures => "signatures",
+            Counter::KeyExchanges => "key_exchanges",
         }
     }
 }

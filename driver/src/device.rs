@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tlsaccel_abi::regs::{self, Counter};
 use tlsaccel_abi::{
     AeadAlgorithm, Capabilities, DeviceControl, DeviceStatus, FatalCode, KeyBlock, KeyDirection,
-    RecordProtocol, Status, DEVICE_MAGIC, KEY_BLOCK_SIZE, NONCE_LEN, VERSION_MAJOR,
+    PrivateKeyType, RecordProtocol, Status, DEVICE_MAGIC, KEY_BLOCK_SIZE, NONCE_LEN, VERSION_MAJOR,
 };
 use zerocopy::FromBytes;
 use zeroize::Zeroizing;
@@ -343,6 +343,64 @@ impl Device {
         result?;
         slot.loaded = true;
         Ok(slot)
+    }
+
+    fn take_slot_index(&self) -> Result<u32, DeviceError> {
+        self.free_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .ok_or(DeviceError::NoFreeSlot)
+    }
+
+    fn new_slot(self: &Arc<Self>, index: u32, algorithm: AeadAlgorithm) -> KeySlot {
+        KeySlot {
+            device: Arc::clone(self),
+            index,
+            epoch: self.epoch.load(Ordering::Acquire),
+            algorithm,
+            loaded: true,
+        }
+    }
+
+    /// Loads a private key (`kind` says which and how `material` is encoded: PKCS#8 DER for
+    /// ECDSA and RSA, the raw private key for X25519 and P-256 ECDH) into a free slot. The
+    /// DMA copy of the key is zeroized once the device has it; the slot is destroyed when the
+    /// handle is dropped.
+    pub fn load_private_key(
+        self: &Arc<Self>,
+        kind: PrivateKeyType,
+        material: &[u8],
+    ) -> Result<KeySlot, DeviceError> {
+        let needed = match kind {
+            PrivateKeyType::ECDSA_P256 => Capabilities::ECDSA_P256,
+            PrivateKeyType::ECDSA_P384 => Capabilities::ECDSA_P384,
+            PrivateKeyType::RSA => Capabilities::RSA,
+            PrivateKeyType::X25519 => Capabilities::X25519,
+            PrivateKeyType::ECDH_P256 => Capabilities::ECDH_P256,
+            _ => return Err(DeviceError::Unsupported("this private key type")),
+        };
+        if !self.info.capabilities.contains(needed) {
+            return Err(DeviceError::Unsupported("this private key type"));
+        }
+        let mut slot = self.new_slot(self.take_slot_index()?, AeadAlgorithm(0));
+        slot.loaded = false;
+        let buffer = self.pool.alloc(material.len().max(1))?;
+        buffer.write(0, material)?;
+        let result = self.admin(JobOp::PkeKeyLoad {
+            slot: slot.index,
+            kind,
+            src: buffer.span(0, material.len())?,
+        });
+        buffer.zeroize()?;
+        result?;
+        slot.loaded = true;
+        Ok(slot)
+    }
+
+    /// A free slot for `KX_GENERATE` to fill. Destroyed (if still loaded) when dropped.
+    pub fn reserve_key_slot(self: &Arc<Self>) -> Result<KeySlot, DeviceError> {
+        Ok(self.new_slot(self.take_slot_index()?, AeadAlgorithm(0)))
     }
 
     fn destroy_slot(&self, index: u32) -> Result<(), DeviceError> {

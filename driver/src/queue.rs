@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use tlsaccel_abi::regs::{self, queue as qreg};
 use tlsaccel_abi::{
     tls12_record_len, tls13_record_len, AeadAlgorithm, Completion, CompletionFlags, Descriptor,
-    Opcode, QueueControl, QueueErrorCode, QueueStatus, SealParams, Status, COMPLETION_SIZE,
-    COMPLETION_STATUS_WORD, DESCRIPTOR_SIZE, KEY_BLOCK_SIZE, NONCE_LEN, TAG_LEN, TLS_HEADER_LEN,
-    TLS_MAX_PLAINTEXT,
+    HashAlgorithm, Opcode, PrivateKeyType, QueueControl, QueueErrorCode, QueueStatus, RsaPadding,
+    SealParams, Status, COMPLETION_SIZE, COMPLETION_STATUS_WORD, DESCRIPTOR_SIZE, KEY_BLOCK_SIZE,
+    NONCE_LEN, TAG_LEN, TLS_HEADER_LEN, TLS_MAX_PLAINTEXT,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -85,6 +85,38 @@ pub enum JobOp {
         slot: u32,
         algorithm: AeadAlgorithm,
         src: DmaSpan,
+        dst: DmaSpan,
+    },
+    /// Load a private key (PKCS#8 DER for signing keys, raw for key exchange).
+    PkeKeyLoad {
+        slot: u32,
+        kind: PrivateKeyType,
+        src: DmaSpan,
+    },
+    /// ECDSA-sign a digest (of the curve's hash); the DER signature goes to `dst`.
+    EcdsaSign {
+        slot: u32,
+        digest: DmaSpan,
+        dst: DmaSpan,
+    },
+    /// RSA-sign a digest with the given padding.
+    RsaSign {
+        slot: u32,
+        padding: RsaPadding,
+        hash: HashAlgorithm,
+        digest: DmaSpan,
+        dst: DmaSpan,
+    },
+    /// Generate a key-exchange key pair into `slot`; its public key goes to `dst`.
+    KxGenerate {
+        slot: u32,
+        kind: PrivateKeyType,
+        dst: DmaSpan,
+    },
+    /// Derive the shared secret with `peer`'s public key; empties `slot`.
+    KxDerive {
+        slot: u32,
+        peer: DmaSpan,
         dst: DmaSpan,
     },
     /// A descriptor exactly as given (its cookie is replaced). For conformance tests.
@@ -218,6 +250,8 @@ pub struct QueueConfig {
     pub coalesce_count: u32,
     /// ...or this long after the first pending one.
     pub coalesce_usecs: u32,
+    /// A public-key queue, served by the device's public-key engines.
+    pub public_key: bool,
 }
 
 impl Default for QueueConfig {
@@ -227,6 +261,7 @@ impl Default for QueueConfig {
             interrupts: false,
             coalesce_count: 16,
             coalesce_usecs: 20,
+            public_key: false,
         }
     }
 }
@@ -263,6 +298,7 @@ impl QueuePair {
         };
         let mut control = QueueControl::ENABLE;
         control.set(QueueControl::IRQ_ENABLE, config.interrupts);
+        control.set(QueueControl::PUBLIC_KEY, config.public_key);
         transport.write32(reg(qreg::CONTROL), control.bits());
         let status = QueueStatus::from_bits_retain(transport.read32(reg(qreg::STATUS)));
         if !status.contains(QueueStatus::ENABLED) {
@@ -733,6 +769,51 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
                 max: src_minus(src, overhead).min(TLS_MAX_PLAINTEXT as u32),
                 content_type: true,
             }
+        }
+        JobOp::PkeKeyLoad { slot, kind, src } => {
+            d.opcode = Opcode::PKE_KEY_LOAD.0;
+            d.key_slot = slot.into();
+            d.src_iova = src.iova.0.into();
+            d.src_len = src.len.into();
+            d.param[0] = kind.0;
+            Expect::Exact(0)
+        }
+        JobOp::EcdsaSign { slot, digest, dst } => {
+            d.opcode = Opcode::ECDSA_SIGN.0;
+            set_io(&mut d, slot, digest, dst);
+            Expect::AtMost {
+                max: dst.len,
+                content_type: false,
+            }
+        }
+        JobOp::RsaSign {
+            slot,
+            padding,
+            hash,
+            digest,
+            dst,
+        } => {
+            d.opcode = Opcode::RSA_SIGN.0;
+            set_io(&mut d, slot, digest, dst);
+            d.param[0] = padding.0;
+            d.param[1] = hash.0;
+            Expect::AtMost {
+                max: dst.len,
+                content_type: false,
+            }
+        }
+        JobOp::KxGenerate { slot, kind, dst } => {
+            d.opcode = Opcode::KX_GENERATE.0;
+            d.key_slot = slot.into();
+            d.dst_iova = dst.iova.0.into();
+            d.dst_len = dst.len.into();
+            d.param[0] = kind.0;
+            Expect::Exact(kind.key_share_len().unwrap_or(0) as u32)
+        }
+        JobOp::KxDerive { slot, peer, dst } => {
+            d.opcode = Opcode::KX_DERIVE.0;
+            set_io(&mut d, slot, peer, dst);
+            Expect::Exact(32)
         }
         JobOp::Raw(raw) => {
             d = raw;

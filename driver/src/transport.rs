@@ -224,6 +224,7 @@ pub enum DeviceAddress {
 pub struct SimOptions {
     pub queues: Option<u32>,
     pub engines: Option<usize>,
+    pub pke_engines: Option<usize>,
     pub key_slots: Option<u32>,
 }
 
@@ -236,6 +237,9 @@ impl SimOptions {
         }
         if let Some(engines) = self.engines {
             config.engines = engines;
+        }
+        if let Some(engines) = self.pke_engines {
+            config.pke_engines = engines;
         }
         if let Some(slots) = self.key_slots {
             config.key_slots = slots;
@@ -258,6 +262,9 @@ impl FromStr for DeviceAddress {
                     match key {
                         "queues" => options.queues = Some(value.parse().map_err(|_| bad())?),
                         "engines" => options.engines = Some(value.parse().map_err(|_| bad())?),
+                        "pke-engines" => {
+                            options.pke_engines = Some(value.parse().map_err(|_| bad())?)
+                        }
                         "key-slots" => options.key_slots = Some(value.parse().map_err(|_| bad())?),
                         _ => return Err(bad()),
                     }
@@ -299,6 +306,7 @@ mod tests {
             DeviceAddress::Simulator(SimOptions {
                 queues: Some(4),
                 engines: Some(1),
+                pke_engines: None,
                 key_slots: None
             })
         );

@@ -33,8 +33,11 @@ pub struct DeviceConfig {
     pub queues: u32,
     /// Entries in the key table.
     pub key_slots: u32,
-    /// Engine threads; each serves any queue.
+    /// Record-crypto engine threads; each serves any ordinary queue.
     pub engines: usize,
+    /// Public-key engine threads; each serves any public-key queue (`Q_CONTROL.PUBLIC_KEY`),
+    /// so handshakes and record crypto do not hold each other up.
+    pub pke_engines: usize,
     /// Largest ring the device accepts (a power of two, at most 4096).
     pub max_queue_entries: u32,
     /// Largest `src_len`/`dst_len` of one job.
@@ -51,6 +54,7 @@ impl Default for DeviceConfig {
             queues: 8,
             key_slots: 65_536,
             engines: 2,
+            pke_engines: 1,
             max_queue_entries: tlsaccel_abi::MAX_QUEUE_ENTRIES,
             max_data_len: tlsaccel_abi::MAX_DATA_LEN,
             idle_spin: Duration::from_micros(50),
@@ -61,7 +65,12 @@ impl Default for DeviceConfig {
                 | Capabilities::RAW_AEAD
                 | Capabilities::TLS13_RECORD
                 | Capabilities::TLS12_RECORD
-                | Capabilities::INTERRUPT_COALESCING,
+                | Capabilities::INTERRUPT_COALESCING
+                | Capabilities::ECDSA_P256
+                | Capabilities::ECDSA_P384
+                | Capabilities::RSA
+                | Capabilities::X25519
+                | Capabilities::ECDH_P256,
         }
     }
 }
@@ -164,8 +173,10 @@ impl WorkSignal {
     pub(crate) fn notify(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) != 0 {
+            // Wake them all: an engine of the other class (record or public-key) would look,
+            // find nothing it serves, and sleep again while the right one slept on.
             let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.wake.notify_one();
+            self.wake.notify_all();
         }
     }
 
@@ -337,6 +348,7 @@ impl Shared {
     }
 
     fn engine_main(self: Arc<Self>, id: usize) {
+        let public_key_engine = id >= self.config.engines;
         let mut scratch = EngineScratch::default();
         let queues = self.queues.len();
         let mut start = id % queues;
@@ -351,7 +363,9 @@ impl Shared {
                         continue;
                     }
                     if let Some(active) = registers.active() {
-                        worked |= self.serve(&active, &mut scratch);
+                        if active.public_key == public_key_engine {
+                            worked |= self.serve(&active, &mut scratch);
+                        }
                     }
                 }
                 start = (start + 1) % queues;
@@ -438,6 +452,9 @@ impl Device {
         if !(1..=64).contains(&config.engines) {
             return Err(ConfigError::Engines(config.engines));
         }
+        if !(1..=64).contains(&config.pke_engines) {
+            return Err(ConfigError::Engines(config.pke_engines));
+        }
         if !config.max_queue_entries.is_power_of_two()
             || !(MIN_QUEUE_ENTRIES..=tlsaccel_abi::MAX_QUEUE_ENTRIES)
                 .contains(&config.max_queue_entries)
@@ -467,7 +484,7 @@ impl Device {
             shared: Arc::clone(&shared),
             threads: Vec::new(),
         };
-        for id in 0..shared.config.engines {
+        for id in 0..shared.config.engines + shared.config.pke_engines {
             let engine = Arc::clone(&shared);
             let handle = std::thread::Builder::new()
                 .name(format!("sim-engine-{id}"))
@@ -809,9 +826,16 @@ impl Device {
         doorbells.set_cq_head(0);
         doorbells.sq_head.store(0, Ordering::Relaxed);
         doorbells.cq_stalled.store(false, Ordering::Relaxed);
-        *registers.active.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(
-            ActiveQueue::new(index, size, sq, cq, Arc::clone(doorbells)),
-        ));
+        *registers.active.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::new(ActiveQueue::new(
+                index,
+                size,
+                sq,
+                cq,
+                Arc::clone(doorbells),
+                QueueControl::from_bits_retain(registers.control.load(Ordering::Relaxed))
+                    .contains(QueueControl::PUBLIC_KEY),
+            )));
         doorbells.size.store(size, Ordering::Release);
         registers
             .status

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use tlsaccel_abi::regs::Counter;
 use tlsaccel_abi::{
-    tls12_record_len, tls13_record_len, Descriptor, KeyBlock, Opcode, SealParams, Status,
-    DESCRIPTOR_SIZE, KEY_BLOCK_SIZE, MAX_AAD_LEN, NONCE_LEN, TAG_LEN, TLS13_MAX_CIPHERTEXT,
-    TLS_HEADER_LEN, TLS_MAX_PLAINTEXT,
+    tls12_record_len, tls13_record_len, Descriptor, HashAlgorithm, KeyBlock, Opcode,
+    PrivateKeyType, RsaPadding, SealParams, Status, DESCRIPTOR_SIZE, KEY_BLOCK_SIZE, MAX_AAD_LEN,
+    NONCE_LEN, TAG_LEN, TLS13_MAX_CIPHERTEXT, TLS_HEADER_LEN, TLS_MAX_PLAINTEXT,
 };
 use zerocopy::FromBytes;
 use zeroize::Zeroize;
@@ -16,7 +16,16 @@ use zeroize::Zeroize;
 use crate::crypto::{self, KeyContext, Output};
 use crate::device::Shared;
 use crate::memory::DmaRange;
+use crate::pke::PrivateKey;
 use crate::queue::{ActiveQueue, IrqAction, Posting};
+
+/// A public-key descriptor that passed acceptance.
+enum Accepted {
+    /// To run on an engine.
+    Job(PkeJob),
+    /// Finished at acceptance, with this many bytes written to `dst`.
+    Done(u32),
+}
 
 /// Descriptors one engine fetches from a queue at a time.
 pub(crate) const FETCH_BURST: u32 = 32;
@@ -26,6 +35,18 @@ enum Work {
     /// Finished at acceptance (NOP, key operations, and every rejection).
     Done(Posting),
     Job(Job),
+    PublicKey(PkeJob),
+}
+
+/// An accepted public-key job.
+#[derive(Debug)]
+struct PkeJob {
+    cookie: u64,
+    key: Arc<PrivateKey>,
+    input: DmaRange,
+    dst: DmaRange,
+    /// `None`: a key-exchange derivation; `Some(None)`: ECDSA; `Some(Some(..))`: RSA.
+    sign: Option<Option<(RsaPadding, HashAlgorithm)>>,
 }
 
 #[derive(Debug)]
@@ -122,6 +143,7 @@ impl Shared {
             let posting = match item {
                 Work::Done(posting) => posting,
                 Work::Job(job) => self.execute(&job, scratch),
+                Work::PublicKey(job) => self.execute_public_key(&job, &mut scratch.tally),
             };
             self.account(&posting, &mut scratch.tally);
             if self.faults.take_drop_completion() {
@@ -189,6 +211,22 @@ impl Shared {
                 sequence_advanced: false,
             })
         };
+        if Opcode(d.opcode).is_public_key() {
+            return match self.accept_public_key(d, tally) {
+                Ok(Accepted::Job(job)) => Work::PublicKey(job),
+                Ok(Accepted::Done(len)) => Work::Done(Posting {
+                    cookie,
+                    status: Status::OK,
+                    result_len: len,
+                    info: 0,
+                    sequence_advanced: false,
+                }),
+                Err(status) => {
+                    tally.add(Counter::Rejected, 1);
+                    done(status)
+                }
+            };
+        }
         match self.accept_job(d) {
             Ok(Some(job)) => Work::Job(job),
             Ok(None) => done(Status::OK),
@@ -324,6 +362,149 @@ impl Shared {
             nonce,
             seal,
         }))
+    }
+
+    /// Validates a public-key descriptor. Key loads and key-pair generation happen here, in
+    /// submission order, as key-table operations do; signatures and derivations run later.
+    fn accept_public_key(&self, d: &Descriptor, tally: &mut Tally) -> Result<Accepted, Status> {
+        if d.flags != 0 || d.reserved.get() != 0 || d.aad_len.get() != 0 {
+            return Err(Status::BAD_DESCRIPTOR);
+        }
+        let slot = d.key_slot.get();
+        let (src_len, dst_len) = (d.src_len.get(), d.dst_len.get());
+        if src_len > self.config.max_data_len || dst_len > self.config.max_data_len {
+            return Err(Status::LENGTH_ERROR);
+        }
+        let reserved_params = |from: usize| d.param[from..].iter().any(|&b| b != 0);
+        match Opcode(d.opcode) {
+            Opcode::PKE_KEY_LOAD => {
+                if reserved_params(1) || src_len == 0 {
+                    return Err(Status::BAD_DESCRIPTOR);
+                }
+                let src = self.translate(d.src_iova.get(), src_len)?;
+                let mut material = zeroize::Zeroizing::new(vec![0u8; src_len as usize]);
+                src.read(0, &mut material).map_err(|_| Status::DMA_FAULT)?;
+                let key = PrivateKey::parse(PrivateKeyType(d.param[0]), &material)?;
+                self.keys.load_private(slot, key)?;
+                self.sync_key_gauge();
+                Ok(Accepted::Done(0))
+            }
+            Opcode::KX_GENERATE => {
+                let kind = PrivateKeyType(d.param[0]);
+                if reserved_params(1) || src_len != 0 {
+                    return Err(Status::BAD_DESCRIPTOR);
+                }
+                let share_len = kind.key_share_len().ok_or(Status::UNSUPPORTED)?;
+                if (dst_len as usize) < share_len {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                let dst = self.translate(d.dst_iova.get(), dst_len)?;
+                let key = PrivateKey::generate(kind)?;
+                let share = key.key_share()?;
+                dst.write(0, &share).map_err(|_| Status::DMA_FAULT)?;
+                self.keys.load_private(slot, key)?;
+                self.sync_key_gauge();
+                tally.add(Counter::KeyExchanges, 1);
+                Ok(Accepted::Done(share.len() as u32))
+            }
+            Opcode::ECDSA_SIGN | Opcode::RSA_SIGN => {
+                let key = self.keys.private(slot)?;
+                let sign = if d.opcode == Opcode::ECDSA_SIGN.0 {
+                    if reserved_params(0) {
+                        return Err(Status::BAD_DESCRIPTOR);
+                    }
+                    let digest_len = key.ecdsa_digest_len().ok_or(Status::SLOT_MISMATCH)?;
+                    if src_len as usize != digest_len {
+                        return Err(Status::LENGTH_ERROR);
+                    }
+                    None
+                } else {
+                    if key.kind() != PrivateKeyType::RSA {
+                        return Err(Status::SLOT_MISMATCH);
+                    }
+                    let (padding, hash) = (RsaPadding(d.param[0]), HashAlgorithm(d.param[1]));
+                    if reserved_params(2) || !padding.is_known() {
+                        return Err(Status::BAD_DESCRIPTOR);
+                    }
+                    let digest_len = hash.digest_len().ok_or(Status::UNSUPPORTED)?;
+                    if src_len as usize != digest_len {
+                        return Err(Status::LENGTH_ERROR);
+                    }
+                    Some((padding, hash))
+                };
+                if (dst_len as usize) < key.max_signature_len() {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                Ok(Accepted::Job(PkeJob {
+                    cookie: d.cookie.get(),
+                    input: self.translate(d.src_iova.get(), src_len)?,
+                    dst: self.translate(d.dst_iova.get(), dst_len)?,
+                    key,
+                    sign: Some(sign),
+                }))
+            }
+            Opcode::KX_DERIVE => {
+                if reserved_params(0) {
+                    return Err(Status::BAD_DESCRIPTOR);
+                }
+                let kind = self.keys.private(slot)?.kind();
+                let share_len = kind.key_share_len().ok_or(Status::SLOT_MISMATCH)?;
+                if src_len as usize != share_len {
+                    return Err(Status::INVALID_PUBLIC_KEY);
+                }
+                if dst_len < 32 {
+                    return Err(Status::LENGTH_ERROR);
+                }
+                let input = self.translate(d.src_iova.get(), src_len)?;
+                let dst = self.translate(d.dst_iova.get(), dst_len)?;
+                // The slot is emptied now, in submission order: the key is used once.
+                let key = self.keys.take_private(slot)?;
+                self.sync_key_gauge();
+                Ok(Accepted::Job(PkeJob {
+                    cookie: d.cookie.get(),
+                    key,
+                    input,
+                    dst,
+                    sign: None,
+                }))
+            }
+            _ => Err(Status::BAD_OPCODE),
+        }
+    }
+
+    fn execute_public_key(&self, job: &PkeJob, tally: &mut Tally) -> Posting {
+        let mut posting = Posting {
+            cookie: job.cookie,
+            status: Status::OK,
+            result_len: 0,
+            info: 0,
+            sequence_advanced: false,
+        };
+        let result = (|| {
+            let len = usize::try_from(job.input.len()).map_err(|_| Status::LENGTH_ERROR)?;
+            let mut input = zeroize::Zeroizing::new(vec![0u8; len]);
+            job.input
+                .read(0, &mut input)
+                .map_err(|_| Status::DMA_FAULT)?;
+            let output = match job.sign {
+                Some(rsa) => {
+                    tally.add(Counter::Signatures, 1);
+                    job.key.sign(&input, rsa)?
+                }
+                None => {
+                    tally.add(Counter::KeyExchanges, 1);
+                    zeroize::Zeroizing::new(job.key.derive(&input)?).to_vec()
+                }
+            };
+            let output = zeroize::Zeroizing::new(output);
+            job.dst.write(0, &output).map_err(|_| Status::DMA_FAULT)?;
+            Ok(output.len())
+        })();
+        match result {
+            Ok(len) => posting.result_len = u32::try_from(len).unwrap_or(u32::MAX),
+            Err(status) => posting.status = status,
+        }
+        posting
     }
 
     fn translate(&self, iova: u64, len: u32) -> Result<DmaRange, Status> {

@@ -11,9 +11,15 @@ use std::sync::{Arc, Mutex};
 use tlsaccel_abi::{KeyBlock, KeyDirection, Opcode, RecordProtocol, Status};
 
 use crate::crypto::KeyContext;
+use crate::pke::PrivateKey;
+
+enum SlotKey {
+    Aead(Arc<KeyContext>),
+    Private(Arc<PrivateKey>),
+}
 
 struct SlotEntry {
-    key: Arc<KeyContext>,
+    key: SlotKey,
     next_sequence: u64,
 }
 
@@ -63,14 +69,60 @@ impl KeyTable {
     pub(crate) fn load(&self, index: u32, block: &KeyBlock) -> Result<(), Status> {
         let mut slot = self.slot(index)?;
         let key = KeyContext::from_block(block)?;
-        let previous = slot.replace(SlotEntry {
-            key: Arc::new(key),
-            next_sequence: block.sequence.get(),
-        });
-        if previous.is_none() {
+        self.store(
+            &mut slot,
+            SlotEntry {
+                key: SlotKey::Aead(Arc::new(key)),
+                next_sequence: block.sequence.get(),
+            },
+        );
+        Ok(())
+    }
+
+    fn store(&self, slot: &mut Option<SlotEntry>, entry: SlotEntry) {
+        if slot.replace(entry).is_none() {
             self.loaded.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Puts a private key into slot `index`, replacing what it held.
+    pub(crate) fn load_private(&self, index: u32, key: PrivateKey) -> Result<(), Status> {
+        let mut slot = self.slot(index)?;
+        self.store(
+            &mut slot,
+            SlotEntry {
+                key: SlotKey::Private(Arc::new(key)),
+                next_sequence: 0,
+            },
+        );
         Ok(())
+    }
+
+    /// The private key in slot `index`, for signing.
+    pub(crate) fn private(&self, index: u32) -> Result<Arc<PrivateKey>, Status> {
+        let slot = self.slot(index)?;
+        match slot.as_ref().map(|entry| &entry.key) {
+            Some(SlotKey::Private(key)) => Ok(Arc::clone(key)),
+            Some(SlotKey::Aead(_)) => Err(Status::SLOT_MISMATCH),
+            None => Err(Status::SLOT_EMPTY),
+        }
+    }
+
+    /// Takes the private key out of slot `index`, leaving it empty (key-exchange keys are
+    /// used once).
+    pub(crate) fn take_private(&self, index: u32) -> Result<Arc<PrivateKey>, Status> {
+        let mut slot = self.slot(index)?;
+        match slot.as_ref().map(|entry| &entry.key) {
+            Some(SlotKey::Private(_)) => {}
+            Some(SlotKey::Aead(_)) => return Err(Status::SLOT_MISMATCH),
+            None => return Err(Status::SLOT_EMPTY),
+        }
+        let entry = slot.take();
+        self.loaded.fetch_sub(1, Ordering::Relaxed);
+        match entry.map(|e| e.key) {
+            Some(SlotKey::Private(key)) => Ok(key),
+            _ => Err(Status::SLOT_EMPTY),
+        }
     }
 
     /// Empties slot `index`. Jobs accepted earlier keep their reference until they finish.
@@ -96,9 +148,11 @@ impl KeyTable {
     /// The algorithm of the key in slot `index`.
     pub(crate) fn algorithm_of(&self, index: u32) -> Result<tlsaccel_abi::AeadAlgorithm, Status> {
         let slot = self.slot(index)?;
-        slot.as_ref()
-            .map(|entry| entry.key.algorithm)
-            .ok_or(Status::SLOT_EMPTY)
+        match slot.as_ref().map(|entry| &entry.key) {
+            Some(SlotKey::Aead(key)) => Ok(key.algorithm),
+            Some(SlotKey::Private(_)) => Err(Status::SLOT_MISMATCH),
+            None => Err(Status::SLOT_EMPTY),
+        }
     }
 
     /// Checks that slot `index` fits `opcode` and, for record operations, assigns the next
@@ -106,7 +160,10 @@ impl KeyTable {
     pub(crate) fn grant(&self, index: u32, opcode: Opcode) -> Result<SlotGrant, Status> {
         let mut slot = self.slot(index)?;
         let entry = slot.as_mut().ok_or(Status::SLOT_EMPTY)?;
-        let key = &entry.key;
+        let SlotKey::Aead(key) = &entry.key else {
+            return Err(Status::SLOT_MISMATCH);
+        };
+        let key = Arc::clone(key);
         let (protocol, direction) = match opcode {
             Opcode::AEAD_SEAL | Opcode::AEAD_OPEN => (RecordProtocol::RAW, KeyDirection::ANY),
             Opcode::TLS13_SEAL => (RecordProtocol::TLS13, KeyDirection::SEAL),
@@ -125,10 +182,7 @@ impl KeyTable {
         } else {
             None
         };
-        Ok(SlotGrant {
-            key: Arc::clone(&entry.key),
-            sequence,
-        })
+        Ok(SlotGrant { key, sequence })
     }
 }
 

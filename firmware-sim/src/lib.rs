@@ -16,6 +16,7 @@ mod device;
 mod engine;
 mod keys;
 pub mod memory;
+mod pke;
 mod queue;
 
 pub use device::{ConfigError, Device, DeviceConfig, Fault, InterruptSink};

@@ -115,6 +115,8 @@ pub(crate) struct ActiveQueue {
     cq: DmaRange,
     pub(crate) doorbells: Arc<Doorbells>,
     pub(crate) sq_head: Mutex<u32>,
+    /// Served by the public-key engines (latched from `Q_CONTROL` at enable).
+    pub(crate) public_key: bool,
     completion: Mutex<CompletionState>,
     pub(crate) stopped: AtomicBool,
 }
@@ -126,6 +128,7 @@ impl ActiveQueue {
         sq: DmaRange,
         cq: DmaRange,
         doorbells: Arc<Doorbells>,
+        public_key: bool,
     ) -> Self {
         Self {
             index,
@@ -134,6 +137,7 @@ impl ActiveQueue {
             cq,
             doorbells,
             sq_head: Mutex::new(0),
+            public_key,
             completion: Mutex::new(CompletionState {
                 tail: 0,
                 phase: true,

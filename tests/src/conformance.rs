@@ -1025,6 +1025,7 @@ pub fn async_queue_with_coalesced_interrupts(device: &Arc<Device>) -> Result<Out
         interrupts: true,
         coalesce_count: 16,
         coalesce_usecs: 50,
+        public_key: false,
     })?;
     let interrupts_before = device.counter(Counter::Interrupts);
     let done = runtime.block_on(async {
