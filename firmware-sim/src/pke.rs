@@ -158,8 +158,9 @@ impl PrivateKey {
         }
     }
 
-    /// The shared secret with `peer` (X25519: 32 bytes; P-256: uncompressed point). Invalid
-    /// peer keys, and X25519 keys of small order (an all-zero secret), are rejected.
+    /// The shared secret with `peer` (X25519: 32 bytes; P-256: uncompressed point; the
+    /// result is X25519's output or P-256's x-coordinate). Invalid peer keys, and X25519 keys
+    /// of small order (an all-zero secret), are rejected.
     pub(crate) fn derive(&self, peer: &[u8]) -> Result<Vec<u8>, Status> {
         let Self::KeyExchange(kind, key) = self else {
             return Err(Status::SLOT_MISMATCH);
@@ -173,7 +174,9 @@ impl PrivateKey {
             UnparsedPublicKey::new(algorithm, peer),
             Status::INVALID_PUBLIC_KEY,
             |secret| {
-                if secret.iter().all(|&b| b == 0) {
+                // RFC 7748 section 6.1: an all-zero X25519 result means a small-order peer
+                // key. (For P-256 an x-coordinate of 0 is an ordinary point.)
+                if *kind == PrivateKeyType::X25519 && secret.iter().all(|&b| b == 0) {
                     Err(Status::INVALID_PUBLIC_KEY)
                 } else {
                     Ok(secret.to_vec())

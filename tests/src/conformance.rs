@@ -83,6 +83,23 @@ pub const CASES: &[(&str, CaseFn)] = &[
     ),
     ("lost_completion_times_out", lost_completion_times_out),
     ("reset_fails_jobs_in_flight", reset_fails_jobs_in_flight),
+    (
+        "wycheproof_rsa_pkcs1_signatures",
+        crate::public_key::wycheproof_rsa_pkcs1_signatures,
+    ),
+    ("wycheproof_x25519", crate::public_key::wycheproof_x25519),
+    (
+        "wycheproof_ecdh_p256",
+        crate::public_key::wycheproof_ecdh_p256,
+    ),
+    (
+        "device_signatures_verify_independently",
+        crate::public_key::device_signatures_verify_independently,
+    ),
+    (
+        "device_key_exchange_agrees_with_the_host",
+        crate::public_key::device_key_exchange_agrees_with_the_host,
+    ),
 ];
 
 /// Instantiates every conformance case as a `#[test]` for a backend. `$open` is an expression
@@ -108,6 +125,24 @@ macro_rules! conformance_suite {
             async_queue_with_coalesced_interrupts,
             lost_completion_times_out,
             reset_fails_jobs_in_flight);
+        $crate::conformance_suite!(@public_key $open;
+            wycheproof_rsa_pkcs1_signatures,
+            wycheproof_x25519,
+            wycheproof_ecdh_p256,
+            device_signatures_verify_independently,
+            device_key_exchange_agrees_with_the_host);
+    };
+    (@public_key $open:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let device = $open.expect("the backend opens");
+                match $crate::public_key::$case(&device) {
+                    Ok(outcome) => println!("{}: {:?}", stringify!($case), outcome),
+                    Err(error) => panic!("{}: {:#}", stringify!($case), error),
+                }
+            }
+        )*
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {
         $(

@@ -7,4 +7,5 @@
 
 pub mod conformance;
 pub mod peer;
+pub mod public_key;
 pub mod wycheproof;

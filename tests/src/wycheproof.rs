@@ -94,3 +94,24 @@ pub fn load_aead(file: &str) -> Result<Vec<AeadVector>> {
     }
     Ok(out)
 }
+
+/// Loads a Wycheproof file as raw JSON (for the public-key schemas, whose shapes differ).
+pub fn load_json(file: &str) -> Result<serde_json::Value> {
+    let path = vector_dir().join(file);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (set TLSACCEL_TESTVECTORS to the wycheproof directory)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))
+}
+
+/// A hex string field of a JSON object.
+pub fn hex_field(value: &serde_json::Value, name: &str) -> Result<Vec<u8>> {
+    let text = value
+        .get(name)
+        .and_then(|v| v.as_str())
+        .with_context(|| format!("missing field {name}"))?;
+    hex::decode(text).with_context(|| format!("field {name} is not hex"))
+}
