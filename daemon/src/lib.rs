@@ -2,6 +2,7 @@
 //!
 //! This crate holds the command-line tool's logic; `main.rs` only parses arguments.
 //! * [`devices`]: which devices this host can reach.
+//! * [`handshake`]: a rustls `CryptoProvider` with signatures and key exchange on the device.
 //! * [`selftest`]: known-answer tests of a device.
 //! * [`simserver`]: the simulator as a separate process behind QEMU's ivshmem device.
 
@@ -9,5 +10,6 @@
 
 pub mod cli;
 pub mod devices;
+pub mod handshake;
 pub mod selftest;
 pub mod simserver;

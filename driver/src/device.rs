@@ -398,9 +398,12 @@ impl Device {
         Ok(slot)
     }
 
-    /// A free slot for `KX_GENERATE` to fill. Destroyed (if still loaded) when dropped.
+    /// A free slot for `KX_GENERATE` to fill. Mark it filled once a generation was accepted
+    /// (or its outcome is unknown); a filled slot still loaded when dropped is destroyed.
     pub fn reserve_key_slot(self: &Arc<Self>) -> Result<KeySlot, DeviceError> {
-        Ok(self.new_slot(self.take_slot_index()?, AeadAlgorithm(0)))
+        let mut slot = self.new_slot(self.take_slot_index()?, AeadAlgorithm(0));
+        slot.loaded = false;
+        Ok(slot)
     }
 
     fn destroy_slot(&self, index: u32) -> Result<(), DeviceError> {
@@ -626,6 +629,18 @@ impl KeySlot {
         self.algorithm
     }
 
+    /// Records that the device emptied the slot itself (a `KX_DERIVE` was accepted), so
+    /// dropping the handle needs no `KEY_DESTROY` round trip.
+    pub fn mark_emptied(&mut self) {
+        self.loaded = false;
+    }
+
+    /// Records that the device may hold a key in this slot (a `KX_GENERATE` was sent), so
+    /// dropping the handle destroys it.
+    pub fn mark_filled(&mut self) {
+        self.loaded = true;
+    }
+
     /// True while the device incarnation that holds this slot is alive.
     pub fn is_live(&self) -> bool {
         self.epoch == self.device.epoch.load(Ordering::Acquire)
@@ -634,7 +649,9 @@ impl KeySlot {
 
 impl Drop for KeySlot {
     fn drop(&mut self) {
-        if self.loaded && self.is_live() {
+        // A device known to be lost cannot be reached; whatever the slot held goes with it,
+        // and the reset that brings the device back zeroizes every slot.
+        if self.loaded && self.is_live() && !self.device.is_lost() {
             if let Err(error) = self.device.destroy_slot(self.index) {
                 // The slot may still hold a key: the device must be reset before the index
                 // is reused or the key could outlive its owner.

@@ -449,6 +449,10 @@ impl Shared {
                 }
                 let kind = self.keys.private(slot)?.kind();
                 let share_len = kind.key_share_len().ok_or(Status::SLOT_MISMATCH)?;
+                // The slot is emptied now, in submission order, whatever happens next: a
+                // key-exchange key is used once.
+                let key = self.keys.take_private(slot)?;
+                self.sync_key_gauge();
                 if src_len as usize != share_len {
                     return Err(Status::INVALID_PUBLIC_KEY);
                 }
@@ -457,9 +461,6 @@ impl Shared {
                 }
                 let input = self.translate(d.src_iova.get(), src_len)?;
                 let dst = self.translate(d.dst_iova.get(), dst_len)?;
-                // The slot is emptied now, in submission order: the key is used once.
-                let key = self.keys.take_private(slot)?;
-                self.sync_key_gauge();
                 Ok(Accepted::Job(PkeJob {
                     cookie: d.cookie.get(),
                     key,

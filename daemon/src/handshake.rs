@@ -1,0 +1,640 @@
+//! Handshake offload: a rustls `CryptoProvider` whose signatures and key exchanges run on the
+//! device's public-key engines, with the CPU provider as fallback.
+//!
+//! rustls calls signing and key exchange synchronously from whichever thread drives the
+//! handshake. [`PkeEngine`] lets many such threads share one public-key queue: each request
+//! is queued, one submitter thread moves everything queued into the ring with a single
+//! doorbell, polls completions and wakes each requester, so concurrent handshakes reach the
+//! device as batches rather than one job at a time.
+//!
+//! Fallback: a request the device cannot serve (device lost or fatal, timeout, a scheme or
+//! group it lacks, a key it cannot load) is done on the CPU, and counted. A key exchange whose
+//! private half was generated on the device cannot move to the CPU midway; if its device fails
+//! between `start` and `complete`, that handshake fails (and is counted) while new handshakes
+//! start on the CPU.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use rustls::crypto::{
+    ActiveKeyExchange, CryptoProvider, KeyProvider, SharedSecret, SupportedKxGroup,
+};
+use rustls::pki_types::{PrivateKeyDer, SubjectPublicKeyInfoDer};
+use rustls::sign::{Signer, SigningKey};
+use rustls::{NamedGroup, SignatureAlgorithm, SignatureScheme};
+use tlsaccel_driver::abi::{HashAlgorithm, PrivateKeyType, RsaPadding};
+use tlsaccel_driver::{Device, DmaBuffer, Job, JobError, JobOp, KeySlot, QueueConfig, QueuePair};
+
+/// How long a handshake thread waits for the device before doing the work on the CPU.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most jobs the submitter keeps in flight.
+const RING_SIZE: u32 = 256;
+
+/// Counters of the handshake offload.
+#[derive(Debug, Default)]
+pub struct HandshakeStats {
+    /// Signatures made by the device.
+    pub device_signatures: AtomicU64,
+    /// Key exchanges (both halves) done by the device.
+    pub device_key_exchanges: AtomicU64,
+    /// Operations done on the CPU because the device could not (failure, timeout, lost).
+    pub cpu_fallbacks: AtomicU64,
+    /// Operations done on the CPU because the device does not offer them (scheme, group,
+    /// key format).
+    pub cpu_by_choice: AtomicU64,
+    /// Handshakes that failed because their device failed midway through a key exchange.
+    pub failed_midway: AtomicU64,
+}
+
+/// One public-key job and where its answer goes.
+struct Request {
+    op: PkeOp,
+    reply: mpsc::SyncSender<Result<Vec<u8>, JobError>>,
+}
+
+enum PkeOp {
+    Sign {
+        slot: u32,
+        rsa: Option<(RsaPadding, HashAlgorithm)>,
+        digest: Vec<u8>,
+        out_len: usize,
+    },
+    Generate {
+        slot: u32,
+        kind: PrivateKeyType,
+    },
+    Derive {
+        slot: u32,
+        peer: Vec<u8>,
+    },
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Request>>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+/// The device's public-key queue, shared by every handshake thread.
+pub struct PkeEngine {
+    device: Arc<Device>,
+    shared: Arc<Shared>,
+    submitter: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<HandshakeStats>,
+}
+
+impl std::fmt::Debug for PkeEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PkeEngine")
+            .field("device", &self.device.info().name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PkeEngine {
+    /// Takes a public-key queue of `device` and starts the submitter thread.
+    pub fn new(device: Arc<Device>) -> Result<Arc<Self>, tlsaccel_driver::DeviceError> {
+        let pair = device.queue(QueueConfig {
+            size: RING_SIZE,
+            public_key: true,
+            ..QueueConfig::default()
+        })?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let submitter = {
+            let shared = Arc::clone(&shared);
+            let device = Arc::clone(&device);
+            std::thread::Builder::new()
+                .name("tlsaccel-pke".into())
+                .spawn(move || submitter(device, pair, shared))
+                .map_err(tlsaccel_driver::DeviceError::Thread)?
+        };
+        Ok(Arc::new(Self {
+            device,
+            shared,
+            submitter: Some(submitter),
+            stats: Arc::new(HandshakeStats::default()),
+        }))
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// The offload counters.
+    pub fn stats(&self) -> &Arc<HandshakeStats> {
+        &self.stats
+    }
+
+    /// Runs one operation on the device and waits for it (bounded by `REQUEST_TIMEOUT`).
+    fn run(&self, op: PkeOp) -> Result<Vec<u8>, JobError> {
+        if self.device.is_lost() {
+            return Err(JobError::DeviceLost);
+        }
+        let (reply, answer) = mpsc::sync_channel(1);
+        {
+            let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.push_back(Request { op, reply });
+        }
+        self.shared.wake.notify_one();
+        answer
+            .recv_timeout(REQUEST_TIMEOUT)
+            .unwrap_or(Err(JobError::TimedOut))
+    }
+}
+
+impl Drop for PkeEngine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        if let Some(handle) = self.submitter.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A request on its way through the ring: its buffers and its requester.
+struct InFlight {
+    reply: mpsc::SyncSender<Result<Vec<u8>, JobError>>,
+    _input: Option<DmaBuffer>,
+    output: DmaBuffer,
+}
+
+fn submitter(device: Arc<Device>, mut pair: QueuePair, shared: Arc<Shared>) {
+    let mut in_flight: std::collections::HashMap<u64, InFlight> = std::collections::HashMap::new();
+    let mut next_tag = 0u64;
+    let mut jobs = Vec::new();
+    loop {
+        // Take everything queued that fits the ring: one doorbell for the lot.
+        {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while queue.is_empty() && in_flight.is_empty() {
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                queue = shared
+                    .wake
+                    .wait_timeout(queue, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            let room = pair.free_slots() as usize;
+            jobs.clear();
+            while jobs.len() < room {
+                let Some(request) = queue.pop_front() else {
+                    break;
+                };
+                next_tag += 1;
+                match prepare(&device, request.op, next_tag) {
+                    Ok((job, input, output)) => {
+                        jobs.push(job);
+                        in_flight.insert(
+                            next_tag,
+                            InFlight {
+                                reply: request.reply,
+                                _input: input,
+                                output,
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        let _ = request.reply.send(Err(error));
+                    }
+                }
+            }
+        }
+        if !jobs.is_empty() {
+            if let Err(error) = pair.submit(&jobs) {
+                tracing::warn!(%error, "public-key queue refused jobs");
+                for job in &jobs {
+                    if let Some(done) = in_flight.remove(&job.user_data) {
+                        let _ = done.reply.send(Err(JobError::DeviceLost));
+                    }
+                }
+            }
+        }
+        let mut finished = Vec::new();
+        pair.poll(|c| finished.push(c));
+        pair.expire(REQUEST_TIMEOUT, |c| finished.push(c));
+        for completion in finished {
+            if let Some(done) = in_flight.remove(&completion.user_data) {
+                let answer = completion.result.and_then(|out| {
+                    done.output
+                        .to_vec(0, out.len as usize)
+                        .map_err(|_| JobError::BadCompletion("output outside its buffer"))
+                });
+                let _ = done.output.zeroize();
+                let _ = done.reply.send(answer);
+            }
+        }
+        if pair.is_broken() {
+            // The device was reset or timed out: fail everything and take a fresh queue.
+            for (_, done) in in_flight.drain() {
+                let _ = done.reply.send(Err(JobError::DeviceLost));
+            }
+            match device.queue(QueueConfig {
+                size: RING_SIZE,
+                public_key: true,
+                ..QueueConfig::default()
+            }) {
+                Ok(fresh) => pair = fresh,
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        if !in_flight.is_empty() {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// DMA buffers and a job for one request.
+fn prepare(
+    device: &Arc<Device>,
+    op: PkeOp,
+    tag: u64,
+) -> Result<(Job, Option<DmaBuffer>, DmaBuffer), JobError> {
+    let pool = device.pool();
+    let buffer = |len: usize| pool.alloc(len.max(1)).map_err(|_| JobError::DeviceLost);
+    let with = |bytes: &[u8]| -> Result<DmaBuffer, JobError> {
+        let b = buffer(bytes.len())?;
+        b.write(0, bytes).map_err(|_| JobError::DeviceLost)?;
+        Ok(b)
+    };
+    let span = |b: &DmaBuffer, len: usize| b.span(0, len).map_err(|_| JobError::DeviceLost);
+    let (op, input, output) = match op {
+        PkeOp::Sign {
+            slot,
+            rsa,
+            digest,
+            out_len,
+        } => {
+            let input = with(&digest)?;
+            let output = buffer(out_len)?;
+            let digest_span = span(&input, digest.len())?;
+            let op = match rsa {
+                None => JobOp::EcdsaSign {
+                    slot,
+                    digest: digest_span,
+                    dst: output.whole(),
+                },
+                Some((padding, hash)) => JobOp::RsaSign {
+                    slot,
+                    padding,
+                    hash,
+                    digest: digest_span,
+                    dst: output.whole(),
+                },
+            };
+            (op, Some(input), output)
+        }
+        PkeOp::Generate { slot, kind } => {
+            let output = buffer(kind.key_share_len().unwrap_or(65))?;
+            (
+                JobOp::KxGenerate {
+                    slot,
+                    kind,
+                    dst: output.whole(),
+                },
+                None,
+                output,
+            )
+        }
+        PkeOp::Derive { slot, peer } => {
+            let input = with(&peer)?;
+            let output = buffer(32)?;
+            (
+                JobOp::KxDerive {
+                    slot,
+                    peer: span(&input, peer.len())?,
+                    dst: output.whole(),
+                },
+                Some(input),
+                output,
+            )
+        }
+    };
+    Ok((Job { user_data: tag, op }, input, output))
+}
+
+/// A signing key held in a device slot, with a CPU copy for fallback.
+#[derive(Debug)]
+struct DeviceSigningKey {
+    engine: Arc<PkeEngine>,
+    slot: Arc<KeySlot>,
+    kind: PrivateKeyType,
+    max_signature_len: usize,
+    cpu: Arc<dyn SigningKey>,
+}
+
+impl SigningKey for DeviceSigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let cpu = self.cpu.choose_scheme(offered)?;
+        let scheme = cpu.scheme();
+        let device = device_scheme(self.kind, scheme);
+        if device.is_none() {
+            self.engine
+                .stats
+                .cpu_by_choice
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Some(Box::new(DeviceSigner {
+            engine: Arc::clone(&self.engine),
+            slot: Arc::clone(&self.slot),
+            device,
+            max_signature_len: self.max_signature_len,
+            cpu,
+        }))
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        self.cpu.public_key()
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.cpu.algorithm()
+    }
+}
+
+/// How the device makes a signature scheme with a key of `kind`: the digest, and for RSA the
+/// padding. `None`: the device does not offer it (SHA-1, Ed25519, P-521, ...).
+fn device_scheme(
+    kind: PrivateKeyType,
+    scheme: SignatureScheme,
+) -> Option<(
+    &'static digest::Algorithm,
+    Option<(RsaPadding, HashAlgorithm)>,
+)> {
+    use SignatureScheme as S;
+    let rsa = |padding, hash| Some((padding, hash));
+    match (kind, scheme) {
+        (PrivateKeyType::ECDSA_P256, S::ECDSA_NISTP256_SHA256) => Some((&digest::SHA256, None)),
+        (PrivateKeyType::ECDSA_P384, S::ECDSA_NISTP384_SHA384) => Some((&digest::SHA384, None)),
+        (PrivateKeyType::RSA, S::RSA_PKCS1_SHA256) => Some((
+            &digest::SHA256,
+            rsa(RsaPadding::PKCS1_V15, HashAlgorithm::SHA256),
+        )),
+        (PrivateKeyType::RSA, S::RSA_PKCS1_SHA384) => Some((
+            &digest::SHA384,
+            rsa(RsaPadding::PKCS1_V15, HashAlgorithm::SHA384),
+        )),
+        (PrivateKeyType::RSA, S::RSA_PKCS1_SHA512) => Some((
+            &digest::SHA512,
+            rsa(RsaPadding::PKCS1_V15, HashAlgorithm::SHA512),
+        )),
+        (PrivateKeyType::RSA, S::RSA_PSS_SHA256) => {
+            Some((&digest::SHA256, rsa(RsaPadding::PSS, HashAlgorithm::SHA256)))
+        }
+        (PrivateKeyType::RSA, S::RSA_PSS_SHA384) => {
+            Some((&digest::SHA384, rsa(RsaPadding::PSS, HashAlgorithm::SHA384)))
+        }
+        (PrivateKeyType::RSA, S::RSA_PSS_SHA512) => {
+            Some((&digest::SHA512, rsa(RsaPadding::PSS, HashAlgorithm::SHA512)))
+        }
+        _ => None,
+    }
+}
+
+struct DeviceSigner {
+    engine: Arc<PkeEngine>,
+    slot: Arc<KeySlot>,
+    device: Option<(
+        &'static digest::Algorithm,
+        Option<(RsaPadding, HashAlgorithm)>,
+    )>,
+    max_signature_len: usize,
+    cpu: Box<dyn Signer>,
+}
+
+impl std::fmt::Debug for DeviceSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSigner")
+            .field("scheme", &self.cpu.scheme())
+            .field("on_device", &self.device.is_some())
+            .finish()
+    }
+}
+
+impl Signer for DeviceSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let Some((hash, rsa)) = self.device else {
+            return self.cpu.sign(message);
+        };
+        let stats = &self.engine.stats;
+        if self.slot.is_live() {
+            let digest = digest::digest(hash, message).as_ref().to_vec();
+            match self.engine.run(PkeOp::Sign {
+                slot: self.slot.index(),
+                rsa,
+                digest,
+                out_len: self.max_signature_len,
+            }) {
+                Ok(signature) => {
+                    stats.device_signatures.fetch_add(1, Ordering::Relaxed);
+                    return Ok(signature);
+                }
+                Err(error) => tracing::warn!(%error, "device signature failed; signing on the CPU"),
+            }
+        }
+        stats.cpu_fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.cpu.sign(message)
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.cpu.scheme()
+    }
+}
+
+/// Loads certificate keys into the device (PKCS#8 ECDSA P-256/P-384 and RSA), keeping a CPU
+/// copy for fallback; anything else stays on the CPU.
+#[derive(Debug)]
+struct DeviceKeyProvider {
+    engine: Arc<PkeEngine>,
+    cpu: &'static dyn KeyProvider,
+}
+
+impl KeyProvider for DeviceKeyProvider {
+    fn load_private_key(
+        &self,
+        key_der: PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn SigningKey>, rustls::Error> {
+        let cpu = self.cpu.load_private_key(key_der.clone_key())?;
+        let PrivateKeyDer::Pkcs8(pkcs8) = &key_der else {
+            self.engine
+                .stats
+                .cpu_by_choice
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(cpu);
+        };
+        let der = pkcs8.secret_pkcs8_der();
+        let (kind, max_signature_len) = match cpu.algorithm() {
+            SignatureAlgorithm::ECDSA => {
+                use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+                if EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der).is_ok() {
+                    (PrivateKeyType::ECDSA_P256, 72)
+                } else {
+                    (PrivateKeyType::ECDSA_P384, 104)
+                }
+            }
+            SignatureAlgorithm::RSA => match aws_lc_rs::signature::RsaKeyPair::from_pkcs8(der) {
+                Ok(key) => (PrivateKeyType::RSA, key.public_modulus_len()),
+                Err(_) => return Ok(cpu),
+            },
+            _ => {
+                self.engine
+                    .stats
+                    .cpu_by_choice
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(cpu);
+            }
+        };
+        match self.engine.device.load_private_key(kind, der) {
+            Ok(slot) => Ok(Arc::new(DeviceSigningKey {
+                engine: Arc::clone(&self.engine),
+                slot: Arc::new(slot),
+                kind,
+                max_signature_len,
+                cpu,
+            })),
+            Err(error) => {
+                tracing::warn!(%error, "could not load the key into the device; signing on the CPU");
+                self.engine
+                    .stats
+                    .cpu_fallbacks
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(cpu)
+            }
+        }
+    }
+}
+
+/// X25519 or secp256r1 with the private half generated and used on the device.
+#[derive(Debug)]
+struct DeviceKxGroup {
+    engine: Arc<PkeEngine>,
+    kind: PrivateKeyType,
+    cpu: &'static dyn SupportedKxGroup,
+}
+
+impl SupportedKxGroup for DeviceKxGroup {
+    fn start(&self) -> Result<Box<dyn ActiveKeyExchange>, rustls::Error> {
+        let stats = &self.engine.stats;
+        match self.engine.device.reserve_key_slot() {
+            Ok(mut slot) => match self.engine.run(PkeOp::Generate {
+                slot: slot.index(),
+                kind: self.kind,
+            }) {
+                Ok(public) => {
+                    slot.mark_filled();
+                    return Ok(Box::new(DeviceKeyExchange {
+                        engine: Arc::clone(&self.engine),
+                        slot,
+                        public,
+                        group: self.cpu.name(),
+                    }));
+                }
+                Err(error) => {
+                    // A refusal left the slot empty; any other failure may not have.
+                    if error.status().is_none() {
+                        slot.mark_filled();
+                    }
+                    tracing::warn!(%error, "device key generation failed; using the CPU")
+                }
+            },
+            Err(error) => tracing::warn!(%error, "no device key slot; using the CPU"),
+        }
+        stats.cpu_fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.cpu.start()
+    }
+
+    fn name(&self) -> NamedGroup {
+        self.cpu.name()
+    }
+}
+
+struct DeviceKeyExchange {
+    engine: Arc<PkeEngine>,
+    slot: KeySlot,
+    public: Vec<u8>,
+    group: NamedGroup,
+}
+
+impl ActiveKeyExchange for DeviceKeyExchange {
+    fn complete(mut self: Box<Self>, peer_pub_key: &[u8]) -> Result<SharedSecret, rustls::Error> {
+        let result = self.engine.run(PkeOp::Derive {
+            slot: self.slot.index(),
+            peer: peer_pub_key.to_vec(),
+        });
+        let stats = &self.engine.stats;
+        match result {
+            Ok(secret) => {
+                self.slot.mark_emptied();
+                stats.device_key_exchanges.fetch_add(1, Ordering::Relaxed);
+                Ok(SharedSecret::from(secret))
+            }
+            Err(JobError::Device { status, .. }) => {
+                // The device took the key out of the slot when it accepted the job.
+                self.slot.mark_emptied();
+                Err(rustls::Error::General(format!(
+                    "key exchange refused: {status}"
+                )))
+            }
+            Err(error) => {
+                stats.failed_midway.fetch_add(1, Ordering::Relaxed);
+                Err(rustls::Error::General(format!(
+                    "device key exchange failed: {error}"
+                )))
+            }
+        }
+    }
+
+    fn pub_key(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn group(&self) -> NamedGroup {
+        self.group
+    }
+}
+
+/// A provider like aws-lc-rs' default one, with X25519 and secp256r1 key exchange and
+/// certificate keys (ECDSA P-256/P-384, RSA) on the device, ordered first. Its key provider
+/// and groups are leaked once (rustls wants `'static` references): build one provider per
+/// device and keep it.
+pub fn device_provider(engine: &Arc<PkeEngine>) -> CryptoProvider {
+    let cpu = rustls::crypto::aws_lc_rs::default_provider();
+    let mut device_groups: Vec<&'static dyn SupportedKxGroup> = Vec::new();
+    let mut others: Vec<&'static dyn SupportedKxGroup> = Vec::new();
+    for group in &cpu.kx_groups {
+        let kind = match group.name() {
+            NamedGroup::X25519 => Some(PrivateKeyType::X25519),
+            NamedGroup::secp256r1 => Some(PrivateKeyType::ECDH_P256),
+            _ => None,
+        };
+        match kind {
+            Some(kind) => device_groups.push(Box::leak(Box::new(DeviceKxGroup {
+                engine: Arc::clone(engine),
+                kind,
+                cpu: *group,
+            }))),
+            None => others.push(*group),
+        }
+    }
+    device_groups.extend(others);
+    CryptoProvider {
+        kx_groups: device_groups,
+        key_provider: Box::leak(Box::new(DeviceKeyProvider {
+            engine: Arc::clone(engine),
+            cpu: cpu.key_provider,
+        })),
+        ..cpu
+    }
+}
