@@ -136,18 +136,34 @@ impl PkeEngine {
 
     /// Runs one operation on the device and waits for it (bounded by `REQUEST_TIMEOUT`).
     fn run(&self, op: PkeOp) -> Result<Vec<u8>, JobError> {
+        let mut results = self.run_in_order(vec![op]);
+        results.pop().unwrap_or(Err(JobError::DeviceLost))
+    }
+
+    /// Queues `ops` together, so they reach the ring in this order (usually under one
+    /// doorbell), and waits for all of them.
+    fn run_in_order(&self, ops: Vec<PkeOp>) -> Vec<Result<Vec<u8>, JobError>> {
         if self.device.is_lost() {
-            return Err(JobError::DeviceLost);
+            return ops.iter().map(|_| Err(JobError::DeviceLost)).collect();
         }
-        let (reply, answer) = mpsc::sync_channel(1);
+        let mut answers = Vec::with_capacity(ops.len());
         {
             let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            queue.push_back(Request { op, reply });
+            for op in ops {
+                let (reply, answer) = mpsc::sync_channel(1);
+                queue.push_back(Request { op, reply });
+                answers.push(answer);
+            }
         }
         self.shared.wake.notify_one();
-        answer
-            .recv_timeout(REQUEST_TIMEOUT)
-            .unwrap_or(Err(JobError::TimedOut))
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer
+                    .recv_timeout(REQUEST_TIMEOUT)
+                    .unwrap_or(Err(JobError::TimedOut))
+            })
+            .collect()
     }
 }
 
@@ -553,6 +569,59 @@ impl SupportedKxGroup for DeviceKxGroup {
         }
         stats.cpu_fallbacks.fetch_add(1, Ordering::Relaxed);
         self.cpu.start()
+    }
+
+    /// A TLS 1.3 server knows the peer's share up front: generation and derivation go to the
+    /// device together, one round trip instead of two. The queue accepts them in order, so
+    /// the derivation finds the key the generation just made, and empties the slot.
+    fn start_and_complete(
+        &self,
+        peer_pub_key: &[u8],
+    ) -> Result<rustls::crypto::CompletedKeyExchange, rustls::Error> {
+        let stats = &self.engine.stats;
+        let Ok(mut slot) = self.engine.device.reserve_key_slot() else {
+            stats.cpu_fallbacks.fetch_add(1, Ordering::Relaxed);
+            return self.cpu.start_and_complete(peer_pub_key);
+        };
+        let mut results = self.engine.run_in_order(vec![
+            PkeOp::Generate {
+                slot: slot.index(),
+                kind: self.kind,
+            },
+            PkeOp::Derive {
+                slot: slot.index(),
+                peer: peer_pub_key.to_vec(),
+            },
+        ]);
+        let derived = results.pop().unwrap_or(Err(JobError::DeviceLost));
+        let generated = results.pop().unwrap_or(Err(JobError::DeviceLost));
+        match (generated, derived) {
+            (Ok(public), Ok(secret)) => {
+                stats.device_key_exchanges.fetch_add(1, Ordering::Relaxed);
+                Ok(rustls::crypto::CompletedKeyExchange {
+                    group: self.cpu.name(),
+                    pub_key: public,
+                    secret: SharedSecret::from(secret),
+                })
+            }
+            (Ok(_), Err(JobError::Device { status, .. })) => {
+                // The peer's share was refused; the device emptied the slot.
+                Err(rustls::Error::General(format!(
+                    "key exchange refused: {status}"
+                )))
+            }
+            (generated, derived) => {
+                // The device failed: the slot may hold a key, so let the handle destroy it,
+                // and do this exchange on the CPU (nothing was sent to the peer yet).
+                if generated.is_ok() || derived.as_ref().err().is_some_and(|e| e.status().is_none())
+                {
+                    slot.mark_filled();
+                }
+                tracing::warn!("device key exchange failed; using the CPU");
+                stats.cpu_fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.cpu.start_and_complete(peer_pub_key)
+            }
+        }
     }
 
     fn name(&self) -> NamedGroup {

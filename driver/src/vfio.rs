@@ -180,14 +180,30 @@ impl VfioPci {
         }
         let group =
             link_name("iommu_group").ok_or_else(|| VfioError::NoIommuGroup(address.to_owned()))?;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(Path::new("/dev/vfio").join(&group))
-            .map_err(|source| VfioError::GroupAccess {
-                group: group.clone(),
-                source,
-            })?;
+        // A group file opens exclusively: one that is busy may just be on its way out of
+        // another user (a process exiting, a handle being dropped), so wait a little.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(Path::new("/dev/vfio").join(&group))
+            {
+                Ok(_) => break,
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => {
+                    return Err(VfioError::GroupAccess {
+                        group: group.clone(),
+                        source,
+                    })
+                }
+            }
+        }
         let reserved = std::fs::read_to_string(
             sys.join("kernel/iommu_groups")
                 .join(&group)

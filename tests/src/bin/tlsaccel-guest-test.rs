@@ -100,7 +100,8 @@ fn main() -> ExitCode {
     for (name, case) in CASES {
         let start = Instant::now();
         let result = std::panic::catch_unwind(|| {
-            let device = Device::open(&device_address).map_err(|e| anyhow::anyhow!("open: {e}"))?;
+            let device =
+                Device::open(&device_address).map_err(|e| anyhow::anyhow!(e).context("open"))?;
             case(&device)
         });
         let took = start.elapsed().as_secs_f64();
