@@ -100,6 +100,11 @@ pub const CASES: &[(&str, CaseFn)] = &[
         "device_key_exchange_agrees_with_the_host",
         crate::public_key::device_key_exchange_agrees_with_the_host,
     ),
+    (
+        "public_key_bursts_do_not_hold_up_records",
+        crate::public_key::public_key_bursts_do_not_hold_up_records,
+    ),
+    ("rsa_key_sizes", crate::public_key::rsa_key_sizes),
 ];
 
 /// Instantiates every conformance case as a `#[test]` for a backend. `$open` is an expression
@@ -130,7 +135,9 @@ macro_rules! conformance_suite {
             wycheproof_x25519,
             wycheproof_ecdh_p256,
             device_signatures_verify_independently,
-            device_key_exchange_agrees_with_the_host);
+            device_key_exchange_agrees_with_the_host,
+            public_key_bursts_do_not_hold_up_records,
+            rsa_key_sizes);
     };
     (@public_key $open:expr; $($case:ident),* $(,)?) => {
         $(

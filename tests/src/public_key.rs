@@ -357,3 +357,139 @@ pub fn device_key_exchange_agrees_with_the_host(device: &Arc<Device>) -> Result<
         "X25519 and P-256 key pairs generated and used once".into(),
     ))
 }
+
+/// A burst of RSA signatures on the public-key queue does not hold up record crypto: a seal
+/// submitted after the burst completes before the device could have worked through one
+/// fetched burst of signatures.
+pub fn public_key_bursts_do_not_hold_up_records(device: &Arc<Device>) -> Result<Outcome> {
+    let file = load_json("rsa_pkcs1_2048_sig_gen_test.json")?;
+    let pkcs8 = hex_field(&file["testGroups"][0], "privateKeyPkcs8")?;
+    let rsa = device.load_private_key(PrivateKeyType::RSA, &pkcs8)?;
+    let mut pke = device.queue(QueueConfig {
+        size: 256,
+        public_key: true,
+        ..QueueConfig::default()
+    })?;
+    let mut records = device.queue(QueueConfig {
+        size: 16,
+        ..QueueConfig::default()
+    })?;
+    let aead = device.load_key(&tlsaccel_driver::KeyMaterial::raw(
+        tlsaccel_driver::abi::AeadAlgorithm::AES_128_GCM,
+        &[1; 16],
+    )?)?;
+    let digest = device.pool().alloc(32)?;
+    let outputs: Vec<_> = (0..8)
+        .map(|_| device.pool().alloc(256))
+        .collect::<Result<_, _>>()?;
+    let burst: Vec<tlsaccel_driver::Job> = (0..200u64)
+        .map(|i| tlsaccel_driver::Job {
+            user_data: i,
+            op: JobOp::RsaSign {
+                slot: rsa.index(),
+                padding: RsaPadding::PKCS1_V15,
+                hash: HashAlgorithm::SHA256,
+                digest: digest.whole(),
+                dst: outputs[i as usize % 8].whole(),
+            },
+        })
+        .collect();
+    ensure!(pke.submit(&burst)? == burst.len());
+    let plain = device.pool().alloc(64)?;
+    let sealed = device.pool().alloc(80)?;
+    let record = run_one(
+        &mut records,
+        JobOp::AeadSeal {
+            slot: aead.index(),
+            nonce: [0; 12],
+            aad: None,
+            src: plain.whole(),
+            dst: sealed.whole(),
+        },
+    )?;
+    ensure!(record.is_ok(), "the record job failed: {record:?}");
+    let mut signed = 0usize;
+    pke.poll(|c| signed += usize::from(c.result.is_ok()));
+    let queued_when_sealed = burst.len() - signed;
+    // An engine shared by both queues would finish a whole fetched burst of signatures (32
+    // descriptors) before it reached the record queue.
+    ensure!(
+        signed < 32,
+        "{signed} signatures finished before the record job: records waited behind handshakes"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pke.outstanding() > 0 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the signature burst did not finish"
+        );
+        pke.poll(|c| signed += usize::from(c.result.is_ok()));
+    }
+    ensure!(
+        signed == burst.len(),
+        "{signed} of {} signatures succeeded",
+        burst.len()
+    );
+    Ok(Outcome::Passed(format!(
+        "a record sealed while {queued_when_sealed} of 200 RSA signatures were still queued"
+    )))
+}
+
+/// RSA 3072 and 4096 keys (made by the system's `openssl`) load, and their PSS signatures
+/// verify on the host; a 1024-bit key is refused.
+pub fn rsa_key_sizes(device: &Arc<Device>) -> Result<Outcome> {
+    let mut pair = pke_queue(device)?;
+    let mut checked = Vec::new();
+    for (bits, accepted) in [(3072u32, true), (4096, true), (1024, false)] {
+        // genpkey's DER is PKCS#1; the device takes PKCS#8.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:{bits} | openssl pkcs8 -topk8 -nocrypt -outform DER"
+            ))
+            .output();
+        let der = match out {
+            Ok(out) if out.status.success() => out.stdout,
+            _ => {
+                return Ok(Outcome::Skipped(
+                    "needs the openssl command to make RSA keys".into(),
+                ))
+            }
+        };
+        let loaded = device.load_private_key(PrivateKeyType::RSA, &der);
+        if !accepted {
+            ensure!(loaded.is_err(), "a {bits}-bit RSA key was accepted");
+            continue;
+        }
+        let slot = loaded.with_context(|| format!("{bits}-bit key"))?;
+        let public = RsaKeyPair::from_pkcs8(&der)
+            .map_err(|_| anyhow!("host cannot read the {bits}-bit key"))?
+            .public_key()
+            .as_ref()
+            .to_vec();
+        let message = b"CertificateVerify";
+        let digest = digest::digest(&digest::SHA384, message);
+        let sig = transform(device, &mut pair, digest.as_ref(), 512, |src, dst| {
+            JobOp::RsaSign {
+                slot: slot.index(),
+                padding: RsaPadding::PSS,
+                hash: HashAlgorithm::SHA384,
+                digest: src,
+                dst,
+            }
+        })?
+        .map_err(|e| anyhow!("{bits}-bit sign: {e}"))?;
+        ensure!(
+            sig.len() * 8 == bits as usize,
+            "{bits}-bit key made a {}-byte signature",
+            sig.len()
+        );
+        signature::UnparsedPublicKey::new(&signature::RSA_PSS_2048_8192_SHA384, &public)
+            .verify(message, &sig)
+            .map_err(|_| anyhow!("{bits}-bit device signature does not verify"))?;
+        checked.push(bits);
+    }
+    Ok(Outcome::Passed(format!(
+        "RSA {checked:?} signed and verified; 1024 refused"
+    )))
+}
