@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use tlsaccel_benches::{bench_queue, pipeline, smoke_mode, DeviceSeal};
-use tlsaccel_driver::{Device, Job, JobOp};
+use tlsaccel_benches::{bench_queue, nop_jobs, pipeline, smoke_mode, DeviceSeal};
+use tlsaccel_driver::Device;
 
 const SERVE_ENV: &str = "TLSACCEL_BENCH_SERVE";
 
@@ -53,15 +53,6 @@ fn start_server() -> (Child, PathBuf) {
 
 fn open(address: &str) -> Arc<Device> {
     Device::open(address).expect("benchmark device opens")
-}
-
-fn nop_jobs() -> Vec<Job> {
-    (0..1024)
-        .map(|i| Job {
-            user_data: i,
-            op: JobOp::Nop,
-        })
-        .collect()
 }
 
 fn process(c: &mut Criterion, vfio_user: &str) {

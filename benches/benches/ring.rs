@@ -5,19 +5,9 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tlsaccel_benches::{bench_queue, open_device, pipeline, RunTime};
-use tlsaccel_driver::{Job, JobOp};
+use tlsaccel_benches::{bench_queue, nop_jobs, open_device, pipeline, RunTime};
 
 const BATCHES: [usize; 4] = [1, 8, 32, 128];
-
-fn nop_jobs() -> Vec<Job> {
-    (0..1024)
-        .map(|i| Job {
-            user_data: i,
-            op: JobOp::Nop,
-        })
-        .collect()
-}
 
 fn ring(c: &mut Criterion) {
     let device = open_device();

@@ -101,6 +101,16 @@ pub fn timer_cost() -> Duration {
     })
 }
 
+/// 1024 NOP jobs.
+pub fn nop_jobs() -> Vec<Job> {
+    (0..1024)
+        .map(|i| Job {
+            user_data: i,
+            op: JobOp::Nop,
+        })
+        .collect()
+}
+
 /// A data queue for benchmarks.
 pub fn bench_queue(device: &Arc<Device>, size: u32) -> QueuePair {
     device

@@ -3,13 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TLSACCEL_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tlsaccel::cli::init_logging();
     match tlsaccel::cli::run(tlsaccel::cli::Cli::parse()) {
         Ok(code) => code,
         Err(error) => {

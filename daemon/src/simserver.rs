@@ -85,15 +85,8 @@ impl IvshmemServer {
             )
             .map_err(|e| SimServerError::Memory(tlsaccel_driver::DmaError::Map(Box::new(e))))?;
         write_header(&memory, vectors).map_err(SimServerError::Memory)?;
-        let doorbells = (0..vectors)
-            .map(|_| EventFd::new().map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(SimServerError::EventFd)?;
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|source| SimServerError::Listen {
-            path: path.to_owned(),
-            source,
-        })?;
+        let doorbells = eventfds(vectors)?;
+        let listener = listen(path)?;
         Ok(Self {
             listener,
             path: path.to_owned(),
@@ -158,10 +151,7 @@ impl IvshmemServer {
         for doorbell in &self.doorbells {
             send(&stream, i64::from(DEVICE_PEER), Some(doorbell.as_fd())).map_err(io)?;
         }
-        let guest_vectors = (0..self.vectors)
-            .map(|_| EventFd::new().map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(SimServerError::EventFd)?;
+        let guest_vectors = eventfds(self.vectors)?;
         for vector in &guest_vectors {
             send(&stream, i64::from(id), Some(vector.as_fd())).map_err(io)?;
         }
@@ -261,6 +251,23 @@ impl Drop for IvshmemServer {
     }
 }
 
+/// `count` interrupt eventfds.
+fn eventfds(count: u32) -> Result<Vec<Arc<EventFd>>, SimServerError> {
+    (0..count)
+        .map(|_| EventFd::new().map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(SimServerError::EventFd)
+}
+
+/// Listens on `path`, replacing a stale socket file.
+fn listen(path: &Path) -> Result<UnixListener, SimServerError> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|source| SimServerError::Listen {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 fn write_header(memory: &DmaRegion, vectors: u32) -> Result<(), tlsaccel_driver::DmaError> {
     let size = memory.len() as u64;
     memory.write(shm::HDR_VERSION, &shm::VERSION.to_le_bytes())?;
@@ -310,11 +317,7 @@ pub struct VfioUserServer {
 impl VfioUserServer {
     /// Listens on `path` (replacing a stale socket file).
     pub fn bind(path: &Path, config: DeviceConfig, clients: usize) -> Result<Self, SimServerError> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|source| SimServerError::Listen {
-            path: path.to_owned(),
-            source,
-        })?;
+        let listener = listen(path)?;
         Ok(Self {
             listener,
             path: path.to_owned(),

@@ -64,15 +64,7 @@ pub struct AeadVector {
 
 /// Loads every case of an AEAD vector file, e.g. `aes_gcm_test.json`.
 pub fn load_aead(file: &str) -> Result<Vec<AeadVector>> {
-    let path = vector_dir().join(file);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {} (set TLSACCEL_TESTVECTORS to the wycheproof directory)",
-            path.display()
-        )
-    })?;
-    let parsed: File =
-        serde_json::from_str(&text).with_context(|| format!("cannot parse {}", path.display()))?;
+    let parsed: File = parse(file)?;
     let mut out = Vec::new();
     for group in parsed.groups {
         for t in group.tests {
@@ -97,6 +89,11 @@ pub fn load_aead(file: &str) -> Result<Vec<AeadVector>> {
 
 /// Loads a Wycheproof file as raw JSON (for the public-key schemas, whose shapes differ).
 pub fn load_json(file: &str) -> Result<serde_json::Value> {
+    parse(file)
+}
+
+/// Reads and parses a vector file.
+fn parse<T: serde::de::DeserializeOwned>(file: &str) -> Result<T> {
     let path = vector_dir().join(file);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
