@@ -56,6 +56,12 @@ pub enum Command {
         #[arg(long, default_value_t = 2)]
         engines: usize,
     },
+    /// Check a configuration file (syntax, meaning, certificate files); exits non-zero with
+    /// the file, line and key of the first problem.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
     /// Run known-answer tests on a device and print a table; exits non-zero on any failure.
     Selftest {
         /// Device address: `sim`, or `sim:queues=N,engines=N,key-slots=N`.
@@ -123,6 +129,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             server.run(&stop)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::CheckConfig { file } => match crate::config::Config::load(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} listeners, {} pools, {} routes, {} devices)",
+                    file.display(),
+                    config.listeners.len(),
+                    config.pools.len(),
+                    config.routes.len(),
+                    config.devices.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Selftest { device } => {
             let opened = Device::open(&device)
                 .map_err(|e| anyhow::anyhow!("cannot open device {device:?}: {e}"))?;

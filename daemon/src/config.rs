@@ -1,0 +1,637 @@
+//! The daemon's configuration: TOML, strictly validated.
+//!
+//! Every table refuses unknown keys; every error names the file, the line and the key, and
+//! says what is wrong. [`Config::parse`] checks syntax, types and meaning (names unique,
+//! references resolvable, addresses and limits sane) without touching the file system;
+//! [`Config::load`] also checks that the certificate and key files it names can be read.
+//! `examples/tlsaccel.toml` documents every key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {message}")]
+    Read { file: PathBuf, message: String },
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{file}:{line}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Listener>,
+    /// Accelerators to use, in order of preference.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceSection>,
+    /// When record crypto goes to the device and when it stays on the CPU.
+    #[serde(default)]
+    pub offload: Offload,
+    /// Groups of backend servers.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<Pool>,
+    /// Which pool serves which SNI name / ALPN protocol on which listener.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+    /// Metrics and status endpoint.
+    pub admin: Option<Admin>,
+}
+
+/// A TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: Spanned<String>,
+    /// `ip:port`.
+    pub address: Spanned<String>,
+    /// Certificates, chosen by SNI; one without `sni` is the default.
+    #[serde(rename = "certificate")]
+    pub certificates: Vec<Certificate>,
+    /// ALPN protocols offered, in preference order.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    /// `"1.2"` and/or `"1.3"`.
+    #[serde(default = "default_versions")]
+    pub tls_versions: Spanned<Vec<String>>,
+    /// The pool for connections no route matches.
+    pub default_pool: Option<Spanned<String>>,
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: Spanned<u64>,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: Spanned<u64>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: Spanned<u32>,
+}
+
+/// A certificate chain and its key, PEM files relative to the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// Server names this certificate answers (`*.example.com` allowed); none: the default.
+    #[serde(default)]
+    pub sni: Vec<String>,
+    pub chain: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+}
+
+/// An accelerator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// `sim`, `vfio:0000:03:00.0`, `vfio-user:/path`.
+    pub address: Spanned<String>,
+    /// Data queues to use.
+    #[serde(default = "default_queues")]
+    pub queues: Spanned<u32>,
+}
+
+/// Record-offload policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Offload {
+    /// Records smaller than this are sealed on the CPU (per-job overhead dominates them).
+    #[serde(default = "default_threshold")]
+    pub cpu_below_bytes: Spanned<u32>,
+    /// Most records per doorbell.
+    #[serde(default = "default_batch")]
+    pub batch_max: Spanned<u32>,
+    /// Longest a record waits for its batch to fill.
+    #[serde(default = "default_batch_latency")]
+    pub batch_latency_us: Spanned<u32>,
+}
+
+impl Default for Offload {
+    fn default() -> Self {
+        Self {
+            cpu_below_bytes: default_threshold(),
+            batch_max: default_batch(),
+            batch_latency_us: default_batch_latency(),
+        }
+    }
+}
+
+/// Load-balancing algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    LeastConnections,
+    PowerOfTwoChoices,
+}
+
+/// A group of backend servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub name: Spanned<String>,
+    /// `host:port` of each server.
+    pub servers: Spanned<Vec<String>>,
+    #[serde(default = "default_balance")]
+    pub balance: Balance,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: Spanned<u64>,
+    /// Other servers to try when a connection fails.
+    #[serde(default = "default_retries")]
+    pub retries: Spanned<u32>,
+    pub health_check: Option<HealthCheck>,
+    /// Re-encrypt to the backend.
+    pub tls: Option<BackendTls>,
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "default_health_interval")]
+    pub interval_ms: Spanned<u64>,
+    /// An HTTP GET of this path must answer 2xx; without it, a TCP connect is the check.
+    pub http_path: Option<Spanned<String>>,
+}
+
+/// TLS to the backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTls {
+    /// Server name to send and verify.
+    pub server_name: Spanned<String>,
+    /// PEM CA bundle; the system roots when absent.
+    pub ca: Option<Spanned<PathBuf>>,
+}
+
+/// A routing rule; the first that matches wins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub listener: Spanned<String>,
+    pub sni: Option<String>,
+    pub alpn: Option<String>,
+    pub pool: Spanned<String>,
+}
+
+/// The admin endpoint (plain HTTP; bind it to loopback or a management network).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: Spanned<String>,
+}
+
+fn spanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
+}
+fn default_versions() -> Spanned<Vec<String>> {
+    spanned(vec!["1.2".into(), "1.3".into()])
+}
+fn default_handshake_timeout() -> Spanned<u64> {
+    spanned(10_000)
+}
+fn default_idle_timeout() -> Spanned<u64> {
+    spanned(300_000)
+}
+fn default_max_connections() -> Spanned<u32> {
+    spanned(10_000)
+}
+fn default_queues() -> Spanned<u32> {
+    spanned(4)
+}
+fn default_threshold() -> Spanned<u32> {
+    spanned(1024)
+}
+fn default_batch() -> Spanned<u32> {
+    spanned(32)
+}
+fn default_batch_latency() -> Spanned<u32> {
+    spanned(50)
+}
+fn default_balance() -> Balance {
+    Balance::RoundRobin
+}
+fn default_connect_timeout() -> Spanned<u64> {
+    spanned(2_000)
+}
+fn default_retries() -> Spanned<u32> {
+    spanned(2)
+}
+fn default_health_interval() -> Spanned<u64> {
+    spanned(2_000)
+}
+
+/// Turns spans into lines and collects errors.
+struct Checker<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid<T>(
+        &self,
+        at: &Spanned<T>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line: self.line(at.span().start),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn socket_address(&self, value: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+        value
+            .get_ref()
+            .parse::<SocketAddr>()
+            .map(|_| ())
+            .map_err(|_| {
+                self.invalid(
+                    value,
+                    key,
+                    format!("{:?} is not an ip:port address", value.get_ref()),
+                )
+            })
+    }
+
+    fn range<T: PartialOrd + Copy + std::fmt::Display>(
+        &self,
+        value: &Spanned<T>,
+        key: &str,
+        low: T,
+        high: T,
+    ) -> Result<(), ConfigError> {
+        let v = *value.get_ref();
+        if v < low || v > high {
+            return Err(self.invalid(value, key, format!("{v} is outside {low}..={high}")));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses and checks `text`, read from `file` (used in messages and to resolve relative
+    /// paths). Touches no file.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let start = e.span().map_or(0, |s| s.start);
+            let before = &text[..start.min(text.len())];
+            ConfigError::Syntax {
+                file: file.to_owned(),
+                line: before.bytes().filter(|&b| b == b'\n').count() + 1,
+                column: before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+                message: e.message().to_string(),
+            }
+        })?;
+        config.check(&Checker { file, text })?;
+        Ok(config)
+    }
+
+    /// Reads, parses and checks `file`, and checks that every certificate and key file it
+    /// names can be read.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        let config = Self::parse(&text, file)?;
+        let checker = Checker { file, text: &text };
+        let base = file.parent().unwrap_or(Path::new("."));
+        for (l, listener) in config.listeners.iter().enumerate() {
+            for (c, cert) in listener.certificates.iter().enumerate() {
+                for (path, what) in [(&cert.chain, "chain"), (&cert.key, "key")] {
+                    let full = base.join(path.get_ref());
+                    if let Err(e) = std::fs::metadata(&full).and_then(|m| {
+                        if m.is_file() {
+                            Ok(())
+                        } else {
+                            Err(std::io::ErrorKind::InvalidInput.into())
+                        }
+                    }) {
+                        return Err(checker.invalid(
+                            path,
+                            format!("listener[{l}].certificate[{c}].{what}"),
+                            format!("cannot read {}: {e}", full.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    fn check(&self, c: &Checker<'_>) -> Result<(), ConfigError> {
+        let mut pools = HashSet::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            let key = |k: &str| format!("pool[{i}].{k}");
+            if !pools.insert(pool.name.get_ref().as_str()) {
+                return Err(c.invalid(&pool.name, key("name"), "another pool has this name"));
+            }
+            if pool.servers.get_ref().is_empty() {
+                return Err(c.invalid(
+                    &pool.servers,
+                    key("servers"),
+                    "a pool needs at least one server",
+                ));
+            }
+            for server in pool.servers.get_ref() {
+                if server
+                    .rsplit_once(':')
+                    .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+                {
+                    return Err(c.invalid(
+                        &pool.servers,
+                        key("servers"),
+                        format!("{server:?} is not host:port"),
+                    ));
+                }
+            }
+            c.range(
+                &pool.connect_timeout_ms,
+                &key("connect_timeout_ms"),
+                1,
+                60_000,
+            )?;
+            c.range(&pool.retries, &key("retries"), 0, 16)?;
+            if let Some(health) = &pool.health_check {
+                c.range(
+                    &health.interval_ms,
+                    &key("health_check.interval_ms"),
+                    100,
+                    3_600_000,
+                )?;
+                if let Some(path) = &health.http_path {
+                    if !path.get_ref().starts_with('/') {
+                        return Err(c.invalid(
+                            path,
+                            key("health_check.http_path"),
+                            "must start with /",
+                        ));
+                    }
+                }
+            }
+        }
+        let pool_ref = |name: &Spanned<String>, key: String| {
+            if pools.contains(name.get_ref().as_str()) {
+                Ok(())
+            } else {
+                Err(c.invalid(name, key, format!("no pool is named {:?}", name.get_ref())))
+            }
+        };
+        let mut listeners = HashSet::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            if !listeners.insert(listener.name.get_ref().as_str()) {
+                return Err(c.invalid(
+                    &listener.name,
+                    key("name"),
+                    "another listener has this name",
+                ));
+            }
+            c.socket_address(&listener.address, &key("address"))?;
+            if listener.certificates.is_empty() {
+                return Err(c.invalid(
+                    &listener.name,
+                    key("certificate"),
+                    "a listener needs a certificate",
+                ));
+            }
+            let versions = listener.tls_versions.get_ref();
+            if versions.is_empty() || versions.iter().any(|v| v != "1.2" && v != "1.3") {
+                return Err(c.invalid(
+                    &listener.tls_versions,
+                    key("tls_versions"),
+                    "allowed values are \"1.2\" and \"1.3\"",
+                ));
+            }
+            if let Some(pool) = &listener.default_pool {
+                pool_ref(pool, key("default_pool"))?;
+            }
+            c.range(
+                &listener.handshake_timeout_ms,
+                &key("handshake_timeout_ms"),
+                100,
+                120_000,
+            )?;
+            c.range(
+                &listener.idle_timeout_ms,
+                &key("idle_timeout_ms"),
+                1_000,
+                86_400_000,
+            )?;
+            c.range(
+                &listener.max_connections,
+                &key("max_connections"),
+                1,
+                1_000_000,
+            )?;
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if !listeners.contains(route.listener.get_ref().as_str()) {
+                return Err(c.invalid(
+                    &route.listener,
+                    format!("route[{i}].listener"),
+                    format!("no listener is named {:?}", route.listener.get_ref()),
+                ));
+            }
+            pool_ref(&route.pool, format!("route[{i}].pool"))?;
+        }
+        for (i, device) in self.devices.iter().enumerate() {
+            if let Err(e) = device
+                .address
+                .get_ref()
+                .parse::<tlsaccel_driver::DeviceAddress>()
+            {
+                return Err(c.invalid(
+                    &device.address,
+                    format!("device[{i}].address"),
+                    e.to_string(),
+                ));
+            }
+            c.range(&device.queues, &format!("device[{i}].queues"), 1, 63)?;
+        }
+        c.range(
+            &self.offload.cpu_below_bytes,
+            "offload.cpu_below_bytes",
+            0,
+            16_384,
+        )?;
+        c.range(&self.offload.batch_max, "offload.batch_max", 1, 1024)?;
+        c.range(
+            &self.offload.batch_latency_us,
+            "offload.batch_latency_us",
+            0,
+            100_000,
+        )?;
+        if let Some(admin) = &self.admin {
+            c.socket_address(&admin.address, "admin.address")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:8443"
+default_pool = "web"
+
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[pool]]
+name = "web"
+servers = ["127.0.0.1:8080"]
+
+[[route]]
+listener = "public"
+sni = "api.example.com"
+pool = "web"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("tlsaccel.toml"))
+    }
+
+    #[test]
+    fn a_small_config_parses_with_defaults() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(*config.listeners[0].handshake_timeout_ms.get_ref(), 10_000);
+        assert_eq!(config.pools[0].balance, Balance::RoundRobin);
+        assert_eq!(*config.offload.cpu_below_bytes.get_ref(), 1024);
+    }
+
+    #[test]
+    fn unknown_keys_name_their_line_and_column() {
+        let text = GOOD.replace("default_pool = \"web\"", "defualt_pool = \"web\"");
+        let error = parse(&text).unwrap_err();
+        let ConfigError::Syntax {
+            line,
+            column,
+            message,
+            ..
+        } = &error
+        else {
+            panic!("{error}");
+        };
+        assert_eq!((*line, *column), (5, 1));
+        assert!(
+            message.contains("unknown field `defualt_pool`"),
+            "{message}"
+        );
+        assert!(error.to_string().starts_with("tlsaccel.toml:5:1: "));
+    }
+
+    #[test]
+    fn meaning_errors_name_file_line_and_key() {
+        let error = parse(&GOOD.replace(
+            "sni = \"api.example.com\"\npool = \"web\"",
+            "sni = \"api.example.com\"\npool = \"api\"",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "tlsaccel.toml:18: route[0].pool: no pool is named \"api\""
+        );
+        let error = parse(&GOOD.replace("127.0.0.1:8443", "localhost")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "tlsaccel.toml:4: listener[0].address: \"localhost\" is not an ip:port address"
+        );
+        let bad_balance = GOOD.replace(
+            "servers = [\"127.0.0.1:8080\"]",
+            "servers = [\"127.0.0.1:8080\"]\nbalance = \"random\"",
+        );
+        assert!(matches!(
+            parse(&bad_balance),
+            Err(ConfigError::Syntax { line: 14, .. })
+        ));
+        let bad_version = GOOD.replace(
+            "default_pool = \"web\"",
+            "default_pool = \"web\"\ntls_versions = [\"1.1\"]",
+        );
+        assert!(parse(&bad_version)
+            .unwrap_err()
+            .to_string()
+            .contains("tls_versions"));
+        let no_servers = GOOD.replace("[\"127.0.0.1:8080\"]", "[]");
+        assert!(parse(&no_servers)
+            .unwrap_err()
+            .to_string()
+            .contains("at least one server"));
+        let bad_device = format!("{GOOD}\n[[device]]\naddress = \"pci:1\"\n");
+        assert!(parse(&bad_device)
+            .unwrap_err()
+            .to_string()
+            .contains("device[0].address"));
+        let too_long = GOOD.replace(
+            "default_pool = \"web\"",
+            "default_pool = \"web\"\nhandshake_timeout_ms = 0",
+        );
+        assert!(parse(&too_long)
+            .unwrap_err()
+            .to_string()
+            .contains("outside 100..=120000"));
+    }
+
+    #[test]
+    fn load_checks_certificate_files() {
+        let dir = std::env::temp_dir().join(format!("tlsaccel-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tlsaccel.toml");
+        std::fs::write(&file, GOOD).unwrap();
+        let error = Config::load(&file).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("listener[0].certificate[0].chain"),
+            "{error}"
+        );
+        std::fs::write(dir.join("cert.pem"), "x").unwrap();
+        std::fs::write(dir.join("key.pem"), "x").unwrap();
+        assert!(Config::load(&file).is_ok());
+        assert!(matches!(
+            Config::load(&dir.join("missing.toml")),
+            Err(ConfigError::Read { .. })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tlsaccel.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = Config::parse(&text, &path).unwrap();
+        assert!(!config.listeners.is_empty() && !config.pools.is_empty());
+    }
+}
