@@ -95,13 +95,11 @@ fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
         },
     };
 
-    // Keep the ring full while another thread kills the simulator: whatever was submitted
-    // after it died, or was still queued, can only end as DeviceLost.
+    // Keep the ring full, and kill the simulator once 2,000 jobs have gone in (the ring is
+    // busy then): whatever was submitted after it died, or was still queued, can only end as
+    // DeviceLost.
     let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a child has a pid");
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
-    });
+    let mut killed = false;
     let mut results = Vec::new();
     let mut submitted = 0u64;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -118,11 +116,13 @@ fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
             Ok(n) => submitted += n as u64,
             Err(_) => break,
         }
+        if !killed && submitted >= 2000 {
+            rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                .expect("kill delivered");
+            killed = true;
+        }
     }
-    killer
-        .join()
-        .expect("killer thread")
-        .expect("kill delivered");
+    assert!(killed, "the device was lost before the test killed it");
     child.wait().expect("reap");
     while (results.len() as u64) < submitted {
         assert!(
