@@ -1,12 +1,17 @@
 //! Known-answer tests of a device: every algorithm in every mode, with results a table can
 //! show. The answers are published vectors (the GCM specification's test cases, RFC 8439
-//! section 2.8.2) and TLS records computed once with OpenSSL from fixed keys; none of them
-//! comes from this project's own code.
+//! section 2.8.2, RFC 7748 section 6.1, RFC 5903 section 8.1) and TLS records computed once
+//! with OpenSSL from fixed keys; none of them comes from this project's own code. Signatures,
+//! being randomized (ECDSA, PSS) or keyed by keys made here, are checked by verifying them on
+//! the host.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tlsaccel_driver::abi::{AeadAlgorithm, KeyDirection, RecordProtocol, Status, NONCE_LEN};
+use tlsaccel_driver::abi::{
+    AeadAlgorithm, Capabilities, HashAlgorithm, KeyDirection, PrivateKeyType, RecordProtocol,
+    RsaPadding, Status, NONCE_LEN,
+};
 use tlsaccel_driver::{
     Device, Job, JobError, JobOp, JobOutput, KeyMaterial, QueueConfig, QueuePair,
 };
@@ -355,6 +360,222 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
     }
 }
 
+/// RFC 7748 section 6.1: Alice's private key, Bob's public key, their shared secret.
+const X25519_PRIVATE: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+const X25519_PEER: &str = "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f";
+const X25519_SHARED: &str = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742";
+/// RFC 5903 section 8.1 (256-bit random ECP group): the initiator's private scalar, the
+/// responder's public point, and the shared x-coordinate.
+const P256_PRIVATE: &str = "c88f01f510d9ac3f70a292daa2316de544e9aab8afe84049c62a9c57862d1433";
+const P256_PEER: &str = "04d12dfb5289c8d4f81208b70270398c342296970a0bccb74c736fc7554494bf6356fbf3ca366cc23e8157854c13c58d6aac23f046ada30f8353e74f33039872ab";
+const P256_SHARED: &str = "d6840f6b42f6edafd13116e0e12565202fef8e9ece7dce03812464d04b9442de";
+
+/// Public-key checks: key agreement against published answers; signatures (randomized, so
+/// without a fixed answer) made with keys generated here and verified on the host.
+fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
+    use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
+    let mut pair = match device.queue(QueueConfig {
+        size: 16,
+        public_key: true,
+        ..QueueConfig::default()
+    }) {
+        Ok(pair) => pair,
+        Err(e) => {
+            out.push(Check {
+                algorithm: "-",
+                mode: "public-key queue",
+                result: Err(e.to_string()),
+            });
+            return;
+        }
+    };
+    let mut run = |op: JobOp, out_len: usize, input: &[u8]| -> Result<Vec<u8>, String> {
+        let src = device
+            .pool()
+            .alloc(input.len().max(1))
+            .map_err(|e| e.to_string())?;
+        src.write(0, input).map_err(|e| e.to_string())?;
+        let dst = device.pool().alloc(out_len).map_err(|e| e.to_string())?;
+        let span = src.span(0, input.len()).map_err(|e| e.to_string())?;
+        let op = match op {
+            JobOp::KxDerive { slot, .. } => JobOp::KxDerive {
+                slot,
+                peer: span,
+                dst: dst.whole(),
+            },
+            JobOp::EcdsaSign { slot, .. } => JobOp::EcdsaSign {
+                slot,
+                digest: span,
+                dst: dst.whole(),
+            },
+            JobOp::RsaSign {
+                slot,
+                padding,
+                hash,
+                ..
+            } => JobOp::RsaSign {
+                slot,
+                padding,
+                hash,
+                digest: span,
+                dst: dst.whole(),
+            },
+            other => other,
+        };
+        let mut result = Err(JobError::DeviceLost);
+        pair.run(&[Job { user_data: 1, op }], JOB_TIMEOUT, |done| {
+            result = done.result
+        })
+        .map_err(|e| e.to_string())?;
+        let output = result.map_err(|e| e.to_string())?;
+        dst.to_vec(0, output.len as usize)
+            .map_err(|e| e.to_string())
+    };
+    let placeholder = tlsaccel_driver::DmaSpan::default();
+
+    for (algorithm, kind, private, peer, shared) in [
+        (
+            "X25519",
+            PrivateKeyType::X25519,
+            X25519_PRIVATE,
+            X25519_PEER,
+            X25519_SHARED,
+        ),
+        (
+            "ECDH_P256",
+            PrivateKeyType::ECDH_P256,
+            P256_PRIVATE,
+            P256_PEER,
+            P256_SHARED,
+        ),
+    ] {
+        let result = (|| -> Result<(), String> {
+            let slot = device
+                .load_private_key(kind, &unhex(private)?)
+                .map_err(|e| e.to_string())?;
+            let got = run(
+                JobOp::KxDerive {
+                    slot: slot.index(),
+                    peer: placeholder,
+                    dst: placeholder,
+                },
+                32,
+                &unhex(peer)?,
+            )?;
+            if got != unhex(shared)? {
+                return Err(format!("shared secret differs: {}", hex::encode(got)));
+            }
+            Ok(())
+        })();
+        out.push(Check {
+            algorithm,
+            mode: "key agreement",
+            result,
+        });
+    }
+    let bad_peer = (|| -> Result<(), String> {
+        let slot = device
+            .load_private_key(PrivateKeyType::X25519, &unhex(X25519_PRIVATE)?)
+            .map_err(|e| e.to_string())?;
+        match run(
+            JobOp::KxDerive {
+                slot: slot.index(),
+                peer: placeholder,
+                dst: placeholder,
+            },
+            32,
+            &[0u8; 32],
+        ) {
+            Err(e) if e.contains("INVALID_PUBLIC_KEY") => Ok(()),
+            Err(e) => Err(format!("expected INVALID_PUBLIC_KEY, got {e}")),
+            Ok(_) => Err("a small-order peer key gave a secret".into()),
+        }
+    })();
+    out.push(Check {
+        algorithm: "X25519",
+        mode: "bad peer key",
+        result: bad_peer,
+    });
+
+    let message = b"tlsaccel selftest signature";
+    let ecdsa = (|| -> Result<(), String> {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+            .map_err(|_| "key generation failed".to_string())?;
+        let public =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref())
+                .map_err(|_| "key parse failed".to_string())?
+                .public_key()
+                .as_ref()
+                .to_vec();
+        let slot = device
+            .load_private_key(PrivateKeyType::ECDSA_P256, pkcs8.as_ref())
+            .map_err(|e| e.to_string())?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
+        let sig = run(
+            JobOp::EcdsaSign {
+                slot: slot.index(),
+                digest: placeholder,
+                dst: placeholder,
+            },
+            72,
+            digest.as_ref(),
+        )?;
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, &public)
+            .verify(message, &sig)
+            .map_err(|_| "signature does not verify".to_string())
+    })();
+    out.push(Check {
+        algorithm: "ECDSA_P256",
+        mode: "sign",
+        result: ecdsa,
+    });
+
+    let rsa = RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+        .map_err(|_| "RSA key generation failed".to_string());
+    for (mode, padding, encoding) in [
+        (
+            "pkcs1 sign",
+            RsaPadding::PKCS1_V15,
+            &signature::RSA_PKCS1_2048_8192_SHA256,
+        ),
+        (
+            "pss sign",
+            RsaPadding::PSS,
+            &signature::RSA_PSS_2048_8192_SHA256,
+        ),
+    ] {
+        let result = rsa.as_ref().map_err(Clone::clone).and_then(|key| {
+            let der: aws_lc_rs::encoding::Pkcs8V1Der<'static> =
+                aws_lc_rs::encoding::AsDer::as_der(key)
+                    .map_err(|_| "RSA key export failed".to_string())?;
+            let slot = device
+                .load_private_key(PrivateKeyType::RSA, der.as_ref())
+                .map_err(|e| e.to_string())?;
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
+            let sig = run(
+                JobOp::RsaSign {
+                    slot: slot.index(),
+                    padding,
+                    hash: HashAlgorithm::SHA256,
+                    digest: placeholder,
+                    dst: placeholder,
+                },
+                256,
+                digest.as_ref(),
+            )?;
+            signature::UnparsedPublicKey::new(encoding, key.public_key().as_ref())
+                .verify(message, &sig)
+                .map_err(|_| "signature does not verify".to_string())
+        });
+        out.push(Check {
+            algorithm: "RSA_2048",
+            mode,
+            result,
+        });
+    }
+}
+
 /// Runs every known-answer test on `device`.
 pub fn run(device: &Arc<Device>) -> Result<Vec<Check>, tlsaccel_driver::DeviceError> {
     let pair = device.queue(QueueConfig {
@@ -378,6 +599,13 @@ pub fn run(device: &Arc<Device>) -> Result<Vec<Check>, tlsaccel_driver::DeviceEr
     }
     for kat in RECORD_KATS {
         record_checks(&mut tester, kat, &mut checks);
+    }
+    let public_key = Capabilities::X25519
+        | Capabilities::ECDH_P256
+        | Capabilities::ECDSA_P256
+        | Capabilities::RSA;
+    if device.info().capabilities.contains(public_key) {
+        public_key_checks(device, &mut checks);
     }
     Ok(checks)
 }
@@ -404,16 +632,16 @@ mod tests {
 
     #[test]
     fn every_check_passes_on_the_simulator() {
-        let device = Device::open("sim:queues=2,engines=1,key-slots=64").unwrap();
+        let device = Device::open("sim:queues=3,engines=1,key-slots=64").unwrap();
         let checks = run(&device).unwrap();
-        assert_eq!(checks.len(), 1 + 3 * 3 + 3 * 4);
+        assert_eq!(checks.len(), 1 + 3 * 3 + 3 * 4 + 6);
         let failed: Vec<_> = checks.iter().filter(|c| c.result.is_err()).collect();
         assert!(failed.is_empty(), "{}", table(&checks));
     }
 
     #[test]
     fn a_device_that_corrupts_tags_fails_the_seal_checks() {
-        let device = Device::open("sim:queues=2,engines=1,key-slots=64").unwrap();
+        let device = Device::open("sim:queues=3,engines=1,key-slots=64").unwrap();
         let sim = device.transport().simulator().unwrap();
         sim.inject(tlsaccel_sim::Fault::CorruptNextTag);
         let checks = run(&device).unwrap();

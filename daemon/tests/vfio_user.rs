@@ -171,7 +171,7 @@ fn several_processes_share_one_simulator() {
     for run in runs {
         let stdout = String::from_utf8_lossy(&run.stdout);
         assert!(run.status.success(), "selftest failed:\n{stdout}");
-        assert!(stdout.contains("22 passed, 0 failed"), "{stdout}");
+        assert!(stdout.contains("28 passed, 0 failed"), "{stdout}");
     }
 }
 
