@@ -16,6 +16,23 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Terminate TLS and proxy to backend pools, as the configuration file says. SIGTERM or
+    /// Ctrl-C drains and exits; SIGHUP reloads the file.
+    Serve {
+        /// The TOML configuration (see examples/tlsaccel.toml).
+        #[arg(long, required_unless_present = "demo", conflicts_with = "demo")]
+        config: Option<PathBuf>,
+        /// Run with nothing configured: simulated device, self-signed certificate for
+        /// localhost, a built-in HTTP backend. Try `curl -k https://localhost:8443/`.
+        #[arg(long)]
+        demo: bool,
+        /// Where the demo listens for TLS.
+        #[arg(long, default_value = "127.0.0.1:8443", requires = "demo")]
+        listen: String,
+        /// Where the demo's admin endpoint listens.
+        #[arg(long, default_value = "127.0.0.1:9901", requires = "demo")]
+        admin: String,
+    },
     /// List the devices this host can reach: the simulator and functions bound to vfio-pci.
     Devices {
         /// Root of sysfs (for inspecting another system's tree).
@@ -84,6 +101,12 @@ pub fn init_logging() {
 /// Runs a parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve {
+            config,
+            demo,
+            listen,
+            admin,
+        } => serve(config, demo, &listen, &admin),
         Command::Devices { sysfs, dev } => {
             print!("{}", crate::devices::report(&sysfs, &dev));
             Ok(ExitCode::SUCCESS)
@@ -160,4 +183,67 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn serve(
+    config: Option<PathBuf>,
+    demo: bool,
+    listen: &str,
+    admin: &str,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tlsaccel-worker")
+        .build()?;
+    let result = runtime.block_on(async {
+        let file = match config {
+            Some(file) => file,
+            None => {
+                debug_assert!(demo);
+                let backend = crate::demo::start_backend(([127, 0, 0, 1], 0).into()).await?;
+                let dir =
+                    std::env::temp_dir().join(format!("tlsaccel-demo-{}", std::process::id()));
+                let file = crate::demo::write_config(&dir, listen, backend, admin)?;
+                println!(
+                    "tlsaccel: demo backend on http://{backend}/, configuration in {}",
+                    file.display()
+                );
+                file
+            }
+        };
+        let loaded = crate::config::Config::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let server = crate::serve::Server::start(loaded, Some(file)).await?;
+        for (name, address) in &server.listeners {
+            println!("tlsaccel: listener {name} on https://{address}/");
+        }
+        if let Some(address) = server.admin {
+            println!("tlsaccel: admin on http://{address}/metrics and /status");
+        }
+        match &server.shared.device {
+            Some(device) => println!("tlsaccel: device {}", device.info().name),
+            None => println!("tlsaccel: no device; all crypto on the CPU"),
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = hangup.recv() => {
+                    match server.reload() {
+                        Ok(()) => println!("tlsaccel: configuration reloaded"),
+                        Err(error) => println!("tlsaccel: reload refused: {error:#}"),
+                    }
+                }
+            }
+        }
+        println!("tlsaccel: draining");
+        let left = server.drain().await;
+        println!("tlsaccel: stopped ({left} connections cut at the drain deadline)");
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result.map(|()| ExitCode::SUCCESS)
 }

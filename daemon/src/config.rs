@@ -38,6 +38,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// On SIGTERM, how long open connections may finish before they are closed.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_ms: Spanned<u64>,
     /// Where clients connect.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Listener>,
@@ -73,6 +76,10 @@ pub struct Listener {
     /// `"1.2"` and/or `"1.3"`.
     #[serde(default = "default_versions")]
     pub tls_versions: Spanned<Vec<String>>,
+    /// Cipher suites offered, by IANA name (`TLS13_AES_128_GCM_SHA256`,
+    /// `TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384`, ...); empty: every suite.
+    #[serde(default = "no_suites")]
+    pub cipher_suites: Spanned<Vec<String>>,
     /// The pool for connections no route matches.
     pub default_pool: Option<Spanned<String>>,
     #[serde(default = "default_handshake_timeout")]
@@ -81,6 +88,11 @@ pub struct Listener {
     pub idle_timeout_ms: Spanned<u64>,
     #[serde(default = "default_max_connections")]
     pub max_connections: Spanned<u32>,
+    /// TCP keepalive idle time; 0 turns keepalive off.
+    #[serde(default = "default_keepalive")]
+    pub tcp_keepalive_s: Spanned<u32>,
+    /// Clamp the TCP maximum segment size (bytes).
+    pub tcp_mss: Option<Spanned<u32>>,
 }
 
 /// A certificate chain and its key, PEM files relative to the configuration file.
@@ -118,6 +130,10 @@ pub struct Offload {
     /// Longest a record waits for its batch to fill.
     #[serde(default = "default_batch_latency")]
     pub batch_latency_us: Spanned<u32>,
+    /// A TLS 1.3 connection updates its sending key after this many records (AES-GCM's
+    /// limit is 2^24.5 full records per key; ChaCha20-Poly1305 has none worth reaching).
+    #[serde(default = "default_rekey")]
+    pub rekey_after_records: Spanned<u64>,
 }
 
 impl Default for Offload {
@@ -126,6 +142,7 @@ impl Default for Offload {
             cpu_below_bytes: default_threshold(),
             batch_max: default_batch(),
             batch_latency_us: default_batch_latency(),
+            rekey_after_records: default_rekey(),
         }
     }
 }
@@ -209,6 +226,18 @@ fn default_idle_timeout() -> Spanned<u64> {
 }
 fn default_max_connections() -> Spanned<u32> {
     spanned(10_000)
+}
+fn no_suites() -> Spanned<Vec<String>> {
+    spanned(Vec::new())
+}
+fn default_drain() -> Spanned<u64> {
+    spanned(30_000)
+}
+fn default_keepalive() -> Spanned<u32> {
+    spanned(60)
+}
+fn default_rekey() -> Spanned<u64> {
+    spanned(1 << 23)
 }
 fn default_queues() -> Spanned<u32> {
     spanned(4)
@@ -428,6 +457,27 @@ impl Config {
                     "allowed values are \"1.2\" and \"1.3\"",
                 ));
             }
+            for suite in listener.cipher_suites.get_ref() {
+                let known = rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+                    .iter()
+                    .any(|s| format!("{:?}", s.suite()) == *suite);
+                if !known {
+                    return Err(c.invalid(
+                        &listener.cipher_suites,
+                        key("cipher_suites"),
+                        format!("{suite:?} is not a supported cipher suite"),
+                    ));
+                }
+            }
+            if let Some(mss) = &listener.tcp_mss {
+                c.range(mss, &key("tcp_mss"), 536, 65_495)?;
+            }
+            c.range(
+                &listener.tcp_keepalive_s,
+                &key("tcp_keepalive_s"),
+                0,
+                86_400,
+            )?;
             if let Some(pool) = &listener.default_pool {
                 pool_ref(pool, key("default_pool"))?;
             }
@@ -481,6 +531,13 @@ impl Config {
             16_384,
         )?;
         c.range(&self.offload.batch_max, "offload.batch_max", 1, 1024)?;
+        c.range(
+            &self.offload.rekey_after_records,
+            "offload.rekey_after_records",
+            1,
+            1 << 24,
+        )?;
+        c.range(&self.drain_timeout_ms, "drain_timeout_ms", 0, 3_600_000)?;
         c.range(
             &self.offload.batch_latency_us,
             "offload.batch_latency_us",

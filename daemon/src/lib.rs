@@ -6,12 +6,24 @@
 //! * [`handshake`]: a rustls `CryptoProvider` with signatures and key exchange on the device.
 //! * [`selftest`]: known-answer tests of a device.
 //! * [`simserver`]: the simulator as a separate process behind QEMU's ivshmem device.
+//! * [`serve`]: `tlsaccel serve`, the daemon: listeners, the connection pipeline, reload and
+//!   drain; with [`tls`] (handshakes), [`record`] and [`batch`] (the record layer on the device
+//!   or the CPU), [`pool`] (backends), [`admin`] and [`metrics`] (the admin endpoint) and
+//!   [`demo`] (`serve --demo`).
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod devices;
 pub mod handshake;
+pub mod metrics;
+pub mod pool;
+pub mod record;
 pub mod selftest;
+pub mod serve;
 pub mod simserver;
+pub mod tls;

@@ -13,11 +13,11 @@ use tlsaccel_abi::{
 use zerocopy::FromBytes;
 use zeroize::Zeroize;
 
-use crate::crypto::{self, KeyContext, Output};
 use crate::device::Shared;
 use crate::memory::DmaRange;
 use crate::pke::PrivateKey;
 use crate::queue::{ActiveQueue, IrqAction, Posting};
+use tlsaccel_record::{self as crypto, Output, RecordKey};
 
 /// A public-key descriptor that passed acceptance.
 enum Accepted {
@@ -53,7 +53,7 @@ struct PkeJob {
 struct Job {
     cookie: u64,
     opcode: Opcode,
-    key: Arc<KeyContext>,
+    key: Arc<RecordKey>,
     sequence: u64,
     src: DmaRange,
     dst: DmaRange,

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 
 use tlsaccel_abi::{KeyBlock, KeyDirection, Opcode, RecordProtocol, Status};
 
-use crate::crypto::KeyContext;
 use crate::pke::PrivateKey;
+use tlsaccel_record::RecordKey;
 
 enum SlotKey {
-    Aead(Arc<KeyContext>),
+    Aead(Arc<RecordKey>),
     Private(Arc<PrivateKey>),
 }
 
@@ -26,7 +26,7 @@ struct SlotEntry {
 /// What a record or AEAD job takes from its slot when it is accepted.
 #[derive(Debug, Clone)]
 pub(crate) struct SlotGrant {
-    pub(crate) key: Arc<KeyContext>,
+    pub(crate) key: Arc<RecordKey>,
     /// The record sequence number assigned to the job (TLS operations only).
     pub(crate) sequence: Option<u64>,
 }
@@ -68,7 +68,7 @@ impl KeyTable {
     /// Loads a key block into slot `index`, replacing (and dropping) what it held.
     pub(crate) fn load(&self, index: u32, block: &KeyBlock) -> Result<(), Status> {
         let mut slot = self.slot(index)?;
-        let key = KeyContext::from_block(block)?;
+        let key = RecordKey::from_block(block)?;
         self.store(
             &mut slot,
             SlotEntry {

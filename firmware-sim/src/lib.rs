@@ -11,7 +11,6 @@
 
 #![forbid(unsafe_code)]
 
-mod crypto;
 mod device;
 mod engine;
 mod keys;

@@ -1,6 +1,12 @@
-//! The engines' cryptography: AEAD through aws-lc-rs, and the TLS record constructions of
-//! RFC 8446 (TLS 1.3), RFC 5288 (TLS 1.2 AES-GCM) and RFC 7905 (TLS 1.2 ChaCha20-Poly1305)
-//! around it. Nothing here implements a primitive.
+//! TLS record protection exactly as the tlsaccel device does it: AEAD through aws-lc-rs and
+//! the record constructions of RFC 8446 (TLS 1.3), RFC 5288 (TLS 1.2 AES-GCM) and RFC 7905
+//! (TLS 1.2 ChaCha20-Poly1305) around it. Nothing here implements a primitive.
+//!
+//! The simulated device's engines and the daemon's CPU record path both use this crate, so
+//! a record sealed on either opens on the other, byte for byte. Every function works in place
+//! on one buffer and reports errors as the device's [`Status`] codes.
+
+#![forbid(unsafe_code)]
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use tlsaccel_abi::{
@@ -14,17 +20,17 @@ use zeroize::{Zeroize, Zeroizing};
 const APPLICATION_DATA: u8 = 23;
 
 /// The material of one loaded key slot.
-pub(crate) struct KeyContext {
-    pub(crate) algorithm: AeadAlgorithm,
-    pub(crate) protocol: RecordProtocol,
-    pub(crate) direction: KeyDirection,
+pub struct RecordKey {
+    pub algorithm: AeadAlgorithm,
+    pub protocol: RecordProtocol,
+    pub direction: KeyDirection,
     key: LessSafeKey,
     iv: Zeroizing<[u8; NONCE_LEN]>,
 }
 
-impl std::fmt::Debug for KeyContext {
+impl std::fmt::Debug for RecordKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyContext")
+        f.debug_struct("RecordKey")
             .field("algorithm", &self.algorithm)
             .field("protocol", &self.protocol)
             .field("direction", &self.direction)
@@ -32,9 +38,36 @@ impl std::fmt::Debug for KeyContext {
     }
 }
 
-impl KeyContext {
+impl RecordKey {
+    /// A key for records of `protocol` in `direction`, from a traffic key and static IV.
+    pub fn new(
+        algorithm: AeadAlgorithm,
+        protocol: RecordProtocol,
+        direction: KeyDirection,
+        key: &[u8],
+        iv: [u8; NONCE_LEN],
+    ) -> Result<Self, Status> {
+        let mut block = KeyBlock {
+            algorithm: algorithm.0,
+            protocol: protocol.0,
+            direction: direction.0,
+            iv,
+            ..KeyBlock::default()
+        };
+        let result = match block.key.get_mut(..key.len()) {
+            Some(room) => {
+                room.copy_from_slice(key);
+                Self::from_block(&block)
+            }
+            None => Err(Status::BAD_DESCRIPTOR),
+        };
+        block.key.zeroize();
+        block.iv.zeroize();
+        result
+    }
+
     /// Validates a key block and expands its key. The caller zeroizes the block.
-    pub(crate) fn from_block(block: &KeyBlock) -> Result<Self, Status> {
+    pub fn from_block(block: &KeyBlock) -> Result<Self, Status> {
         let algorithm = AeadAlgorithm(block.algorithm);
         let protocol = RecordProtocol(block.protocol);
         let direction = KeyDirection(block.direction);
@@ -115,20 +148,20 @@ impl KeyContext {
 
 /// What an engine job produced: bytes `buf[start..start + len]` go to `dst`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Output {
-    pub(crate) start: usize,
-    pub(crate) len: usize,
-    pub(crate) info: u8,
+pub struct Output {
+    pub start: usize,
+    pub len: usize,
+    pub info: u8,
 }
 
 /// Room a seal needs in the engine buffer beyond its input: content type, padding and tag.
-pub(crate) const fn seal_headroom(padding: usize) -> usize {
+pub const fn seal_headroom(padding: usize) -> usize {
     1 + padding + TAG_LEN
 }
 
 /// `AEAD_SEAL`: `buf[..len]` holds the plaintext; ciphertext then tag replace it.
-pub(crate) fn aead_seal(
-    key: &KeyContext,
+pub fn aead_seal(
+    key: &RecordKey,
     nonce: [u8; NONCE_LEN],
     aad: &[u8],
     buf: &mut [u8],
@@ -144,8 +177,8 @@ pub(crate) fn aead_seal(
 
 /// `AEAD_OPEN`: `buf[..len]` holds ciphertext then tag; on success its head holds the
 /// plaintext.
-pub(crate) fn aead_open(
-    key: &KeyContext,
+pub fn aead_open(
+    key: &RecordKey,
     nonce: [u8; NONCE_LEN],
     aad: &[u8],
     buf: &mut [u8],
@@ -164,8 +197,8 @@ pub(crate) fn aead_open(
 
 /// `TLS13_SEAL`: the caller has placed `plain_len` plaintext bytes at `buf[TLS_HEADER_LEN..]`.
 /// Writes header, inner content type and padding, seals, appends the tag.
-pub(crate) fn tls13_seal(
-    key: &KeyContext,
+pub fn tls13_seal(
+    key: &RecordKey,
     sequence: u64,
     content_type: u8,
     padding: usize,
@@ -199,8 +232,8 @@ pub(crate) fn tls13_seal(
 
 /// `TLS13_OPEN`: `buf[..len]` holds one whole record. Reports the inner content type in
 /// `info`.
-pub(crate) fn tls13_open(
-    key: &KeyContext,
+pub fn tls13_open(
+    key: &RecordKey,
     sequence: u64,
     buf: &mut [u8],
     len: usize,
@@ -241,8 +274,8 @@ pub(crate) fn tls13_open(
 
 /// `TLS12_SEAL`: the caller has placed `plain_len` plaintext bytes at `buf[prefix..]`, where
 /// `prefix` is the header plus the explicit nonce of the slot's algorithm.
-pub(crate) fn tls12_seal(
-    key: &KeyContext,
+pub fn tls12_seal(
+    key: &RecordKey,
     sequence: u64,
     content_type: u8,
     buf: &mut [u8],
@@ -268,8 +301,8 @@ pub(crate) fn tls12_seal(
 
 /// `TLS12_OPEN`: `buf[..len]` holds one whole record. Reports the header's content type in
 /// `info`.
-pub(crate) fn tls12_open(
-    key: &KeyContext,
+pub fn tls12_open(
+    key: &RecordKey,
     sequence: u64,
     buf: &mut [u8],
     len: usize,
@@ -332,7 +365,7 @@ fn tls12_aad(sequence: u64, content_type: u8, plain_len: usize) -> Result<[u8; 1
 }
 
 /// Zeroizes a scratch buffer that held key material or plaintext.
-pub(crate) fn scrub(buf: &mut [u8]) {
+pub fn scrub(buf: &mut [u8]) {
     buf.zeroize();
 }
 
@@ -344,7 +377,7 @@ mod tests {
         algorithm: AeadAlgorithm,
         protocol: RecordProtocol,
         direction: KeyDirection,
-    ) -> KeyContext {
+    ) -> RecordKey {
         let block = KeyBlock {
             algorithm: algorithm.0,
             protocol: protocol.0,
@@ -357,7 +390,7 @@ mod tests {
         if algorithm == AeadAlgorithm::AES_128_GCM {
             block.key[16..].fill(0);
         }
-        KeyContext::from_block(&block).unwrap()
+        RecordKey::from_block(&block).unwrap()
     }
 
     #[test]
@@ -368,30 +401,30 @@ mod tests {
             direction: KeyDirection::SEAL.0,
             ..KeyBlock::default()
         };
-        assert!(KeyContext::from_block(&good).is_ok());
+        assert!(RecordKey::from_block(&good).is_ok());
         let mut bad = good.clone();
         bad.algorithm = 9;
         assert_eq!(
-            KeyContext::from_block(&bad).unwrap_err(),
+            RecordKey::from_block(&bad).unwrap_err(),
             Status::UNSUPPORTED
         );
         let mut bad = good.clone();
         bad.direction = KeyDirection::ANY.0;
         assert_eq!(
-            KeyContext::from_block(&bad).unwrap_err(),
+            RecordKey::from_block(&bad).unwrap_err(),
             Status::BAD_DESCRIPTOR
         );
         let mut bad = good.clone();
         bad.reserved0[2] = 1;
         assert_eq!(
-            KeyContext::from_block(&bad).unwrap_err(),
+            RecordKey::from_block(&bad).unwrap_err(),
             Status::BAD_DESCRIPTOR
         );
         let mut bad = good;
         bad.algorithm = AeadAlgorithm::AES_128_GCM.0;
         bad.key[20] = 1;
         assert_eq!(
-            KeyContext::from_block(&bad).unwrap_err(),
+            RecordKey::from_block(&bad).unwrap_err(),
             Status::BAD_DESCRIPTOR
         );
     }

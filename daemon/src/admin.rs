@@ -1,0 +1,430 @@
+//! The admin endpoint: `GET /metrics` (Prometheus text) and `GET /status` (JSON), plain
+//! HTTP/1.1 through hyper. Bind it to loopback or a management network.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tlsaccel_driver::abi::regs::Counter;
+use tokio::net::TcpListener;
+
+use crate::metrics::Exposition;
+use crate::serve::Shared;
+
+/// Binds `address` and serves the admin endpoint until the runtime stops; returns the bound
+/// address.
+pub async fn start(address: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let shared = Arc::clone(&shared);
+                    async move { Ok::<_, Infallible>(answer(&request, &shared)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn answer(request: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(shared),
+        ),
+        (&Method::GET, "/status") => (StatusCode::OK, "application/json", status(shared)),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// The Prometheus exposition of every metric.
+pub fn metrics(shared: &Shared) -> String {
+    let s = &shared.stats;
+    let r = &shared.records;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut e = Exposition::default();
+    e.single(
+        "tlsaccel_connections_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        load(&s.connections_accepted),
+    );
+    e.single(
+        "tlsaccel_connections_active",
+        "gauge",
+        "Client connections open now.",
+        load(&s.connections_active),
+    );
+    e.family(
+        "tlsaccel_handshakes_total",
+        "counter",
+        "Completed handshakes by kind (full or resumed), version and suite.",
+    );
+    for (label, value) in s.handshakes.snapshot() {
+        let mut parts = label.splitn(3, ' ');
+        let (kind, version, suite) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        e.sample(
+            "tlsaccel_handshakes_total",
+            &[("kind", kind), ("version", version), ("suite", suite)],
+            value,
+        );
+    }
+    e.family(
+        "tlsaccel_handshake_failures_total",
+        "counter",
+        "Failed handshakes by reason.",
+    );
+    for (reason, value) in s.handshake_failures.snapshot() {
+        e.sample(
+            "tlsaccel_handshake_failures_total",
+            &[("reason", &reason)],
+            value,
+        );
+    }
+    if let Some(pke) = &shared.pke {
+        let h = pke.stats();
+        e.family(
+            "tlsaccel_handshake_operations_total",
+            "counter",
+            "Handshake public-key operations by engine.",
+        );
+        for (op, engine, value) in [
+            ("sign", "device", load(&h.device_signatures)),
+            ("key_exchange", "device", load(&h.device_key_exchanges)),
+            ("any", "cpu_fallback", load(&h.cpu_fallbacks)),
+            ("any", "cpu_by_choice", load(&h.cpu_by_choice)),
+        ] {
+            e.sample(
+                "tlsaccel_handshake_operations_total",
+                &[("op", op), ("engine", engine)],
+                value,
+            );
+        }
+    }
+    e.family(
+        "tlsaccel_records_total",
+        "counter",
+        "TLS records protected, by operation and engine.",
+    );
+    e.family(
+        "tlsaccel_record_bytes_total",
+        "counter",
+        "Plaintext bytes of those records.",
+    );
+    for (op, engine, records, bytes) in [
+        (
+            "seal",
+            "device",
+            &r.device_sealed_records,
+            &r.device_sealed_bytes,
+        ),
+        ("seal", "cpu", &r.cpu_sealed_records, &r.cpu_sealed_bytes),
+        (
+            "open",
+            "device",
+            &r.device_opened_records,
+            &r.device_opened_bytes,
+        ),
+        ("open", "cpu", &r.cpu_opened_records, &r.cpu_opened_bytes),
+    ] {
+        let labels = [("op", op), ("engine", engine)];
+        e.sample("tlsaccel_records_total", &labels, load(records));
+        e.sample("tlsaccel_record_bytes_total", &labels, load(bytes));
+    }
+    e.single(
+        "tlsaccel_key_loads_total",
+        "counter",
+        "Traffic keys loaded into device slots.",
+        load(&r.key_loads),
+    );
+    e.single(
+        "tlsaccel_record_device_fallbacks_total",
+        "counter",
+        "Connection directions moved to the CPU because the device failed them.",
+        load(&r.device_fallbacks),
+    );
+    e.single(
+        "tlsaccel_record_device_saturated_total",
+        "counter",
+        "Record batches done on the CPU because device memory or key slots ran out.",
+        load(&r.device_saturated),
+    );
+    e.family(
+        "tlsaccel_key_updates_total",
+        "counter",
+        "TLS 1.3 KeyUpdates.",
+    );
+    e.sample(
+        "tlsaccel_key_updates_total",
+        &[("direction", "received")],
+        load(&r.key_updates_received),
+    );
+    e.sample(
+        "tlsaccel_key_updates_total",
+        &[("direction", "sent")],
+        load(&r.key_updates_sent),
+    );
+    e.family(
+        "tlsaccel_alerts_sent_total",
+        "counter",
+        "TLS alerts sent, by description.",
+    );
+    for (alert, value) in s.alerts_sent.snapshot() {
+        e.sample("tlsaccel_alerts_sent_total", &[("alert", &alert)], value);
+    }
+    e.single(
+        "tlsaccel_renegotiations_refused_total",
+        "counter",
+        "TLS 1.2 renegotiation attempts refused.",
+        load(&s.renegotiations_refused),
+    );
+    e.single(
+        "tlsaccel_idle_timeouts_total",
+        "counter",
+        "Connections closed for idleness.",
+        load(&s.idle_timeouts),
+    );
+    e.single(
+        "tlsaccel_backend_unavailable_total",
+        "counter",
+        "Connections closed because no backend of their pool answered.",
+        load(&s.backend_unavailable),
+    );
+    e.single(
+        "tlsaccel_unrouted_total",
+        "counter",
+        "Connections no route matched and no default pool took.",
+        load(&s.unrouted),
+    );
+    e.family(
+        "tlsaccel_proxied_bytes_total",
+        "counter",
+        "Plaintext bytes proxied.",
+    );
+    e.sample(
+        "tlsaccel_proxied_bytes_total",
+        &[("direction", "client_to_backend")],
+        load(&s.bytes_client_to_backend),
+    );
+    e.sample(
+        "tlsaccel_proxied_bytes_total",
+        &[("direction", "backend_to_client")],
+        load(&s.bytes_backend_to_client),
+    );
+    e.family(
+        "tlsaccel_reloads_total",
+        "counter",
+        "Configuration reloads by result.",
+    );
+    e.sample(
+        "tlsaccel_reloads_total",
+        &[("result", "ok")],
+        load(&s.reloads),
+    );
+    e.sample(
+        "tlsaccel_reloads_total",
+        &[("result", "refused")],
+        load(&s.reload_failures),
+    );
+    device_metrics(shared, &mut e);
+    backend_metrics(shared, &mut e);
+    e.finish()
+}
+
+fn device_metrics(shared: &Shared, e: &mut Exposition) {
+    let up = shared.device.as_ref().is_some_and(|d| !d.is_lost());
+    e.single(
+        "tlsaccel_device_up",
+        "gauge",
+        "1 when a device is open and serving.",
+        u64::from(up),
+    );
+    if let Some(device) = shared.device.as_ref().filter(|_| up) {
+        e.family(
+            "tlsaccel_device_counter",
+            "counter",
+            "The device's own counters (BAR0 counter block).",
+        );
+        for counter in Counter::ALL {
+            e.sample(
+                "tlsaccel_device_counter",
+                &[("counter", counter.name())],
+                device.counter(counter),
+            );
+        }
+    }
+    e.family(
+        "tlsaccel_device_queue_depth",
+        "gauge",
+        "Record jobs submitted and not yet answered, per queue.",
+    );
+    for (i, rd) in shared.record_devices.iter().enumerate() {
+        let queue = i.to_string();
+        e.sample(
+            "tlsaccel_device_queue_depth",
+            &[("queue", &queue)],
+            rd.queue.stats().in_flight.load(Ordering::Relaxed),
+        );
+    }
+    e.family(
+        "tlsaccel_device_batches_total",
+        "counter",
+        "Record batches (doorbells) submitted, per queue.",
+    );
+    for (i, rd) in shared.record_devices.iter().enumerate() {
+        let queue = i.to_string();
+        e.sample(
+            "tlsaccel_device_batches_total",
+            &[("queue", &queue)],
+            rd.queue.stats().batches.load(Ordering::Relaxed),
+        );
+    }
+    e.family(
+        "tlsaccel_device_job_latency_seconds",
+        "histogram",
+        "Time from a connection handing records to the batcher to their results.",
+    );
+    for (i, rd) in shared.record_devices.iter().enumerate() {
+        let queue = i.to_string();
+        e.histogram(
+            "tlsaccel_device_job_latency_seconds",
+            &[("queue", &queue)],
+            &rd.queue.stats().latency,
+        );
+    }
+}
+
+fn backend_metrics(shared: &Shared, e: &mut Exposition) {
+    let state = shared.state();
+    let mut pools: Vec<_> = state.pools.values().collect();
+    pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let families = [
+        (
+            "tlsaccel_backend_up",
+            "gauge",
+            "1 while the backend is in rotation.",
+        ),
+        (
+            "tlsaccel_backend_active_connections",
+            "gauge",
+            "Connections open to the backend.",
+        ),
+        (
+            "tlsaccel_backend_connections_total",
+            "counter",
+            "Connections made to the backend.",
+        ),
+        (
+            "tlsaccel_backend_errors_total",
+            "counter",
+            "Failed connection attempts.",
+        ),
+        (
+            "tlsaccel_backend_health_check_failures_total",
+            "counter",
+            "Failed active health checks.",
+        ),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        e.family(name, kind, help);
+        for pool in &pools {
+            for backend in &pool.backends {
+                let value = match i {
+                    0 => u64::from(backend.is_healthy()),
+                    1 => u64::from(backend.active()),
+                    2 => backend.connections.load(Ordering::Relaxed),
+                    3 => backend.errors.load(Ordering::Relaxed),
+                    _ => backend.health_failures.load(Ordering::Relaxed),
+                };
+                e.sample(
+                    name,
+                    &[("pool", &pool.name), ("server", &backend.address)],
+                    value,
+                );
+            }
+        }
+    }
+}
+
+/// The daemon's state as JSON.
+pub fn status(shared: &Shared) -> String {
+    let state = shared.state();
+    let mut listeners: Vec<_> = state.listeners.keys().cloned().collect();
+    listeners.sort();
+    let pools: serde_json::Map<String, serde_json::Value> = state
+        .pools
+        .values()
+        .map(|pool| {
+            let backends: Vec<_> = pool
+                .backends
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "server": b.address,
+                        "healthy": b.is_healthy(),
+                        "active_connections": b.active(),
+                        "connections": b.connections.load(Ordering::Relaxed),
+                        "errors": b.errors.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            (pool.name.clone(), serde_json::Value::from(backends))
+        })
+        .collect();
+    let device = shared.device.as_ref().map(|d| {
+        serde_json::json!({
+            "name": d.info().name,
+            "up": !d.is_lost(),
+            "queues": d.info().queues,
+            "key_slots": d.info().key_slots,
+            "record_queues_used": shared.record_devices.len(),
+        })
+    });
+    let body = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "draining": shared.is_draining(),
+        "connections_active": shared.stats.connections_active.load(Ordering::Relaxed),
+        "connections_accepted": shared.stats.connections_accepted.load(Ordering::Relaxed),
+        "listeners": listeners,
+        "device": device,
+        "pools": pools,
+    });
+    let mut text = body.to_string();
+    text.push('\n');
+    text
+}

@@ -1,0 +1,154 @@
+//! Record jobs from many connections gathered into one doorbell.
+//!
+//! Each connection hands its records for one direction to a [`RecordQueue`]; a batcher task
+//! per device queue collects what is waiting (up to `batch_max` jobs, waiting at most
+//! `batch_latency` for more) and submits it as one burst. The burst runs on a task of its
+//! own that owns the jobs' DMA buffers and key slots until the device has answered, so a
+//! connection that goes away mid-batch cannot free memory the device is still writing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tlsaccel_driver::{AsyncQueue, DmaBuffer, JobError, JobOp, JobOutput, KeySlot};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Histogram;
+
+/// Results of a batch in the order of its jobs, and the buffers back for reading.
+pub type BatchResult = (Vec<Result<JobOutput, JobError>>, Vec<DmaBuffer>);
+
+struct Request {
+    ops: Vec<JobOp>,
+    buffers: Vec<DmaBuffer>,
+    slot: Arc<KeySlot>,
+    queued: Instant,
+    reply: oneshot::Sender<BatchResult>,
+}
+
+/// Counters of one batcher.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Doorbell bursts submitted.
+    pub batches: AtomicU64,
+    /// Jobs submitted.
+    pub jobs: AtomicU64,
+    /// Jobs submitted but not yet answered.
+    pub in_flight: AtomicU64,
+    /// Time from a connection handing over its jobs to their answers, in seconds.
+    pub latency: Histogram,
+}
+
+/// A device queue shared by connections. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RecordQueue {
+    requests: mpsc::Sender<Request>,
+    stats: Arc<BatchStats>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("jobs", &self.ops.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordQueue {
+    /// Starts the batcher for `queue` on the current runtime.
+    pub fn start(queue: AsyncQueue, batch_max: usize, batch_latency: Duration) -> Self {
+        let (requests, incoming) = mpsc::channel(1024);
+        let stats = Arc::new(BatchStats::default());
+        tokio::spawn(batcher(
+            queue,
+            incoming,
+            batch_max.max(1),
+            batch_latency,
+            Arc::clone(&stats),
+        ));
+        Self { requests, stats }
+    }
+
+    /// The batcher's counters.
+    pub fn stats(&self) -> &Arc<BatchStats> {
+        &self.stats
+    }
+
+    /// Runs `ops` (whose spans lie in `buffers`, naming `slot`) in submission order within
+    /// some batch; returns their results and the buffers.
+    pub async fn run(
+        &self,
+        ops: Vec<JobOp>,
+        buffers: Vec<DmaBuffer>,
+        slot: Arc<KeySlot>,
+    ) -> BatchResult {
+        let count = ops.len();
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            ops,
+            buffers,
+            slot,
+            queued: Instant::now(),
+            reply,
+        };
+        match self.requests.send(request).await {
+            Ok(()) => match answer.await {
+                Ok(result) => result,
+                Err(_) => (vec![Err(JobError::DeviceLost); count], Vec::new()),
+            },
+            Err(mpsc::error::SendError(request)) => {
+                (vec![Err(JobError::DeviceLost); count], request.buffers)
+            }
+        }
+    }
+}
+
+async fn batcher(
+    queue: AsyncQueue,
+    mut incoming: mpsc::Receiver<Request>,
+    batch_max: usize,
+    batch_latency: Duration,
+    stats: Arc<BatchStats>,
+) {
+    while let Some(first) = incoming.recv().await {
+        let started = Instant::now();
+        let mut jobs = first.ops.len();
+        let mut batch = vec![first];
+        loop {
+            while jobs < batch_max {
+                match incoming.try_recv() {
+                    Ok(request) => {
+                        jobs += request.ops.len();
+                        batch.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if jobs >= batch_max || started.elapsed() >= batch_latency {
+                break;
+            }
+            // Timers are too coarse for microseconds: let other connections run and hand
+            // over their records instead.
+            tokio::task::yield_now().await;
+        }
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
+        stats.in_flight.fetch_add(jobs as u64, Ordering::Relaxed);
+        let queue = queue.clone();
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let ops: Vec<JobOp> = batch.iter().flat_map(|r| r.ops.iter().copied()).collect();
+            let mut results = queue.run_batch(&ops).await.into_iter();
+            stats.in_flight.fetch_sub(jobs as u64, Ordering::Relaxed);
+            for request in batch {
+                let mine: Vec<_> = results.by_ref().take(request.ops.len()).collect();
+                stats
+                    .latency
+                    .observe(request.queued.elapsed().as_secs_f64());
+                // The slot outlives its jobs; dropped here at the earliest.
+                drop(request.slot);
+                let _ = request.reply.send((mine, request.buffers));
+            }
+        });
+    }
+}

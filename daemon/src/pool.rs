@@ -1,0 +1,399 @@
+//! Backend pools: choosing a server, connecting with retries, health.
+//!
+//! A server is out of rotation when its active health check fails, or (passive ejection)
+//! after [`EJECT_AFTER`] connection failures in a row. With a health check it returns when
+//! the check passes; without one, after [`EJECT_FOR`] it gets one trial connection. When
+//! every server is out, all are tried anyway: a pool that might work beats one that surely
+//! does not.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{self, Balance};
+
+/// Connection failures in a row that take a server out of rotation.
+pub const EJECT_AFTER: u32 = 3;
+/// How long a passively ejected server without a health check stays out.
+pub const EJECT_FOR: Duration = Duration::from_secs(10);
+
+/// A byte stream to a backend: plain TCP or TLS.
+pub trait BackendIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> BackendIo for T {}
+
+/// Why no backend could be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("pool {pool}: no server answered after {attempts} attempts (last: {last})")]
+    Exhausted {
+        pool: String,
+        attempts: u32,
+        last: String,
+    },
+}
+
+/// One backend server.
+#[derive(Debug)]
+pub struct Backend {
+    pub address: String,
+    healthy: AtomicBool,
+    failures: AtomicU32,
+    ejected_at: Mutex<Option<Instant>>,
+    active: AtomicU32,
+    pub connections: AtomicU64,
+    pub errors: AtomicU64,
+    pub health_failures: AtomicU64,
+}
+
+impl Backend {
+    fn new(address: String) -> Self {
+        Self {
+            address,
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            ejected_at: Mutex::new(None),
+            active: AtomicU32::new(0),
+            connections: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            health_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// True when the server is in rotation.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Connections open to it now.
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn available(&self, has_health_check: bool) -> bool {
+        if self.is_healthy() {
+            return true;
+        }
+        if has_health_check {
+            return false;
+        }
+        let ejected = self.ejected_at.lock().unwrap_or_else(|e| e.into_inner());
+        ejected.is_some_and(|at| at.elapsed() >= EJECT_FOR)
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.healthy.store(true, Ordering::Relaxed);
+    }
+
+    fn failed(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER
+            && self.healthy.swap(false, Ordering::Relaxed)
+        {
+            tracing::warn!(backend = %self.address, "backend ejected after repeated failures");
+            *self.ejected_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    }
+}
+
+/// A connection's hold on a backend; counts it as active until dropped.
+#[derive(Debug)]
+pub struct Lease(Arc<Backend>);
+
+impl Lease {
+    /// The server.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A pool of backend servers.
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Arc<Backend>>,
+    balance: Balance,
+    connect_timeout: Duration,
+    retries: u32,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    has_health_check: bool,
+    next: AtomicUsize,
+    random: AtomicU64,
+    checks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("backends", &self.backends)
+            .field("balance", &self.balance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for check in &self.checks {
+            check.abort();
+        }
+    }
+}
+
+impl Pool {
+    /// Builds a pool from its configuration and starts its health checks on the current
+    /// runtime. `base` resolves a relative CA path.
+    pub fn new(config: &config::Pool, base: &std::path::Path) -> anyhow::Result<Arc<Self>> {
+        let tls = match &config.tls {
+            None => None,
+            Some(tls) => {
+                let mut roots = rustls::RootCertStore::empty();
+                match &tls.ca {
+                    Some(ca) => {
+                        use rustls::pki_types::pem::PemObject;
+                        let path = base.join(ca.get_ref());
+                        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&path)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                        {
+                            roots.add(
+                                cert.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                            )?;
+                        }
+                    }
+                    None => anyhow::bail!(
+                        "pool {}: TLS to the backend needs a `ca` (no system roots are built in)",
+                        config.name.get_ref()
+                    ),
+                }
+                let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                let name = ServerName::try_from(tls.server_name.get_ref().clone())?;
+                Some((TlsConnector::from(Arc::new(client)), name))
+            }
+        };
+        let backends: Vec<Arc<Backend>> = config
+            .servers
+            .get_ref()
+            .iter()
+            .map(|s| Arc::new(Backend::new(s.clone())))
+            .collect();
+        let connect_timeout = Duration::from_millis(*config.connect_timeout_ms.get_ref());
+        let mut checks = Vec::new();
+        if let Some(health) = &config.health_check {
+            let interval = Duration::from_millis(*health.interval_ms.get_ref());
+            let path = health.http_path.as_ref().map(|p| p.get_ref().clone());
+            for backend in &backends {
+                checks.push(tokio::spawn(health_check(
+                    Arc::clone(backend),
+                    interval,
+                    connect_timeout,
+                    path.clone(),
+                )));
+            }
+        }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        Ok(Arc::new(Self {
+            name: config.name.get_ref().clone(),
+            backends,
+            balance: config.balance,
+            connect_timeout,
+            retries: *config.retries.get_ref(),
+            tls,
+            has_health_check: config.health_check.is_some(),
+            next: AtomicUsize::new(0),
+            random: AtomicU64::new(seed),
+            checks,
+        }))
+    }
+
+    /// Chooses a server not in `tried` by the pool's algorithm.
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let fresh = |i: &usize| !tried.contains(i);
+        let mut candidates: Vec<usize> = (0..self.backends.len())
+            .filter(fresh)
+            .filter(|&i| self.backends[i].available(self.has_health_check))
+            .collect();
+        if candidates.is_empty() {
+            // Every untried server is out of rotation: try them anyway.
+            candidates = (0..self.backends.len()).filter(fresh).collect();
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        let load = |i: &usize| self.backends[*i].active();
+        Some(match self.balance {
+            Balance::RoundRobin => {
+                candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]
+            }
+            Balance::LeastConnections => {
+                // Ties go round-robin so equal servers share the load.
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let n = candidates.len();
+                (0..n)
+                    .map(|k| candidates[(start + k) % n])
+                    .min_by_key(load)
+                    .unwrap_or(candidates[0])
+            }
+            Balance::PowerOfTwoChoices => {
+                let a = candidates[self.random() % candidates.len()];
+                let b = candidates[self.random() % candidates.len()];
+                if load(&b) < load(&a) {
+                    b
+                } else {
+                    a
+                }
+            }
+        })
+    }
+
+    /// xorshift64*: load balancing needs spread, not secrecy.
+    fn random(&self) -> usize {
+        let mut x = self.random.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.random.store(x, Ordering::Relaxed);
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize
+    }
+
+    /// Connects to a server, trying up to `retries` others when one fails.
+    pub async fn connect(&self) -> Result<(Lease, Box<dyn BackendIo>), PoolError> {
+        let mut tried = Vec::new();
+        let mut last = String::from("no server");
+        while tried.len() <= self.retries as usize {
+            let Some(i) = self.pick(&tried) else { break };
+            tried.push(i);
+            let backend = &self.backends[i];
+            backend.active.fetch_add(1, Ordering::Relaxed);
+            let lease = Lease(Arc::clone(backend));
+            match self.connect_to(backend).await {
+                Ok(io) => {
+                    backend.succeeded();
+                    backend.connections.fetch_add(1, Ordering::Relaxed);
+                    return Ok((lease, io));
+                }
+                Err(error) => {
+                    tracing::warn!(backend = %backend.address, %error, "backend connect failed");
+                    backend.failed();
+                    last = format!("{}: {error}", backend.address);
+                }
+            }
+        }
+        Err(PoolError::Exhausted {
+            pool: self.name.clone(),
+            attempts: tried.len() as u32,
+            last,
+        })
+    }
+
+    async fn connect_to(&self, backend: &Backend) -> std::io::Result<Box<dyn BackendIo>> {
+        let stream = connect_tcp(&backend.address, self.connect_timeout).await?;
+        match &self.tls {
+            None => Ok(Box::new(stream)),
+            Some((connector, name)) => {
+                let tls = tokio::time::timeout(
+                    self.connect_timeout,
+                    connector.connect(name.clone(), stream),
+                )
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                Ok(Box::new(tls))
+            }
+        }
+    }
+}
+
+/// Resolves `address` and connects with a deadline; sets TCP_NODELAY.
+pub async fn connect_tcp(address: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let attempt = async {
+        let mut last = std::io::Error::other("address resolved to nothing");
+        for addr in tokio::net::lookup_host(address).await? {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok((stream, addr)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    };
+    let (stream, _addr): (TcpStream, SocketAddr) =
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn health_check(
+    backend: Arc<Backend>,
+    interval: Duration,
+    timeout: Duration,
+    http_path: Option<String>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let result = probe(&backend.address, timeout, http_path.as_deref()).await;
+        match result {
+            Ok(()) => {
+                if !backend.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(backend = %backend.address, "backend back in rotation");
+                }
+                backend.failures.store(0, Ordering::Relaxed);
+            }
+            Err(error) => {
+                backend.health_failures.fetch_add(1, Ordering::Relaxed);
+                if backend.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(backend = %backend.address, %error, "health check failed");
+                }
+            }
+        }
+    }
+}
+
+/// A TCP connect, and with `http_path` a `GET` that must answer 2xx.
+async fn probe(address: &str, timeout: Duration, http_path: Option<&str>) -> std::io::Result<()> {
+    let mut stream = connect_tcp(address, timeout).await?;
+    let Some(path) = http_path else {
+        return Ok(());
+    };
+    let exchange = async {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<_, std::io::Error>(head)
+    };
+    let head = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "health check timed out")
+        })??;
+    if head.starts_with(b"HTTP/1.") && head[9] == b'2' {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "health check answered {:?}",
+            String::from_utf8_lossy(&head)
+        )))
+    }
+}

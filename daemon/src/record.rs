@@ -1,0 +1,679 @@
+//! The record layer of one established connection: framing, protection on the device or the
+//! CPU, and the control messages (alerts, KeyUpdate) TLS carries after its handshake.
+//!
+//! After the handshake rustls hands over the traffic secrets (`dangerous_into_kernel_connection`)
+//! and this module does what rustls would have done with them. Each direction keeps a host
+//! copy of its key; it moves onto a device key slot the first time it sees a record of at
+//! least [`Policy::cpu_below`] bytes, so interactive connections never pay for a key load and
+//! bulk ones pay once. The device numbers a slot's records itself (spec §4.4); the host
+//! mirrors the number, so a direction whose device fails carries on on the CPU at the right
+//! sequence number without the peer noticing. A KeyUpdate gives the direction a new key and
+//! destroys its slot.
+//!
+//! Device jobs run on a spawned task that owns their DMA buffers and key slot until the
+//! device has answered, so a connection dropped mid-batch never frees memory the device may
+//! still write.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rustls::{AlertDescription, ConnectionTrafficSecrets};
+use tlsaccel_driver::abi::{
+    tls12_record_len, tls13_record_len, AeadAlgorithm, KeyDirection, RecordProtocol, Status,
+    TAG_LEN, TLS_HEADER_LEN, TLS_LEGACY_VERSION, TLS_MAX_PLAINTEXT,
+};
+use tlsaccel_driver::{Device, JobError, JobOp, KeyMaterial, KeySlot};
+use tlsaccel_record::RecordKey;
+
+use crate::batch::RecordQueue;
+
+/// TLS content types.
+pub mod content {
+    pub const CHANGE_CIPHER_SPEC: u8 = 20;
+    pub const ALERT: u8 = 21;
+    pub const HANDSHAKE: u8 = 22;
+    pub const APPLICATION_DATA: u8 = 23;
+}
+
+/// Alert levels (RFC 8446 §6).
+const ALERT_WARNING: u8 = 1;
+const ALERT_FATAL: u8 = 2;
+/// Handshake message type of KeyUpdate (RFC 8446 §4.6.3).
+const KEY_UPDATE: u8 = 24;
+/// Longest record body TLS 1.3 allows (RFC 8446 §5.2).
+const TLS13_MAX_BODY: usize = TLS_MAX_PLAINTEXT + 256;
+/// Longest record body TLS 1.2 allows (RFC 5246 §6.2.3).
+const TLS12_MAX_BODY: usize = TLS_MAX_PLAINTEXT + 2048;
+/// Longest post-handshake handshake message we hold while it arrives in pieces.
+const MAX_HANDSHAKE_BUFFER: usize = 64;
+
+/// The negotiated protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Tls12,
+    Tls13,
+}
+
+impl Version {
+    fn protocol(self) -> RecordProtocol {
+        match self {
+            Version::Tls12 => RecordProtocol::TLS12,
+            Version::Tls13 => RecordProtocol::TLS13,
+        }
+    }
+
+    fn max_body(self) -> usize {
+        match self {
+            Version::Tls12 => TLS12_MAX_BODY,
+            Version::Tls13 => TLS13_MAX_BODY,
+        }
+    }
+}
+
+/// Why the record layer ends a connection; [`RecordError::alert`] is what the peer is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("a record failed authentication")]
+    BadRecordMac,
+    #[error("a record is longer than TLS allows")]
+    RecordOverflow,
+    #[error("unexpected message: {0}")]
+    UnexpectedMessage(&'static str),
+    #[error("malformed record: {0}")]
+    Decode(&'static str),
+    #[error("the peer sent a fatal alert ({0:?})")]
+    PeerAlert(AlertDescription),
+    #[error("unusable traffic secrets: {0}")]
+    Secrets(String),
+}
+
+impl RecordError {
+    /// The fatal alert to send, if any (none when the peer already sent one).
+    pub fn alert(&self) -> Option<AlertDescription> {
+        match self {
+            RecordError::BadRecordMac => Some(AlertDescription::BadRecordMac),
+            RecordError::RecordOverflow => Some(AlertDescription::RecordOverflow),
+            RecordError::UnexpectedMessage(_) => Some(AlertDescription::UnexpectedMessage),
+            RecordError::Decode(_) => Some(AlertDescription::DecodeError),
+            RecordError::Secrets(_) => Some(AlertDescription::InternalError),
+            RecordError::PeerAlert(_) => None,
+        }
+    }
+}
+
+/// Counters of the record layer, shared by every connection.
+#[derive(Debug, Default)]
+pub struct RecordStats {
+    pub device_sealed_records: AtomicU64,
+    pub device_sealed_bytes: AtomicU64,
+    pub cpu_sealed_records: AtomicU64,
+    pub cpu_sealed_bytes: AtomicU64,
+    pub device_opened_records: AtomicU64,
+    pub device_opened_bytes: AtomicU64,
+    pub cpu_opened_records: AtomicU64,
+    pub cpu_opened_bytes: AtomicU64,
+    /// Key loads into device slots.
+    pub key_loads: AtomicU64,
+    /// Directions that moved to the CPU because the device failed them.
+    pub device_fallbacks: AtomicU64,
+    /// Batches done on the CPU because DMA memory or key slots ran out.
+    pub device_saturated: AtomicU64,
+    pub key_updates_received: AtomicU64,
+    pub key_updates_sent: AtomicU64,
+}
+
+/// When records go to the device.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// A direction moves to the device at its first record of at least this many bytes.
+    pub cpu_below: usize,
+}
+
+/// The device side of the record layer: where a connection's jobs go.
+#[derive(Debug, Clone)]
+pub struct RecordDevice {
+    pub device: Arc<Device>,
+    pub queue: RecordQueue,
+}
+
+/// One direction's key and sequence number, on the CPU and perhaps on a device slot.
+pub struct Direction {
+    version: Version,
+    seal: bool,
+    material: KeyMaterial,
+    cpu: RecordKey,
+    sequence: u64,
+    slot: Option<Arc<KeySlot>>,
+    /// The device failed this direction once; it stays on the CPU.
+    device_off: bool,
+}
+
+impl std::fmt::Debug for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direction")
+            .field("version", &self.version)
+            .field("seal", &self.seal)
+            .field("sequence", &self.sequence)
+            .field("on_device", &self.slot.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Direction {
+    /// A direction protected with `secrets`, whose next record has number `sequence`.
+    pub fn new(
+        version: Version,
+        seal: bool,
+        secrets: &ConnectionTrafficSecrets,
+        sequence: u64,
+    ) -> Result<Self, RecordError> {
+        let (algorithm, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (AeadAlgorithm::AES_128_GCM, key.as_ref(), iv.as_ref())
+            }
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                (AeadAlgorithm::AES_256_GCM, key.as_ref(), iv.as_ref())
+            }
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (AeadAlgorithm::CHACHA20_POLY1305, key.as_ref(), iv.as_ref())
+            }
+            _ => return Err(RecordError::Secrets("unsupported cipher suite".into())),
+        };
+        let iv: [u8; 12] = iv
+            .try_into()
+            .map_err(|_| RecordError::Secrets("IV is not 12 bytes".into()))?;
+        let direction = if seal {
+            KeyDirection::SEAL
+        } else {
+            KeyDirection::OPEN
+        };
+        let material =
+            KeyMaterial::new(algorithm, version.protocol(), direction, key, iv, sequence)
+                .map_err(|e| RecordError::Secrets(e.to_string()))?;
+        let cpu = RecordKey::new(algorithm, version.protocol(), direction, key, iv)
+            .map_err(|s| RecordError::Secrets(format!("key refused: {s}")))?;
+        Ok(Self {
+            version,
+            seal,
+            material,
+            cpu,
+            sequence,
+            slot: None,
+            device_off: false,
+        })
+    }
+
+    /// The number of the next record.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// True while this direction's key is in a device slot.
+    pub fn on_device(&self) -> bool {
+        self.slot.is_some()
+    }
+
+    /// Moves the key onto the device if the policy says so and it is not there yet; returns
+    /// true when the batch should go to the device.
+    fn wants_device(
+        &mut self,
+        device: Option<&RecordDevice>,
+        policy: Policy,
+        largest: usize,
+        stats: &RecordStats,
+    ) -> bool {
+        if self.slot.is_some() {
+            return true;
+        }
+        let Some(device) = device else { return false };
+        if self.device_off || largest < policy.cpu_below || device.device.is_lost() {
+            return false;
+        }
+        self.material.sequence = self.sequence;
+        // A key load is one admin round trip; block this worker, not the runtime.
+        let loaded = tokio::task::block_in_place(|| device.device.load_key(&self.material));
+        match loaded {
+            Ok(slot) => {
+                stats.key_loads.fetch_add(1, Ordering::Relaxed);
+                self.slot = Some(Arc::new(slot));
+                true
+            }
+            Err(tlsaccel_driver::DeviceError::NoFreeSlot) => {
+                stats.device_saturated.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%error, "key load failed; direction stays on the CPU");
+                self.fall_back(stats);
+                false
+            }
+        }
+    }
+
+    fn fall_back(&mut self, stats: &RecordStats) {
+        self.slot = None;
+        self.device_off = true;
+        stats.device_fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Seals each `(content type, plaintext)` (at most 2^14 bytes each) into one record and
+    /// appends the records to `out`, in order.
+    pub async fn seal(
+        &mut self,
+        items: &[(u8, &[u8])],
+        out: &mut Vec<u8>,
+        device: Option<&RecordDevice>,
+        policy: Policy,
+        stats: &RecordStats,
+    ) {
+        debug_assert!(self.seal);
+        let largest = items.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
+        let mut done = 0;
+        if let Some(device) = device.filter(|_| !items.is_empty()) {
+            if self.wants_device(Some(device), policy, largest, stats) {
+                done = self.seal_on_device(items, out, device, stats).await;
+            }
+        }
+        for &(content_type, plaintext) in &items[done..] {
+            self.seal_on_cpu(content_type, plaintext, out);
+            stats.cpu_sealed_records.fetch_add(1, Ordering::Relaxed);
+            stats
+                .cpu_sealed_bytes
+                .fetch_add(plaintext.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Seals on the device; returns how many items it sealed (the rest are the CPU's).
+    async fn seal_on_device(
+        &mut self,
+        items: &[(u8, &[u8])],
+        out: &mut Vec<u8>,
+        device: &RecordDevice,
+        stats: &RecordStats,
+    ) -> usize {
+        let Some(slot) = self.slot.clone() else {
+            return 0;
+        };
+        let algorithm = self.material.algorithm;
+        let mut buffers = Vec::with_capacity(items.len() * 2);
+        let mut ops = Vec::with_capacity(items.len());
+        for &(content_type, plaintext) in items {
+            let record_len = match self.version {
+                Version::Tls13 => tls13_record_len(plaintext.len(), 0),
+                Version::Tls12 => tls12_record_len(algorithm, plaintext.len()),
+            };
+            let pool = device.device.pool();
+            let (Ok(src), Ok(dst)) = (pool.alloc(plaintext.len().max(1)), pool.alloc(record_len))
+            else {
+                stats.device_saturated.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            };
+            if src.write(0, plaintext).is_err() {
+                return 0;
+            }
+            let (Ok(src_span), dst_span) = (src.span(0, plaintext.len()), dst.whole()) else {
+                return 0;
+            };
+            ops.push(match self.version {
+                Version::Tls13 => JobOp::Tls13Seal {
+                    slot: slot.index(),
+                    content_type,
+                    padding: 0,
+                    src: src_span,
+                    dst: dst_span,
+                },
+                Version::Tls12 => JobOp::Tls12Seal {
+                    slot: slot.index(),
+                    algorithm,
+                    content_type,
+                    src: src_span,
+                    dst: dst_span,
+                },
+            });
+            buffers.push(src);
+            buffers.push(dst);
+        }
+        let (results, buffers) = device.queue.run(ops, buffers, Arc::clone(&slot)).await;
+        for (i, result) in results.iter().enumerate() {
+            let dst = &buffers[2 * i + 1];
+            match result {
+                Ok(output) => {
+                    let at = out.len();
+                    out.resize(at + output.len as usize, 0);
+                    if dst.read(0, &mut out[at..]).is_err() {
+                        out.truncate(at);
+                        self.fall_back(stats);
+                        return i;
+                    }
+                    self.sequence += 1;
+                    stats.device_sealed_records.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .device_sealed_bytes
+                        .fetch_add(items[i].1.len() as u64, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    // Records after a failed one may have been numbered differently from
+                    // the host's count: they are sealed again on the CPU, and the slot,
+                    // now out of step, is destroyed.
+                    tracing::warn!(%error, "device seal failed; direction moves to the CPU");
+                    self.fall_back(stats);
+                    return i;
+                }
+            }
+        }
+        results.len()
+    }
+
+    fn seal_on_cpu(&mut self, content_type: u8, plaintext: &[u8], out: &mut Vec<u8>) {
+        let at = out.len();
+        let (prefix, record_len) = match self.version {
+            Version::Tls13 => (TLS_HEADER_LEN, tls13_record_len(plaintext.len(), 0)),
+            Version::Tls12 => (
+                TLS_HEADER_LEN + self.material.algorithm.tls12_explicit_nonce_len(),
+                tls12_record_len(self.material.algorithm, plaintext.len()),
+            ),
+        };
+        out.resize(at + record_len, 0);
+        let buf = &mut out[at..];
+        buf[prefix..prefix + plaintext.len()].copy_from_slice(plaintext);
+        let sealed = match self.version {
+            Version::Tls13 => tlsaccel_record::tls13_seal(
+                &self.cpu,
+                self.sequence,
+                content_type,
+                0,
+                buf,
+                plaintext.len(),
+            ),
+            Version::Tls12 => tlsaccel_record::tls12_seal(
+                &self.cpu,
+                self.sequence,
+                content_type,
+                buf,
+                plaintext.len(),
+            ),
+        };
+        // The buffer was sized for exactly this record, so sealing cannot fail.
+        debug_assert!(matches!(sealed, Ok(o) if o.len == record_len));
+        self.sequence += 1;
+    }
+
+    /// Opens whole records (each as framed by [`frame`]) in order. Stops at the first
+    /// failure, which is the last result.
+    pub async fn open(
+        &mut self,
+        records: &[&[u8]],
+        device: Option<&RecordDevice>,
+        policy: Policy,
+        stats: &RecordStats,
+    ) -> Vec<Result<(u8, Vec<u8>), RecordError>> {
+        debug_assert!(!self.seal);
+        let largest = records.iter().map(|r| r.len()).max().unwrap_or(0);
+        let mut results = Vec::with_capacity(records.len());
+        if let Some(device) = device.filter(|_| !records.is_empty()) {
+            if self.wants_device(Some(device), policy, largest, stats) {
+                self.open_on_device(records, device, stats, &mut results)
+                    .await;
+            }
+        }
+        while results.len() < records.len() && !matches!(results.last(), Some(Err(_))) {
+            let record = records[results.len()];
+            let opened = self.open_on_cpu(record);
+            if let Ok((_, plain)) = &opened {
+                stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .cpu_opened_bytes
+                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
+            }
+            results.push(opened);
+        }
+        results
+    }
+
+    async fn open_on_device(
+        &mut self,
+        records: &[&[u8]],
+        device: &RecordDevice,
+        stats: &RecordStats,
+        results: &mut Vec<Result<(u8, Vec<u8>), RecordError>>,
+    ) {
+        let Some(slot) = self.slot.clone() else {
+            return;
+        };
+        let algorithm = self.material.algorithm;
+        let mut buffers = Vec::with_capacity(records.len() * 2);
+        let mut ops = Vec::with_capacity(records.len());
+        for record in records {
+            let pool = device.device.pool();
+            let (Ok(src), Ok(dst)) = (pool.alloc(record.len()), pool.alloc(record.len())) else {
+                stats.device_saturated.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            if src.write(0, record).is_err() {
+                return;
+            }
+            let (Ok(src_span), dst_span) = (src.span(0, record.len()), dst.whole()) else {
+                return;
+            };
+            ops.push(match self.version {
+                Version::Tls13 => JobOp::Tls13Open {
+                    slot: slot.index(),
+                    src: src_span,
+                    dst: dst_span,
+                },
+                Version::Tls12 => JobOp::Tls12Open {
+                    slot: slot.index(),
+                    algorithm,
+                    src: src_span,
+                    dst: dst_span,
+                },
+            });
+            buffers.push(src);
+            buffers.push(dst);
+        }
+        let (outcomes, buffers) = device.queue.run(ops, buffers, Arc::clone(&slot)).await;
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(output) => {
+                    let mut plain = vec![0; output.len as usize];
+                    if buffers[2 * i + 1].read(0, &mut plain).is_err() {
+                        self.fall_back(stats);
+                        return;
+                    }
+                    self.sequence += 1;
+                    stats.device_opened_records.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .device_opened_bytes
+                        .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                    results.push(Ok((output.content_type, plain)));
+                }
+                Err(JobError::Device { status, .. }) if record_status(status).is_some() => {
+                    self.sequence += 1;
+                    results.push(Err(record_status(status)
+                        .unwrap_or(RecordError::Decode("record refused by the device"))));
+                    return;
+                }
+                Err(error) => {
+                    // Not the record's fault: open it (and the rest) on the CPU.
+                    tracing::warn!(%error, "device open failed; direction moves to the CPU");
+                    self.fall_back(stats);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn open_on_cpu(&mut self, record: &[u8]) -> Result<(u8, Vec<u8>), RecordError> {
+        let mut buf = record.to_vec();
+        let opened = match self.version {
+            Version::Tls13 => {
+                tlsaccel_record::tls13_open(&self.cpu, self.sequence, &mut buf, record.len())
+            }
+            Version::Tls12 => {
+                tlsaccel_record::tls12_open(&self.cpu, self.sequence, &mut buf, record.len())
+            }
+        };
+        self.sequence += 1;
+        match opened {
+            Ok(output) => {
+                buf.truncate(output.start + output.len);
+                buf.drain(..output.start);
+                Ok((output.info, buf))
+            }
+            Err(status) => Err(record_status(status)
+                .unwrap_or(RecordError::Decode("record refused by the record layer"))),
+        }
+    }
+}
+
+/// What a device or CPU status on an open says about the record (None: not the record's
+/// fault).
+fn record_status(status: Status) -> Option<RecordError> {
+    match status {
+        Status::AUTH_FAILED => Some(RecordError::BadRecordMac),
+        Status::RECORD_OVERFLOW => Some(RecordError::RecordOverflow),
+        Status::RECORD_MALFORMED => Some(RecordError::UnexpectedMessage(
+            "a TLS 1.3 record without a content type",
+        )),
+        _ => None,
+    }
+}
+
+/// Finds the first whole record in `buf`: `Ok(Some(len))` with its length including the
+/// header, `Ok(None)` when more bytes are needed, or the error to close with.
+pub fn frame(buf: &[u8], version: Version) -> Result<Option<usize>, RecordError> {
+    let Some(header) = buf.get(..TLS_HEADER_LEN) else {
+        return Ok(None);
+    };
+    let content_type = header[0];
+    let record_version = u16::from_be_bytes([header[1], header[2]]);
+    let body = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    let allowed = match version {
+        Version::Tls13 => content_type == content::APPLICATION_DATA,
+        Version::Tls12 => matches!(
+            content_type,
+            content::ALERT | content::HANDSHAKE | content::APPLICATION_DATA
+        ),
+    };
+    if !allowed {
+        return Err(RecordError::UnexpectedMessage(
+            "a record type not allowed after the handshake",
+        ));
+    }
+    if record_version != TLS_LEGACY_VERSION {
+        return Err(RecordError::Decode("record version is not 0x0303"));
+    }
+    if body > version.max_body() {
+        return Err(RecordError::RecordOverflow);
+    }
+    let least = match version {
+        Version::Tls13 => TAG_LEN + 1,
+        // Without knowing the suite: the explicit nonce is the most a record can add.
+        Version::Tls12 => TAG_LEN,
+    };
+    if body < least {
+        return Err(RecordError::Decode("record shorter than its tag"));
+    }
+    let total = TLS_HEADER_LEN + body;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// A post-handshake control message found in the plaintext stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// The peer's KeyUpdate; `true` when it asks us to update ours too.
+    KeyUpdate { update_requested: bool },
+    /// A client's request to renegotiate (TLS 1.2): refused with a warning.
+    Renegotiation,
+    /// close_notify: the peer sends nothing more.
+    CloseNotify,
+    /// A warning alert that changes nothing.
+    Ignored,
+}
+
+/// Collects post-handshake handshake messages, which may span records.
+#[derive(Debug, Default)]
+pub struct HandshakeReader {
+    pending: Vec<u8>,
+}
+
+impl HandshakeReader {
+    /// Takes one handshake record's plaintext. Returns the control message it completes, if
+    /// any. In TLS 1.3 only KeyUpdate may arrive, and it must end its record (RFC 8446 §5.1).
+    pub fn push(&mut self, version: Version, plain: &[u8]) -> Result<Option<Control>, RecordError> {
+        if plain.is_empty() {
+            return Err(RecordError::Decode("empty handshake record"));
+        }
+        if self.pending.len() + plain.len() > MAX_HANDSHAKE_BUFFER {
+            return Err(RecordError::UnexpectedMessage(
+                "post-handshake handshake message too long",
+            ));
+        }
+        self.pending.extend_from_slice(plain);
+        if version == Version::Tls12 {
+            // Any handshake message from a TLS 1.2 client now starts a renegotiation. The
+            // whole message is dropped with the refusal.
+            self.pending.clear();
+            return Ok(Some(Control::Renegotiation));
+        }
+        if self.pending.len() < 4 {
+            return Ok(None);
+        }
+        let kind = self.pending[0];
+        let len = u32::from_be_bytes([0, self.pending[1], self.pending[2], self.pending[3]]);
+        if kind != KEY_UPDATE {
+            return Err(RecordError::UnexpectedMessage(
+                "a handshake message other than KeyUpdate",
+            ));
+        }
+        if len != 1 {
+            return Err(RecordError::Decode("KeyUpdate of the wrong length"));
+        }
+        if self.pending.len() < 5 {
+            return Ok(None);
+        }
+        if self.pending.len() > 5 {
+            return Err(RecordError::UnexpectedMessage(
+                "data after a KeyUpdate in the same record",
+            ));
+        }
+        let request = self.pending[4];
+        self.pending.clear();
+        match request {
+            0 | 1 => Ok(Some(Control::KeyUpdate {
+                update_requested: request == 1,
+            })),
+            _ => Err(RecordError::Decode("KeyUpdate request is neither 0 nor 1")),
+        }
+    }
+
+    /// True while part of a message waits for the rest.
+    pub fn is_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+/// Reads one alert record's plaintext.
+pub fn read_alert(version: Version, plain: &[u8]) -> Result<Control, RecordError> {
+    let [level, description] = plain else {
+        return Err(RecordError::Decode("alert record is not two bytes"));
+    };
+    let description = AlertDescription::from(*description);
+    match description {
+        AlertDescription::CloseNotify => Ok(Control::CloseNotify),
+        AlertDescription::UserCanceled => Ok(Control::Ignored),
+        _ if version == Version::Tls12 && *level == ALERT_WARNING => Ok(Control::Ignored),
+        other => Err(RecordError::PeerAlert(other)),
+    }
+}
+
+/// The plaintext of an alert record.
+pub fn alert_message(description: AlertDescription, fatal: bool) -> [u8; 2] {
+    let level = if fatal { ALERT_FATAL } else { ALERT_WARNING };
+    [level, u8::from(description)]
+}
+
+/// The plaintext of a KeyUpdate handshake message.
+pub fn key_update_message(update_requested: bool) -> [u8; 5] {
+    [KEY_UPDATE, 0, 0, 1, u8::from(update_requested)]
+}

@@ -1,0 +1,343 @@
+//! TLS server set-up and the handshake engine.
+//!
+//! A listener's `ServerConfig` picks its certificate by SNI (exact name, then `*.` wildcard,
+//! then the default). The handshake runs rustls' unbuffered server API on the connection's
+//! task: socket I/O is async, and each `process_tls_records` call — where signatures and key
+//! exchanges happen, on the device when there is one — runs through `block_in_place`, so a
+//! handshake waiting on the device never stalls other connections. Once rustls reports
+//! `WriteTraffic` (the session tickets are written by then), the connection is turned into a
+//! `KernelConnection` plus traffic secrets for the record layer.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use rustls::crypto::CryptoProvider;
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::UnbufferedServerConnection;
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConnectionData};
+use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ExtractedSecrets, HandshakeKind, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config;
+use crate::record::Version;
+
+/// Most bytes a client may send before its handshake completes.
+const MAX_HANDSHAKE_BYTES: usize = 64 * 1024;
+
+/// Certificates by server name.
+#[derive(Debug, Default)]
+pub struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` stored as `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    /// Loads a listener's certificates; keys go through `provider`'s key provider (the
+    /// device's, when there is one).
+    pub fn load(
+        certificates: &[config::Certificate],
+        base: &Path,
+        provider: &CryptoProvider,
+    ) -> anyhow::Result<Self> {
+        let mut resolver = Self::default();
+        for cert in certificates {
+            let chain_path = base.join(cert.chain.get_ref());
+            let key_path = base.join(cert.key.get_ref());
+            let chain = CertificateDer::pem_file_iter(&chain_path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("reading certificate chain {}", chain_path.display()))?;
+            anyhow::ensure!(
+                !chain.is_empty(),
+                "{} holds no certificate",
+                chain_path.display()
+            );
+            let key = PrivateKeyDer::from_pem_file(&key_path)
+                .with_context(|| format!("reading private key {}", key_path.display()))?;
+            let signing = provider
+                .key_provider
+                .load_private_key(key)
+                .with_context(|| format!("loading private key {}", key_path.display()))?;
+            let certified = Arc::new(CertifiedKey::new(chain, signing));
+            certified
+                .keys_match()
+                .with_context(|| format!("{} does not match its chain", key_path.display()))?;
+            if cert.sni.is_empty() {
+                resolver.default = Some(Arc::clone(&certified));
+            }
+            for name in &cert.sni {
+                let name = name.to_ascii_lowercase();
+                match name.strip_prefix("*.") {
+                    Some(suffix) => resolver
+                        .wildcard
+                        .insert(suffix.to_owned(), Arc::clone(&certified)),
+                    None => resolver.exact.insert(name, Arc::clone(&certified)),
+                };
+            }
+        }
+        Ok(resolver)
+    }
+
+    fn find(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = name.map(str::to_ascii_lowercase) else {
+            return self.default.clone();
+        };
+        if let Some(key) = self.exact.get(&name) {
+            return Some(Arc::clone(key));
+        }
+        let wildcard = name
+            .split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent));
+        wildcard.cloned().or_else(|| self.default.clone())
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.find(hello.server_name())
+    }
+}
+
+/// Resolves through a listener's [`SniResolver`] and remembers the name the client asked for
+/// (the unbuffered connection does not expose it).
+#[derive(Debug)]
+struct Capture {
+    inner: Arc<SniResolver>,
+    server_name: Arc<Mutex<Option<String>>>,
+}
+
+impl ResolvesServerCert for Capture {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(str::to_owned);
+        let found = self.inner.find(name.as_deref());
+        *self.server_name.lock().unwrap_or_else(|e| e.into_inner()) = name;
+        found
+    }
+}
+
+/// A listener's TLS settings.
+#[derive(Debug)]
+pub struct ListenerTls {
+    config: Arc<ServerConfig>,
+    resolver: Arc<SniResolver>,
+}
+
+impl ListenerTls {
+    /// Builds the `ServerConfig` of `listener`.
+    pub fn new(
+        listener: &config::Listener,
+        base: &Path,
+        provider: &Arc<CryptoProvider>,
+    ) -> anyhow::Result<Self> {
+        let mut provider = (**provider).clone();
+        if !listener.cipher_suites.get_ref().is_empty() {
+            provider.cipher_suites.retain(|suite| {
+                let name = format!("{:?}", suite.suite());
+                listener
+                    .cipher_suites
+                    .get_ref()
+                    .iter()
+                    .any(|wanted| *wanted == name)
+            });
+            anyhow::ensure!(
+                !provider.cipher_suites.is_empty(),
+                "listener {}: none of its cipher_suites is available",
+                listener.name.get_ref()
+            );
+        }
+        let versions: Vec<&'static rustls::SupportedProtocolVersion> = listener
+            .tls_versions
+            .get_ref()
+            .iter()
+            .map(|v| {
+                if v == "1.3" {
+                    &rustls::version::TLS13
+                } else {
+                    &rustls::version::TLS12
+                }
+            })
+            .collect();
+        let resolver = Arc::new(SniResolver::load(&listener.certificates, base, &provider)?);
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
+        config.enable_secret_extraction = true;
+        config.alpn_protocols = listener
+            .alpn
+            .iter()
+            .map(|p| p.as_bytes().to_vec())
+            .collect();
+        config.max_early_data_size = 0;
+        Ok(Self {
+            config: Arc::new(config),
+            resolver,
+        })
+    }
+
+    /// A config for one connection, whose resolver records the requested server name.
+    fn for_connection(&self) -> (Arc<ServerConfig>, Arc<Mutex<Option<String>>>) {
+        let server_name = Arc::new(Mutex::new(None));
+        let mut config = (*self.config).clone();
+        config.cert_resolver = Arc::new(Capture {
+            inner: Arc::clone(&self.resolver),
+            server_name: Arc::clone(&server_name),
+        });
+        (Arc::new(config), server_name)
+    }
+}
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the client closed the connection during the handshake")]
+    Closed,
+    #[error("the client sent more than {MAX_HANDSHAKE_BYTES} bytes of handshake")]
+    TooLarge,
+    #[error("could not encode a handshake message: {0}")]
+    Encode(String),
+}
+
+impl HandshakeError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandshakeError::Tls(_) => "tls",
+            HandshakeError::Io(_) => "io",
+            HandshakeError::Closed => "closed",
+            HandshakeError::TooLarge => "too_large",
+            HandshakeError::Encode(_) => "internal",
+        }
+    }
+}
+
+/// A completed handshake, handed to the record layer.
+pub struct Established {
+    pub secrets: ExtractedSecrets,
+    pub kernel: KernelConnection<ServerConnectionData>,
+    pub version: Version,
+    pub suite: String,
+    pub resumed: bool,
+    pub server_name: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+    /// Bytes read past the handshake: the start of the record stream.
+    pub leftover: Vec<u8>,
+    /// Application data rustls already decrypted.
+    pub early_plaintext: Vec<u8>,
+}
+
+impl std::fmt::Debug for Established {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Established")
+            .field("version", &self.version)
+            .field("suite", &self.suite)
+            .field("resumed", &self.resumed)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs `f`, which may block on the device, without stalling the runtime's other tasks.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Runs the server side of a handshake on `stream`.
+pub async fn handshake(
+    stream: &mut TcpStream,
+    listener: &ListenerTls,
+) -> Result<Established, HandshakeError> {
+    let (config, server_name) = listener.for_connection();
+    let mut conn = UnbufferedServerConnection::new(config)?;
+    let mut incoming: Vec<u8> = Vec::with_capacity(4096);
+    let mut outgoing: Vec<u8> = vec![0; 4096];
+    let mut pending = 0;
+    let mut early_plaintext = Vec::new();
+    loop {
+        let UnbufferedStatus { discard, state } =
+            blocking(|| conn.process_tls_records(&mut incoming));
+        let mut need_input = false;
+        let mut done = false;
+        match state? {
+            ConnectionState::EncodeTlsData(mut encode) => loop {
+                match encode.encode(&mut outgoing[pending..]) {
+                    Ok(n) => {
+                        pending += n;
+                        break;
+                    }
+                    Err(EncodeError::InsufficientSize(size)) => {
+                        outgoing.resize(pending + size.required_size, 0);
+                    }
+                    Err(other) => return Err(HandshakeError::Encode(other.to_string())),
+                }
+            },
+            ConnectionState::TransmitTlsData(transmit) => {
+                stream.write_all(&outgoing[..pending]).await?;
+                pending = 0;
+                transmit.done();
+            }
+            ConnectionState::BlockedHandshake => need_input = true,
+            ConnectionState::ReadTraffic(mut read) => {
+                while let Some(record) = read.next_record() {
+                    early_plaintext.extend_from_slice(record?.payload);
+                }
+            }
+            ConnectionState::WriteTraffic(_) => done = true,
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(HandshakeError::Closed)
+            }
+            // Early data is not accepted (max_early_data_size = 0); anything else is new.
+            _ => return Err(HandshakeError::Closed),
+        }
+        incoming.drain(..discard);
+        if done {
+            break;
+        }
+        if need_input {
+            if incoming.len() >= MAX_HANDSHAKE_BYTES {
+                return Err(HandshakeError::TooLarge);
+            }
+            incoming.reserve(4096);
+            if stream.read_buf(&mut incoming).await? == 0 {
+                return Err(HandshakeError::Closed);
+            }
+        }
+    }
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => Version::Tls13,
+        _ => Version::Tls12,
+    };
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map_or_else(|| "unknown".to_owned(), |s| format!("{:?}", s.suite()));
+    let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
+    let server_name = server_name.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok(Established {
+        secrets,
+        kernel,
+        version,
+        suite,
+        resumed,
+        server_name,
+        alpn,
+        leftover: incoming,
+        early_plaintext,
+    })
+}
