@@ -604,18 +604,17 @@ impl HandshakeReader {
         if plain.is_empty() {
             return Err(RecordError::Decode("empty handshake record"));
         }
+        if version == Version::Tls12 {
+            // Any handshake message from a TLS 1.2 client now starts a renegotiation. The
+            // record is dropped with the refusal.
+            return Ok(Some(Control::Renegotiation));
+        }
         if self.pending.len() + plain.len() > MAX_HANDSHAKE_BUFFER {
             return Err(RecordError::UnexpectedMessage(
                 "post-handshake handshake message too long",
             ));
         }
         self.pending.extend_from_slice(plain);
-        if version == Version::Tls12 {
-            // Any handshake message from a TLS 1.2 client now starts a renegotiation. The
-            // whole message is dropped with the refusal.
-            self.pending.clear();
-            return Ok(Some(Control::Renegotiation));
-        }
         if self.pending.len() < 4 {
             return Ok(None);
         }

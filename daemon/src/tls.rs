@@ -141,11 +141,7 @@ impl ListenerTls {
         if !listener.cipher_suites.get_ref().is_empty() {
             provider.cipher_suites.retain(|suite| {
                 let name = format!("{:?}", suite.suite());
-                listener
-                    .cipher_suites
-                    .get_ref()
-                    .iter()
-                    .any(|wanted| *wanted == name)
+                listener.cipher_suites.get_ref().contains(&name)
             });
             anyhow::ensure!(
                 !provider.cipher_suites.is_empty(),

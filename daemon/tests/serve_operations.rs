@@ -1,0 +1,374 @@
+//! Operating `tlsaccel serve`: many connections, failing backends and devices, reload,
+//! drain, renegotiation.
+
+mod support;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use support::{client_config, config, echo_on, echo_server, runtime, Daemon, Scratch};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const CERT_KEY_SLOTS: u64 = 1;
+
+fn key_slots(daemon: &Daemon) -> u64 {
+    daemon.metric("tlsaccel_device_counter{counter=\"key_slots_loaded\"}")
+}
+
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_thousand_concurrent_connections_through_the_device_leave_no_key_slots() {
+    const CONNECTIONS: usize = 1000;
+    let rt = runtime();
+    let (backend, _echo) = rt.block_on(echo_server(None));
+    let dir = Scratch::new("thousand");
+    let cert = support::write_identity(&dir.0);
+    let daemon = Daemon::start(&dir.0, &config(&[backend], "", ""));
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(CONNECTIONS);
+    let mut tasks = Vec::new();
+    for i in 0..CONNECTIONS {
+        let client = Arc::clone(&client);
+        let release = Arc::clone(&release);
+        let ready = ready_tx.clone();
+        let listen = daemon.listen;
+        tasks.push(rt.spawn(async move {
+            let released = release.notified();
+            let mut stream = support::connect(listen, &client).await;
+            let data = support::pattern(i as u64, 20_000);
+            stream.write_all(&data).await.expect("send");
+            let mut back = vec![0u8; data.len()];
+            stream.read_exact(&mut back).await.expect("echo");
+            assert_eq!(back, data, "connection {i}");
+            ready.send(()).await.expect("ready");
+            released.await;
+            stream.shutdown().await.expect("close_notify");
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).await.expect("end of stream");
+            assert!(rest.is_empty());
+        }));
+    }
+    rt.block_on(async {
+        for _ in 0..CONNECTIONS {
+            tokio::time::timeout(Duration::from_secs(120), ready_rx.recv())
+                .await
+                .expect("every connection echoes")
+                .expect("ready");
+        }
+    });
+    assert_eq!(
+        daemon.metric("tlsaccel_connections_active"),
+        CONNECTIONS as u64
+    );
+    // Each connection moved both directions onto the device.
+    assert_eq!(key_slots(&daemon), CERT_KEY_SLOTS + 2 * CONNECTIONS as u64);
+    release.notify_waiters();
+    rt.block_on(async {
+        for task in tasks {
+            task.await.expect("connection task");
+        }
+    });
+    wait_until("connections to close", Duration::from_secs(30), || {
+        daemon.metric("tlsaccel_connections_active") == 0
+    });
+    assert_eq!(
+        key_slots(&daemon),
+        CERT_KEY_SLOTS,
+        "every traffic key destroyed"
+    );
+    assert!(
+        daemon.metric("tlsaccel_records_total{op=\"seal\",engine=\"device\"}")
+            >= CONNECTIONS as u64
+    );
+}
+
+/// Connects and returns the name line a named echo backend sends first, and the stream.
+async fn backend_name(
+    listen: SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+) -> (
+    String,
+    BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+) {
+    let stream = support::connect(listen, client).await;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.expect("name line");
+    (line.trim().to_owned(), reader)
+}
+
+#[test]
+fn a_killed_backend_leaves_rotation_and_returns_after_its_health_check() {
+    let rt = runtime();
+    let (a, a_task) = rt.block_on(echo_server(Some("A")));
+    let (b, _b_task) = rt.block_on(echo_server(Some("B")));
+    let dir = Scratch::new("health");
+    let cert = support::write_identity(&dir.0);
+    let pool = "[pool.health_check]\ninterval_ms = 200\n";
+    let daemon = Daemon::start(&dir.0, &config(&[a, b], pool, ""));
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let names = |n: usize| {
+        rt.block_on(async {
+            let mut names = Vec::new();
+            for _ in 0..n {
+                names.push(backend_name(daemon.listen, &client).await.0);
+            }
+            names
+        })
+    };
+    let first = names(4);
+    assert!(
+        first.contains(&"A".to_owned()) && first.contains(&"B".to_owned()),
+        "{first:?}"
+    );
+
+    // Kill A, with a connection of its own open: that one ends, the others carry on.
+    let (_, mut on_a) = rt.block_on(async {
+        loop {
+            let (name, stream) = backend_name(daemon.listen, &client).await;
+            if name == "A" {
+                break (name, stream);
+            }
+        }
+    });
+    a_task.abort();
+    let up_a = format!("tlsaccel_backend_up{{pool=\"backends\",server=\"{a}\"}}");
+    wait_until("A to leave rotation", Duration::from_secs(10), || {
+        daemon.metric(&up_a) == 0
+    });
+    let during = names(6);
+    assert!(during.iter().all(|n| n == "B"), "{during:?}");
+    let mut rest = Vec::new();
+    let ended = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), on_a.read_to_end(&mut rest)).await
+    });
+    assert!(ended.is_ok(), "the connection to the killed backend ends");
+
+    // A comes back on the same port; its health check brings it into rotation.
+    let _a_again = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(a).await.expect("rebind A");
+        echo_on(listener, Some("A"))
+    });
+    wait_until("A to return", Duration::from_secs(10), || {
+        daemon.metric(&up_a) == 1
+    });
+    let after = names(6);
+    assert!(after.contains(&"A".to_owned()), "{after:?}");
+    assert!(
+        daemon.metric(&format!(
+            "tlsaccel_backend_health_check_failures_total{{pool=\"backends\",server=\"{a}\"}}"
+        )) >= 1
+    );
+}
+
+#[test]
+fn connect_failures_retry_another_backend_and_eject_the_dead_one() {
+    let rt = runtime();
+    // A port with nothing behind it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let (live, _task) = rt.block_on(echo_server(Some("live")));
+    let dir = Scratch::new("retry");
+    let cert = support::write_identity(&dir.0);
+    let pool = "retries = 1\nbalance = \"round_robin\"\n";
+    let daemon = Daemon::start(&dir.0, &config(&[dead, live], pool, ""));
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    for _ in 0..8 {
+        let (name, _) = rt.block_on(backend_name(daemon.listen, &client));
+        assert_eq!(name, "live");
+    }
+    let dead_up = format!("tlsaccel_backend_up{{pool=\"backends\",server=\"{dead}\"}}");
+    assert_eq!(
+        daemon.metric(&dead_up),
+        0,
+        "ejected after repeated failures"
+    );
+    let errors = daemon.metric(&format!(
+        "tlsaccel_backend_errors_total{{pool=\"backends\",server=\"{dead}\"}}"
+    ));
+    assert!(
+        (3..=4).contains(&errors),
+        "ejection stops the attempts: {errors}"
+    );
+    assert_eq!(daemon.metric("tlsaccel_backend_unavailable_total"), 0);
+}
+
+#[test]
+fn reload_under_load_keeps_connections_and_refuses_a_broken_config() {
+    let rt = runtime();
+    let (a, _a) = rt.block_on(echo_server(Some("A")));
+    let (b, _b) = rt.block_on(echo_server(Some("B")));
+    let dir = Scratch::new("reload");
+    let cert = support::write_identity(&dir.0);
+    let daemon = Daemon::start(&dir.0, &config(&[a], "", ""));
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let (name, mut old) = rt.block_on(backend_name(daemon.listen, &client));
+    assert_eq!(name, "A");
+    // Load: a bulk transfer through A runs across both reloads.
+    let bulk = {
+        let client = Arc::clone(&client);
+        let listen = daemon.listen;
+        rt.spawn(async move {
+            let (name, stream) = backend_name(listen, &client).await;
+            assert_eq!(name, "A");
+            support::echo_transfer(stream.into_inner(), 48 << 20, 3).await
+        })
+    };
+    std::fs::write(&daemon.config, config(&[b], "", "")).expect("new config");
+    daemon.signal(Signal::HUP);
+    daemon.wait_for_line("configuration reloaded", Duration::from_secs(10));
+    let (name, _) = rt.block_on(backend_name(daemon.listen, &client));
+    assert_eq!(name, "B", "new connections follow the new pool");
+
+    std::fs::write(&daemon.config, "[[listener]]\nname = 1\nbogus = true\n").expect("broken");
+    daemon.signal(Signal::HUP);
+    let refused = daemon.wait_for_line("reload refused", Duration::from_secs(10));
+    assert!(
+        refused.contains("tlsaccel.toml:"),
+        "the error names the file: {refused}"
+    );
+    assert_eq!(
+        daemon.metric("tlsaccel_reloads_total{result=\"refused\"}"),
+        1
+    );
+    let (name, _) = rt.block_on(backend_name(daemon.listen, &client));
+    assert_eq!(name, "B", "the running configuration stays");
+
+    rt.block_on(async {
+        old.write_all(b"still here\n").await.expect("send");
+        let mut line = String::new();
+        old.read_line(&mut line).await.expect("echo");
+        assert_eq!(line, "still here\n", "a connection from before the reloads");
+    });
+    let (sent, back) = rt.block_on(bulk).expect("bulk transfer");
+    assert_eq!(sent, back, "the transfer across the reloads is intact");
+}
+
+#[test]
+fn sigterm_drains_open_connections_then_exits() {
+    let rt = runtime();
+    let (a, _a) = rt.block_on(echo_server(Some("A")));
+    let dir = Scratch::new("drain");
+    let cert = support::write_identity(&dir.0);
+    let mut daemon = Daemon::start(&dir.0, &config(&[a], "", ""));
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let (_, mut open) = rt.block_on(backend_name(daemon.listen, &client));
+    daemon.signal(Signal::TERM);
+    daemon.wait_for_line("draining", Duration::from_secs(10));
+    wait_until("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(daemon.listen).is_err()
+    });
+    rt.block_on(async {
+        open.write_all(b"during the drain\n").await.expect("send");
+        let mut line = String::new();
+        open.read_line(&mut line).await.expect("echo");
+        assert_eq!(line, "during the drain\n");
+        open.get_mut().shutdown().await.expect("close");
+    });
+    drop(open);
+    let stopped = daemon.wait_for_line("stopped", Duration::from_secs(10));
+    assert!(stopped.contains("(0 connections cut"), "{stopped}");
+    let status = daemon.child.wait().expect("exit");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn tls12_renegotiation_is_refused_with_a_warning() {
+    let rt = runtime();
+    let (a, _a) = rt.block_on(echo_server(None));
+    let dir = Scratch::new("reneg");
+    support::write_identity(&dir.0);
+    let daemon = Daemon::start(&dir.0, &config(&[a], "", ""));
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-servername", "localhost", "-CAfile"])
+        .arg(dir.0.join("cert.pem"))
+        .args(["-connect", &daemon.listen.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"hello\n").expect("line");
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"R\n").expect("renegotiate");
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(stdin);
+    let output = child.wait_with_output().expect("output");
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(out.contains("hello"), "{out}");
+    assert!(err.contains("RENEGOTIATING"), "{err}");
+    assert_eq!(daemon.metric("tlsaccel_renegotiations_refused_total"), 1);
+    assert_eq!(
+        daemon.metric("tlsaccel_alerts_sent_total{alert=\"NoRenegotiation\"}"),
+        1
+    );
+}
+
+#[test]
+fn a_device_that_dies_mid_connection_leaves_the_connection_on_the_cpu() {
+    let rt = runtime();
+    let (a, _a) = rt.block_on(echo_server(None));
+    let dir = Scratch::new("devicedeath");
+    let cert = support::write_identity(&dir.0);
+    let socket = dir.0.join("sim.sock");
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
+        .args(["sim", "--exit-with-parent", "--vfio-user"])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("simulator");
+    wait_until("the simulator's socket", Duration::from_secs(10), || {
+        socket.exists()
+    });
+    let text = config(&[a], "", "").replace(
+        "address = \"sim\"",
+        &format!("address = \"vfio-user:{}\"", socket.display()),
+    );
+    let daemon = Daemon::start(&dir.0, &text);
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let mut stream = rt.block_on(support::connect(daemon.listen, &client));
+    let mut round = |seed: u64| {
+        rt.block_on(async {
+            let data = support::pattern(seed, 1 << 20);
+            let mut back = vec![0u8; data.len()];
+            let (mut read, mut write) = tokio::io::split(&mut stream);
+            let (sent, received) = tokio::join!(write.write_all(&data), read.read_exact(&mut back));
+            sent.expect("send");
+            received.expect("receive");
+            assert!(back == data, "round {seed} intact");
+        })
+    };
+    round(1);
+    let on_device = daemon.metric("tlsaccel_records_total{op=\"open\",engine=\"device\"}");
+    assert!(
+        on_device >= 64,
+        "the first MiB went through the device: {on_device}"
+    );
+    sim.kill().expect("kill the simulator");
+    let _ = sim.wait();
+    round(2);
+    round(3);
+    assert!(daemon.metric("tlsaccel_record_device_fallbacks_total") >= 2);
+    assert_eq!(daemon.metric("tlsaccel_device_up"), 0);
+    // New connections still work, handshakes and records on the CPU.
+    let (sent, back) = rt.block_on(async {
+        let fresh = support::connect(daemon.listen, &client).await;
+        support::echo_transfer(fresh, 1 << 20, 4).await
+    });
+    assert_eq!(sent, back);
+}
