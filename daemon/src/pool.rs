@@ -397,3 +397,78 @@ async fn probe(address: &str, timeout: Duration, http_path: Option<&str>) -> std
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(balance: &str, servers: usize) -> Arc<Pool> {
+        let list: Vec<String> = (0..servers).map(|i| format!("\"10.0.0.{i}:80\"")).collect();
+        let text = format!(
+            "[[pool]]\nname = \"p\"\nservers = [{}]\nbalance = \"{balance}\"\n",
+            list.join(", ")
+        );
+        let config =
+            crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect("config");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let _guard = runtime.enter();
+        Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool")
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_what_was_tried() {
+        let p = pool("round_robin", 3);
+        let picks: Vec<usize> = (0..6).filter_map(|_| p.pick(&[])).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        for _ in 0..5 {
+            assert_ne!(p.pick(&[1]), Some(1));
+        }
+        assert_eq!(p.pick(&[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idlest_server() {
+        let p = pool("least_connections", 3);
+        p.backends[0].active.store(5, Ordering::Relaxed);
+        p.backends[1].active.store(1, Ordering::Relaxed);
+        p.backends[2].active.store(3, Ordering::Relaxed);
+        for _ in 0..6 {
+            assert_eq!(p.pick(&[]), Some(1));
+        }
+        assert_eq!(p.pick(&[1]), Some(2));
+    }
+
+    #[test]
+    fn power_of_two_choices_mostly_avoids_the_busy_server() {
+        let p = pool("power_of_two_choices", 2);
+        p.backends[0].active.store(50, Ordering::Relaxed);
+        let idle = (0..1000).filter(|_| p.pick(&[]) == Some(1)).count();
+        // Two independent draws both land on the busy server a quarter of the time.
+        assert!(
+            (650..=850).contains(&idle),
+            "{idle} of 1000 to the idle server"
+        );
+    }
+
+    #[test]
+    fn ejected_servers_are_skipped_until_every_server_is_out() {
+        let p = pool("round_robin", 2);
+        for _ in 0..EJECT_AFTER {
+            p.backends[0].failed();
+        }
+        assert!(!p.backends[0].is_healthy());
+        for _ in 0..4 {
+            assert_eq!(p.pick(&[]), Some(1));
+        }
+        for _ in 0..EJECT_AFTER {
+            p.backends[1].failed();
+        }
+        // Every server is out: both are tried rather than none.
+        let picks: Vec<_> = (0..4).filter_map(|_| p.pick(&[])).collect();
+        assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+        p.backends[0].succeeded();
+        assert!(p.backends[0].is_healthy());
+    }
+}

@@ -222,16 +222,20 @@ impl Direction {
         largest: usize,
         stats: &RecordStats,
     ) -> bool {
+        let Some(device) = device else {
+            // Without the device the slot would fall out of step: give it up.
+            self.slot = None;
+            return false;
+        };
         if self.slot.is_some() {
             return true;
         }
-        let Some(device) = device else { return false };
         if self.device_off || largest < policy.cpu_below || device.device.is_lost() {
             return false;
         }
         self.material.sequence = self.sequence;
         // A key load is one admin round trip; block this worker, not the runtime.
-        let loaded = tokio::task::block_in_place(|| device.device.load_key(&self.material));
+        let loaded = crate::tls::blocking(|| device.device.load_key(&self.material));
         match loaded {
             Ok(slot) => {
                 stats.key_loads.fetch_add(1, Ordering::Relaxed);
@@ -269,8 +273,8 @@ impl Direction {
         debug_assert!(self.seal);
         let largest = items.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
         let mut done = 0;
-        if let Some(device) = device.filter(|_| !items.is_empty()) {
-            if self.wants_device(Some(device), policy, largest, stats) {
+        if !items.is_empty() && self.wants_device(device, policy, largest, stats) {
+            if let Some(device) = device {
                 done = self.seal_on_device(items, out, device, stats).await;
             }
         }
@@ -410,8 +414,8 @@ impl Direction {
         debug_assert!(!self.seal);
         let largest = records.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut results = Vec::with_capacity(records.len());
-        if let Some(device) = device.filter(|_| !records.is_empty()) {
-            if self.wants_device(Some(device), policy, largest, stats) {
+        if !records.is_empty() && self.wants_device(device, policy, largest, stats) {
+            if let Some(device) = device {
                 self.open_on_device(records, device, stats, &mut results)
                     .await;
             }
@@ -675,4 +679,218 @@ pub fn alert_message(description: AlertDescription, fatal: bool) -> [u8; 2] {
 /// The plaintext of a KeyUpdate handshake message.
 pub fn key_update_message(update_requested: bool) -> [u8; 5] {
     [KEY_UPDATE, 0, 0, 1, u8::from(update_requested)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    fn secrets(chacha: bool) -> ConnectionTrafficSecrets {
+        let key = AeadKey::from([7u8; 32]);
+        let iv = Iv::new([3u8; 12]);
+        if chacha {
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+        } else {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        }
+    }
+
+    #[test]
+    fn framing_waits_for_whole_records_and_refuses_bad_headers() {
+        let mut record = vec![23, 3, 3, 0, 40];
+        record.extend([0u8; 40]);
+        assert_eq!(frame(&record[..3], Version::Tls13), Ok(None));
+        assert_eq!(frame(&record[..20], Version::Tls13), Ok(None));
+        assert_eq!(frame(&record, Version::Tls13), Ok(Some(45)));
+        let mut two = record.clone();
+        two.extend_from_slice(&record);
+        assert_eq!(frame(&two, Version::Tls13), Ok(Some(45)));
+
+        let oversized = [23, 3, 3, 0x41, 0x01];
+        assert_eq!(
+            frame(&oversized, Version::Tls13),
+            Err(RecordError::RecordOverflow)
+        );
+        // TLS 1.2 allows 2^14 + 2048.
+        assert_eq!(frame(&oversized, Version::Tls12), Ok(None));
+        assert_eq!(
+            frame(&[23, 3, 3, 0x48, 0x01], Version::Tls12),
+            Err(RecordError::RecordOverflow)
+        );
+        assert!(matches!(
+            frame(&[22, 3, 3, 0, 40], Version::Tls13),
+            Err(RecordError::UnexpectedMessage(_))
+        ));
+        assert!(matches!(
+            frame(&[20, 3, 3, 0, 40], Version::Tls12),
+            Err(RecordError::UnexpectedMessage(_))
+        ));
+        assert!(matches!(
+            frame(&[23, 3, 1, 0, 40], Version::Tls13),
+            Err(RecordError::Decode(_))
+        ));
+        assert!(matches!(
+            frame(&[23, 3, 3, 0, 16], Version::Tls13),
+            Err(RecordError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn key_update_may_span_records_but_must_end_one() {
+        let mut reader = HandshakeReader::default();
+        assert_eq!(reader.push(Version::Tls13, &[24, 0]), Ok(None));
+        assert!(reader.is_pending());
+        assert_eq!(
+            reader.push(Version::Tls13, &[0, 1, 1]),
+            Ok(Some(Control::KeyUpdate {
+                update_requested: true
+            }))
+        );
+        assert!(!reader.is_pending());
+        assert_eq!(
+            reader.push(Version::Tls13, &key_update_message(false)),
+            Ok(Some(Control::KeyUpdate {
+                update_requested: false
+            }))
+        );
+        let mut reader = HandshakeReader::default();
+        assert!(matches!(
+            reader.push(Version::Tls13, &[24, 0, 0, 1, 0, 23]),
+            Err(RecordError::UnexpectedMessage(_))
+        ));
+        let mut reader = HandshakeReader::default();
+        assert!(matches!(
+            reader.push(Version::Tls13, &[24, 0, 0, 1, 2]),
+            Err(RecordError::Decode(_))
+        ));
+        let mut reader = HandshakeReader::default();
+        assert!(matches!(
+            reader.push(Version::Tls13, &[4, 0, 0, 8]),
+            Err(RecordError::UnexpectedMessage(_))
+        ));
+        let mut reader = HandshakeReader::default();
+        assert!(matches!(
+            reader.push(Version::Tls13, &[0u8; 100]),
+            Err(RecordError::UnexpectedMessage(_))
+        ));
+        let mut reader = HandshakeReader::default();
+        assert_eq!(
+            reader.push(Version::Tls12, &[1u8; 300]),
+            Ok(Some(Control::Renegotiation))
+        );
+    }
+
+    #[test]
+    fn alerts_are_read_by_level_and_version() {
+        assert_eq!(
+            read_alert(Version::Tls13, &[1, 0]),
+            Ok(Control::CloseNotify)
+        );
+        assert_eq!(read_alert(Version::Tls13, &[1, 90]), Ok(Control::Ignored));
+        assert_eq!(
+            read_alert(Version::Tls13, &[1, 20]),
+            Err(RecordError::PeerAlert(AlertDescription::BadRecordMac))
+        );
+        assert_eq!(read_alert(Version::Tls12, &[1, 100]), Ok(Control::Ignored));
+        assert_eq!(
+            read_alert(Version::Tls12, &[2, 40]),
+            Err(RecordError::PeerAlert(AlertDescription::HandshakeFailure))
+        );
+        assert!(matches!(
+            read_alert(Version::Tls13, &[1, 0, 0]),
+            Err(RecordError::Decode(_))
+        ));
+        assert_eq!(alert_message(AlertDescription::BadRecordMac, true), [2, 20]);
+    }
+
+    /// Seals with `from`, opens with `to`, for several sizes and content types.
+    async fn round_trip(
+        from: &mut Direction,
+        from_device: Option<&RecordDevice>,
+        to: &mut Direction,
+        to_device: Option<&RecordDevice>,
+    ) {
+        let stats = RecordStats::default();
+        let policy = Policy { cpu_below: 0 };
+        let payloads: Vec<Vec<u8>> = [0usize, 1, 100, 5000, 16384]
+            .iter()
+            .map(|&n| (0..n).map(|i| (i * 7) as u8).collect())
+            .collect();
+        let items: Vec<(u8, &[u8])> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (if i == 2 { 22 } else { 23 }, p.as_slice()))
+            .collect();
+        let mut wire = Vec::new();
+        from.seal(&items, &mut wire, from_device, policy, &stats)
+            .await;
+        let mut records = Vec::new();
+        let mut rest = &wire[..];
+        while let Some(len) = frame(rest, from.version).expect("well-formed") {
+            records.push(&rest[..len]);
+            rest = &rest[len..];
+        }
+        assert!(rest.is_empty());
+        let opened = to.open(&records, to_device, policy, &stats).await;
+        assert_eq!(opened.len(), items.len());
+        for ((content_type, payload), result) in items.iter().zip(opened) {
+            let (got_type, got) = result.expect("opens");
+            assert_eq!(got_type, *content_type);
+            assert_eq!(&got, payload);
+        }
+        assert_eq!(from.sequence(), to.sequence());
+    }
+
+    #[test]
+    fn records_sealed_on_the_device_open_on_the_cpu_and_back() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let device = Device::open("sim").expect("simulator");
+            let pair = device
+                .queue(tlsaccel_driver::QueueConfig {
+                    interrupts: true,
+                    ..tlsaccel_driver::QueueConfig::default()
+                })
+                .expect("queue");
+            let queue = tlsaccel_driver::AsyncQueue::new(pair, std::time::Duration::from_secs(2))
+                .expect("async queue");
+            let rd = RecordDevice {
+                device: Arc::clone(&device),
+                queue: RecordQueue::start(queue, 32, std::time::Duration::ZERO),
+            };
+            for version in [Version::Tls13, Version::Tls12] {
+                for chacha in [false, true] {
+                    let s = secrets(chacha);
+                    let mut seal = Direction::new(version, true, &s, 5).expect("seal");
+                    let mut open = Direction::new(version, false, &s, 5).expect("open");
+                    round_trip(&mut seal, Some(&rd), &mut open, None).await;
+                    assert!(seal.on_device() && !open.on_device());
+                    round_trip(&mut seal, None, &mut open, Some(&rd)).await;
+                    assert!(open.on_device());
+                    // A tampered record is a bad_record_mac on either engine.
+                    let stats = RecordStats::default();
+                    let mut wire = Vec::new();
+                    seal.seal(
+                        &[(23, b"x")],
+                        &mut wire,
+                        None,
+                        Policy { cpu_below: 0 },
+                        &stats,
+                    )
+                    .await;
+                    let last = wire.len() - 1;
+                    wire[last] ^= 0x80;
+                    let result = open
+                        .open(&[&wire], Some(&rd), Policy { cpu_below: 0 }, &stats)
+                        .await;
+                    assert_eq!(result, vec![Err(RecordError::BadRecordMac)]);
+                }
+            }
+        });
+    }
 }

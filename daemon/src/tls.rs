@@ -245,8 +245,9 @@ impl std::fmt::Debug for Established {
     }
 }
 
-/// Runs `f`, which may block on the device, without stalling the runtime's other tasks.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
+/// Runs `f`, which may block on the device, without stalling the runtime's other tasks
+/// (on a multi-threaded runtime; on a current-thread one it simply runs).
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),

@@ -372,3 +372,84 @@ fn a_device_that_dies_mid_connection_leaves_the_connection_on_the_cpu() {
     });
     assert_eq!(sent, back);
 }
+
+/// An echo server behind TLS, with a certificate for `backend.internal` written to
+/// `dir/backend.pem`.
+async fn tls_echo_server(dir: &std::path::Path) -> SocketAddr {
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["backend.internal".to_string()]).expect("cert");
+    std::fs::write(dir.join("backend.pem"), issued.cert.pem()).expect("write");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(issued.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![issued.cert.der().clone()], key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (mut read, mut write) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+#[test]
+fn backends_can_be_reached_over_verified_tls() {
+    let rt = runtime();
+    let dir = Scratch::new("backendtls");
+    let cert = support::write_identity(&dir.0);
+    let backend = rt.block_on(tls_echo_server(&dir.0));
+    let pool = "[pool.tls]\nserver_name = \"backend.internal\"\nca = \"backend.pem\"\n";
+    let daemon = Daemon::start(&dir.0, &config(&[backend], pool, ""));
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let (sent, back) = rt.block_on(async {
+        let stream = support::connect(daemon.listen, &client).await;
+        support::echo_transfer(stream, 4 << 20, 11).await
+    });
+    assert_eq!(sent, back, "re-encrypted both ways, intact");
+
+    // A backend whose certificate does not match the configured name is not used.
+    let wrong = pool.replace("backend.internal", "other.internal");
+    std::fs::write(&daemon.config, config(&[backend], &wrong, "")).expect("config");
+    daemon.signal(Signal::HUP);
+    daemon.wait_for_line("configuration reloaded", Duration::from_secs(10));
+    rt.block_on(async {
+        let mut stream = support::connect(daemon.listen, &client).await;
+        let mut buf = Vec::new();
+        let result = stream.read_to_end(&mut buf).await;
+        assert!(buf.is_empty(), "no backend bytes");
+        assert!(
+            result.is_err(),
+            "the client is told with an alert: {result:?}"
+        );
+    });
+    assert_eq!(daemon.metric("tlsaccel_backend_unavailable_total"), 1);
+    assert_eq!(
+        daemon.metric("tlsaccel_alerts_sent_total{alert=\"InternalError\"}"),
+        1
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&daemon.admin_get("/status")).expect("status is JSON");
+    assert_eq!(status["device"]["name"], "sim");
+    assert_eq!(
+        status["pools"]["backends"][0]["server"],
+        backend.to_string()
+    );
+    assert!(status["pools"]["backends"][0]["errors"].as_u64() >= Some(1));
+}
