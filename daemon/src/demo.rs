@@ -52,6 +52,11 @@ key = "demo.key"
 address = "sim"
 queues = 2
 
+# The demo sends records of 1 KiB and more to the (simulated) device, to show the path;
+# the default keeps records on the CPU (docs/daemon.md, "Offload policy").
+[offload]
+cpu_below_bytes = 1024
+
 [[pool]]
 name = "demo"
 servers = ["{backend}"]

@@ -307,8 +307,10 @@ impl Direction {
                 Version::Tls12 => tls12_record_len(algorithm, plaintext.len()),
             };
             let pool = device.device.pool();
-            let (Ok(src), Ok(dst)) = (pool.alloc(plaintext.len().max(1)), pool.alloc(record_len))
-            else {
+            let (Ok(src), Ok(dst)) = (
+                pool.alloc_unzeroed(plaintext.len().max(1)),
+                pool.alloc_unzeroed(record_len),
+            ) else {
                 stats.device_saturated.fetch_add(1, Ordering::Relaxed);
                 return 0;
             };
@@ -449,7 +451,10 @@ impl Direction {
         let mut ops = Vec::with_capacity(records.len());
         for record in records {
             let pool = device.device.pool();
-            let (Ok(src), Ok(dst)) = (pool.alloc(record.len()), pool.alloc(record.len())) else {
+            let (Ok(src), Ok(dst)) = (
+                pool.alloc_unzeroed(record.len()),
+                pool.alloc_unzeroed(record.len()),
+            ) else {
                 stats.device_saturated.fetch_add(1, Ordering::Relaxed);
                 return;
             };

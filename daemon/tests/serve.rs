@@ -391,3 +391,44 @@ fn malformed_records_get_the_right_alert_and_close_only_their_connection() {
         "only the bystander is left"
     );
 }
+
+#[test]
+fn resumed_handshakes_are_counted_apart_from_full_ones() {
+    let rt = runtime();
+    let (backend, _echo) = rt.block_on(echo_server(None));
+    let dir = Scratch::new("resume");
+    let cert = support::write_identity(&dir.0);
+    let daemon = Daemon::start(&dir.0, &config(&[backend], "", ""));
+    for (version, name, suite) in [
+        (
+            &rustls::version::TLS13,
+            "TLSv1_3",
+            "TLS13_AES_256_GCM_SHA384",
+        ),
+        (
+            &rustls::version::TLS12,
+            "TLSv1_2",
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        ),
+    ] {
+        let client = client_config(&cert, &[version]);
+        for _ in 0..3 {
+            rt.block_on(async {
+                let mut stream = support::connect(daemon.listen, &client).await;
+                // A round trip: the client has read the session ticket by its end.
+                stream.write_all(b"ping").await.expect("send");
+                let mut back = [0u8; 4];
+                stream.read_exact(&mut back).await.expect("echo");
+                stream.shutdown().await.expect("close");
+            });
+        }
+        let full = format!(
+            "tlsaccel_handshakes_total{{kind=\"full\",version=\"{name}\",suite=\"{suite}\"}}"
+        );
+        let resumed = format!(
+            "tlsaccel_handshakes_total{{kind=\"resumed\",version=\"{name}\",suite=\"{suite}\"}}"
+        );
+        assert_eq!(daemon.metric(&full), 1, "{full}");
+        assert_eq!(daemon.metric(&resumed), 2, "{resumed}");
+    }
+}

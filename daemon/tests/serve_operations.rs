@@ -186,9 +186,21 @@ fn connect_failures_retry_another_backend_and_eject_the_dead_one() {
     let pool = "retries = 1\nbalance = \"round_robin\"\n";
     let daemon = Daemon::start(&dir.0, &config(&[dead, live], pool, ""));
     let client = client_config(&cert, &[&rustls::version::TLS13]);
-    for _ in 0..8 {
-        let (name, _) = rt.block_on(backend_name(daemon.listen, &client));
-        assert_eq!(name, "live");
+    for i in 0..8u8 {
+        // The client writes at once, before the daemon has found a live backend: those
+        // bytes wait (in the socket) and arrive.
+        let echoed = rt.block_on(async {
+            let mut stream = support::connect(daemon.listen, &client).await;
+            stream.write_all(&[i; 3000]).await.expect("send");
+            let mut reader = BufReader::new(stream);
+            let mut name = String::new();
+            reader.read_line(&mut name).await.expect("name");
+            assert_eq!(name, "live\n");
+            let mut back = vec![0u8; 3000];
+            reader.read_exact(&mut back).await.expect("echo");
+            back
+        });
+        assert_eq!(echoed, vec![i; 3000]);
     }
     let dead_up = format!("tlsaccel_backend_up{{pool=\"backends\",server=\"{dead}\"}}");
     assert_eq!(

@@ -182,6 +182,12 @@ impl Drop for Daemon {
 /// A configuration for one listener on loopback, one pool and the admin endpoint.
 pub fn config(servers: &[SocketAddr], extra_pool: &str, extra: &str) -> String {
     let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    // Records of 1 KiB and more go to the device, so the tests exercise that path.
+    let offload = if extra.contains("[offload]") {
+        ""
+    } else {
+        "[offload]\ncpu_below_bytes = 1024\n"
+    };
     format!(
         r#"drain_timeout_ms = 5000
 [[listener]]
@@ -205,7 +211,7 @@ servers = [{}]
 
 [admin]
 address = "127.0.0.1:0"
-{extra}
+{offload}{extra}
 "#,
         servers.join(", ")
     )
