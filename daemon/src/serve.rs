@@ -183,9 +183,13 @@ impl Server {
                 let latency =
                     Duration::from_micros(u64::from(*config.offload.batch_latency_us.get_ref()));
                 for _ in 0..*queues {
+                    // A connection waits for its batch before it writes: interrupt at once
+                    // rather than coalescing behind the timer.
                     let pair = match d.queue(QueueConfig {
                         size: 1024,
                         interrupts: true,
+                        coalesce_count: 1,
+                        coalesce_usecs: 0,
                         ..QueueConfig::default()
                     }) {
                         Ok(pair) => pair,
