@@ -191,14 +191,23 @@ fn serve(
     listen: &str,
     admin: &str,
 ) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    raise_file_limit();
+    let preloaded = match &config {
+        Some(file) => Some(crate::config::Config::load(file).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = preloaded.as_ref().and_then(|c| c.worker_threads.as_ref()) {
+        builder.worker_threads(*threads.get_ref() as usize);
+    }
+    let runtime = builder
         .enable_all()
         .thread_name("tlsaccel-worker")
         .build()?;
     let result = runtime.block_on(async {
-        let file = match config {
-            Some(file) => file,
-            None => {
+        let (file, loaded) = match (config, preloaded) {
+            (Some(file), Some(loaded)) => (file, loaded),
+            _ => {
                 debug_assert!(demo);
                 let backend = crate::demo::start_backend(([127, 0, 0, 1], 0).into()).await?;
                 let dir =
@@ -208,10 +217,11 @@ fn serve(
                     "tlsaccel: demo backend on http://{backend}/, configuration in {}",
                     file.display()
                 );
-                file
+                let loaded =
+                    crate::config::Config::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+                (file, loaded)
             }
         };
-        let loaded = crate::config::Config::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
         let server = crate::serve::Server::start(loaded, Some(file)).await?;
         for (name, address) in &server.listeners {
             println!("tlsaccel: listener {name} on https://{address}/");
@@ -246,4 +256,17 @@ fn serve(
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Each connection holds two sockets (client and backend): take the whole hard limit on
+/// open files rather than the often much lower soft one.
+fn raise_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(error) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(%error, "could not raise the open-file limit");
+        }
+    }
 }

@@ -38,6 +38,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Threads that run connections (default: one per core). Handshake crypto that waits
+    /// on the device runs on extra blocking threads.
+    pub worker_threads: Option<Spanned<u32>>,
     /// On SIGTERM, how long open connections may finish before they are closed.
     #[serde(default = "default_drain")]
     pub drain_timeout_ms: Spanned<u64>,
@@ -544,6 +547,9 @@ impl Config {
             1 << 24,
         )?;
         c.range(&self.drain_timeout_ms, "drain_timeout_ms", 0, 3_600_000)?;
+        if let Some(threads) = &self.worker_threads {
+            c.range(threads, "worker_threads", 1, 1024)?;
+        }
         c.range(
             &self.offload.batch_latency_us,
             "offload.batch_latency_us",
