@@ -1,6 +1,9 @@
-//! Workloads shared by the criterion benchmarks: the device path and its CPU baseline, each
+//! Workloads shared by the criterion benchmarks — the device path and its CPU baseline, each
 //! shaped the way the daemon will use it (records already in DMA memory, batches across
-//! connections, the ring kept busy).
+//! connections, the ring kept busy) — and [`compare`], the harness that sets tlsaccel next
+//! to nginx and HAProxy.
+
+pub mod compare;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

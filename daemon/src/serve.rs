@@ -959,9 +959,12 @@ impl<'s> Protection<'s> {
         mut backend: R,
         tx: &Mutex<Tx>,
     ) -> Result<(), ProxyError> {
-        let mut buf = vec![0u8; READ_CHUNK];
+        // Never zeroed: pages of an idle connection's buffer that no read touched stay
+        // unmapped.
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         loop {
-            let n = backend.read(&mut buf).await?;
+            buf.clear();
+            let n = backend.read_buf(&mut buf).await?;
             let mut tx = tx.lock().await;
             if n == 0 {
                 self.send_alert(&mut tx, AlertDescription::CloseNotify)

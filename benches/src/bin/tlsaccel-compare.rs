@@ -1,0 +1,138 @@
+//! `tlsaccel-compare`: tlsaccel next to nginx and HAProxy on this machine, in one run.
+//!
+//! ```sh
+//! cargo run --release -p tlsaccel-benches --bin tlsaccel-compare -- [--quick] [--out DIR]
+//! ```
+//!
+//! Installs nginx (stream module) and HAProxy from Debian's packages when missing (as root),
+//! starts every system, drives them with its own load generator, and writes `report.md`,
+//! `results.json` and SVG plots to the output folder (default `results/compare-DATE`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tlsaccel_benches::compare::{self, systems::Kind, Settings};
+
+#[derive(Debug, Parser)]
+#[command(about = "tlsaccel side by side with nginx and HAProxy")]
+struct Args {
+    /// A few minutes instead of a long run (CI smoke: it must run, not meet targets).
+    #[arg(long)]
+    quick: bool,
+    /// Output folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Systems to run, comma-separated (tlsaccel-device, tlsaccel-cpu, nginx, haproxy).
+    #[arg(long, value_delimiter = ',')]
+    systems: Option<Vec<String>>,
+    /// Repetitions of every workload (default: 1 quick, 3 full).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Seconds per run (default: 1 quick, 5 full).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Worker threads or processes per system.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Idle connections held open for the memory figure (default: 500 quick, 10000 full).
+    #[arg(long)]
+    idle: Option<usize>,
+    /// Only write the report again from an earlier run's results.json.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    report_from: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    // Re-executed as `tlsaccel` (the daemon and the simulator under test).
+    if std::env::var_os(compare::EXEC_ENV).is_some() {
+        tlsaccel::cli::init_logging();
+        let cli = <tlsaccel::cli::Cli as Parser>::parse();
+        return match tlsaccel::cli::run(cli) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("tlsaccel: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let args = Args::parse();
+    if let Some(json) = &args.report_from {
+        return match compare::report_from(json) {
+            Ok(report) => {
+                println!("tlsaccel-compare: report in {}", report.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("tlsaccel-compare: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let systems = match &args.systems {
+        None => Kind::ALL.to_vec(),
+        Some(names) => {
+            let mut kinds = Vec::new();
+            for name in names {
+                match Kind::parse(name) {
+                    Some(kind) => kinds.push(kind),
+                    None => {
+                        eprintln!("tlsaccel-compare: unknown system {name:?}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            kinds
+        }
+    };
+    raise_file_limit();
+    let settings = Settings {
+        quick: args.quick,
+        repetitions: args.repeat.unwrap_or(if args.quick { 1 } else { 3 }),
+        run_seconds: args.seconds.unwrap_or(if args.quick { 1.0 } else { 5.0 }),
+        workers: args.workers,
+        handshake_concurrency: if args.quick { 8 } else { 32 },
+        idle_connections: args.idle.unwrap_or(if args.quick { 500 } else { 10_000 }),
+        systems,
+    };
+    let out = args.out.unwrap_or_else(|| {
+        let stamp = std::process::Command::new("date")
+            .args(["-u", "+%Y%m%d-%H%M%S"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        PathBuf::from(format!("results/compare-{stamp}"))
+    });
+    match compare::run(settings, &out) {
+        Ok(report) => {
+            println!("tlsaccel-compare: report in {}", report.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tlsaccel-compare: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Thousands of connections, each a socket in the load generator, the backend and (twice)
+/// the proxy: lift the open-file limit as far as allowed, for this process and the systems
+/// it starts.
+fn raise_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let wanted = 400_000;
+    let current = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: Some(wanted),
+    };
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: current.maximum,
+                maximum: current.maximum,
+            },
+        );
+    }
+}

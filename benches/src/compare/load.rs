@@ -1,0 +1,358 @@
+//! The load generator: tokio and rustls clients driving full and resumed handshakes, bulk
+//! transfers both ways, small keep-alive requests and idle connections. Every client offers
+//! TLS 1.3 with TLS_AES_128_GCM_SHA256 and X25519 only, so every system negotiates the same.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// A client configuration trusting `cert`; `resumption` keeps session tickets.
+pub fn client_config(
+    cert: &CertificateDer<'static>,
+    resumption: bool,
+) -> Arc<rustls::ClientConfig> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider
+        .kx_groups
+        .retain(|g| g.name() == rustls::NamedGroup::X25519);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(cert.clone())
+        .expect("the certificate is a valid root");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Arc::new(config)
+}
+
+/// A TLS connection to `address`.
+pub async fn connect(
+    address: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(address).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("localhost").expect("valid name");
+    tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// What one run of a workload did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Handshakes or requests completed.
+    pub operations: u64,
+    /// Payload bytes moved.
+    pub bytes: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Per-request latencies (request workloads only).
+    pub latencies: Vec<Duration>,
+    /// Resumed handshakes among the operations (resumption workload).
+    pub resumed: u64,
+}
+
+impl Outcome {
+    /// Operations per second.
+    pub fn rate(&self) -> f64 {
+        self.operations as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Payload megabytes per second.
+    pub fn megabytes_per_second(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The latency at `quantile` (0..=1).
+    pub fn latency(&self, quantile: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let at = ((sorted.len() - 1) as f64 * quantile).round() as usize;
+        sorted[at]
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    operations: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+    resumed: AtomicU64,
+}
+
+/// Runs `task` on `concurrency` tasks until `duration` has passed.
+async fn run<F, Fut>(concurrency: usize, duration: Duration, task: F) -> (Outcome, Vec<Duration>)
+where
+    F: Fn(Arc<Counters>, Instant) -> Fut + Send + Sync + 'static + Clone,
+    Fut: std::future::Future<Output = Vec<Duration>> + Send + 'static,
+{
+    let counters = Arc::new(Counters::default());
+    let start = Instant::now();
+    let deadline = start + duration;
+    let handles: Vec<_> = (0..concurrency)
+        .map(|_| tokio::spawn(task.clone()(Arc::clone(&counters), deadline)))
+        .collect();
+    let mut latencies = Vec::new();
+    for handle in handles {
+        if let Ok(mut l) = handle.await {
+            latencies.append(&mut l);
+        }
+    }
+    let outcome = Outcome {
+        operations: counters.operations.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+        latencies: Vec::new(),
+        resumed: counters.resumed.load(Ordering::Relaxed),
+    };
+    (outcome, latencies)
+}
+
+async fn failed(counters: &Counters) {
+    counters.errors.fetch_add(1, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Full handshakes: connect, handshake, close, again.
+pub async fn full_handshakes(
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    concurrency: usize,
+    duration: Duration,
+) -> Outcome {
+    run(concurrency, duration, move |counters, deadline| {
+        let config = Arc::clone(&config);
+        async move {
+            while Instant::now() < deadline {
+                match connect(address, &config).await {
+                    Ok(mut stream) => {
+                        counters.operations.fetch_add(1, Ordering::Relaxed);
+                        let _ = stream.shutdown().await;
+                    }
+                    Err(_) => failed(&counters).await,
+                }
+            }
+            Vec::new()
+        }
+    })
+    .await
+    .0
+}
+
+/// HTTP/1.1 over one TLS connection.
+#[derive(Debug)]
+pub struct Http {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Http {
+    /// Connects and starts HTTP/1.1 on the connection.
+    pub async fn open(
+        address: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<(Self, bool)> {
+        let stream = connect(address, config).await?;
+        let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok((Self { sender }, resumed))
+    }
+
+    /// Sends a request; returns the response body's length.
+    pub async fn request(&mut self, method: &str, path: &str, body: Bytes) -> anyhow::Result<u64> {
+        self.sender.ready().await?;
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .body(Full::new(body))?;
+        let response = self.sender.send_request(request).await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "status {}",
+            response.status()
+        );
+        let mut body = response.into_body();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            received += frame?.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        Ok(received)
+    }
+}
+
+/// Resumed handshakes, each followed by one small request (which also delivers the
+/// session ticket for the next connection).
+pub async fn resumed_handshakes(
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    concurrency: usize,
+    duration: Duration,
+) -> Outcome {
+    run(concurrency, duration, move |counters, deadline| {
+        let config = Arc::clone(&config);
+        async move {
+            while Instant::now() < deadline {
+                match Http::open(address, &config).await {
+                    Ok((mut http, resumed)) => {
+                        if http.request("GET", "/small", Bytes::new()).await.is_ok() {
+                            counters.operations.fetch_add(1, Ordering::Relaxed);
+                            counters
+                                .resumed
+                                .fetch_add(u64::from(resumed), Ordering::Relaxed);
+                        } else {
+                            failed(&counters).await;
+                        }
+                    }
+                    Err(_) => failed(&counters).await,
+                }
+            }
+            Vec::new()
+        }
+    })
+    .await
+    .0
+}
+
+/// Direction of a bulk transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// 1 MiB responses.
+    Download,
+    /// 1 MiB request bodies.
+    Upload,
+}
+
+/// Bulk transfer on `connections` keep-alive connections, 1 MiB per request.
+pub async fn bulk(
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    connections: usize,
+    duration: Duration,
+    direction: Direction,
+) -> Outcome {
+    const SIZE: usize = 1 << 20;
+    let upload = Bytes::from(vec![b'u'; SIZE]);
+    run(connections, duration, move |counters, deadline| {
+        let config = Arc::clone(&config);
+        let upload = upload.clone();
+        async move {
+            let Ok((mut http, _)) = Http::open(address, &config).await else {
+                failed(&counters).await;
+                return Vec::new();
+            };
+            while Instant::now() < deadline {
+                let result = match direction {
+                    Direction::Download => {
+                        http.request("GET", "/bytes/1048576", Bytes::new()).await
+                    }
+                    Direction::Upload => http.request("POST", "/upload", upload.clone()).await,
+                };
+                match result {
+                    Ok(_) => {
+                        counters.operations.fetch_add(1, Ordering::Relaxed);
+                        counters.bytes.fetch_add(SIZE as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        failed(&counters).await;
+                        break;
+                    }
+                }
+            }
+            Vec::new()
+        }
+    })
+    .await
+    .0
+}
+
+/// Small keep-alive requests (`GET /small`, 100 bytes) on `connections` connections, with
+/// each request's latency.
+pub async fn small_requests(
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    connections: usize,
+    duration: Duration,
+) -> Outcome {
+    let (mut outcome, latencies) = run(connections, duration, move |counters, deadline| {
+        let config = Arc::clone(&config);
+        async move {
+            let mut latencies = Vec::new();
+            let Ok((mut http, _)) = Http::open(address, &config).await else {
+                failed(&counters).await;
+                return latencies;
+            };
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                match http.request("GET", "/small", Bytes::new()).await {
+                    Ok(n) => {
+                        latencies.push(start.elapsed());
+                        counters.operations.fetch_add(1, Ordering::Relaxed);
+                        counters.bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        failed(&counters).await;
+                        break;
+                    }
+                }
+            }
+            latencies
+        }
+    })
+    .await;
+    outcome.latencies = latencies;
+    outcome
+}
+
+/// Opens `count` TLS connections (64 at a time) and returns them, open and idle.
+pub async fn idle_connections(
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    count: usize,
+) -> Vec<TlsStream<TcpStream>> {
+    let mut open = Vec::with_capacity(count);
+    let mut pending = tokio::task::JoinSet::new();
+    let mut started = 0;
+    while open.len() < count {
+        while started < count && pending.len() < 64 {
+            let config = Arc::clone(&config);
+            pending.spawn(async move { connect(address, &config).await });
+            started += 1;
+        }
+        match pending.join_next().await {
+            Some(Ok(Ok(stream))) => open.push(stream),
+            Some(_) => {
+                // Count it as opened-and-failed: stop trying for this one.
+                if started >= count && pending.is_empty() {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    open
+}

@@ -1,0 +1,374 @@
+//! The systems under test, started and stopped by the harness: tlsaccel with its device
+//! (the simulator in a separate process, over vfio-user, so the two processes' CPU can be
+//! told apart), tlsaccel on the CPU alone, nginx (stream module) and HAProxy (mode tcp).
+//! All terminate TLS 1.3 with the same certificate and suite and forward the plaintext to
+//! the same backend, with the same number of worker threads or processes.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use super::measure::{self, Usage};
+
+/// A system under test.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum Kind {
+    TlsaccelDevice,
+    TlsaccelCpu,
+    Nginx,
+    Haproxy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::TlsaccelDevice,
+        Kind::TlsaccelCpu,
+        Kind::Nginx,
+        Kind::Haproxy,
+    ];
+
+    /// Its name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::TlsaccelDevice => "tlsaccel-device",
+            Kind::TlsaccelCpu => "tlsaccel-cpu",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// A certificate and key as files, and the certificate for clients to trust.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: &'static str,
+    pub chain: PathBuf,
+    pub key: PathBuf,
+    /// Certificate then key, for HAProxy.
+    pub combined: PathBuf,
+    pub der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Identity {
+    /// Generates an ECDSA P-256 (`rsa` false) or RSA-2048 identity for `localhost` in `dir`.
+    pub fn generate(dir: &Path, rsa: bool) -> anyhow::Result<Self> {
+        let name = if rsa { "rsa2048" } else { "ecdsa-p256" };
+        let key = if rsa {
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?
+        } else {
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?
+        };
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()])?.self_signed(&key)?;
+        let chain = dir.join(format!("{name}.pem"));
+        let key_file = dir.join(format!("{name}.key"));
+        let combined = dir.join(format!("{name}.combined.pem"));
+        std::fs::write(&chain, cert.pem())?;
+        std::fs::write(&key_file, key.serialize_pem())?;
+        std::fs::write(&combined, format!("{}{}", cert.pem(), key.serialize_pem()))?;
+        Ok(Self {
+            name,
+            chain,
+            key: key_file,
+            combined,
+            der: cert.der().clone(),
+        })
+    }
+}
+
+/// Installs nginx (with its stream module) and HAProxy from Debian's packages when missing.
+pub fn install_packages(kinds: &[Kind]) -> anyhow::Result<()> {
+    let mut need = Vec::new();
+    if kinds.contains(&Kind::Nginx) {
+        if which("nginx").is_none() {
+            need.push("nginx-light");
+        }
+        if !Path::new(NGINX_STREAM_MODULE).exists() {
+            need.push("libnginx-mod-stream");
+        }
+    }
+    if kinds.contains(&Kind::Haproxy) && which("haproxy").is_none() {
+        need.push("haproxy");
+    }
+    if need.is_empty() {
+        return Ok(());
+    }
+    eprintln!("compare: installing {}", need.join(" "));
+    let update = Command::new("apt-get")
+        .args(["update", "-q"])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(update.success(), "apt-get update failed");
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&need)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "apt-get install {} failed",
+        need.join(" ")
+    );
+    Ok(())
+}
+
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
+
+/// The version line a system reports, for the report.
+pub fn version(kind: Kind) -> String {
+    let (program, args): (&str, &[&str]) = match kind {
+        Kind::Nginx => ("nginx", &["-v"]),
+        Kind::Haproxy => ("haproxy", &["-v"]),
+        _ => return format!("tlsaccel {}", env!("CARGO_PKG_VERSION")),
+    };
+    let Some(path) = which(program) else {
+        return format!("{program}: not installed");
+    };
+    Command::new(path)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// A started system.
+#[derive(Debug)]
+pub struct Running {
+    pub kind: Kind,
+    pub listen: SocketAddr,
+    main: Child,
+    simulator: Option<Child>,
+}
+
+impl Running {
+    /// CPU and memory of the proxy's processes (nginx: master and workers).
+    pub fn proxy_usage(&self) -> Usage {
+        measure::usage(&measure::tree(self.main.id()))
+    }
+
+    /// CPU and memory of the simulator process, for the device path.
+    pub fn simulator_usage(&self) -> Option<Usage> {
+        self.simulator.as_ref().map(|s| measure::usage(&[s.id()]))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.main.id()) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if matches!(self.main.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.main.kill();
+        let _ = self.main.wait();
+        if let Some(sim) = &mut self.simulator {
+            let _ = sim.kill();
+            let _ = sim.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn wait_for_port(address: SocketAddr, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            anyhow::bail!("{what} exited at start ({status})");
+        }
+        if std::net::TcpStream::connect(address).is_ok() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what} did not listen on {address}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `kind` in `dir` with `identity`, forwarding to `backend`, with `workers` threads or
+/// processes. `exe` is this harness, which runs as `tlsaccel` when asked to (see
+/// [`super::EXEC_ENV`]).
+pub fn start(
+    kind: Kind,
+    identity: &Identity,
+    backend: SocketAddr,
+    workers: usize,
+    dir: &Path,
+    exe: &Path,
+) -> anyhow::Result<Running> {
+    let listen = free_port()?;
+    let dir = dir.join(kind.name());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::File::create(dir.join("stderr.log"))?;
+    match kind {
+        Kind::TlsaccelDevice | Kind::TlsaccelCpu => {
+            let mut simulator = None;
+            let mut device = String::new();
+            if kind == Kind::TlsaccelDevice {
+                let socket = dir.join("sim.sock");
+                let child = Command::new(exe)
+                    .env(super::EXEC_ENV, "1")
+                    .args(["sim", "--exit-with-parent", "--clients", "1", "--vfio-user"])
+                    .arg(&socket)
+                    .stdout(Stdio::null())
+                    .stderr(log.try_clone()?)
+                    .spawn()
+                    .context("starting the simulator")?;
+                simulator = Some(child);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !socket.exists() {
+                    anyhow::ensure!(Instant::now() < deadline, "the simulator made no socket");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // Every record on the device: this system is the device path.
+                device = format!(
+                    "[[device]]\naddress = \"vfio-user:{}\"\nqueues = 2\n\n[offload]\ncpu_below_bytes = 0\n",
+                    socket.display()
+                );
+            }
+            let config = format!(
+                "worker_threads = {workers}\n\n[[listener]]\nname = \"bench\"\naddress = \"{listen}\"\n\
+                 default_pool = \"backend\"\ntls_versions = [\"1.3\"]\n\
+                 cipher_suites = [\"TLS13_AES_128_GCM_SHA256\"]\nmax_connections = {}\n\n\
+                 [[listener.certificate]]\nchain = \"{}\"\nkey = \"{}\"\n\n{device}\n\
+                 [[pool]]\nname = \"backend\"\nservers = [\"{backend}\"]\n",
+                super::max_connections(),
+                identity.chain.display(),
+                identity.key.display()
+            );
+            let file = dir.join("tlsaccel.toml");
+            std::fs::write(&file, config)?;
+            let mut main = Command::new(exe)
+                .env(super::EXEC_ENV, "1")
+                .env("TLSACCEL_LOG", "error")
+                .args(["serve", "--config"])
+                .arg(&file)
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .context("starting tlsaccel serve")?;
+            let stdout = main.stdout.take().context("stdout")?;
+            let mut lines = BufReader::new(stdout).lines();
+            loop {
+                match lines.next() {
+                    Some(Ok(line)) if line.contains("listener bench on") => break,
+                    Some(Ok(_)) => {}
+                    _ => anyhow::bail!("tlsaccel serve stopped at start (see {})", dir.display()),
+                }
+            }
+            // Keep draining its stdout so it never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            Ok(Running {
+                kind,
+                listen,
+                main,
+                simulator,
+            })
+        }
+        Kind::Nginx => {
+            let config = format!(
+                "load_module {NGINX_STREAM_MODULE};\nworker_processes {workers};\ndaemon off;\n\
+                 master_process on;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+                 events {{ worker_connections {connections}; }}\n\
+                 stream {{\n  upstream backend {{ server {backend}; }}\n  server {{\n\
+                     listen {listen} ssl;\n    ssl_certificate {chain};\n    ssl_certificate_key {key};\n\
+                     ssl_protocols TLSv1.3;\n    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;\n\
+                     ssl_ecdh_curve X25519;\n    ssl_session_cache shared:SSL:50m;\n    ssl_session_tickets on;\n\
+                     proxy_pass backend;\n  }}\n}}\n",
+                dir = dir.display(),
+                connections = 2 * super::max_connections(),
+                chain = identity.chain.display(),
+                key = identity.key.display(),
+            );
+            let file = dir.join("nginx.conf");
+            std::fs::write(&file, config)?;
+            let mut main = Command::new(which("nginx").context("nginx is not installed")?)
+                .arg("-c")
+                .arg(&file)
+                .arg("-p")
+                .arg(&dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting nginx")?;
+            wait_for_port(listen, &mut main, "nginx")?;
+            Ok(Running {
+                kind,
+                listen,
+                main,
+                simulator: None,
+            })
+        }
+        Kind::Haproxy => {
+            let maxconn = super::max_connections();
+            let config = format!(
+                "global\n  nbthread {workers}\n  maxconn {maxconn}\n  \
+                 ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256\n  \
+                 ssl-default-bind-options ssl-min-ver TLSv1.3\n\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\n\
+                 frontend bench\n  bind {listen} ssl crt {combined} curves X25519\n  default_backend backend\n\n\
+                 backend backend\n  server s1 {backend}\n",
+                combined = identity.combined.display(),
+            );
+            let file = dir.join("haproxy.cfg");
+            std::fs::write(&file, config)?;
+            let mut main = Command::new(which("haproxy").context("haproxy is not installed")?)
+                .arg("-f")
+                .arg(&file)
+                .arg("-db")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting haproxy")?;
+            wait_for_port(listen, &mut main, "haproxy")?;
+            Ok(Running {
+                kind,
+                listen,
+                main,
+                simulator: None,
+            })
+        }
+    }
+}
