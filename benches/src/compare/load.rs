@@ -214,7 +214,10 @@ pub async fn resumed_handshakes(
     duration: Duration,
 ) -> Outcome {
     run(concurrency, duration, move |counters, deadline| {
-        let config = Arc::clone(&config);
+        // A session cache per loop, so loops do not take each other's tickets.
+        let mut own = (*config).clone();
+        own.resumption = rustls::client::Resumption::in_memory_sessions(16);
+        let config = Arc::new(own);
         async move {
             while Instant::now() < deadline {
                 match Http::open(address, &config).await {

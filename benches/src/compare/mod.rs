@@ -3,6 +3,7 @@
 //! and how to read it.
 
 pub mod backend;
+pub mod crosscheck;
 pub mod load;
 pub mod measure;
 pub mod report;
@@ -43,7 +44,9 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ECDSA: [Workload; 8] = [
+    /// Run on the ECDSA identity, systems started once (idle connections apart, on freshly
+    /// started systems).
+    pub const ECDSA: [Workload; 7] = [
         Workload::FullHandshakesEcdsa,
         Workload::ResumedHandshakes,
         Workload::Download1,
@@ -51,7 +54,6 @@ impl Workload {
         Workload::Upload1,
         Workload::Upload64,
         Workload::SmallRequests,
-        Workload::IdleConnections,
     ];
 
     /// Short name (file names, JSON).
@@ -74,7 +76,7 @@ impl Workload {
         match self {
             Workload::FullHandshakesEcdsa => "Full TLS 1.3 handshakes, ECDSA P-256 + X25519",
             Workload::FullHandshakesRsa => "Full TLS 1.3 handshakes, RSA-2048 + X25519",
-            Workload::ResumedHandshakes => "Resumed TLS 1.3 handshakes (+ one 100 B request)",
+            Workload::ResumedHandshakes => "Resumed TLS 1.3 handshakes (each + one 100 B request)",
             Workload::Download1 => "Bulk download, 1 connection, 1 MiB responses",
             Workload::Download64 => "Bulk download, 64 connections, 1 MiB responses",
             Workload::Upload1 => "Bulk upload, 1 connection, 1 MiB requests",
@@ -176,8 +178,11 @@ pub struct Results {
     pub machine: String,
     pub versions: Vec<(Kind, String)>,
     pub series: Vec<Series>,
-    /// Peak RSS (KiB) of each proxy over the whole run.
+    /// Peak RSS (KiB) of each proxy while it held the idle connections (first repetition).
     pub peak_rss_kib: Vec<(Kind, u64)>,
+    /// `h2load` requests/s and `openssl s_time` connections/s, per system.
+    #[serde(default)]
+    pub crosscheck: Vec<(Kind, Option<f64>, Option<f64>)>,
 }
 
 /// Writes the report again from a `results.json` (into the folder that holds it).
@@ -199,6 +204,8 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
         settings.idle_connections = fits;
     }
     std::fs::create_dir_all(out)?;
+    // Configuration files name certificates by absolute path.
+    let out = &std::fs::canonicalize(out)?;
     let work = out.join("work");
     std::fs::create_dir_all(&work)?;
     let exe = std::env::current_exe()?;
@@ -210,6 +217,7 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
     let started = humantime_now();
     let mut series: Vec<Series> = Vec::new();
     let mut peaks = Vec::new();
+    let mut crosscheck = Vec::new();
     let duration = Duration::from_secs_f64(settings.run_seconds);
     for rsa in [false, true] {
         let identity = Identity::generate(&work, rsa)?;
@@ -271,7 +279,54 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
         }
         if !rsa {
             for system in &running {
-                peaks.push((system.kind, system.proxy_usage().peak_rss_kib));
+                eprintln!(
+                    "compare: h2load and openssl s_time on {}",
+                    system.kind.name()
+                );
+                let requests = if settings.quick { 5_000 } else { 100_000 };
+                let rps = crosscheck::h2load(system.listen, requests);
+                let cps = crosscheck::s_time(system.listen, duration);
+                crosscheck.push((system.kind, rps, cps));
+            }
+        }
+    }
+    // Memory per idle connection, on systems started afresh for each repetition: memory a
+    // system's allocator kept from earlier workloads would otherwise hide the growth.
+    let identity = Identity::generate(&work, false)?;
+    let full = load::client_config(&identity.der, false);
+    let resume = load::client_config(&identity.der, true);
+    for repetition in 0..settings.repetitions {
+        for &kind in &settings.systems {
+            eprintln!(
+                "compare: idle-connections on {} ({}/{})",
+                kind.name(),
+                repetition + 1,
+                settings.repetitions
+            );
+            let system = systems::start(kind, &identity, backend, settings.workers, &work, &exe)?;
+            runtime.block_on(load::small_requests(
+                system.listen,
+                std::sync::Arc::clone(&full),
+                4,
+                Duration::from_millis(300),
+            ));
+            let workload = Workload::IdleConnections;
+            let sample = measure_one(
+                &runtime, &system, workload, &settings, duration, &full, &resume,
+            );
+            match series
+                .iter_mut()
+                .find(|s| s.workload == workload && s.system == kind)
+            {
+                Some(s) => s.samples.push(sample),
+                None => series.push(Series {
+                    workload,
+                    system: kind,
+                    samples: vec![sample],
+                }),
+            }
+            if repetition == 0 {
+                peaks.push((kind, system.proxy_usage().peak_rss_kib));
             }
         }
     }
@@ -286,6 +341,7 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
         machine: machine(),
         series,
         peak_rss_kib: peaks,
+        crosscheck,
     };
     std::fs::write(
         out.join("results.json"),
@@ -366,7 +422,14 @@ fn measure_one(
     });
     let after = system.proxy_usage();
     let sim_after = system.simulator_usage();
-    let value = value.unwrap_or_else(|| outcome.rate());
+    let value = value.unwrap_or_else(|| {
+        if workload == Workload::ResumedHandshakes {
+            // Only the handshakes that did resume.
+            outcome.resumed as f64 / outcome.elapsed.as_secs_f64().max(1e-9)
+        } else {
+            outcome.rate()
+        }
+    });
     let _ = held;
     Sample {
         value,
