@@ -268,7 +268,7 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
     let _ = writeln!(md, "\n## Memory\n");
     let _ = writeln!(
         md,
-        "| system | peak RSS MiB | RSS per idle TLS connection, KiB |\n|---|---|---|"
+        "| system | peak RSS MiB (holding the idle connections) | RSS per idle TLS connection, KiB |\n|---|---|---|"
     );
     for &k in systems {
         let peak = results
