@@ -172,7 +172,7 @@ pub struct Pool {
     pub balance: Balance,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: Spanned<u64>,
-    /// Other servers to try when a connection fails.
+    /// Connect attempts after a failed one: servers not tried yet first, then the same again.
     #[serde(default = "default_retries")]
     pub retries: Spanned<u32>,
     pub health_check: Option<HealthCheck>,

@@ -275,12 +275,26 @@ impl Pool {
         (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize
     }
 
-    /// Connects to a server, trying up to `retries` others when one fails.
+    /// Connects to a server, retrying up to `retries` times when a connect fails: on servers
+    /// not tried yet while there are any, then on the same ones again after a short pause.
     pub async fn connect(&self) -> Result<(Lease, Box<dyn BackendIo>), PoolError> {
         let mut tried = Vec::new();
         let mut last = String::from("no server");
-        while tried.len() <= self.retries as usize {
-            let Some(i) = self.pick(&tried) else { break };
+        let mut attempts = 0u32;
+        while attempts <= self.retries {
+            let i = match self.pick(&tried) {
+                Some(i) => i,
+                None => {
+                    // Every server has been tried once: start over, after a pause.
+                    tokio::time::sleep(Duration::from_millis(25 * u64::from(attempts))).await;
+                    tried.clear();
+                    match self.pick(&tried) {
+                        Some(i) => i,
+                        None => break,
+                    }
+                }
+            };
+            attempts += 1;
             tried.push(i);
             let backend = &self.backends[i];
             backend.active.fetch_add(1, Ordering::Relaxed);
@@ -300,7 +314,7 @@ impl Pool {
         }
         Err(PoolError::Exhausted {
             pool: self.name.clone(),
-            attempts: tried.len() as u32,
+            attempts,
             last,
         })
     }
@@ -325,8 +339,13 @@ impl Pool {
 /// Resolves `address` and connects with a deadline; sets TCP_NODELAY.
 pub async fn connect_tcp(address: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     let attempt = async {
+        // An IP address needs no resolver (whose lookups queue on the blocking pool).
+        let addresses: Vec<SocketAddr> = match address.parse::<SocketAddr>() {
+            Ok(addr) => vec![addr],
+            Err(_) => tokio::net::lookup_host(address).await?.collect(),
+        };
         let mut last = std::io::Error::other("address resolved to nothing");
-        for addr in tokio::net::lookup_host(address).await? {
+        for addr in addresses {
             match TcpStream::connect(addr).await {
                 Ok(stream) => return Ok((stream, addr)),
                 Err(e) => last = e,
@@ -450,6 +469,32 @@ mod tests {
             (650..=850).contains(&idle),
             "{idle} of 1000 to the idle server"
         );
+    }
+
+    #[test]
+    fn a_lone_server_is_retried_after_a_pause() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let text = format!("[[pool]]\nname = \"p\"\nservers = [\"{dead}\"]\nretries = 2\n");
+        let config =
+            crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect("config");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let p = Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool");
+            let started = std::time::Instant::now();
+            match p.connect().await {
+                Err(PoolError::Exhausted { attempts, .. }) => assert_eq!(attempts, 3),
+                Ok(_) => panic!("nothing listens there"),
+            }
+            assert_eq!(p.backends[0].errors.load(Ordering::Relaxed), 3);
+            // Pauses of 25 and 50 ms between the attempts.
+            assert!(started.elapsed() >= Duration::from_millis(75));
+            assert_eq!(p.backends[0].active(), 0, "failed attempts hold no lease");
+        });
     }
 
     #[test]

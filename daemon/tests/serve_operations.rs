@@ -34,7 +34,9 @@ fn a_thousand_concurrent_connections_through_the_device_leave_no_key_slots() {
     let (backend, _echo) = rt.block_on(echo_server(None));
     let dir = Scratch::new("thousand");
     let cert = support::write_identity(&dir.0);
-    let daemon = Daemon::start(&dir.0, &config(&[backend], "", ""));
+    // A thousand backend connects at once on a loaded CI machine: give them time.
+    let pool = "connect_timeout_ms = 20000\n";
+    let daemon = Daemon::start(&dir.0, &config(&[backend], pool, ""));
     let client = client_config(&cert, &[&rustls::version::TLS13]);
     let release = Arc::new(tokio::sync::Notify::new());
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(CONNECTIONS);
