@@ -9,7 +9,12 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(rtl_model)");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"));
     let rtl = manifest.join("../rtl");
-    for file in ["tlsaccel_csr.v", "tlsaccel_regs.vh"] {
+    let sources = [
+        "tlsaccel_top.v",
+        "tlsaccel_csr.v",
+        "tlsaccel_queue_engine.v",
+    ];
+    for file in sources.iter().chain(&["tlsaccel_regs.vh"]) {
         println!("cargo::rerun-if-changed={}", rtl.join(file).display());
     }
     println!("cargo::rerun-if-changed=csrc/shim.cpp");
@@ -30,12 +35,12 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("out dir")).join("verilated");
     let _ = std::fs::remove_dir_all(&out);
     let status = Command::new("verilator")
-        .args(["--cc", "-O2", "--top-module", "tlsaccel_csr", "-Mdir"])
+        .args(["--cc", "-O2", "--top-module", "tlsaccel_top", "-Mdir"])
         .arg(&out)
         .arg(format!("-I{}", rtl.display()))
         // A heartbeat tick every 64 cycles, so tests see it move.
         .arg("-GHEARTBEAT_CYCLES=64")
-        .arg(rtl.join("tlsaccel_csr.v"))
+        .args(sources.iter().map(|f| rtl.join(f)))
         .status()
         .expect("verilator runs");
     assert!(status.success(), "verilator failed on fpga/rtl");

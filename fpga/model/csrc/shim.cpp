@@ -1,29 +1,125 @@
-// C interface to the Verilated tlsaccel_csr: one clock per tick, AXI4-Lite transactions
-// run to completion (or a cycle limit), side inputs and outputs by queue.
+// C interface to the Verilated tlsaccel_top: one clock per tick; AXI4-Lite transactions on
+// BAR0 run to completion (or a cycle limit); the AXI4 master's reads and writes of host
+// memory are served through callbacks into Rust, which looks them up in the regions the
+// driver mapped.
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
-#include "Vtlsaccel_csr.h"
+#include "Vtlsaccel_top.h"
 #include "verilated.h"
+
+extern "C" {
+typedef int (*tlsa_mem_read_fn)(void* context, uint64_t address, uint8_t* buf, uint32_t len);
+typedef int (*tlsa_mem_write_fn)(void* context, uint64_t address, const uint8_t* buf,
+                                 uint32_t len);
+}
 
 namespace {
 
 struct Rtl {
     std::unique_ptr<VerilatedContext> context;
-    std::unique_ptr<Vtlsaccel_csr> model;
+    std::unique_ptr<Vtlsaccel_top> model;
     uint64_t cycles = 0;
+    void* memory = nullptr;
+    tlsa_mem_read_fn read = nullptr;
+    tlsa_mem_write_fn write = nullptr;
+    // AXI4 slave (host memory) state
+    bool rd_busy = false;
+    uint64_t rd_address = 0;
+    uint32_t rd_beats = 0;
+    uint32_t rd_beat = 0;
+    bool wr_address = false;
+    uint64_t wr_base = 0;
+    uint32_t wr_beat = 0;
+    bool wr_error = false;
+    bool b_pending = false;
+    int b_resp = 0;
 };
 
 constexpr int kLimit = 256;
 
+void load_read_beat(Rtl* r) {
+    auto* m = r->model.get();
+    uint8_t bytes[8] = {0};
+    const int ok = r->read(r->memory, r->rd_address + 8ull * r->rd_beat, bytes, 8);
+    uint64_t word = 0;
+    std::memcpy(&word, bytes, 8);  // little-endian host, as the bus
+    m->m_rdata = word;
+    m->m_rresp = ok == 0 ? 0 : 2;  // SLVERR outside the mappings
+    m->m_rlast = (r->rd_beat + 1 == r->rd_beats) ? 1 : 0;
+    m->m_rvalid = 1;
+}
+
 void tick(Rtl* r) {
-    r->model->clk = 0;
-    r->model->eval();
+    auto* m = r->model.get();
+    m->clk = 0;
+    m->eval();
+    // What the coming edge transfers.
+    const bool ar = m->m_arvalid && m->m_arready;
+    const bool rd = m->m_rvalid && m->m_rready;
+    const bool aw = m->m_awvalid && m->m_awready;
+    const bool w = m->m_wvalid && m->m_wready;
+    const bool b = m->m_bvalid && m->m_bready;
+    const uint64_t araddr = m->m_araddr;
+    const uint32_t arlen = m->m_arlen;
+    const uint64_t awaddr = m->m_awaddr;
+    const uint64_t wdata = m->m_wdata;
+    const uint32_t wstrb = m->m_wstrb;
+    const bool wlast = m->m_wlast;
     r->context->timeInc(1);
-    r->model->clk = 1;
-    r->model->eval();
+    m->clk = 1;
+    m->eval();
     r->context->timeInc(1);
     r->cycles++;
+
+    // The slave's side of those transfers, and its outputs for the next cycle.
+    if (ar) {
+        r->rd_busy = true;
+        r->rd_address = araddr;
+        r->rd_beats = arlen + 1;
+        r->rd_beat = 0;
+        load_read_beat(r);
+    } else if (rd) {
+        r->rd_beat++;
+        if (r->rd_beat == r->rd_beats) {
+            r->rd_busy = false;
+            m->m_rvalid = 0;
+            m->m_rlast = 0;
+        } else {
+            load_read_beat(r);
+        }
+    }
+    if (aw) {
+        r->wr_address = true;
+        r->wr_base = awaddr;
+        r->wr_beat = 0;
+        r->wr_error = false;
+    }
+    if (w) {
+        uint8_t bytes[8];
+        std::memcpy(bytes, &wdata, 8);
+        // Bytes in address order, so the completion's status word lands last.
+        for (int i = 0; i < 8; i++) {
+            if ((wstrb >> i) & 1) {
+                if (r->write(r->memory, r->wr_base + 8ull * r->wr_beat + i, &bytes[i], 1) != 0) {
+                    r->wr_error = true;
+                }
+            }
+        }
+        r->wr_beat++;
+        if (wlast) {
+            r->wr_address = false;
+            r->b_pending = true;
+            r->b_resp = r->wr_error ? 2 : 0;
+        }
+    }
+    if (b) r->b_pending = false;
+    m->m_arready = r->rd_busy ? 0 : 1;
+    m->m_awready = (r->wr_address || r->b_pending) ? 0 : 1;
+    m->m_wready = r->wr_address ? 1 : 0;
+    m->m_bvalid = r->b_pending ? 1 : 0;
+    m->m_bresp = r->b_resp;
 }
 
 void hold_reset(Rtl* r) {
@@ -38,10 +134,13 @@ void hold_reset(Rtl* r) {
 
 extern "C" {
 
-void* tlsa_rtl_new() {
+void* tlsa_rtl_new(void* memory, tlsa_mem_read_fn read, tlsa_mem_write_fn write) {
     auto* r = new Rtl;
+    r->memory = memory;
+    r->read = read;
+    r->write = write;
     r->context = std::make_unique<VerilatedContext>();
-    r->model = std::make_unique<Vtlsaccel_csr>(r->context.get());
+    r->model = std::make_unique<Vtlsaccel_top>(r->context.get());
     auto* m = r->model.get();
     m->s_awvalid = 0;
     m->s_wvalid = 0;
@@ -51,13 +150,11 @@ void* tlsa_rtl_new() {
     m->s_wstrb = 0xf;
     m->fatal = 0;
     m->fatal_code = 0;
-    m->q_fail = 0;
-    for (int i = 0; i < 28; i++) m->counters[i] = 0;
-    for (int i = 0; i < 8; i++) {
-        m->q_sq_head[i] = 0;
-        m->q_cq_tail[i] = 0;
-        m->q_fail_code[i] = 0;
-    }
+    m->m_arready = 1;
+    m->m_rvalid = 0;
+    m->m_awready = 1;
+    m->m_wready = 0;
+    m->m_bvalid = 0;
     hold_reset(r);
     return r;
 }
@@ -72,6 +169,11 @@ void tlsa_rtl_tick(void* handle, uint32_t n) {
 }
 
 uint64_t tlsa_rtl_cycles(void* handle) { return static_cast<Rtl*>(handle)->cycles; }
+
+int tlsa_rtl_idle(void* handle) {
+    auto* r = static_cast<Rtl*>(handle);
+    return r->model->idle && !r->rd_busy && !r->wr_address && !r->b_pending;
+}
 
 // An AXI4-Lite write: returns BRESP, or -1 when the slave did not answer in time.
 int tlsa_rtl_write(void* handle, uint32_t address, uint32_t data) {
@@ -126,26 +228,9 @@ int tlsa_rtl_read(void* handle, uint32_t address, uint32_t* data) {
     return -1;
 }
 
-void tlsa_rtl_set_counter(void* handle, uint32_t index, uint64_t value) {
-    auto* m = static_cast<Rtl*>(handle)->model.get();
-    if (index >= 14) return;
-    m->counters[2 * index] = static_cast<uint32_t>(value);
-    m->counters[2 * index + 1] = static_cast<uint32_t>(value >> 32);
-}
-
 void tlsa_rtl_set_fatal(void* handle, uint32_t fatal, uint32_t code) {
     auto* m = static_cast<Rtl*>(handle)->model.get();
     m->fatal = fatal ? 1 : 0;
     m->fatal_code = code;
-}
-
-// What the queue engine would see of queue `q`.
-void tlsa_rtl_queue(void* handle, uint32_t q, uint32_t* enabled, uint32_t* sq_tail,
-                    uint32_t* cq_head) {
-    auto* m = static_cast<Rtl*>(handle)->model.get();
-    if (q >= 8) return;
-    *enabled = (m->q_enabled >> q) & 1;
-    *sq_tail = m->q_sq_tail[q];
-    *cq_head = m->q_cq_head[q];
 }
 }

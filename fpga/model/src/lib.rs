@@ -2,17 +2,21 @@
 //! driver [`Transport`] over it: BAR0 accesses become AXI4-Lite transactions on the
 //! register block, so the driver's own code talks to the hardware design.
 //!
-//! What the RTL has so far is the register file (`tlsaccel_csr`): identity, device control
-//! and status, heartbeat, counters, queue configuration with its enable-time checks, and
-//! doorbells. The queue engine and the record engine come next (fpga/README.md); until
-//! then this transport has no interrupts and the device processes no descriptors.
+//! The model is `tlsaccel_top`: the register block and the queue engine. Its AXI4 master
+//! reads descriptors from and writes completions to host memory through callbacks that look
+//! addresses up in the DMA regions the driver mapped through this transport (an IOMMU: an
+//! address outside them is a bus error). A clock thread keeps the model running while the
+//! transport lives, so the driver's queue pairs see completions appear by themselves. What
+//! is not there yet: interrupts, and every job but NOP (the record engine; fpga/README.md).
 //!
-//! This crate's `unsafe` is the FFI to the C++ shim (`csrc/shim.cpp`), each call with a
-//! SAFETY comment; the model handle is only touched under a mutex.
+//! This crate's `unsafe` is the FFI to the C++ shim (`csrc/shim.cpp`) and its callbacks,
+//! each with a SAFETY comment; the model handle is only touched under a mutex.
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use tlsaccel_driver::dma::{DmaError, DmaMapper, DmaRegion};
 use tlsaccel_driver::transport::{EventFd, Transport, TransportError};
@@ -37,23 +41,104 @@ pub enum RtlError {
 mod ffi {
     use std::ffi::c_void;
 
+    pub(crate) type ReadFn =
+        unsafe extern "C" fn(context: *mut c_void, address: u64, buf: *mut u8, len: u32) -> i32;
+    pub(crate) type WriteFn =
+        unsafe extern "C" fn(context: *mut c_void, address: u64, buf: *const u8, len: u32) -> i32;
+
     extern "C" {
-        pub(crate) fn tlsa_rtl_new() -> *mut c_void;
+        pub(crate) fn tlsa_rtl_new(
+            memory: *mut c_void,
+            read: ReadFn,
+            write: WriteFn,
+        ) -> *mut c_void;
         pub(crate) fn tlsa_rtl_free(handle: *mut c_void);
         pub(crate) fn tlsa_rtl_reset(handle: *mut c_void);
         pub(crate) fn tlsa_rtl_tick(handle: *mut c_void, n: u32);
         pub(crate) fn tlsa_rtl_cycles(handle: *mut c_void) -> u64;
+        pub(crate) fn tlsa_rtl_idle(handle: *mut c_void) -> i32;
         pub(crate) fn tlsa_rtl_write(handle: *mut c_void, address: u32, data: u32) -> i32;
         pub(crate) fn tlsa_rtl_read(handle: *mut c_void, address: u32, data: *mut u32) -> i32;
-        pub(crate) fn tlsa_rtl_set_counter(handle: *mut c_void, index: u32, value: u64);
         pub(crate) fn tlsa_rtl_set_fatal(handle: *mut c_void, fatal: u32, code: u32);
-        pub(crate) fn tlsa_rtl_queue(
-            handle: *mut c_void,
-            q: u32,
-            enabled: *mut u32,
-            sq_tail: *mut u32,
-            cq_head: *mut u32,
-        );
+    }
+}
+
+/// Host memory as the device sees it: the DMA regions mapped at their IOVAs.
+#[derive(Debug, Default)]
+pub struct HostMemory {
+    regions: Mutex<Vec<(u64, Arc<DmaRegion>)>>,
+}
+
+impl HostMemory {
+    fn find(&self, address: u64, len: usize) -> Option<(Arc<DmaRegion>, usize)> {
+        let regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        regions.iter().find_map(|(base, region)| {
+            let offset = address.checked_sub(*base)? as usize;
+            (offset.checked_add(len)? <= region.len()).then(|| (Arc::clone(region), offset))
+        })
+    }
+
+    /// Reads host memory at a device address; `false` outside every mapping.
+    pub fn read(&self, address: u64, buf: &mut [u8]) -> bool {
+        match self.find(address, buf.len()) {
+            Some((region, offset)) => region.read(offset, buf).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Writes host memory at a device address; `false` outside every mapping.
+    pub fn write(&self, address: u64, data: &[u8]) -> bool {
+        match self.find(address, data.len()) {
+            Some((region, offset)) => region.write(offset, data).is_ok(),
+            None => false,
+        }
+    }
+}
+
+#[cfg(rtl_model)]
+/// # Safety
+/// `context` is the `HostMemory` the model was created with (alive as long as the model);
+/// `buf` is valid for `len` writable bytes.
+unsafe extern "C" fn read_memory(
+    context: *mut c_void,
+    address: u64,
+    buf: *mut u8,
+    len: u32,
+) -> i32 {
+    // SAFETY: see the function's contract; the shim passes its own 8-byte stack buffer.
+    let (memory, buf) = unsafe {
+        (
+            &*(context as *const HostMemory),
+            std::slice::from_raw_parts_mut(buf, len as usize),
+        )
+    };
+    if memory.read(address, buf) {
+        0
+    } else {
+        -1
+    }
+}
+
+#[cfg(rtl_model)]
+/// # Safety
+/// As [`read_memory`], with `buf` valid for `len` readable bytes.
+unsafe extern "C" fn write_memory(
+    context: *mut c_void,
+    address: u64,
+    buf: *const u8,
+    len: u32,
+) -> i32 {
+    // SAFETY: see the function's contract.
+    let (memory, data) = unsafe {
+        (
+            &*(context as *const HostMemory),
+            std::slice::from_raw_parts(buf, len as usize),
+        )
+    };
+    if memory.write(address, data) {
+        0
+    } else {
+        -1
     }
 }
 
@@ -65,34 +150,57 @@ struct Handle(NonNull<c_void>);
 // mutex in `RtlDevice`), and moving the pointer between threads is fine.
 unsafe impl Send for Handle {}
 
-/// What the queue engine sees of one queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueView {
-    pub enabled: bool,
-    pub sq_tail: u32,
-    pub cq_head: u32,
-}
-
-/// The RTL model: a clocked register block behind AXI4-Lite.
+/// The RTL model: the device behind AXI4-Lite, its DMA served from [`HostMemory`].
 #[derive(Debug)]
 pub struct RtlDevice {
     handle: Mutex<Handle>,
+    memory: Arc<HostMemory>,
 }
 
 impl RtlDevice {
-    /// Elaborates and resets a model.
+    /// Elaborates and resets a model with no host memory mapped.
     pub fn new() -> Result<Self, RtlError> {
+        Self::with_memory(Arc::new(HostMemory::default()))
+    }
+
+    /// Elaborates and resets a model whose DMA reaches `memory`.
+    pub fn with_memory(memory: Arc<HostMemory>) -> Result<Self, RtlError> {
         #[cfg(rtl_model)]
         {
-            // SAFETY: `tlsa_rtl_new` has no preconditions and returns an owned handle.
-            let raw = unsafe { ffi::tlsa_rtl_new() };
+            let context = Arc::as_ptr(&memory) as *mut c_void;
+            // SAFETY: `context` points to a `HostMemory` that `self.memory` keeps alive for
+            // as long as the model exists (the model is freed in Drop, before the Arc); the
+            // callbacks match the shim's types and uphold their contracts.
+            let raw = unsafe { ffi::tlsa_rtl_new(context, read_memory, write_memory) };
             let handle = NonNull::new(raw).ok_or(RtlError::NotBuilt)?;
             Ok(Self {
                 handle: Mutex::new(Handle(handle)),
+                memory,
             })
         }
         #[cfg(not(rtl_model))]
-        Err(RtlError::NotBuilt)
+        {
+            let _ = memory;
+            Err(RtlError::NotBuilt)
+        }
+    }
+
+    /// The host memory the model's DMA reaches.
+    pub fn memory(&self) -> &Arc<HostMemory> {
+        &self.memory
+    }
+
+    /// True when the queue engine has nothing in progress.
+    pub fn idle(&self) -> bool {
+        let handle = self.lock();
+        #[cfg(rtl_model)]
+        // SAFETY: as in `read`.
+        return unsafe { ffi::tlsa_rtl_idle(handle.0.as_ptr()) } != 0;
+        #[cfg(not(rtl_model))]
+        {
+            let _ = &handle;
+            true
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Handle> {
@@ -174,17 +282,6 @@ impl RtlDevice {
         let _ = &handle;
     }
 
-    /// Drives counter input `index` (what the engines would count).
-    pub fn set_counter(&self, index: u32, value: u64) {
-        let handle = self.lock();
-        #[cfg(rtl_model)]
-        // SAFETY: as in `read`; the shim ignores indices out of range.
-        unsafe {
-            ffi::tlsa_rtl_set_counter(handle.0.as_ptr(), index, value)
-        };
-        let _ = (&handle, index, value);
-    }
-
     /// Drives the fatal input and its code.
     pub fn set_fatal(&self, fatal: bool, code: u32) {
         let handle = self.lock();
@@ -194,29 +291,6 @@ impl RtlDevice {
             ffi::tlsa_rtl_set_fatal(handle.0.as_ptr(), u32::from(fatal), code)
         };
         let _ = (&handle, fatal, code);
-    }
-
-    /// Queue `q`'s configuration outputs.
-    pub fn queue(&self, q: u32) -> QueueView {
-        let handle = self.lock();
-        let (mut enabled, mut sq_tail, mut cq_head) = (0u32, 0u32, 0u32);
-        #[cfg(rtl_model)]
-        // SAFETY: as in `read`; the three pointers are valid u32s; the shim ignores q >= 8.
-        unsafe {
-            ffi::tlsa_rtl_queue(
-                handle.0.as_ptr(),
-                q,
-                &mut enabled,
-                &mut sq_tail,
-                &mut cq_head,
-            )
-        };
-        let _ = (&handle, q);
-        QueueView {
-            enabled: enabled != 0,
-            sq_tail,
-            cq_head,
-        }
     }
 }
 
@@ -265,15 +339,32 @@ impl Drop for RtlDevice {
 #[derive(Debug)]
 pub struct RtlTransport {
     device: Arc<RtlDevice>,
-    lost: std::sync::atomic::AtomicBool,
+    lost: AtomicBool,
+    clock: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
 }
 
+/// Cycles the clock thread runs per turn of the model's lock.
+const CYCLES_PER_TURN: u32 = 64;
+
 impl RtlTransport {
-    /// A transport over a fresh model.
+    /// A transport over a fresh model, with its clock running.
     pub fn new() -> Result<Self, RtlError> {
+        let device = Arc::new(RtlDevice::new()?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let clock = {
+            let device: Weak<RtlDevice> = Arc::downgrade(&device);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("tlsaccel-rtl-clock".into())
+                .spawn(move || run_clock(device, stop))
+                .ok()
+        };
         Ok(Self {
-            device: Arc::new(RtlDevice::new()?),
-            lost: std::sync::atomic::AtomicBool::new(false),
+            device,
+            lost: AtomicBool::new(false),
+            clock,
+            stop,
         })
     }
 
@@ -287,19 +378,60 @@ impl RtlTransport {
     }
 
     fn mark_lost(&self, error: &RtlError) {
-        if !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if !self.lost.swap(true, Ordering::Relaxed) {
             eprintln!("tlsaccel-rtl: {error}; the device is lost");
         }
     }
 }
 
+impl Drop for RtlTransport {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(clock) = self.clock.take() {
+            let _ = clock.join();
+        }
+    }
+}
+
+/// Runs the model's clock until the transport goes away: busy, in turns of
+/// [`CYCLES_PER_TURN`] cycles (register accesses take the lock between them); idle, a turn
+/// every 100 µs, so the heartbeat keeps moving.
+fn run_clock(device: Weak<RtlDevice>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let Some(device) = device.upgrade() else {
+            return;
+        };
+        device.tick(CYCLES_PER_TURN);
+        let idle = device.idle();
+        drop(device);
+        if idle {
+            std::thread::sleep(Duration::from_micros(100));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 impl DmaMapper for RtlTransport {
-    fn map(&self, _region: &Arc<DmaRegion>, _iova: Iova) -> Result<(), DmaError> {
-        // The register block does no DMA yet: there is nothing to map into.
+    fn map(&self, region: &Arc<DmaRegion>, iova: Iova) -> Result<(), DmaError> {
+        let mut regions = self
+            .device
+            .memory()
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        regions.push((iova.0, Arc::clone(region)));
         Ok(())
     }
 
-    fn unmap(&self, _iova: Iova, _len: usize) -> Result<(), DmaError> {
+    fn unmap(&self, iova: Iova, _len: usize) -> Result<(), DmaError> {
+        let mut regions = self
+            .device
+            .memory()
+            .regions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        regions.retain(|(base, _)| *base != iova.0);
         Ok(())
     }
 }
@@ -347,6 +479,6 @@ impl Transport for RtlTransport {
     }
 
     fn is_lost(&self) -> bool {
-        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+        self.lost.load(Ordering::Relaxed)
     }
 }

@@ -1,0 +1,267 @@
+// tlsaccel queue engine: takes descriptors from the submission rings of enabled queues,
+// round-robin, validates them and writes their completions with the phase tag
+// (docs/device-spec.md §3, §4, §5), through an AXI4 master standing for the PCIe DMA.
+//
+// This step executes NOP only; every other known opcode completes UNSUPPORTED until the
+// record engine is attached (the capability bits it will set are already advertised by
+// tlsaccel_csr, and the driver's tests of this step send NOPs and bad descriptors only).
+// No interrupts yet: hosts poll completions by phase (the reference driver can).
+//
+// Per job: one 8-beat read burst (the 64-byte descriptor), one 2-beat write burst (the
+// 16-byte completion: cookie, then result length, status, info and flags — the status word
+// in the last beat). A read error on the ring stops the queue with RING_NOT_MAPPED; a tail
+// doorbell outside the ring stops it with BAD_DOORBELL. A queue disabled mid-job loses the
+// job, as the spec allows.
+
+`default_nettype none
+
+module tlsaccel_queue_engine #(
+    parameter integer NUM_QUEUES = 8
+) (
+    input  wire                      clk,
+    input  wire                      rst,
+
+    input  wire [NUM_QUEUES-1:0]     q_enabled,
+    input  wire [64*NUM_QUEUES-1:0]  q_sq_base,
+    input  wire [64*NUM_QUEUES-1:0]  q_cq_base,
+    input  wire [32*NUM_QUEUES-1:0]  q_size,
+    input  wire [32*NUM_QUEUES-1:0]  q_sq_tail,
+    input  wire [32*NUM_QUEUES-1:0]  q_cq_head,
+    output wire [32*NUM_QUEUES-1:0]  q_sq_head,
+    output wire [32*NUM_QUEUES-1:0]  q_cq_tail,
+    output reg  [NUM_QUEUES-1:0]     q_fail,
+    output reg  [32*NUM_QUEUES-1:0]  q_fail_code,
+
+    // AXI4 master, 64-bit data, to host memory
+    output reg  [63:0]               m_araddr,
+    output wire [7:0]                m_arlen,
+    output wire [2:0]                m_arsize,
+    output wire [1:0]                m_arburst,
+    output reg                       m_arvalid,
+    input  wire                      m_arready,
+    input  wire [63:0]               m_rdata,
+    input  wire [1:0]                m_rresp,
+    input  wire                      m_rlast,
+    input  wire                      m_rvalid,
+    output reg                       m_rready,
+    output reg  [63:0]               m_awaddr,
+    output wire [7:0]                m_awlen,
+    output wire [2:0]                m_awsize,
+    output wire [1:0]                m_awburst,
+    output reg                       m_awvalid,
+    input  wire                      m_awready,
+    output reg  [63:0]               m_wdata,
+    output wire [7:0]                m_wstrb,
+    output reg                       m_wlast,
+    output reg                       m_wvalid,
+    input  wire                      m_wready,
+    input  wire [1:0]                m_bresp,
+    input  wire                      m_bvalid,
+    output reg                       m_bready,
+
+    // Counters
+    output reg  [63:0]               jobs_ok,
+    output reg  [63:0]               jobs_failed,
+    output reg  [63:0]               rejected,
+    output reg  [63:0]               descriptors_fetched,
+    output wire                      idle
+);
+    /* verilator lint_off UNUSEDPARAM */
+    `include "tlsaccel_regs.vh"
+    /* verilator lint_on UNUSEDPARAM */
+
+    localparam integer QB = $clog2(NUM_QUEUES);
+
+    localparam [3:0] S_IDLE = 4'd0, S_AR = 4'd1, S_R = 4'd2, S_EXEC = 4'd3, S_AW = 4'd4,
+                     S_W0 = 4'd5, S_W1 = 4'd6, S_B = 4'd7;
+
+    assign m_arlen = 8'd7;          // 8 beats of 8 bytes: one descriptor
+    assign m_arsize = 3'd3;
+    assign m_arburst = 2'b01;       // INCR
+    assign m_awlen = 8'd1;          // 2 beats: one completion
+    assign m_awsize = 3'd3;
+    assign m_awburst = 2'b01;
+    assign m_wstrb = 8'hff;
+
+    reg [3:0]    state;
+    reg [QB-1:0] cur;
+    reg [31:0]   sq_head [0:NUM_QUEUES-1];
+    reg [31:0]   cq_tail [0:NUM_QUEUES-1];
+    reg          phase   [0:NUM_QUEUES-1];
+    reg [63:0]   desc    [0:7];
+    reg [2:0]    beat;
+    reg          fault;
+    reg [63:0]   completion_hi;
+
+    assign idle = state == S_IDLE;
+
+    genvar g;
+    generate
+        for (g = 0; g < NUM_QUEUES; g = g + 1) begin : positions
+            assign q_sq_head[32*g +: 32] = sq_head[g];
+            assign q_cq_tail[32*g +: 32] = cq_tail[g];
+        end
+    endgenerate
+
+    // The current queue's configuration.
+    wire [63:0] sq_base = q_sq_base[64*cur +: 64];
+    wire [63:0] cq_base = q_cq_base[64*cur +: 64];
+    wire [31:0] size    = q_size[32*cur +: 32];
+    wire [31:0] mask    = size - 32'd1;
+    wire [31:0] tail    = q_sq_tail[32*cur +: 32];
+    wire [31:0] head    = q_cq_head[32*cur +: 32];
+    wire        work    = q_enabled[cur] && tail != sq_head[cur];
+    wire        cq_full = ((cq_tail[cur] + 32'd1) & mask) == head;
+    wire        bad_doorbell = tail >= size;
+
+    // Descriptor fields (little-endian words of the 64 bytes).
+    wire [7:0]  opcode   = desc[0][7:0];
+    wire [7:0]  flags    = desc[0][15:8];
+    wire [15:0] reserved = desc[0][31:16];
+    wire        known    = opcode == TLSA_OP_KEY_LOAD || opcode == TLSA_OP_KEY_DESTROY
+                        || opcode == TLSA_OP_AEAD_SEAL || opcode == TLSA_OP_AEAD_OPEN
+                        || opcode == TLSA_OP_TLS13_SEAL || opcode == TLSA_OP_TLS13_OPEN
+                        || opcode == TLSA_OP_TLS12_SEAL || opcode == TLSA_OP_TLS12_OPEN
+                        || opcode == TLSA_OP_PKE_KEY_LOAD || opcode == TLSA_OP_ECDSA_SIGN
+                        || opcode == TLSA_OP_RSA_SIGN || opcode == TLSA_OP_KX_GENERATE
+                        || opcode == TLSA_OP_KX_DERIVE;
+    // Validation in the spec's order (§5): flags and reserved fields, then the opcode.
+    wire [15:0] status = (flags != 8'd0 || reserved != 16'd0) ? TLSA_ST_BAD_DESCRIPTOR
+                       : opcode == TLSA_OP_NOP ? TLSA_ST_OK
+                       : known ? TLSA_ST_UNSUPPORTED
+                       : TLSA_ST_BAD_OPCODE;
+
+    integer q;
+    always @(posedge clk) begin
+        q_fail <= {NUM_QUEUES{1'b0}};
+        if (rst) begin
+            state <= S_IDLE;
+            cur <= {QB{1'b0}};
+            m_arvalid <= 1'b0;
+            m_rready <= 1'b0;
+            m_awvalid <= 1'b0;
+            m_wvalid <= 1'b0;
+            m_wlast <= 1'b0;
+            m_bready <= 1'b0;
+            m_araddr <= 64'd0;
+            m_awaddr <= 64'd0;
+            m_wdata <= 64'd0;
+            beat <= 3'd0;
+            fault <= 1'b0;
+            completion_hi <= 64'd0;
+            q_fail_code <= {32*NUM_QUEUES{1'b0}};
+            jobs_ok <= 64'd0;
+            jobs_failed <= 64'd0;
+            rejected <= 64'd0;
+            descriptors_fetched <= 64'd0;
+            for (q = 0; q < NUM_QUEUES; q = q + 1) begin
+                sq_head[q] <= 32'd0;
+                cq_tail[q] <= 32'd0;
+                phase[q] <= 1'b1;
+            end
+        end else begin
+            // A disabled queue starts afresh when enabled again (§3.1).
+            for (q = 0; q < NUM_QUEUES; q = q + 1) begin
+                if (!q_enabled[q] && !(state != S_IDLE && cur == q[QB-1:0])) begin
+                    sq_head[q] <= 32'd0;
+                    cq_tail[q] <= 32'd0;
+                    phase[q] <= 1'b1;
+                end
+            end
+            case (state)
+                S_IDLE: begin
+                    if (work && bad_doorbell) begin
+                        q_fail[cur] <= 1'b1;
+                        q_fail_code[32*cur +: 32] <= TLSA_QERR_BAD_DOORBELL;
+                        cur <= cur + 1'b1;
+                    end else if (work && !cq_full) begin
+                        m_araddr <= sq_base + {26'd0, sq_head[cur], 6'd0};
+                        m_arvalid <= 1'b1;
+                        fault <= 1'b0;
+                        beat <= 3'd0;
+                        state <= S_AR;
+                    end else begin
+                        cur <= cur + 1'b1;
+                    end
+                end
+                S_AR: if (m_arready) begin
+                    m_arvalid <= 1'b0;
+                    m_rready <= 1'b1;
+                    state <= S_R;
+                end
+                S_R: if (m_rvalid) begin
+                    desc[beat] <= m_rdata;
+                    beat <= beat + 3'd1;
+                    if (m_rresp != 2'b00) fault <= 1'b1;
+                    if (m_rlast) begin
+                        m_rready <= 1'b0;
+                        state <= S_EXEC;
+                    end
+                end
+                S_EXEC: begin
+                    if (fault) begin
+                        q_fail[cur] <= 1'b1;
+                        q_fail_code[32*cur +: 32] <= TLSA_QERR_RING_NOT_MAPPED;
+                        state <= S_IDLE;
+                        cur <= cur + 1'b1;
+                    end else if (!q_enabled[cur]) begin
+                        state <= S_IDLE;
+                        cur <= cur + 1'b1;
+                    end else begin
+                        descriptors_fetched <= descriptors_fetched + 64'd1;
+                        // result_len 0 | status | info 0 | flags (PHASE)
+                        completion_hi <= {7'd0, phase[cur], 8'd0, status, 32'd0};
+                        m_awaddr <= cq_base + {28'd0, cq_tail[cur], 4'd0};
+                        m_awvalid <= 1'b1;
+                        state <= S_AW;
+                    end
+                end
+                S_AW: if (m_awready) begin
+                    m_awvalid <= 1'b0;
+                    m_wdata <= desc[1];     // the cookie
+                    m_wlast <= 1'b0;
+                    m_wvalid <= 1'b1;
+                    state <= S_W0;
+                end
+                S_W0: if (m_wready) begin
+                    m_wdata <= completion_hi;
+                    m_wlast <= 1'b1;
+                    state <= S_W1;
+                end
+                S_W1: if (m_wready) begin
+                    m_wvalid <= 1'b0;
+                    m_wlast <= 1'b0;
+                    m_bready <= 1'b1;
+                    state <= S_B;
+                end
+                S_B: if (m_bvalid) begin
+                    m_bready <= 1'b0;
+                    if (m_bresp != 2'b00) begin
+                        q_fail[cur] <= 1'b1;
+                        q_fail_code[32*cur +: 32] <= TLSA_QERR_RING_NOT_MAPPED;
+                    end else begin
+                        sq_head[cur] <= (sq_head[cur] + 32'd1) & mask;
+                        cq_tail[cur] <= (cq_tail[cur] + 32'd1) & mask;
+                        if (((cq_tail[cur] + 32'd1) & mask) == 32'd0) phase[cur] <= !phase[cur];
+                        if (completion_hi[47:32] == TLSA_ST_OK) begin
+                            jobs_ok <= jobs_ok + 64'd1;
+                        end else begin
+                            jobs_failed <= jobs_failed + 64'd1;
+                            rejected <= rejected + 64'd1;
+                        end
+                    end
+                    state <= S_IDLE;
+                    cur <= cur + 1'b1;
+                end
+                default: state <= S_IDLE;
+            endcase
+        end
+    end
+
+    // Descriptor words 2..7 (addresses, lengths, parameters) matter to the engines, not
+    // to NOP; the upper half of word 0 is the key slot.
+    wire unused_ok = &{1'b0, desc[0][63:32], desc[2], desc[3], desc[4], desc[5], desc[6],
+                       desc[7], m_rresp[0], m_bresp[0], head[31:0]};
+endmodule
+
+`default_nettype wire
