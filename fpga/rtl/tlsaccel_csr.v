@@ -172,6 +172,10 @@ module tlsaccel_csr #(
     reg                 have_w;
 
     integer q;
+    // The reset input, or a RESET written to DEVICE_CONTROL this cycle: every queue's
+    // configuration goes.
+    wire clear_queues = rst || (have_aw && have_w && !s_bvalid
+        && waddr == TLSA_REG_DEVICE_CONTROL && (wdata & TLSA_DEVICE_CONTROL_RESET) != 0);
     // Which queue and register a write names (high bits beyond the queue count unused).
     /* verilator lint_off UNUSEDSIGNAL */
     wire [31:0] wq_block = (waddr - TLSA_QUEUE_REGS_BASE) >> 7;
@@ -200,11 +204,6 @@ module tlsaccel_csr #(
             reset_busy <= 3'd4;
             heartbeat <= 0;
             heartbeat_div <= 0;
-            for (q = 0; q < NUM_QUEUES; q = q + 1) begin
-                sq_base[q] <= 0; cq_base[q] <= 0; size[q] <= 0; control[q] <= 0;
-                enabled[q] <= 1'b0; error[q] <= 1'b0; error_code[q] <= 0;
-                ccount[q] <= 0; cusecs[q] <= 0; sq_tail[q] <= 0; cq_head[q] <= 0;
-            end
         end else begin
             // Accept address and data independently; respond once both are in.
             s_awready <= !have_aw && !s_awready;
@@ -235,14 +234,10 @@ module tlsaccel_csr #(
                 s_bresp <= 2'b00;
                 if (waddr == TLSA_REG_DEVICE_CONTROL) begin
                     if ((wdata & TLSA_DEVICE_CONTROL_RESET) != 0) begin
-                        // §8: a reset disables every queue and forgets its configuration.
+                        // §8: a reset disables every queue and forgets its configuration
+                        // (cleared below, with `clear_queues`).
                         enable <= 1'b0;
                         reset_busy <= 3'd4;
-                        for (q = 0; q < NUM_QUEUES; q = q + 1) begin
-                            sq_base[q] <= 0; cq_base[q] <= 0; size[q] <= 0; control[q] <= 0;
-                            enabled[q] <= 1'b0; error[q] <= 1'b0; error_code[q] <= 0;
-                            ccount[q] <= 0; cusecs[q] <= 0; sq_tail[q] <= 0; cq_head[q] <= 0;
-                        end
                     end else begin
                         enable <= (wdata & TLSA_DEVICE_CONTROL_ENABLE) != 0;
                     end
@@ -286,6 +281,14 @@ module tlsaccel_csr #(
                 end
                 // Writes to read-only or unmapped registers are ignored (OKAY), as on the
                 // simulator.
+            end
+        end
+        // Last, so it wins over any other write to these registers in the same cycle.
+        if (clear_queues) begin
+            for (q = 0; q < NUM_QUEUES; q = q + 1) begin
+                sq_base[q] <= 0; cq_base[q] <= 0; size[q] <= 0; control[q] <= 0;
+                enabled[q] <= 1'b0; error[q] <= 1'b0; error_code[q] <= 0;
+                ccount[q] <= 0; cusecs[q] <= 0; sq_tail[q] <= 0; cq_head[q] <= 0;
             end
         end
     end
