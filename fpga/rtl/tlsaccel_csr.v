@@ -18,8 +18,9 @@ module tlsaccel_csr #(
     parameter integer NUM_QUEUES = 8,
     parameter integer NUM_KEY_SLOTS = 1024,
     parameter integer MAX_DATA = 66048,
-    // The engines this build has: NOP, AES-128/256-GCM, TLS 1.3 records, coalescing.
-    parameter [31:0] CAPABILITIES = 32'h000000a7,
+    // What this build can do: NOP only, until the record engine (AES_128_GCM | AES_256_GCM
+    // | TLS13_RECORD) and interrupt coalescing (INTERRUPT_COALESCING) land.
+    parameter [31:0] CAPABILITIES = 32'h00000001,
     // Clock cycles per heartbeat tick (1 ms at 250 MHz).
     parameter integer HEARTBEAT_CYCLES = 250000
 ) (
