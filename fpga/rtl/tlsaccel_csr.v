@@ -18,9 +18,9 @@ module tlsaccel_csr #(
     parameter integer NUM_QUEUES = 8,
     parameter integer NUM_KEY_SLOTS = 1024,
     parameter integer MAX_DATA = 66048,
-    // What this build can do: NOP only, until the record engine (AES_128_GCM | AES_256_GCM
-    // | TLS13_RECORD) and interrupt coalescing (INTERRUPT_COALESCING) land.
-    parameter [31:0] CAPABILITIES = 32'h00000001,
+    // What this build can do: NOP and interrupt coalescing, until the record engine
+    // (AES_128_GCM | AES_256_GCM | TLS13_RECORD) lands.
+    parameter [31:0] CAPABILITIES = 32'h00000081,
     // Clock cycles per heartbeat tick (1 ms at 250 MHz).
     parameter integer HEARTBEAT_CYCLES = 250000
 ) (

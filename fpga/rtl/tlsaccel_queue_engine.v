@@ -3,9 +3,10 @@
 // (docs/device-spec.md §3, §4, §5), through an AXI4 master standing for the PCIe DMA.
 //
 // This step executes NOP only; every other known opcode completes UNSUPPORTED until the
-// record engine is attached (the capability bits it will set are already advertised by
-// tlsaccel_csr, and the driver's tests of this step send NOPs and bad descriptors only).
-// No interrupts yet: hosts poll completions by phase (the reference driver can).
+// record engine is attached. Interrupts (§7): a queue with IRQ_ENABLE raises its vector
+// (a one-cycle `irq` pulse, for the shell's MSI-X) once IRQ_COALESCE_COUNT completions are
+// pending (0 and 1: every one), or IRQ_COALESCE_USECS after the first pending one
+// (0: at once); one vector per cycle, the lowest first.
 //
 // Per job: one 8-beat read burst (the 64-byte descriptor), one 2-beat write burst (the
 // 16-byte completion: cookie, then result length, status, info and flags — the status word
@@ -16,7 +17,9 @@
 `default_nettype none
 
 module tlsaccel_queue_engine #(
-    parameter integer NUM_QUEUES = 8
+    parameter integer NUM_QUEUES = 8,
+    // Clock cycles per microsecond, for the coalescing timer.
+    parameter integer CYCLES_PER_US = 250
 ) (
     input  wire                      clk,
     input  wire                      rst,
@@ -27,6 +30,10 @@ module tlsaccel_queue_engine #(
     input  wire [32*NUM_QUEUES-1:0]  q_size,
     input  wire [32*NUM_QUEUES-1:0]  q_sq_tail,
     input  wire [32*NUM_QUEUES-1:0]  q_cq_head,
+    input  wire [NUM_QUEUES-1:0]     q_irq_enable,
+    input  wire [32*NUM_QUEUES-1:0]  q_coalesce_count,
+    input  wire [32*NUM_QUEUES-1:0]  q_coalesce_usecs,
+    output reg  [NUM_QUEUES-1:0]     irq,
     output wire [32*NUM_QUEUES-1:0]  q_sq_head,
     output wire [32*NUM_QUEUES-1:0]  q_cq_tail,
     output reg  [NUM_QUEUES-1:0]     q_fail,
@@ -64,6 +71,7 @@ module tlsaccel_queue_engine #(
     output reg  [63:0]               jobs_failed,
     output reg  [63:0]               rejected,
     output reg  [63:0]               descriptors_fetched,
+    output reg  [63:0]               interrupts,
     output wire                      idle
 );
     /* verilator lint_off UNUSEDPARAM */
@@ -92,6 +100,8 @@ module tlsaccel_queue_engine #(
     reg [2:0]    beat;
     reg          fault;
     reg [63:0]   completion_hi;
+    reg [15:0]   pending [0:NUM_QUEUES-1];   // completions posted since the last interrupt
+    reg [31:0]   waited  [0:NUM_QUEUES-1];   // cycles since the first of them
 
     assign idle = state == S_IDLE;
 
@@ -131,9 +141,41 @@ module tlsaccel_queue_engine #(
                        : known ? TLSA_ST_UNSUPPORTED
                        : TLSA_ST_BAD_OPCODE;
 
+    // A completion lands this cycle (for queue `cur`).
+    wire posted = state == S_B && m_bvalid && m_bresp == 2'b00;
+
+    // Which queues are due an interrupt, and the one raised this cycle (the lowest).
+    reg [NUM_QUEUES-1:0] due;
+    reg [NUM_QUEUES-1:0] raise;
+    integer d;
+    always @(*) begin
+        for (d = 0; d < NUM_QUEUES; d = d + 1) begin
+            due[d] = q_enabled[d] && q_irq_enable[d] && pending[d] != 16'd0
+                && ({16'd0, pending[d]} >= q_coalesce_count[32*d +: 32]
+                    || q_coalesce_usecs[32*d +: 32] == 32'd0
+                    || waited[d] >= q_coalesce_usecs[32*d +: 32] * CYCLES_PER_US);
+        end
+        raise = due & (~due + {{(NUM_QUEUES-1){1'b0}}, 1'b1});
+    end
+
     integer q;
     always @(posedge clk) begin
         q_fail <= {NUM_QUEUES{1'b0}};
+        irq <= raise;
+        if (raise != {NUM_QUEUES{1'b0}}) interrupts <= interrupts + 64'd1;
+        for (q = 0; q < NUM_QUEUES; q = q + 1) begin
+            if (!q_enabled[q] || !q_irq_enable[q]) begin
+                pending[q] <= 16'd0;
+                waited[q] <= 32'd0;
+            end else if (raise[q]) begin
+                pending[q] <= (posted && cur == q[QB-1:0]) ? 16'd1 : 16'd0;
+                waited[q] <= 32'd0;
+            end else begin
+                if (posted && cur == q[QB-1:0] && pending[q] != 16'hffff)
+                    pending[q] <= pending[q] + 16'd1;
+                waited[q] <= pending[q] != 16'd0 ? waited[q] + 32'd1 : 32'd0;
+            end
+        end
         if (rst) begin
             state <= S_IDLE;
             cur <= {QB{1'b0}};
@@ -152,12 +194,16 @@ module tlsaccel_queue_engine #(
             q_fail_code <= {32*NUM_QUEUES{1'b0}};
             jobs_ok <= 64'd0;
             jobs_failed <= 64'd0;
+            interrupts <= 64'd0;
+            irq <= {NUM_QUEUES{1'b0}};
             rejected <= 64'd0;
             descriptors_fetched <= 64'd0;
             for (q = 0; q < NUM_QUEUES; q = q + 1) begin
                 sq_head[q] <= 32'd0;
                 cq_tail[q] <= 32'd0;
                 phase[q] <= 1'b1;
+                pending[q] <= 16'd0;
+                waited[q] <= 32'd0;
             end
         end else begin
             // A disabled queue starts afresh when enabled again (§3.1).

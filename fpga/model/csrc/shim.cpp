@@ -13,6 +13,7 @@ extern "C" {
 typedef int (*tlsa_mem_read_fn)(void* context, uint64_t address, uint8_t* buf, uint32_t len);
 typedef int (*tlsa_mem_write_fn)(void* context, uint64_t address, const uint8_t* buf,
                                  uint32_t len);
+typedef void (*tlsa_irq_fn)(void* context, uint32_t vector);
 }
 
 namespace {
@@ -24,6 +25,7 @@ struct Rtl {
     void* memory = nullptr;
     tlsa_mem_read_fn read = nullptr;
     tlsa_mem_write_fn write = nullptr;
+    tlsa_irq_fn irq = nullptr;
     // AXI4 slave (host memory) state
     bool rd_busy = false;
     uint64_t rd_address = 0;
@@ -115,6 +117,12 @@ void tick(Rtl* r) {
         }
     }
     if (b) r->b_pending = false;
+    // Interrupt messages: one pulse per vector, delivered as the MSI-X write would be.
+    if (m->irq != 0) {
+        for (uint32_t v = 0; v < 8; v++) {
+            if ((m->irq >> v) & 1) r->irq(r->memory, v);
+        }
+    }
     m->m_arready = r->rd_busy ? 0 : 1;
     m->m_awready = (r->wr_address || r->b_pending) ? 0 : 1;
     m->m_wready = r->wr_address ? 1 : 0;
@@ -134,11 +142,13 @@ void hold_reset(Rtl* r) {
 
 extern "C" {
 
-void* tlsa_rtl_new(void* memory, tlsa_mem_read_fn read, tlsa_mem_write_fn write) {
+void* tlsa_rtl_new(void* memory, tlsa_mem_read_fn read, tlsa_mem_write_fn write,
+                   tlsa_irq_fn irq) {
     auto* r = new Rtl;
     r->memory = memory;
     r->read = read;
     r->write = write;
+    r->irq = irq;
     r->context = std::make_unique<VerilatedContext>();
     r->model = std::make_unique<Vtlsaccel_top>(r->context.get());
     auto* m = r->model.get();

@@ -7,7 +7,8 @@
 //! addresses up in the DMA regions the driver mapped through this transport (an IOMMU: an
 //! address outside them is a bus error). A clock thread keeps the model running while the
 //! transport lives, so the driver's queue pairs see completions appear by themselves. What
-//! is not there yet: interrupts, and every job but NOP (the record engine; fpga/README.md).
+//! is not there yet: every job but NOP (the record engine; fpga/README.md). Interrupt
+//! messages from the queue engine signal the eventfd of their vector.
 //!
 //! This crate's `unsafe` is the FFI to the C++ shim (`csrc/shim.cpp`) and its callbacks,
 //! each with a SAFETY comment; the model handle is only touched under a mutex.
@@ -45,12 +46,14 @@ mod ffi {
         unsafe extern "C" fn(context: *mut c_void, address: u64, buf: *mut u8, len: u32) -> i32;
     pub(crate) type WriteFn =
         unsafe extern "C" fn(context: *mut c_void, address: u64, buf: *const u8, len: u32) -> i32;
+    pub(crate) type IrqFn = unsafe extern "C" fn(context: *mut c_void, vector: u32);
 
     extern "C" {
         pub(crate) fn tlsa_rtl_new(
             memory: *mut c_void,
             read: ReadFn,
             write: WriteFn,
+            irq: IrqFn,
         ) -> *mut c_void;
         pub(crate) fn tlsa_rtl_free(handle: *mut c_void);
         pub(crate) fn tlsa_rtl_reset(handle: *mut c_void);
@@ -63,13 +66,34 @@ mod ffi {
     }
 }
 
-/// Host memory as the device sees it: the DMA regions mapped at their IOVAs.
+/// The host as the device sees it: the DMA regions mapped at their IOVAs, and the
+/// eventfds its interrupt vectors signal.
 #[derive(Debug, Default)]
 pub struct HostMemory {
     regions: Mutex<Vec<(u64, Arc<DmaRegion>)>>,
+    vectors: Mutex<std::collections::HashMap<u32, Arc<EventFd>>>,
 }
 
 impl HostMemory {
+    /// The eventfd of interrupt `vector`, made on first use.
+    pub fn vector(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
+        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = vectors.get(&vector) {
+            return Ok(Arc::clone(fd));
+        }
+        let fd = Arc::new(EventFd::new()?);
+        vectors.insert(vector, Arc::clone(&fd));
+        Ok(fd)
+    }
+
+    /// Delivers an interrupt message for `vector` (dropped when nobody asked for it).
+    pub fn raise(&self, vector: u32) {
+        let vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = vectors.get(&vector) {
+            fd.signal();
+        }
+    }
+
     fn find(&self, address: u64, len: usize) -> Option<(Arc<DmaRegion>, usize)> {
         let regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
         regions.iter().find_map(|(base, region)| {
@@ -117,6 +141,15 @@ unsafe extern "C" fn read_memory(
     } else {
         -1
     }
+}
+
+#[cfg(rtl_model)]
+/// # Safety
+/// `context` is the `HostMemory` the model was created with (alive as long as the model).
+unsafe extern "C" fn raise_interrupt(context: *mut c_void, vector: u32) {
+    // SAFETY: see the function's contract.
+    let memory = unsafe { &*(context as *const HostMemory) };
+    memory.raise(vector);
 }
 
 #[cfg(rtl_model)]
@@ -171,7 +204,8 @@ impl RtlDevice {
             // SAFETY: `context` points to a `HostMemory` that `self.memory` keeps alive for
             // as long as the model exists (the model is freed in Drop, before the Arc); the
             // callbacks match the shim's types and uphold their contracts.
-            let raw = unsafe { ffi::tlsa_rtl_new(context, read_memory, write_memory) };
+            let raw =
+                unsafe { ffi::tlsa_rtl_new(context, read_memory, write_memory, raise_interrupt) };
             let handle = NonNull::new(raw).ok_or(RtlError::NotBuilt)?;
             Ok(Self {
                 handle: Mutex::new(Handle(handle)),
@@ -469,8 +503,11 @@ impl Transport for RtlTransport {
     }
 
     fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
-        // The RTL has no interrupt controller yet (fpga/README.md, "Next").
-        Err(TransportError::NoSuchVector(vector))
+        // One vector per queue, as the shell's MSI-X table would have.
+        if vector >= tlsaccel_driver::abi::regs::MAX_QUEUES {
+            return Err(TransportError::NoSuchVector(vector));
+        }
+        self.device.memory().vector(vector)
     }
 
     fn reset(&self) -> Result<(), TransportError> {

@@ -1,6 +1,7 @@
 //! The device conformance suite (`tests/src/conformance.rs`), unchanged, on the RTL: the
 //! cases that need only what the RTL has built so far (identity, heartbeat, rings of NOP
-//! jobs). The rest join as the record engine and interrupts land (fpga/README.md).
+//! jobs, interrupts with coalescing under the async API). The rest join as the record
+//! engine lands (fpga/README.md).
 
 use std::sync::Arc;
 
@@ -10,9 +11,10 @@ use tlsaccel_tests::conformance::{Outcome, CASES};
 
 /// The cases that run on the RTL today. (`full_ring_applies_backpressure` also uses only
 /// NOPs, but holds the device through the simulator's fault injection: Skipped anywhere else.)
-const ON_RTL: [&str; 2] = [
+const ON_RTL: [&str; 3] = [
     "identity_and_capabilities",
     "nop_jobs_complete_with_their_cookies",
+    "async_queue_with_coalesced_interrupts",
 ];
 
 #[test]
