@@ -805,7 +805,7 @@ impl<'s> Protection<'s> {
     /// Client → backend: frame, open in batches, act on control messages, forward data.
     async fn inbound<W: AsyncWrite + Unpin>(
         &self,
-        mut client: tokio::net::tcp::OwnedReadHalf,
+        client: tokio::net::tcp::OwnedReadHalf,
         mut buffer: Vec<u8>,
         mut rx: Direction,
         mut backend: W,
@@ -825,8 +825,20 @@ impl<'s> Protection<'s> {
                 }
             }
             if ends.is_empty() {
-                buffer.reserve(READ_CHUNK);
-                let n = client.read_buf(&mut buffer).await?;
+                let n = loop {
+                    buffer.reserve(READ_CHUNK);
+                    match client.try_read_buf(&mut buffer) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if buffer.is_empty() {
+                                // Going idle: hold no read buffer while waiting.
+                                buffer = Vec::new();
+                            }
+                            client.readable().await?;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                };
                 if n == 0 {
                     // End of stream without close_notify: pass the end on, but the data
                     // may have been truncated.
