@@ -234,27 +234,21 @@ fn key_updates_from_the_client_and_on_the_daemons_schedule() {
         4
     );
 
-    // openssl s_client sends one on `K` (update_requested) at the start of a line.
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-tls1_3", "-servername", "localhost", "-CAfile"])
-        .arg(dir.0.join("cert.pem"))
-        .args(["-connect", &daemon.listen.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("openssl runs");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(b"before\n").expect("line");
-    std::thread::sleep(Duration::from_millis(500));
-    stdin.write_all(b"K\n").expect("key update");
-    std::thread::sleep(Duration::from_millis(500));
-    stdin.write_all(b"after\n").expect("line");
-    std::thread::sleep(Duration::from_millis(500));
-    drop(stdin);
-    let output = child.wait_with_output().expect("openssl output");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("before") && text.contains("after"), "{text}");
+    // openssl s_client sends one on `K` (update_requested) at the start of a line. Each
+    // step waits for its effect: the echo of a line, the daemon's counter.
+    let mut openssl =
+        support::OpensslClient::start(&["-tls1_3"], &dir.0.join("cert.pem"), daemon.listen);
+    openssl.send("before");
+    openssl.wait_for("before", Duration::from_secs(10));
+    openssl.send("K");
+    daemon.metric_until(
+        "tlsaccel_key_updates_total{direction=\"received\"}",
+        Duration::from_secs(10),
+        |v| v > from_rustls,
+    );
+    openssl.send("after");
+    openssl.wait_for("after", Duration::from_secs(10));
+    drop(openssl);
     let received = daemon.metric("tlsaccel_key_updates_total{direction=\"received\"}");
     assert_eq!(received, from_rustls + 1, "openssl's KeyUpdate");
     let answered = daemon.metric("tlsaccel_key_updates_total{direction=\"sent\"}");

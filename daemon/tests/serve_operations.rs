@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -231,16 +230,11 @@ fn reload_under_load_keeps_connections_and_refuses_a_broken_config() {
     let client = client_config(&cert, &[&rustls::version::TLS13]);
     let (name, mut old) = rt.block_on(backend_name(daemon.listen, &client));
     assert_eq!(name, "A");
-    // Load: a bulk transfer through A runs across both reloads.
-    let bulk = {
-        let client = Arc::clone(&client);
-        let listen = daemon.listen;
-        rt.spawn(async move {
-            let (name, stream) = backend_name(listen, &client).await;
-            assert_eq!(name, "A");
-            support::echo_transfer(stream.into_inner(), 48 << 20, 3).await
-        })
-    };
+    // Load: a bulk transfer through A runs across both reloads. Its connection is made
+    // before the first reload, so it belongs to the old configuration.
+    let (name, stream) = rt.block_on(backend_name(daemon.listen, &client));
+    assert_eq!(name, "A");
+    let bulk = rt.spawn(support::echo_transfer(stream.into_inner(), 48 << 20, 3));
     std::fs::write(&daemon.config, config(&[b], "", "")).expect("new config");
     daemon.signal(Signal::HUP);
     daemon.wait_for_line("configuration reloaded", Duration::from_secs(10));
@@ -306,26 +300,17 @@ fn tls12_renegotiation_is_refused_with_a_warning() {
     let dir = Scratch::new("reneg");
     support::write_identity(&dir.0);
     let daemon = Daemon::start(&dir.0, &config(&[a], "", ""));
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-tls1_2", "-servername", "localhost", "-CAfile"])
-        .arg(dir.0.join("cert.pem"))
-        .args(["-connect", &daemon.listen.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl runs");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(b"hello\n").expect("line");
-    std::thread::sleep(Duration::from_millis(500));
-    stdin.write_all(b"R\n").expect("renegotiate");
-    std::thread::sleep(Duration::from_millis(1000));
-    drop(stdin);
-    let output = child.wait_with_output().expect("output");
-    let out = String::from_utf8_lossy(&output.stdout);
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(out.contains("hello"), "{out}");
-    assert!(err.contains("RENEGOTIATING"), "{err}");
+    let mut openssl =
+        support::OpensslClient::start(&["-tls1_2"], &dir.0.join("cert.pem"), daemon.listen);
+    openssl.send("hello");
+    openssl.wait_for("hello", Duration::from_secs(10));
+    openssl.send("R");
+    openssl.wait_for("RENEGOTIATING", Duration::from_secs(10));
+    daemon.metric_until(
+        "tlsaccel_renegotiations_refused_total",
+        Duration::from_secs(10),
+        |v| v >= 1,
+    );
     assert_eq!(daemon.metric("tlsaccel_renegotiations_refused_total"), 1);
     assert_eq!(
         daemon.metric("tlsaccel_alerts_sent_total{alert=\"NoRenegotiation\"}"),

@@ -339,3 +339,74 @@ where
     let digest = |d: aws_lc_rs::digest::Digest| <[u8; 32]>::try_from(d.as_ref()).expect("32");
     (digest(sent), digest(hash.finish()))
 }
+
+/// An `openssl s_client` session driven line by line: its stdout and stderr lines arrive on
+/// one channel, so a test waits for what it expects instead of sleeping.
+pub struct OpensslClient {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl OpensslClient {
+    /// `openssl s_client` with `args`, trusting `ca`, connected to `address` (SNI localhost).
+    pub fn start(args: &[&str], ca: &Path, address: SocketAddr) -> Self {
+        let mut child = Command::new("openssl")
+            .arg("s_client")
+            .args(args)
+            .args(["-servername", "localhost", "-CAfile"])
+            .arg(ca)
+            .args(["-connect", &address.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl runs");
+        let (send, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for stream in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+            let send = send.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if send.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Types a line.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("openssl stdin");
+    }
+
+    /// Waits until a line that is exactly `text` (trimmed) appears on stdout or stderr.
+    pub fn wait_for(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.trim() == text => return,
+                Ok(_) => {}
+                Err(_) => panic!("openssl never printed {text:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for OpensslClient {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
