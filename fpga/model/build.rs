@@ -13,8 +13,16 @@ fn main() {
         "tlsaccel_top.v",
         "tlsaccel_csr.v",
         "tlsaccel_queue_engine.v",
+        "tlsaccel_record_engine.v",
+        "tlsaccel_dma_read.v",
+        "tlsaccel_dma_write.v",
+        "tlsaccel_aes_keyexp.v",
+        "tlsaccel_aes_pipe.v",
     ];
-    for file in sources.iter().chain(&["tlsaccel_regs.vh"]) {
+    for file in sources
+        .iter()
+        .chain(&["tlsaccel_regs.vh", "tlsaccel_sbox.vh"])
+    {
         println!("cargo::rerun-if-changed={}", rtl.join(file).display());
     }
     println!("cargo::rerun-if-changed=csrc/shim.cpp");

@@ -18,9 +18,10 @@ module tlsaccel_csr #(
     parameter integer NUM_QUEUES = 8,
     parameter integer NUM_KEY_SLOTS = 1024,
     parameter integer MAX_DATA = 66048,
-    // What this build can do: NOP and interrupt coalescing, until the record engine
-    // (AES_128_GCM | AES_256_GCM | TLS13_RECORD) lands.
-    parameter [31:0] CAPABILITIES = 32'h00000081,
+    // What this build can do: NOP, AES_128_GCM, AES_256_GCM, RAW_AEAD, TLS13_RECORD and
+    // INTERRUPT_COALESCING (ChaCha20-Poly1305, TLS 1.2 records and the public-key engines
+    // are simulator-only; device-spec §2.2).
+    parameter [31:0] CAPABILITIES = 32'h000000b7,
     // Clock cycles per heartbeat tick (1 ms at 250 MHz).
     parameter integer HEARTBEAT_CYCLES = 250000
 ) (
@@ -48,6 +49,9 @@ module tlsaccel_csr #(
 
     // Device state
     output wire                          device_running,
+    // The reset input or a RESET written to DEVICE_CONTROL: resets the engines (their
+    // counters, jobs in flight and the key table) and the shell's DMA interconnect.
+    output wire                          soft_reset,
     input  wire                          fatal,
     input  wire [31:0]                   fatal_code,
     // Counters from the engines, TLSA_NUM_COUNTERS x 64 bits, counter i at [64i +: 64]
@@ -183,6 +187,7 @@ module tlsaccel_csr #(
     wire [31:0] wq_bell = (waddr - TLSA_DOORBELL_BASE) >> 12;
     /* verilator lint_on UNUSEDSIGNAL */
     wire [31:0] woff = {25'd0, waddr[6:0]};
+    assign soft_reset = clear_queues;
 
     always @(posedge clk) begin
         q_sq_doorbell <= {NUM_QUEUES{1'b0}};

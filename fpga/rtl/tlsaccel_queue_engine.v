@@ -2,8 +2,10 @@
 // round-robin, validates them and writes their completions with the phase tag
 // (docs/device-spec.md §3, §4, §5), through an AXI4 master standing for the PCIe DMA.
 //
-// This step executes NOP only; every other known opcode completes UNSUPPORTED until the
-// record engine is attached. Interrupts (§7): a queue with IRQ_ENABLE raises its vector
+// NOP completes here. Key-table, AEAD and TLS 1.3 record jobs go to the record engine
+// (tlsaccel_record_engine.v), one at a time, and their completion carries its status,
+// result length, content type and SEQUENCE_ADVANCED flag; every other known opcode (TLS 1.2
+// records, the public-key engines) completes UNSUPPORTED. Interrupts (§7): a queue with IRQ_ENABLE raises its vector
 // (a one-cycle `irq` pulse, for the shell's MSI-X) once IRQ_COALESCE_COUNT completions are
 // pending (0 and 1: every one), or IRQ_COALESCE_USECS after the first pending one
 // (0: at once); one vector per cycle, the lowest first.
@@ -66,6 +68,17 @@ module tlsaccel_queue_engine #(
     input  wire                      m_bvalid,
     output reg                       m_bready,
 
+    // Record engine
+    output reg                       e_cmd_valid,
+    input  wire                      e_cmd_ready,
+    output wire [511:0]              e_cmd_desc,
+    input  wire                      e_done,
+    input  wire [15:0]               e_status,
+    input  wire [31:0]               e_len,
+    input  wire [7:0]                e_info,
+    input  wire                      e_sequence_advanced,
+    input  wire                      e_rejected,
+
     // Counters
     output reg  [63:0]               jobs_ok,
     output reg  [63:0]               jobs_failed,
@@ -81,7 +94,7 @@ module tlsaccel_queue_engine #(
     localparam integer QB = $clog2(NUM_QUEUES);
 
     localparam [3:0] S_IDLE = 4'd0, S_AR = 4'd1, S_R = 4'd2, S_EXEC = 4'd3, S_AW = 4'd4,
-                     S_W0 = 4'd5, S_W1 = 4'd6, S_B = 4'd7;
+                     S_W0 = 4'd5, S_W1 = 4'd6, S_B = 4'd7, S_ENGINE = 4'd8;
 
     assign m_arlen = 8'd7;          // 8 beats of 8 bytes: one descriptor
     assign m_arsize = 3'd3;
@@ -100,6 +113,7 @@ module tlsaccel_queue_engine #(
     reg [2:0]    beat;
     reg          fault;
     reg [63:0]   completion_hi;
+    reg          refused;        // the job was refused at validation (counted as rejected)
     reg [15:0]   pending [0:NUM_QUEUES-1];   // completions posted since the last interrupt
     reg [31:0]   waited  [0:NUM_QUEUES-1];   // cycles since the first of them
 
@@ -135,11 +149,17 @@ module tlsaccel_queue_engine #(
                         || opcode == TLSA_OP_PKE_KEY_LOAD || opcode == TLSA_OP_ECDSA_SIGN
                         || opcode == TLSA_OP_RSA_SIGN || opcode == TLSA_OP_KX_GENERATE
                         || opcode == TLSA_OP_KX_DERIVE;
-    // Validation in the spec's order (§5): flags and reserved fields, then the opcode.
-    wire [15:0] status = (flags != 8'd0 || reserved != 16'd0) ? TLSA_ST_BAD_DESCRIPTOR
+    wire        for_engine = opcode == TLSA_OP_KEY_LOAD || opcode == TLSA_OP_KEY_DESTROY
+                          || opcode == TLSA_OP_AEAD_SEAL || opcode == TLSA_OP_AEAD_OPEN
+                          || opcode == TLSA_OP_TLS13_SEAL || opcode == TLSA_OP_TLS13_OPEN;
+    // Validation in the spec's order (§5): flags and reserved fields, then the opcode; the
+    // record engine checks the rest of its jobs.
+    wire        malformed = flags != 8'd0 || reserved != 16'd0;
+    wire [15:0] status = malformed ? TLSA_ST_BAD_DESCRIPTOR
                        : opcode == TLSA_OP_NOP ? TLSA_ST_OK
                        : known ? TLSA_ST_UNSUPPORTED
                        : TLSA_ST_BAD_OPCODE;
+    assign e_cmd_desc = {desc[7], desc[6], desc[5], desc[4], desc[3], desc[2], desc[1], desc[0]};
 
     // A completion lands this cycle (for queue `cur`).
     wire posted = state == S_B && m_bvalid && m_bresp == 2'b00;
@@ -191,6 +211,8 @@ module tlsaccel_queue_engine #(
             beat <= 3'd0;
             fault <= 1'b0;
             completion_hi <= 64'd0;
+            refused <= 1'b0;
+            e_cmd_valid <= 1'b0;
             q_fail_code <= {32*NUM_QUEUES{1'b0}};
             jobs_ok <= 64'd0;
             jobs_failed <= 64'd0;
@@ -253,13 +275,35 @@ module tlsaccel_queue_engine #(
                     end else if (!q_enabled[cur]) begin
                         state <= S_IDLE;
                         cur <= cur + 1'b1;
+                    end else if (for_engine && !malformed) begin
+                        descriptors_fetched <= descriptors_fetched + 64'd1;
+                        e_cmd_valid <= 1'b1;
+                        state <= S_ENGINE;
                     end else begin
                         descriptors_fetched <= descriptors_fetched + 64'd1;
                         // result_len 0 | status | info 0 | flags (PHASE)
                         completion_hi <= {7'd0, phase[cur], 8'd0, status, 32'd0};
+                        refused <= status != TLSA_ST_OK;
                         m_awaddr <= cq_base + {28'd0, cq_tail[cur], 4'd0};
                         m_awvalid <= 1'b1;
                         state <= S_AW;
+                    end
+                end
+                // The engine runs the job; a queue disabled meanwhile loses its completion.
+                S_ENGINE: begin
+                    if (e_cmd_valid && e_cmd_ready) e_cmd_valid <= 1'b0;
+                    if (e_done) begin
+                        completion_hi <= {6'd0, e_sequence_advanced, phase[cur], e_info,
+                                          e_status, e_len};
+                        refused <= e_rejected;
+                        if (q_enabled[cur]) begin
+                            m_awaddr <= cq_base + {28'd0, cq_tail[cur], 4'd0};
+                            m_awvalid <= 1'b1;
+                            state <= S_AW;
+                        end else begin
+                            state <= S_IDLE;
+                            cur <= cur + 1'b1;
+                        end
                     end
                 end
                 S_AW: if (m_awready) begin
@@ -293,7 +337,7 @@ module tlsaccel_queue_engine #(
                             jobs_ok <= jobs_ok + 64'd1;
                         end else begin
                             jobs_failed <= jobs_failed + 64'd1;
-                            rejected <= rejected + 64'd1;
+                            if (refused) rejected <= rejected + 64'd1;
                         end
                     end
                     state <= S_IDLE;
@@ -304,10 +348,7 @@ module tlsaccel_queue_engine #(
         end
     end
 
-    // Descriptor words 2..7 (addresses, lengths, parameters) matter to the engines, not
-    // to NOP; the upper half of word 0 is the key slot.
-    wire unused_ok = &{1'b0, desc[0][63:32], desc[2], desc[3], desc[4], desc[5], desc[6],
-                       desc[7], m_rresp[0], m_bresp[0], head[31:0]};
+    wire unused_ok = &{1'b0, m_rresp[0], m_bresp[0], head[31:0]};
 endmodule
 
 `default_nettype wire

@@ -21,3 +21,35 @@ fn the_constants_carry_the_abi_values() {
     assert!(text.contains("localparam integer TLSA_CQE_STATUS = 12;"));
     assert!(text.contains("localparam [7:0] TLSA_OP_TLS13_SEAL = 8'h20;"));
 }
+
+#[test]
+fn committed_sbox_matches_the_generator() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rtl/tlsaccel_sbox.vh");
+    let committed = std::fs::read_to_string(&path).expect("fpga/rtl/tlsaccel_sbox.vh exists");
+    assert!(
+        committed == tlsaccel_fpga_gen::sbox_verilog(),
+        "{} drifted: run `cargo run -p tlsaccel-fpga-gen -- --sbox fpga/rtl/tlsaccel_sbox.vh`",
+        path.display()
+    );
+}
+
+#[test]
+fn the_sbox_has_the_fips_197_values() {
+    // FIPS-197 Figure 7: S(00) = 63, S(01) = 7c, S(53) = ed, S(ff) = 16; and it is a
+    // permutation.
+    use tlsaccel_fpga_gen::aes_sbox;
+    assert_eq!(
+        [
+            aes_sbox(0x00),
+            aes_sbox(0x01),
+            aes_sbox(0x53),
+            aes_sbox(0xff)
+        ],
+        [0x63, 0x7c, 0xed, 0x16]
+    );
+    let mut seen = [false; 256];
+    for x in 0..=255u8 {
+        seen[usize::from(aes_sbox(x))] = true;
+    }
+    assert!(seen.iter().all(|&s| s));
+}

@@ -37,6 +37,19 @@ struct Rtl {
     bool wr_error = false;
     bool b_pending = false;
     int b_resp = 0;
+    // The record engine's 128-bit AXI4 master
+    struct Port {
+        bool rd_busy = false;
+        uint64_t rd_address = 0;
+        uint32_t rd_beats = 0;
+        uint32_t rd_beat = 0;
+        bool wr_address = false;
+        uint64_t wr_base = 0;
+        uint32_t wr_beat = 0;
+        bool wr_error = false;
+        bool b_pending = false;
+        int b_resp = 0;
+    } e;
 };
 
 constexpr int kLimit = 256;
@@ -51,6 +64,73 @@ void load_read_beat(Rtl* r) {
     m->m_rresp = ok == 0 ? 0 : 2;  // SLVERR outside the mappings
     m->m_rlast = (r->rd_beat + 1 == r->rd_beats) ? 1 : 0;
     m->m_rvalid = 1;
+}
+
+void load_engine_beat(Rtl* r) {
+    auto* m = r->model.get();
+    uint8_t bytes[16] = {0};
+    const int ok = r->read(r->memory, r->e.rd_address + 16ull * r->e.rd_beat, bytes, 16);
+    std::memcpy(m->e_rdata.data(), bytes, 16);
+    m->e_rresp = ok == 0 ? 0 : 2;
+    m->e_rlast = (r->e.rd_beat + 1 == r->e.rd_beats) ? 1 : 0;
+    m->e_rvalid = 1;
+}
+
+// The record engine's port: the same slave, 16-byte beats, writes by strobe.
+void engine_port(Rtl* r, bool ar, uint64_t araddr, uint32_t arlen, bool rd, bool aw,
+                 uint64_t awaddr, bool w, const uint8_t* wdata, uint32_t wstrb, bool wlast,
+                 bool b) {
+    auto* m = r->model.get();
+    auto& e = r->e;
+    if (ar) {
+        e.rd_busy = true;
+        e.rd_address = araddr;
+        e.rd_beats = arlen + 1;
+        e.rd_beat = 0;
+        load_engine_beat(r);
+    } else if (rd) {
+        e.rd_beat++;
+        if (e.rd_beat == e.rd_beats) {
+            e.rd_busy = false;
+            m->e_rvalid = 0;
+            m->e_rlast = 0;
+        } else {
+            load_engine_beat(r);
+        }
+    }
+    if (aw) {
+        e.wr_address = true;
+        e.wr_base = awaddr;
+        e.wr_beat = 0;
+        e.wr_error = false;
+    }
+    if (w) {
+        // Runs of enabled bytes, each one write.
+        const uint64_t beat = e.wr_base + 16ull * e.wr_beat;
+        int i = 0;
+        while (i < 16) {
+            if (!((wstrb >> i) & 1)) {
+                i++;
+                continue;
+            }
+            int j = i;
+            while (j < 16 && ((wstrb >> j) & 1)) j++;
+            if (r->write(r->memory, beat + i, wdata + i, j - i) != 0) e.wr_error = true;
+            i = j;
+        }
+        e.wr_beat++;
+        if (wlast) {
+            e.wr_address = false;
+            e.b_pending = true;
+            e.b_resp = e.wr_error ? 2 : 0;
+        }
+    }
+    if (b) e.b_pending = false;
+    m->e_arready = e.rd_busy ? 0 : 1;
+    m->e_awready = (e.wr_address || e.b_pending) ? 0 : 1;
+    m->e_wready = e.wr_address ? 1 : 0;
+    m->e_bvalid = e.b_pending ? 1 : 0;
+    m->e_bresp = e.b_resp;
 }
 
 void tick(Rtl* r) {
@@ -69,6 +149,18 @@ void tick(Rtl* r) {
     const uint64_t wdata = m->m_wdata;
     const uint32_t wstrb = m->m_wstrb;
     const bool wlast = m->m_wlast;
+    const bool e_ar = m->e_arvalid && m->e_arready;
+    const bool e_rd = m->e_rvalid && m->e_rready;
+    const bool e_aw = m->e_awvalid && m->e_awready;
+    const bool e_w = m->e_wvalid && m->e_wready;
+    const bool e_b = m->e_bvalid && m->e_bready;
+    const uint64_t e_araddr = m->e_araddr;
+    const uint32_t e_arlen = m->e_arlen;
+    const uint64_t e_awaddr = m->e_awaddr;
+    uint8_t e_wdata[16];
+    std::memcpy(e_wdata, m->e_wdata.data(), 16);
+    const uint32_t e_wstrb = m->e_wstrb;
+    const bool e_wlast = m->e_wlast;
     r->context->timeInc(1);
     m->clk = 1;
     m->eval();
@@ -117,6 +209,20 @@ void tick(Rtl* r) {
         }
     }
     if (b) r->b_pending = false;
+    if (m->dma_reset) {
+        // The interconnect resets with the engines: open bursts are abandoned.
+        r->rd_busy = false;
+        r->wr_address = false;
+        r->b_pending = false;
+        r->e = Rtl::Port{};
+        m->m_rvalid = 0;
+        m->m_rlast = 0;
+        m->e_rvalid = 0;
+        m->e_rlast = 0;
+    }
+    const bool live = !m->dma_reset;
+    engine_port(r, live && e_ar, e_araddr, e_arlen, live && e_rd, live && e_aw, e_awaddr,
+                live && e_w, e_wdata, e_wstrb, e_wlast, live && e_b);
     // Interrupt messages: one pulse per vector, delivered as the MSI-X write would be.
     if (m->irq != 0) {
         for (uint32_t v = 0; v < 8; v++) {
@@ -165,6 +271,11 @@ void* tlsa_rtl_new(void* memory, tlsa_mem_read_fn read, tlsa_mem_write_fn write,
     m->m_awready = 1;
     m->m_wready = 0;
     m->m_bvalid = 0;
+    m->e_arready = 1;
+    m->e_rvalid = 0;
+    m->e_awready = 1;
+    m->e_wready = 0;
+    m->e_bvalid = 0;
     hold_reset(r);
     return r;
 }
@@ -182,7 +293,8 @@ uint64_t tlsa_rtl_cycles(void* handle) { return static_cast<Rtl*>(handle)->cycle
 
 int tlsa_rtl_idle(void* handle) {
     auto* r = static_cast<Rtl*>(handle);
-    return r->model->idle && !r->rd_busy && !r->wr_address && !r->b_pending;
+    return r->model->idle && !r->rd_busy && !r->wr_address && !r->b_pending && !r->e.rd_busy &&
+           !r->e.wr_address && !r->e.b_pending;
 }
 
 // An AXI4-Lite write: returns BRESP, or -1 when the slave did not answer in time.

@@ -116,12 +116,20 @@ fn descriptors_the_device_must_refuse_get_the_simulators_statuses() {
 
 #[test]
 fn jobs_for_engines_this_build_lacks_complete_unsupported() {
+    // TLS 1.2 records and the public-key engines are simulator-only (device-spec §2.2).
     let device = open_rtl();
-    let seal = Descriptor {
-        opcode: Opcode::TLS13_SEAL.0,
+    let tls12 = Descriptor {
+        opcode: Opcode::TLS12_SEAL.0,
         ..Descriptor::default()
     };
-    assert_eq!(statuses(&device, &[seal]), vec![Some(Status::UNSUPPORTED)]);
-    assert_eq!(device.counter(Counter::JobsFailed), 1);
-    assert_eq!(device.counter(Counter::Rejected), 1);
+    let sign = Descriptor {
+        opcode: Opcode::ECDSA_SIGN.0,
+        ..Descriptor::default()
+    };
+    assert_eq!(
+        statuses(&device, &[tls12, sign]),
+        vec![Some(Status::UNSUPPORTED), Some(Status::UNSUPPORTED)]
+    );
+    assert_eq!(device.counter(Counter::JobsFailed), 2);
+    assert_eq!(device.counter(Counter::Rejected), 2);
 }

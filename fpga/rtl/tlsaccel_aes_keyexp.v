@@ -1,0 +1,92 @@
+// AES-128/256 key expansion (FIPS-197 §5.2) for the record engine, one round key per
+// clock: 10 clocks for AES-128, 13 for AES-256. Blocks are little-endian byte vectors, as
+// in tlsaccel_aes_pipe.v.
+
+`default_nettype none
+
+
+module tlsaccel_aes_keyexp (
+    input  wire              clk,
+    input  wire              rst,
+    input  wire              start,      // one cycle: expand `key`
+    input  wire              clear,      // one cycle: zeroize the round keys
+    input  wire              aes256,
+    input  wire [255:0]      key,        // AES-128 uses bits [127:0]
+    output reg               busy,
+    output reg  [15*128-1:0] round_keys  // round key r at [128r +: 128]
+);
+    `include "tlsaccel_sbox.vh"
+
+    reg [3:0]   index;      // the round key computed this cycle
+    reg         wide;
+    reg [127:0] older;      // round key index-2 (AES-256)
+    reg [127:0] newer;      // round key index-1
+
+    function [7:0] rcon;
+        input [3:0] i;
+        begin
+            case (i)
+                4'd1: rcon = 8'h01; 4'd2: rcon = 8'h02; 4'd3: rcon = 8'h04; 4'd4: rcon = 8'h08;
+                4'd5: rcon = 8'h10; 4'd6: rcon = 8'h20; 4'd7: rcon = 8'h40; 4'd8: rcon = 8'h80;
+                4'd9: rcon = 8'h1b; 4'd10: rcon = 8'h36;
+                default: rcon = 8'h00;
+            endcase
+        end
+    endfunction
+
+    // FIPS-197 §5.2, four words at a time. AES-128: every key uses RotWord, SubWord and
+    // Rcon on the previous key's last word. AES-256: even keys do the same (Rcon i/2),
+    // odd keys use SubWord only; both XOR into the key two back.
+    wire [31:0]  last = newer[127:96];
+    wire         rotate = !wide || !index[0];
+    wire [31:0]  turned = rotate ? {last[7:0], last[31:8]} : last;
+    wire [31:0]  subbed = {aes_sbox(turned[31:24]), aes_sbox(turned[23:16]),
+                           aes_sbox(turned[15:8]), aes_sbox(turned[7:0])};
+    wire [7:0]   round_constant = !wide ? rcon(index) : (rotate ? rcon({1'b0, index[3:1]}) : 8'h00);
+    wire [31:0]  t = subbed ^ {24'd0, round_constant};
+    wire [127:0] base = wide ? older : newer;
+    wire [31:0]  w0 = base[31:0] ^ t;
+    wire [31:0]  w1 = base[63:32] ^ w0;
+    wire [31:0]  w2 = base[95:64] ^ w1;
+    wire [31:0]  w3 = base[127:96] ^ w2;
+    wire [127:0] next = {w3, w2, w1, w0};
+
+    always @(posedge clk) begin
+        if (rst) begin
+            busy <= 1'b0;
+            index <= 4'd0;
+            wide <= 1'b0;
+            older <= 128'd0;
+            newer <= 128'd0;
+            round_keys <= {15*128{1'b0}};
+        end else if (clear) begin
+            busy <= 1'b0;
+            older <= 128'd0;
+            newer <= 128'd0;
+            round_keys <= {15*128{1'b0}};
+        end else if (start) begin
+            busy <= 1'b1;
+            wide <= aes256;
+            round_keys <= {15*128{1'b0}};
+            round_keys[127:0] <= key[127:0];
+            if (aes256) begin
+                round_keys[255:128] <= key[255:128];
+                older <= key[127:0];
+                newer <= key[255:128];
+                index <= 4'd2;
+            end else begin
+                older <= 128'd0;
+                newer <= key[127:0];
+                index <= 4'd1;
+            end
+        end else if (busy) begin
+            round_keys[128*index +: 128] <= next;
+            older <= newer;
+            newer <= next;
+            index <= index + 4'd1;
+            if (index == (wide ? 4'd14 : 4'd10)) busy <= 1'b0;
+        end
+    end
+endmodule
+
+`default_nettype wire
