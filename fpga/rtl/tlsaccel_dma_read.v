@@ -23,6 +23,7 @@ module tlsaccel_dma_read #(
     input  wire [WORD_BITS-1:0] base,
     output wire                 busy,
     output reg                  fault,
+    output wire [31:0]          words_done,  // words written so far (the cipher follows)
 
     output reg                  buf_we,
     output reg  [WORD_BITS-1:0] buf_waddr,
@@ -57,6 +58,7 @@ module tlsaccel_dma_read #(
     reg [127:0] prev;
 
     assign busy = state != S_IDLE || start;
+    assign words_done = emitted;
 
     wire [63:0]  last_byte = addr + {32'd0, len} - 64'd1;
     wire [59:0]  beat_span = last_byte[63:4] - addr[63:4] + 60'd1;

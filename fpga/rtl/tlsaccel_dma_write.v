@@ -17,6 +17,8 @@ module tlsaccel_dma_write #(
     input  wire [63:0]          addr,
     input  wire [31:0]          len,     // > 0
     input  wire [WORD_BITS-1:0] base,
+    // Words from `base` that are ready: the writer follows the cipher through the buffer.
+    input  wire [31:0]          avail,
     output wire                 busy,
     output reg                  fault,
 
@@ -69,7 +71,8 @@ module tlsaccel_dma_write #(
 
     // The W register takes a beat this cycle when it is empty or its beat is accepted.
     wire advance = !m_wvalid || m_wready;
-    assign buf_re = state == S_W && advance && issued < burst_beats;
+    assign buf_re = state == S_W && advance && issued < burst_beats
+                 && (beat >= words || beat < avail);
     assign buf_raddr = base_word + beat[WORD_BITS-1:0];
 
     // Beat j carries stream bytes 16j - shift ... 16j + 15 - shift.

@@ -11,15 +11,20 @@
 //   SLOT     the key table entry: BAD_SLOT, SLOT_EMPTY, SLOT_MISMATCH, SEQUENCE_EXHAUSTED;
 //            a record job takes the slot's sequence number and advances it (§4.4);
 //   KEYS     round keys, unless the slot's are still expanded from the job before;
-//   LOAD     DMA of the input into the 128-bit job buffer (on-chip RAM), realigned;
+//   LOAD     DMA of the AAD (or the TLS 1.3 header) into the input buffer, then the
+//            data, which goes on while the next steps run;
 //   HJ       H = E(K, 0) and E(K, J0) through the AES pipeline;
 //   AAD      GHASH over the AAD words;
-//   CIPHER   counter blocks into the AES pipeline at one per clock; each keystream block
-//            meets its buffer word, is written back in place and hashed (1 block/clock);
-//   TAG      the length block, then the tag: stored (seal) or compared (open);
+//   CIPHER   counter blocks into the AES pipeline at one per clock, each as soon as its
+//            input word has arrived; each keystream block meets its word, the result goes
+//            to the output buffer and is hashed (one block per clock);
+//   TAG      the length block, then the tag: stored (seal) or compared with the record's
+//            (open, whose tag is read once the data is in);
 //   SCAN     TLS13_OPEN: the content type is the last non-zero byte of the inner text;
-//   WRITE    DMA of the output from the buffer to dst (after the tag check, so a failed
-//            open writes nothing).
+//   OUTPUT   DMA of the output buffer to dst, by a sequencer beside the main one: a seal's
+//            output follows the cipher word by word (DMA in, cipher and DMA out overlap,
+//            one pass over the record); an open's starts after the tag check, so a failed
+//            open writes nothing.
 //
 // Key slots live in on-chip RAM (algorithm, protocol, direction, sequence, key, IV; 422
 // bits each). Reset empties every slot at once (valid bits) and then zeroizes the RAM
@@ -101,8 +106,8 @@ module tlsaccel_record_engine #(
                      S_KEY_LOAD = 5'd7, S_SLOT = 5'd8, S_SLOT_WAIT = 5'd9, S_GRANT = 5'd10,
                      S_KEYS = 5'd11, S_LOAD = 5'd12, S_LOAD_WAIT = 5'd13, S_HEADER = 5'd14,
                      S_HJ = 5'd15, S_AAD = 5'd16, S_CIPHER = 5'd17, S_LENGTHS = 5'd18,
-                     S_TAG = 5'd19, S_TAG_CHECK = 5'd20, S_SCAN = 5'd21, S_WRITE = 5'd22,
-                     S_WRITE_WAIT = 5'd23, S_DONE = 5'd24, S_SCRUB = 5'd25;
+                     S_TAG = 5'd19, S_TAG_CHECK = 5'd20, S_SCAN = 5'd21,
+                     S_OUT_WAIT = 5'd23, S_DONE = 5'd24, S_SCRUB = 5'd25, S_DATA_DONE = 5'd26;
 
     // ---------------------------------------------------------------- descriptor fields
     reg [511:0] desc;
@@ -193,17 +198,21 @@ module tlsaccel_record_engine #(
     wire [255:0] entry_key   = entry[325:70];
     wire [95:0]  entry_iv    = entry[421:326];
 
-    // ---------------------------------------------------------------- job buffer
-    reg [127:0]  buffer [0:BUF_WORDS-1];
-    reg [127:0]  buf_q;
-    wire         buf_re;
-    wire [WB-1:0] buf_raddr;
-    wire         buf_we;
-    wire [WB-1:0] buf_waddr;
-    wire [127:0] buf_wdata;
+    // ---------------------------------------------------------------- job buffers
+    // Input: written by the DMA reader (and the engine: a TLS 1.3 seal's header, scrubbing),
+    // read by the engine. Output: written by the engine, read by the DMA writer or SCAN.
+    // Each is a simple dual-port RAM (one write, one registered read per clock).
+    reg [127:0]  inbuf  [0:BUF_WORDS-1];
+    reg [127:0]  outbuf [0:BUF_WORDS-1];
+    reg [127:0]  in_q, out_q;
+    wire         in_we, out_re;
+    wire [WB-1:0] in_waddr, out_raddr;
+    wire [127:0] in_wdata;
     always @(posedge clk) begin
-        if (buf_we) buffer[buf_waddr] <= buf_wdata;
-        if (buf_re) buf_q <= buffer[buf_raddr];
+        if (in_we) inbuf[in_waddr] <= in_wdata;
+        if (in_re) in_q <= inbuf[in_raddr];
+        if (out_we) outbuf[out_waddr] <= out_wdata;
+        if (out_re) out_q <= outbuf[out_raddr];
     end
 
     // ---------------------------------------------------------------- DMA
@@ -212,11 +221,12 @@ module tlsaccel_record_engine #(
     reg [31:0]   rd_len;
     reg [WB-1:0] rd_base;
     wire         rd_busy, rd_fault, rd_we;
+    wire [31:0]  rd_words;
     wire [WB-1:0] rd_waddr;
     wire [127:0] rd_wdata;
     tlsaccel_dma_read #(.WORD_BITS(WB)) reader (
         .clk(clk), .rst(rst), .start(rd_start), .probe(rd_probe), .addr(rd_addr),
-        .len(rd_len), .base(rd_base), .busy(rd_busy), .fault(rd_fault),
+        .len(rd_len), .base(rd_base), .busy(rd_busy), .fault(rd_fault), .words_done(rd_words),
         .buf_we(rd_we), .buf_waddr(rd_waddr), .buf_wdata(rd_wdata),
         .m_araddr(m_araddr), .m_arlen(m_arlen), .m_arsize(m_arsize), .m_arburst(m_arburst),
         .m_arvalid(m_arvalid), .m_arready(m_arready), .m_rdata(m_rdata), .m_rresp(m_rresp),
@@ -224,6 +234,7 @@ module tlsaccel_record_engine #(
     );
 
     reg          wr_start;
+    wire [31:0]  wr_avail;
     reg [63:0]   wr_addr;
     reg [31:0]   wr_len;
     reg [WB-1:0] wr_base;
@@ -231,8 +242,8 @@ module tlsaccel_record_engine #(
     wire [WB-1:0] wr_raddr;
     tlsaccel_dma_write #(.WORD_BITS(WB)) writer (
         .clk(clk), .rst(rst), .start(wr_start), .addr(wr_addr), .len(wr_len),
-        .base(wr_base), .busy(wr_busy), .fault(wr_fault),
-        .buf_re(wr_re), .buf_raddr(wr_raddr), .buf_rdata(buf_q),
+        .base(wr_base), .avail(wr_avail), .busy(wr_busy), .fault(wr_fault),
+        .buf_re(wr_re), .buf_raddr(wr_raddr), .buf_rdata(out_q),
         .m_awaddr(m_awaddr), .m_awlen(m_awlen), .m_awsize(m_awsize), .m_awburst(m_awburst),
         .m_awvalid(m_awvalid), .m_awready(m_awready), .m_wdata(m_wdata), .m_wstrb(m_wstrb),
         .m_wlast(m_wlast), .m_wvalid(m_wvalid), .m_wready(m_wready), .m_bresp(m_bresp),
@@ -318,7 +329,7 @@ module tlsaccel_record_engine #(
     reg [31:0]   finished;       // words finished in the current phase
     reg          cached;         // round keys hold slot `cached_slot`
     reg [SB-1:0] cached_slot;
-    reg          words_valid;    // CIPHER: a keystream word meets buf_q this cycle
+    reg          words_valid;    // CIPHER: a keystream word meets in_q this cycle
     reg [127:0]  keystream;
     reg [27:0]   word_index;
     reg [31:0]   scan_word;
@@ -329,150 +340,208 @@ module tlsaccel_record_engine #(
     wire [31:0] counter    = count + 32'd2;   // GCM's inc32(J0) + i, big-endian in the block
     wire [31:0] aad_words  = (aad_bytes + 32'd15) >> 4;
     wire [31:0] data_words = (data_bytes + 32'd15) >> 4;
+    wire [31:0] in_words   = (in_bytes + 32'd15) >> 4;
 
     // CIPHER: the word that meets its keystream. Input bytes past `in_bytes` are zero,
     // except that a TLS 1.3 seal puts the content type right after the plaintext.
     reg [127:0] plain_in, cipher_out, hashed;
     integer b;
     always @(*) begin
-        plain_in = keep(buf_q, word_index, in_bytes);
+        plain_in = keep(in_q, word_index, in_bytes);
         if (tls_seal)
             for (b = 0; b < 16; b = b + 1)
                 if ({word_index, 4'd0} + b == in_bytes) plain_in[8*b +: 8] = content_type;
         cipher_out = keep(plain_in ^ keystream, word_index, data_bytes);
-        hashed = op_seal ? cipher_out : keep(buf_q, word_index, data_bytes);
+        hashed = op_seal ? cipher_out : keep(in_q, word_index, data_bytes);
     end
 
-    // SCAN: the last non-zero byte of a word, if any.
+    // SCAN: the last non-zero byte of a word of the output buffer, if any.
     reg        scan_found;
     reg [3:0]  scan_at;
     always @(*) begin
         scan_found = 1'b0;
         scan_at = 4'd0;
         for (b = 0; b < 16; b = b + 1)
-            if (buf_q[8*b +: 8] != 8'd0) begin
+            if (out_q[8*b +: 8] != 8'd0) begin
                 scan_found = 1'b1;
                 scan_at = b[3:0];
             end
     end
 
-    // The engine's own buffer accesses (the DMA units have theirs in LOAD and WRITE).
-    reg          eng_we;
-    reg [WB-1:0] eng_waddr;
-    reg [127:0]  eng_wdata;
-    reg          eng_re;
-    reg [WB-1:0] eng_raddr;
+    // The engine's own buffer accesses (the DMA reader writes the input buffer, the DMA
+    // writer reads the output buffer).
+    reg          eng_in_we, in_re, out_we, scan_re;
+    reg [WB-1:0] eng_in_waddr, in_raddr, out_waddr, scan_raddr;
+    reg [127:0]  eng_in_wdata, out_wdata;
     wire [127:0] tag_le = swap(ghash) ^ ej0;
     wire [15:0]  record_len = data_bytes[15:0] + 16'd16;
+    wire [127:0] header = {88'd0, record_len[7:0], record_len[15:8], 8'h03, 8'h03, 8'h17};
     always @(*) begin
-        eng_we = 1'b0;
-        eng_waddr = {WB{1'b0}};
-        eng_wdata = 128'd0;
-        eng_re = 1'b0;
-        eng_raddr = {WB{1'b0}};
+        eng_in_we = 1'b0;
+        eng_in_waddr = {WB{1'b0}};
+        eng_in_wdata = 128'd0;
+        in_re = 1'b0;
+        in_raddr = {WB{1'b0}};
+        out_we = 1'b0;
+        out_waddr = {WB{1'b0}};
+        out_wdata = 128'd0;
+        scan_re = 1'b0;
+        scan_raddr = {WB{1'b0}};
         case (state)
             S_LOAD: if (tls_seal && step == 3'd0) begin
-                // The record header, which is also the AAD.
-                eng_we = 1'b1;
-                eng_waddr = {WB{1'b0}};
-                eng_wdata = {88'd0, record_len[7:0], record_len[15:8], 8'h03, 8'h03, 8'h17};
+                // The record header: the AAD (input) and the record's first bytes (output).
+                eng_in_we = 1'b1;
+                eng_in_wdata = header;
+                out_we = 1'b1;
+                out_wdata = header;
             end
             S_BLOCK_WAIT: begin
-                eng_re = step >= 3'd1 && step <= 3'd4;
-                eng_raddr = {{(WB-3){1'b0}}, step - 3'd1};
+                in_re = step >= 3'd1 && step <= 3'd4;
+                in_raddr = {{(WB-3){1'b0}}, step - 3'd1};
             end
             S_SCRUB: begin
-                // The key block leaves the job buffer with the job.
-                eng_we = 1'b1;
-                eng_waddr = {{(WB-3){1'b0}}, step};
-                eng_wdata = 128'd0;
+                // The key block leaves the input buffer with the job.
+                eng_in_we = 1'b1;
+                eng_in_waddr = {{(WB-3){1'b0}}, step};
             end
-            S_HEADER: begin
-                eng_re = step == 3'd0;
-                eng_raddr = {WB{1'b0}};
-            end
+            S_HEADER: in_re = step == 3'd0;
             S_AAD: begin
-                eng_re = count < aad_words;
-                eng_raddr = count[WB-1:0];
+                in_re = count < aad_words;
+                in_raddr = count[WB-1:0];
             end
             S_CIPHER: begin
-                eng_re = aes_out_valid && !aes_out_tag[15];
-                eng_raddr = DATA_W + aes_out_tag[WB-1:0];
-                eng_we = words_valid;
-                eng_waddr = DATA_W + word_index[WB-1:0];
-                eng_wdata = op_seal ? cipher_out : keep(plain_in ^ keystream, word_index, data_bytes);
+                in_re = aes_out_valid && !aes_out_tag[15];
+                in_raddr = DATA_W + aes_out_tag[WB-1:0];
+                out_we = words_valid;
+                out_waddr = DATA_W + word_index[WB-1:0];
+                out_wdata = op_seal ? cipher_out : keep(plain_in ^ keystream, word_index, data_bytes);
             end
             S_TAG: begin
-                eng_we = op_seal;
-                eng_waddr = TAG_W;
-                eng_wdata = tag_le;
-                eng_re = !op_seal;
-                eng_raddr = TAG_W;
+                out_we = op_seal;
+                out_waddr = TAG_W;
+                out_wdata = tag_le;
+                in_re = !op_seal;
+                in_raddr = TAG_W;
             end
             S_SCAN: begin
-                eng_re = step == 3'd0;
-                eng_raddr = DATA_W + scan_word[WB-1:0];
+                scan_re = step == 3'd0;
+                scan_raddr = DATA_W + scan_word[WB-1:0];
             end
             default: ;
         endcase
     end
-    assign buf_we = rd_we | eng_we;
-    assign buf_waddr = rd_we ? rd_waddr : eng_waddr;
-    assign buf_wdata = rd_we ? rd_wdata : eng_wdata;
-    assign buf_re = state == S_WRITE_WAIT ? wr_re : eng_re;
-    assign buf_raddr = state == S_WRITE_WAIT ? wr_raddr : eng_raddr;
+    assign in_we = rd_we | eng_in_we;
+    assign in_waddr = rd_we ? rd_waddr : eng_in_waddr;
+    assign in_wdata = rd_we ? rd_wdata : eng_in_wdata;
+    assign out_re = wr_re | scan_re;
+    assign out_raddr = wr_re ? wr_raddr : scan_raddr;
+    // The writer may read what the cipher has written: everything, once CIPHER is over.
+    assign wr_avail = state == S_CIPHER ? finished : 32'hffff_ffff;
 
     // Key block fields (words 0-3 of the buffer after S_BLOCK).
     reg [127:0] block0, block1, block2, block3;
 
-    // The segments LOAD reads and WRITE writes, by step.
+    // The segments LOAD reads, by `step`: 0 the AAD or the TLS 1.3 header, 1 the data,
+    // 2 an open's tag.
     reg [63:0]   seg_addr;
     reg [31:0]   seg_len;
     reg [WB-1:0] seg_base;
-    reg          seg_last;
     always @(*) begin
-        seg_addr = 64'd0;
-        seg_len = 32'd0;
-        seg_base = {WB{1'b0}};
-        seg_last = 1'b1;
-        if (state == S_LOAD || state == S_LOAD_WAIT) begin
-            case (step)
-                3'd0: begin     // AAD, or the TLS 1.3 header
-                    seg_addr = op_aead ? aad : src;
-                    seg_len = tls_open ? 32'd5 : op_aead ? aad_len : 32'd0;
-                    seg_last = 1'b0;
-                end
-                3'd1: begin     // the cipher input
-                    seg_addr = tls_open ? src + 64'd5 : src;
-                    seg_len = in_bytes;
-                    seg_base = DATA_W;
-                    seg_last = op_seal;
-                end
-                default: begin  // the tag of an open
-                    seg_addr = src + {32'd0, src_len} - 64'd16;
-                    seg_len = 32'd16;
-                    seg_base = TAG_W;
-                end
-            endcase
+        case (step)
+            3'd0: begin
+                seg_addr = op_aead ? aad : src;
+                seg_len = tls_open ? 32'd5 : op_aead ? aad_len : 32'd0;
+                seg_base = {WB{1'b0}};
+            end
+            3'd1: begin
+                seg_addr = tls_open ? src + 64'd5 : src;
+                seg_len = in_bytes;
+                seg_base = DATA_W;
+            end
+            default: begin
+                seg_addr = src + {32'd0, src_len} - 64'd16;
+                seg_len = 32'd16;
+                seg_base = TAG_W;
+            end
+        endcase
+    end
+
+    // The segments OUTPUT writes, by `o_step`: a TLS 1.3 seal's header, body and tag; an
+    // AEAD seal's ciphertext and tag; an open's plaintext.
+    reg [63:0]   out_addr;
+    reg [31:0]   out_len;
+    reg [WB-1:0] out_base;
+    reg          out_last;
+    reg [1:0]    o_step;
+    always @(*) begin
+        case (o_step)
+            2'd0: begin
+                out_addr = dst;
+                out_len = tls_seal ? 32'd5 : op_seal ? src_len : result_len;
+                out_base = tls_seal ? {WB{1'b0}} : DATA_W;
+                out_last = !op_seal;
+            end
+            2'd1: begin
+                out_addr = tls_seal ? dst + 64'd5 : dst + {32'd0, src_len};
+                out_len = tls_seal ? data_bytes : 32'd16;
+                out_base = tls_seal ? DATA_W : TAG_W;
+                out_last = !tls_seal;
+            end
+            default: begin
+                out_addr = dst + 64'd5 + {32'd0, data_bytes};
+                out_len = 32'd16;
+                out_base = TAG_W;
+                out_last = 1'b1;
+            end
+        endcase
+    end
+
+    // The output sequencer: started by `out_go`, it writes the segments in order, the tag
+    // once `tag_ready`; `o_done` until the main sequencer takes the result.
+    localparam [1:0] O_IDLE = 2'd0, O_SEG = 2'd1, O_WAIT = 2'd2, O_DONE = 2'd3;
+    reg [1:0] o_state;
+    reg       out_go, tag_ready, o_fault;
+    always @(posedge clk) begin
+        wr_start <= 1'b0;
+        if (rst) begin
+            o_state <= O_IDLE;
+            o_step <= 2'd0;
+            o_fault <= 1'b0;
         end else begin
-            case (step)
-                3'd0: begin     // the TLS 1.3 header, or the whole output
-                    seg_addr = dst;
-                    seg_len = tls_seal ? 32'd5 : op_seal ? src_len : result_len;
-                    seg_base = tls_seal ? {WB{1'b0}} : DATA_W;
-                    seg_last = !op_seal;
+            case (o_state)
+                O_IDLE: if (out_go) begin
+                    o_step <= 2'd0;
+                    o_fault <= 1'b0;
+                    o_state <= O_SEG;
                 end
-                3'd1: begin
-                    seg_addr = tls_seal ? dst + 64'd5 : dst + {32'd0, src_len};
-                    seg_len = tls_seal ? data_bytes : 32'd16;
-                    seg_base = tls_seal ? DATA_W : TAG_W;
-                    seg_last = !tls_seal;
+                O_SEG: begin
+                    if (out_base == TAG_W && !tag_ready) begin
+                        o_state <= O_SEG;   // the tag is not computed yet
+                    end else if (out_len != 32'd0) begin
+                        wr_start <= 1'b1;
+                        wr_addr <= out_addr;
+                        wr_len <= out_len;
+                        wr_base <= out_base;
+                        o_state <= O_WAIT;
+                    end else if (out_last) begin
+                        o_state <= O_DONE;
+                    end else begin
+                        o_step <= o_step + 2'd1;
+                    end
                 end
-                default: begin
-                    seg_addr = dst + 64'd5 + {32'd0, data_bytes};
-                    seg_len = 32'd16;
-                    seg_base = TAG_W;
+                O_WAIT: if (!wr_busy && !wr_start) begin
+                    if (wr_fault) begin
+                        o_fault <= 1'b1;
+                        o_state <= O_DONE;
+                    end else if (out_last) begin
+                        o_state <= O_DONE;
+                    end else begin
+                        o_step <= o_step + 2'd1;
+                        o_state <= O_SEG;
+                    end
                 end
+                O_DONE: if (state == S_OUT_WAIT) o_state <= O_IDLE;
+                default: o_state <= O_IDLE;
             endcase
         end
     end
@@ -490,7 +559,7 @@ module tlsaccel_record_engine #(
     always @(posedge clk) begin
         done <= 1'b0;
         rd_start <= 1'b0;
-        wr_start <= 1'b0;
+        out_go <= 1'b0;
         kx_start <= 1'b0;
         kx_clear <= 1'b0;
         key_we <= 1'b0;
@@ -503,6 +572,7 @@ module tlsaccel_record_engine #(
             cached <= 1'b0;
             cached_slot <= {SB{1'b0}};
             kx_clear <= 1'b1;
+            tag_ready <= 1'b0;
             desc <= 512'd0;
             step <= 3'd0;
             status <= 16'd0;
@@ -593,7 +663,7 @@ module tlsaccel_record_engine #(
                     state <= S_BLOCK_WAIT;
                 end
                 S_BLOCK_WAIT: begin
-                    // Words 0-3 come back through buf_q, one per clock.
+                    // Words 0-3 come back through in_q, one per clock.
                     if (!rd_busy && step == 3'd0) begin
                         // A refused load scrubs what it read, too.
                         if (rd_fault || !slot_in_range) begin
@@ -606,11 +676,11 @@ module tlsaccel_record_engine #(
                     end else if (step != 3'd0) begin
                         step <= step + 3'd1;
                         case (step)
-                            3'd2: block0 <= buf_q;
-                            3'd3: block1 <= buf_q;
-                            3'd4: block2 <= buf_q;
+                            3'd2: block0 <= in_q;
+                            3'd3: block1 <= in_q;
+                            3'd4: block2 <= in_q;
                             3'd5: begin
-                                block3 <= buf_q;
+                                block3 <= in_q;
                                 state <= S_KEY_LOAD;
                             end
                             default: ;
@@ -717,6 +787,8 @@ module tlsaccel_record_engine #(
                     step <= 3'd0;
                     state <= S_LOAD;
                 end
+                // Step 0 (AAD or header) is waited for; step 1 (the data) runs on beside the
+                // cipher; step 2 (an open's tag) comes after it.
                 S_LOAD: begin
                     if (seg_len != 32'd0) begin
                         rd_start <= 1'b1;
@@ -724,10 +796,12 @@ module tlsaccel_record_engine #(
                         rd_addr <= seg_addr;
                         rd_len <= seg_len;
                         rd_base <= seg_base;
-                        state <= S_LOAD_WAIT;
-                    end else if (seg_last) begin
+                    end
+                    if (step == 3'd1) begin
                         step <= 3'd0;
-                        state <= tls_open ? S_HEADER : S_HJ;
+                        state <= S_HJ;
+                    end else if (seg_len != 32'd0) begin
+                        state <= S_LOAD_WAIT;
                     end else begin
                         step <= step + 3'd1;
                     end
@@ -735,11 +809,13 @@ module tlsaccel_record_engine #(
                 S_LOAD_WAIT: if (!rd_busy && !rd_start) begin
                     if (rd_fault) begin
                         finish(TLSA_ST_DMA_FAULT, 1'b0);
-                    end else if (seg_last) begin
+                    end else if (step == 3'd2) begin
+                        state <= S_TAG;
+                    end else if (tls_open) begin
                         step <= 3'd0;
-                        state <= tls_open ? S_HEADER : S_HJ;
+                        state <= S_HEADER;
                     end else begin
-                        step <= step + 3'd1;
+                        step <= 3'd1;
                         state <= S_LOAD;
                     end
                 end
@@ -747,12 +823,12 @@ module tlsaccel_record_engine #(
                 S_HEADER: begin
                     step <= step + 3'd1;
                     if (step == 3'd1) begin
-                        if (buf_q[23:0] != 24'h030317
-                                     || {buf_q[31:24], buf_q[39:32]} != src_len[15:0] - 16'd5) begin
+                        if (in_q[23:0] != 24'h030317
+                            || {in_q[31:24], in_q[39:32]} != src_len[15:0] - 16'd5) begin
                             finish(TLSA_ST_RECORD_MALFORMED, 1'b0);
                         end else begin
-                            step <= 3'd0;
-                            state <= S_HJ;
+                            step <= 3'd1;
+                            state <= S_LOAD;
                         end
                     end
                 end
@@ -781,18 +857,27 @@ module tlsaccel_record_engine #(
                 S_AAD: begin
                     if (count < aad_words) count <= count + 32'd1;
                     if (finished < count) begin
-                        ghash <= gf_mul(ghash ^ swap(keep(buf_q, finished[27:0], aad_bytes)), hash_key);
+                        ghash <= gf_mul(ghash ^ swap(keep(in_q, finished[27:0], aad_bytes)), hash_key);
                         finished <= finished + 32'd1;
                     end
                     if (finished == aad_words) begin
                         count <= 32'd0;
                         finished <= 32'd0;
+                        tag_ready <= 1'b0;
+                        // A seal's output follows the cipher from here.
+                        if (op_seal) begin
+                            out_go <= 1'b1;
+                            result_len <= tls_seal ? data_bytes + 32'd21 : src_len + 32'd16;
+                            info <= tls_seal ? 8'h17 : 8'h00;
+                        end
                         state <= S_CIPHER;
                     end
                 end
                 S_CIPHER: begin
-                    // Counter blocks 2, 3, ... (J0 + 1 + i), one per clock.
-                    if (count < data_words) begin
+                    // Counter blocks 2, 3, ... (J0 + 1 + i), one per clock, each once its
+                    // input word is in (words past the input are padding: no wait).
+                    if (count < data_words
+                        && (count < rd_words || count >= in_words || !rd_busy)) begin
                         aes_in_valid <= 1'b1;
                         aes_in <= {counter[7:0], counter[15:8], counter[23:16], counter[31:24],
                                    nonce};
@@ -813,14 +898,35 @@ module tlsaccel_record_engine #(
                 S_LENGTHS: begin
                     ghash <= gf_mul(ghash ^ {29'd0, aad_bytes, 3'd0, 29'd0, data_bytes, 3'd0},
                                     hash_key);
-                    state <= S_TAG;
+                    state <= S_DATA_DONE;
+                end
+                // The data read has ended (it has: the cipher took every word of it).
+                S_DATA_DONE: if (!rd_busy) begin
+                    if (rd_fault) begin
+                        // A seal's output is under way: let it end, then report the fault.
+                        status <= TLSA_ST_DMA_FAULT;
+                        tag_ready <= 1'b1;
+                        if (op_seal) state <= S_OUT_WAIT;
+                        else finish(TLSA_ST_DMA_FAULT, 1'b0);
+                    end else if (op_seal) begin
+                        state <= S_TAG;
+                    end else begin
+                        step <= 3'd2;
+                        state <= S_LOAD;
+                    end
                 end
                 S_TAG: begin
                     step <= 3'd0;
-                    state <= op_seal ? S_WRITE : S_TAG_CHECK;
+                    if (op_seal) begin
+                        tag_ready <= 1'b1;
+                        status <= TLSA_ST_OK;
+                        state <= S_OUT_WAIT;
+                    end else begin
+                        state <= S_TAG_CHECK;
+                    end
                 end
                 S_TAG_CHECK: begin
-                    if (buf_q != tag_le) begin
+                    if (in_q != tag_le) begin
                         auth_failures <= auth_failures + 64'd1;
                         finish(TLSA_ST_AUTH_FAILED, 1'b0);
                     end else if (tls_open) begin
@@ -829,8 +935,9 @@ module tlsaccel_record_engine #(
                         state <= S_SCAN;
                     end else begin
                         result_len <= src_len - 32'd16;
-                        step <= 3'd0;
-                        state <= S_WRITE;
+                        status <= TLSA_ST_OK;
+                        out_go <= 1'b1;
+                        state <= S_OUT_WAIT;
                     end
                 end
                 S_SCAN: begin
@@ -841,9 +948,10 @@ module tlsaccel_record_engine #(
                                 finish(TLSA_ST_RECORD_OVERFLOW, 1'b0);
                             end else begin
                                 result_len <= {scan_word[27:0], scan_at};
-                                info <= buf_q[8*scan_at +: 8];
-                                step <= 3'd0;
-                                state <= S_WRITE;
+                                info <= out_q[8*scan_at +: 8];
+                                status <= TLSA_ST_OK;
+                                out_go <= 1'b1;
+                                state <= S_OUT_WAIT;
                             end
                         end else if (scan_word == 32'd0) begin
                             finish(TLSA_ST_RECORD_MALFORMED, 1'b0);
@@ -853,36 +961,10 @@ module tlsaccel_record_engine #(
                         end
                     end
                 end
-                S_WRITE: begin
-                    if (step == 3'd0) begin
-                        if (tls_seal) begin
-                            result_len <= data_bytes + 32'd21;
-                            info <= 8'h17;
-                        end else if (op_seal) begin
-                            result_len <= src_len + 32'd16;
-                        end
-                    end
-                    if (seg_len != 32'd0) begin
-                        wr_start <= 1'b1;
-                        wr_addr <= seg_addr;
-                        wr_len <= seg_len;
-                        wr_base <= seg_base;
-                        state <= S_WRITE_WAIT;
-                    end else if (seg_last) begin
-                        finish(TLSA_ST_OK, 1'b0);
-                    end else begin
-                        step <= step + 3'd1;
-                    end
-                end
-                S_WRITE_WAIT: if (!wr_busy && !wr_start) begin
-                    if (wr_fault) begin
-                        finish(TLSA_ST_DMA_FAULT, 1'b0);
-                    end else if (seg_last) begin
-                        finish(TLSA_ST_OK, 1'b0);
-                    end else begin
-                        step <= step + 3'd1;
-                        state <= S_WRITE;
-                    end
+                S_OUT_WAIT: if (o_state == O_DONE) begin
+                    tag_ready <= 1'b0;
+                    if (status != TLSA_ST_OK) finish(status, 1'b0);
+                    else finish(o_fault ? TLSA_ST_DMA_FAULT : TLSA_ST_OK, 1'b0);
                 end
                 S_DONE: begin
                     done <= 1'b1;

@@ -35,10 +35,16 @@ fn the_driver_probes_the_rtl_as_a_tlsaccel_device() {
         info.max_queue_entries,
         tlsaccel_driver::abi::MAX_QUEUE_ENTRIES
     );
-    // What this build has, and only that: the driver must not send it anything but NOP.
+    // What this build has, and only that: no ChaCha20-Poly1305, TLS 1.2 records or
+    // public-key engines (simulator-only), so the driver refuses keys and jobs for them.
     assert_eq!(
         info.capabilities,
-        Capabilities::NOP | Capabilities::INTERRUPT_COALESCING
+        Capabilities::NOP
+            | Capabilities::AES_128_GCM
+            | Capabilities::AES_256_GCM
+            | Capabilities::RAW_AEAD
+            | Capabilities::TLS13_RECORD
+            | Capabilities::INTERRUPT_COALESCING
     );
     // Identity registers agree with the simulator's.
     let sim = simulator();
