@@ -8,7 +8,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -593,6 +593,7 @@ impl DmaPool {
             offset,
             len,
             class,
+            quarantined: AtomicBool::new(false),
         })
     }
 }
@@ -606,6 +607,8 @@ pub struct DmaBuffer {
     offset: usize,
     len: usize,
     class: usize,
+    /// Never handed out again: a device may still write it (see [`DmaBuffer::quarantine`]).
+    quarantined: AtomicBool,
 }
 
 impl fmt::Debug for DmaBuffer {
@@ -618,6 +621,13 @@ impl fmt::Debug for DmaBuffer {
 }
 
 impl DmaBuffer {
+    /// Keeps this memory out of the pool for good once the buffer is dropped (it stays
+    /// mapped, and is not reused): for rings a device did not confirm it has stopped
+    /// writing, so its late writes cannot land in someone else's buffer.
+    pub fn quarantine(&self) {
+        self.quarantined.store(true, Ordering::Relaxed);
+    }
+
     /// The buffer's device address.
     pub fn iova(&self) -> Iova {
         Iova(self.region_iova.0 + self.offset as u64)
@@ -711,6 +721,9 @@ impl DmaBuffer {
 
 impl Drop for DmaBuffer {
     fn drop(&mut self) {
+        if self.quarantined.load(Ordering::Relaxed) {
+            return;
+        }
         let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
         state.free[self.class].push((self.region_index, self.offset));
     }

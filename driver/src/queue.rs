@@ -642,14 +642,39 @@ impl QueuePair {
     }
 }
 
+/// How long a disabled queue may take to release its rings.
+const QUIESCE_TIMEOUT: Duration = Duration::from_millis(100);
+
 impl Drop for QueuePair {
     fn drop(&mut self) {
         if self.device_was_reset() {
             return;
         }
-        // Disable the queue before its rings go back to the pool.
-        let reg = regs::queue_reg(self.index, qreg::CONTROL);
-        self.transport.write32(reg, 0);
+        // Disable the queue, and wait for the device to let go of its rings (Q_STATUS
+        // ENABLED clears once no ring access is under way, device-spec §3.1) before they go
+        // back to the pool. A device that does not confirm in time keeps the rings: they
+        // are quarantined, never reused.
+        self.transport
+            .write32(regs::queue_reg(self.index, qreg::CONTROL), 0);
+        let status = regs::queue_reg(self.index, qreg::STATUS);
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        loop {
+            let enabled = QueueStatus::from_bits_retain(self.transport.read32(status))
+                .contains(QueueStatus::ENABLED);
+            if !enabled || self.transport.is_lost() {
+                return;
+            }
+            if Instant::now() > deadline {
+                tracing::error!(
+                    queue = self.index,
+                    "device did not release a disabled queue; its rings are quarantined"
+                );
+                self.sq.quarantine();
+                self.cq.quarantine();
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
     }
 }
 

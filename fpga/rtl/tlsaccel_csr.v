@@ -77,7 +77,9 @@ module tlsaccel_csr #(
     input  wire [32*NUM_QUEUES-1:0]      q_cq_tail,
     // The queue engine stopped a queue (e.g. RING_NOT_MAPPED)
     input  wire [NUM_QUEUES-1:0]         q_fail,
-    input  wire [32*NUM_QUEUES-1:0]      q_fail_code
+    input  wire [32*NUM_QUEUES-1:0]      q_fail_code,
+    // The queue engine still accesses these queues' rings (a job it had started).
+    input  wire [NUM_QUEUES-1:0]         q_busy
 );
     // The shared constants: not every module uses every one.
     /* verilator lint_off UNUSEDPARAM */
@@ -187,6 +189,7 @@ module tlsaccel_csr #(
     wire [31:0] wq_bell = (waddr - TLSA_DOORBELL_BASE) >> 12;
     /* verilator lint_on UNUSEDSIGNAL */
     wire [31:0] woff = {25'd0, waddr[6:0]};
+    wire        in_use = enabled[wq_block[QB-1:0]] || q_busy[wq_block[QB-1:0]];
     assign soft_reset = clear_queues;
 
     always @(posedge clk) begin
@@ -245,15 +248,19 @@ module tlsaccel_csr #(
                         enable <= 1'b0;
                         reset_busy <= 3'd4;
                     end else begin
-                        enable <= (wdata & TLSA_DEVICE_CONTROL_ENABLE) != 0;
+                        // Not while the engine still finishes a job of a stopped device:
+                        // RUNNING stays clear and the host tries again (§8).
+                        enable <= (wdata & TLSA_DEVICE_CONTROL_ENABLE) != 0
+                               && (enable || q_busy == {NUM_QUEUES{1'b0}});
                     end
                 end else if (in_queue_block(waddr)) begin
                     case (woff)
-                        TLSA_Q_SQ_BASE:      sq_base[wq_block[QB-1:0]][31:0] <= wdata;
-                        TLSA_Q_SQ_BASE + 4:  sq_base[wq_block[QB-1:0]][63:32] <= wdata;
-                        TLSA_Q_CQ_BASE:      cq_base[wq_block[QB-1:0]][31:0] <= wdata;
-                        TLSA_Q_CQ_BASE + 4:  cq_base[wq_block[QB-1:0]][63:32] <= wdata;
-                        TLSA_Q_SIZE:         size[wq_block[QB-1:0]] <= wdata;
+                        // Ring registers hold still while the queue is in use (§2.4).
+                        TLSA_Q_SQ_BASE:     if (!in_use) sq_base[wq_block[QB-1:0]][31:0] <= wdata;
+                        TLSA_Q_SQ_BASE + 4: if (!in_use) sq_base[wq_block[QB-1:0]][63:32] <= wdata;
+                        TLSA_Q_CQ_BASE:     if (!in_use) cq_base[wq_block[QB-1:0]][31:0] <= wdata;
+                        TLSA_Q_CQ_BASE + 4: if (!in_use) cq_base[wq_block[QB-1:0]][63:32] <= wdata;
+                        TLSA_Q_SIZE:        if (!in_use) size[wq_block[QB-1:0]] <= wdata;
                         TLSA_Q_IRQ_COALESCE_COUNT: ccount[wq_block[QB-1:0]] <= wdata;
                         TLSA_Q_IRQ_COALESCE_USECS: cusecs[wq_block[QB-1:0]] <= wdata;
                         TLSA_Q_CONTROL: begin
@@ -264,7 +271,8 @@ module tlsaccel_csr #(
                                 enabled[wq_block[QB-1:0]] <= 1'b0;
                                 error[wq_block[QB-1:0]] <= 1'b0;
                                 error_code[wq_block[QB-1:0]] <= 0;
-                            end else if (ring_ok(size[wq_block[QB-1:0]], sq_base[wq_block[QB-1:0]][11:0], cq_base[wq_block[QB-1:0]][11:0])) begin
+                            end else if (!q_busy[wq_block[QB-1:0]]
+                                         && ring_ok(size[wq_block[QB-1:0]], sq_base[wq_block[QB-1:0]][11:0], cq_base[wq_block[QB-1:0]][11:0])) begin
                                 enabled[wq_block[QB-1:0]] <= 1'b1;
                                 error[wq_block[QB-1:0]] <= 1'b0;
                                 error_code[wq_block[QB-1:0]] <= 0;
@@ -339,7 +347,9 @@ module tlsaccel_csr #(
                 TLSA_Q_CQ_BASE + 4:  rvalue = cq_base[rq][63:32];
                 TLSA_Q_SIZE:         rvalue = size[rq];
                 TLSA_Q_CONTROL:      rvalue = control[rq];
-                TLSA_Q_STATUS:       rvalue = (enabled[rq] ? TLSA_Q_STATUS_ENABLED : 32'd0)
+                // ENABLED stays set after a disable until the engine has let go of the
+                // rings (§3.1): the host waits for it before reusing their memory.
+                TLSA_Q_STATUS:       rvalue = (enabled[rq] || q_busy[rq] ? TLSA_Q_STATUS_ENABLED : 32'd0)
                                             | (error[rq] ? TLSA_Q_STATUS_ERROR : 32'd0);
                 TLSA_Q_ERROR:        rvalue = error_code[rq];
                 TLSA_Q_IRQ_COALESCE_COUNT: rvalue = ccount[rq];

@@ -8,7 +8,8 @@
 // records, the public-key engines) completes UNSUPPORTED. Interrupts (§7): a queue with IRQ_ENABLE raises its vector
 // (a one-cycle `irq` pulse, for the shell's MSI-X) once IRQ_COALESCE_COUNT completions are
 // pending (0 and 1: every one), or IRQ_COALESCE_USECS after the first pending one
-// (0: at once); one vector per cycle, the lowest first.
+// (0: at once; the timers count ticks of one shared microsecond prescaler, so a completion
+// waits at most that long); one vector per cycle, the lowest first.
 //
 // Per job: one 8-beat read burst (the 64-byte descriptor), one 2-beat write burst (the
 // 16-byte completion: cookie, then result length, status, info and flags — the status word
@@ -39,6 +40,8 @@ module tlsaccel_queue_engine #(
     output wire [32*NUM_QUEUES-1:0]  q_sq_head,
     output wire [32*NUM_QUEUES-1:0]  q_cq_tail,
     output reg  [NUM_QUEUES-1:0]     q_fail,
+    // The queue whose job is in progress: it still reads or writes that queue's rings.
+    output wire [NUM_QUEUES-1:0]     q_busy,
     output reg  [32*NUM_QUEUES-1:0]  q_fail_code,
 
     // AXI4 master, 64-bit data, to host memory
@@ -115,9 +118,13 @@ module tlsaccel_queue_engine #(
     reg [63:0]   completion_hi;
     reg          refused;        // the job was refused at validation (counted as rejected)
     reg [15:0]   pending [0:NUM_QUEUES-1];   // completions posted since the last interrupt
-    reg [31:0]   waited  [0:NUM_QUEUES-1];   // cycles since the first of them
+    reg [31:0]   waited  [0:NUM_QUEUES-1];   // microseconds since the first of them
+    // A microsecond tick shared by the coalescing timers (no multiplier per queue).
+    reg [$clog2(CYCLES_PER_US)-1:0] prescale;
+    wire         us_tick = prescale == CYCLES_PER_US[$clog2(CYCLES_PER_US)-1:0] - 1'b1;
 
     assign idle = state == S_IDLE;
+    assign q_busy = idle ? {NUM_QUEUES{1'b0}} : {{(NUM_QUEUES-1){1'b0}}, 1'b1} << cur;
 
     genvar g;
     generate
@@ -173,7 +180,7 @@ module tlsaccel_queue_engine #(
             due[d] = q_enabled[d] && q_irq_enable[d] && pending[d] != 16'd0
                 && ({16'd0, pending[d]} >= q_coalesce_count[32*d +: 32]
                     || q_coalesce_usecs[32*d +: 32] == 32'd0
-                    || waited[d] >= q_coalesce_usecs[32*d +: 32] * CYCLES_PER_US);
+                    || waited[d] >= q_coalesce_usecs[32*d +: 32]);
         end
         raise = due & (~due + {{(NUM_QUEUES-1){1'b0}}, 1'b1});
     end
@@ -182,6 +189,7 @@ module tlsaccel_queue_engine #(
     always @(posedge clk) begin
         q_fail <= {NUM_QUEUES{1'b0}};
         irq <= raise;
+        prescale <= us_tick || rst ? {$clog2(CYCLES_PER_US){1'b0}} : prescale + 1'b1;
         if (raise != {NUM_QUEUES{1'b0}}) interrupts <= interrupts + 64'd1;
         for (q = 0; q < NUM_QUEUES; q = q + 1) begin
             if (!q_enabled[q] || !q_irq_enable[q]) begin
@@ -193,7 +201,9 @@ module tlsaccel_queue_engine #(
             end else begin
                 if (posted && cur == q[QB-1:0] && pending[q] != 16'hffff)
                     pending[q] <= pending[q] + 16'd1;
-                waited[q] <= pending[q] != 16'd0 ? waited[q] + 32'd1 : 32'd0;
+                waited[q] <= pending[q] == 16'd0 ? 32'd0
+                           : us_tick && waited[q] != 32'hffff_ffff ? waited[q] + 32'd1
+                           : waited[q];
             end
         end
         if (rst) begin
@@ -349,6 +359,74 @@ module tlsaccel_queue_engine #(
     end
 
     wire unused_ok = &{1'b0, m_rresp[0], m_bresp[0], head[31:0]};
+
+`ifdef FORMAL
+    // Ring and phase invariants, proved by fpga/formal/run (yosys-smtbmc) for every bus,
+    // doorbell and engine behaviour within the bound: the bus, the doorbells and the record
+    // engine are free inputs. The host keeps each ring's size fixed (a power of two, 2-8
+    // here), its CQ head inside the ring and, as the register block does, the ring bases
+    // while the queue is enabled; everything else is unconstrained.
+    //
+    // A shadow count of completions posted per queue, modulo twice the ring size: the
+    // device's SQ head and CQ tail must be that count modulo the size, and the CQ phase 1
+    // on even laps and 0 on odd ones (§3.4), so a host polling by phase never takes a stale
+    // entry for a new one.
+    reg [4:0] f_posted [0:NUM_QUEUES-1];
+    reg       f_past_valid = 1'b0;
+    integer f;
+    always @(*) if (!f_past_valid) assume (rst);
+    always @(posedge clk) begin
+        f_past_valid <= 1'b1;
+        for (f = 0; f < NUM_QUEUES; f = f + 1) begin
+            assume (q_size[32*f +: 32] == 32'd2 || q_size[32*f +: 32] == 32'd4
+                    || q_size[32*f +: 32] == 32'd8);
+            assume (q_cq_head[32*f +: 32] < q_size[32*f +: 32]);
+            // Interrupts are outside these properties (and their timer's multiply is what
+            // slows the solver most).
+            assume (!q_irq_enable[f]);
+            if (f_past_valid) assume ($stable(q_size[32*f +: 32]));
+            // The register block enables a queue only once the engine has let go of it
+            // (§3.1), and keeps its ring bases while it is enabled or still busy (§2.4).
+            if (f_past_valid && q_enabled[f] && !$past(q_enabled[f])) assume (!$past(q_busy[f]));
+            if (f_past_valid && (q_enabled[f] || $past(q_busy[f]))
+                && ($past(q_enabled[f]) || $past(q_busy[f]))) begin
+                assume ($stable(q_sq_base[64*f +: 64]));
+                assume ($stable(q_cq_base[64*f +: 64]));
+            end
+        end
+    end
+    always @(posedge clk) begin
+        for (f = 0; f < NUM_QUEUES; f = f + 1) begin
+            if (rst || !q_enabled[f]) begin
+                f_posted[f] <= 5'd0;
+            end else begin
+                if (posted && cur == f[QB-1:0])
+                    f_posted[f] <= (f_posted[f] + 5'd1) & (2 * q_size[32*f +: 5] - 5'd1);
+            end
+        end
+        if (f_past_valid && !rst) begin
+            for (f = 0; f < NUM_QUEUES; f = f + 1) begin
+                if (q_enabled[f] && !(state != S_IDLE && cur == f[QB-1:0])) begin
+                    // Positions stay inside the ring.
+                    assert (sq_head[f] < q_size[32*f +: 32]);
+                    assert (cq_tail[f] < q_size[32*f +: 32]);
+                    // The CQ tail and phase follow the completions posted.
+                    assert (cq_tail[f][4:0] == (f_posted[f] & (q_size[32*f +: 5] - 5'd1)));
+                    assert (sq_head[f][4:0] == (f_posted[f] & (q_size[32*f +: 5] - 5'd1)));
+                    assert (phase[f] == ((f_posted[f] & q_size[32*f +: 5]) == 5'd0));
+                end
+            end
+            // A descriptor is fetched only from a queue with work and a free CQ entry.
+            if (state == S_AR && !$past(state == S_AR)) begin
+                assert ($past(work) && !$past(cq_full));
+            end
+            // A completion is written only to the entry at the CQ tail, which the host has
+            // not been given yet, and only once per fetched descriptor.
+            if (state == S_AW && m_awvalid)
+                assert (m_awaddr == cq_base + {28'd0, cq_tail[cur], 4'd0});
+        end
+    end
+`endif
 endmodule
 
 `default_nettype wire

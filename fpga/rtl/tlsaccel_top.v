@@ -99,7 +99,7 @@ module tlsaccel_top #(
     wire [64*NUM_QUEUES-1:0] q_sq_base, q_cq_base;
     wire [32*NUM_QUEUES-1:0] q_size, q_coalesce_count, q_coalesce_usecs, q_sq_tail, q_cq_head;
     wire [32*NUM_QUEUES-1:0] q_sq_head, q_cq_tail, q_fail_code;
-    wire [NUM_QUEUES-1:0]    q_enabled, q_irq_enable, q_public_key, q_fail;
+    wire [NUM_QUEUES-1:0]    q_enabled, q_irq_enable, q_public_key, q_fail, q_busy;
     wire [NUM_QUEUES-1:0]    q_sq_doorbell, q_cq_doorbell;
     wire                     device_running;
     wire [63:0]              jobs_ok, jobs_failed, rejected, descriptors_fetched, interrupts;
@@ -143,7 +143,7 @@ module tlsaccel_top #(
         .q_sq_tail(q_sq_tail), .q_cq_head(q_cq_head),
         .q_sq_doorbell(q_sq_doorbell), .q_cq_doorbell(q_cq_doorbell),
         .q_sq_head(q_sq_head), .q_cq_tail(q_cq_tail),
-        .q_fail(q_fail), .q_fail_code(q_fail_code)
+        .q_fail(q_fail), .q_fail_code(q_fail_code), .q_busy(q_busy)
     );
 
     tlsaccel_queue_engine #(.NUM_QUEUES(NUM_QUEUES)) queues (
@@ -153,7 +153,7 @@ module tlsaccel_top #(
         .q_irq_enable(q_irq_enable), .q_coalesce_count(q_coalesce_count),
         .q_coalesce_usecs(q_coalesce_usecs), .irq(irq),
         .q_sq_head(q_sq_head), .q_cq_tail(q_cq_tail),
-        .q_fail(q_fail), .q_fail_code(q_fail_code),
+        .q_fail(q_fail), .q_fail_code(q_fail_code), .q_busy(q_busy),
         .m_araddr(m_araddr), .m_arlen(m_arlen), .m_arsize(m_arsize), .m_arburst(m_arburst),
         .m_arvalid(m_arvalid), .m_arready(m_arready),
         .m_rdata(m_rdata), .m_rresp(m_rresp), .m_rlast(m_rlast), .m_rvalid(m_rvalid),
