@@ -102,6 +102,13 @@ impl HostMemory {
         })
     }
 
+    /// Maps `region` at device address `iova` (what the transport's `DmaMapper` does), for
+    /// tests that drive an [`RtlDevice`] by hand.
+    pub fn map(&self, iova: u64, region: Arc<DmaRegion>) {
+        let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        regions.push((iova, region));
+    }
+
     /// Reads host memory at a device address; `false` outside every mapping.
     pub fn read(&self, address: u64, buf: &mut [u8]) -> bool {
         match self.find(address, buf.len()) {
