@@ -781,6 +781,19 @@ mod tests {
     }
 
     #[test]
+    fn quarantined_buffers_are_never_handed_out_again() {
+        let pool = pool(4 << 20);
+        let ring = pool.alloc(100).unwrap();
+        let iova = ring.iova();
+        ring.quarantine();
+        drop(ring);
+        for _ in 0..4 {
+            let next = pool.alloc(90).unwrap();
+            assert_ne!(next.iova(), iova, "a quarantined buffer came back");
+        }
+    }
+
+    #[test]
     fn large_buffers_are_page_aligned_and_the_limit_holds() {
         let pool = pool(2 << 20);
         let ring = pool.alloc(8192).unwrap();

@@ -13,7 +13,7 @@ module tlsaccel_aes_keyexp (
     input  wire              aes256,
     input  wire [255:0]      key,        // AES-128 uses bits [127:0]
     output reg               busy,
-    output reg  [15*128-1:0] round_keys  // round key r at [128r +: 128]
+    output wire [15*128-1:0] round_keys  // round key r at [128r +: 128]
 );
     `include "tlsaccel_sbox.vh"
 
@@ -51,42 +51,43 @@ module tlsaccel_aes_keyexp (
     wire [31:0]  w3 = base[127:96] ^ w2;
     wire [127:0] next = {w3, w2, w1, w0};
 
+    // Sequencing: which round key is computed, and the two before it.
     always @(posedge clk) begin
-        if (rst) begin
+        if (rst || clear) begin
             busy <= 1'b0;
             index <= 4'd0;
             wide <= 1'b0;
             older <= 128'd0;
             newer <= 128'd0;
-            round_keys <= {15*128{1'b0}};
-        end else if (clear) begin
-            busy <= 1'b0;
-            older <= 128'd0;
-            newer <= 128'd0;
-            round_keys <= {15*128{1'b0}};
         end else if (start) begin
             busy <= 1'b1;
             wide <= aes256;
-            round_keys <= {15*128{1'b0}};
-            round_keys[127:0] <= key[127:0];
-            if (aes256) begin
-                round_keys[255:128] <= key[255:128];
-                older <= key[127:0];
-                newer <= key[255:128];
-                index <= 4'd2;
-            end else begin
-                older <= 128'd0;
-                newer <= key[127:0];
-                index <= 4'd1;
-            end
+            older <= aes256 ? key[127:0] : 128'd0;
+            newer <= aes256 ? key[255:128] : key[127:0];
+            index <= aes256 ? 4'd2 : 4'd1;
         end else if (busy) begin
-            round_keys[128*index +: 128] <= next;
             older <= newer;
             newer <= next;
             index <= index + 4'd1;
             if (index == (wide ? 4'd14 : 4'd10)) busy <= 1'b0;
         end
     end
+
+    // Storage: one register per round key, written once per expansion (the key itself
+    // for the first one or two), zeroized by `clear` and reset.
+    genvar r;
+    generate
+        for (r = 0; r < 15; r = r + 1) begin : keys
+            reg [127:0] round_key;
+            always @(posedge clk) begin
+                if (rst || clear) round_key <= 128'd0;
+                else if (start) round_key <= r == 0 ? key[127:0]
+                                           : r == 1 && aes256 ? key[255:128] : 128'd0;
+                else if (busy && index == r) round_key <= next;
+            end
+            assign round_keys[128*r +: 128] = round_key;
+        end
+    endgenerate
 endmodule
 
 `default_nettype wire

@@ -355,6 +355,31 @@ module tlsaccel_record_engine #(
         hashed = op_seal ? cipher_out : keep(in_q, word_index, data_bytes);
     end
 
+    // GHASH: one multiplier, fed by whichever phase runs (AAD words, cipher words, the
+    // length block).
+    reg         gh_en;
+    reg [127:0] gh_in;
+    always @(*) begin
+        gh_en = 1'b0;
+        gh_in = 128'd0;
+        case (state)
+            S_AAD: begin
+                gh_en = finished < count;
+                gh_in = swap(keep(in_q, finished[27:0], aad_bytes));
+            end
+            S_CIPHER: begin
+                gh_en = words_valid;
+                gh_in = swap(hashed);
+            end
+            S_LENGTHS: begin
+                gh_en = 1'b1;
+                gh_in = {29'd0, aad_bytes, 3'd0, 29'd0, data_bytes, 3'd0};
+            end
+            default: ;
+        endcase
+    end
+    wire [127:0] gh_next = gf_mul(ghash ^ gh_in, hash_key);
+
     // SCAN: the last non-zero byte of a word of the output buffer, if any.
     reg        scan_found;
     reg [3:0]  scan_at;
@@ -856,8 +881,8 @@ module tlsaccel_record_engine #(
                 end
                 S_AAD: begin
                     if (count < aad_words) count <= count + 32'd1;
-                    if (finished < count) begin
-                        ghash <= gf_mul(ghash ^ swap(keep(in_q, finished[27:0], aad_bytes)), hash_key);
+                    if (gh_en) begin
+                        ghash <= gh_next;
                         finished <= finished + 32'd1;
                     end
                     if (finished == aad_words) begin
@@ -889,15 +914,14 @@ module tlsaccel_record_engine #(
                         keystream <= aes_out;
                         word_index <= {15'd0, aes_out_tag[12:0]};
                     end
-                    if (words_valid) begin
-                        ghash <= gf_mul(ghash ^ swap(hashed), hash_key);
+                    if (gh_en) begin
+                        ghash <= gh_next;
                         finished <= finished + 32'd1;
                     end
                     if (finished == data_words && !words_valid) state <= S_LENGTHS;
                 end
                 S_LENGTHS: begin
-                    ghash <= gf_mul(ghash ^ {29'd0, aad_bytes, 3'd0, 29'd0, data_bytes, 3'd0},
-                                    hash_key);
+                    ghash <= gh_next;
                     state <= S_DATA_DONE;
                 end
                 // The data read has ended (it has: the cipher took every word of it).

@@ -22,6 +22,10 @@ struct Rtl {
     std::unique_ptr<VerilatedContext> context;
     std::unique_ptr<Vtlsaccel_top> model;
     uint64_t cycles = 0;
+    // Cycles from a read request to its first data beat: host memory behind PCIe (0: the
+    // next cycle).
+    uint32_t read_latency = 0;
+    uint32_t rd_wait = 0;
     void* memory = nullptr;
     tlsa_mem_read_fn read = nullptr;
     tlsa_mem_write_fn write = nullptr;
@@ -40,6 +44,7 @@ struct Rtl {
     // The record engine's 128-bit AXI4 master
     struct Port {
         bool rd_busy = false;
+        uint32_t rd_wait = 0;
         uint64_t rd_address = 0;
         uint32_t rd_beats = 0;
         uint32_t rd_beat = 0;
@@ -87,7 +92,10 @@ void engine_port(Rtl* r, bool ar, uint64_t araddr, uint32_t arlen, bool rd, bool
         e.rd_address = araddr;
         e.rd_beats = arlen + 1;
         e.rd_beat = 0;
-        load_engine_beat(r);
+        e.rd_wait = r->read_latency;
+        if (e.rd_wait == 0) load_engine_beat(r);
+    } else if (e.rd_busy && e.rd_wait > 0) {
+        if (--e.rd_wait == 0) load_engine_beat(r);
     } else if (rd) {
         e.rd_beat++;
         if (e.rd_beat == e.rd_beats) {
@@ -173,7 +181,10 @@ void tick(Rtl* r) {
         r->rd_address = araddr;
         r->rd_beats = arlen + 1;
         r->rd_beat = 0;
-        load_read_beat(r);
+        r->rd_wait = r->read_latency;
+        if (r->rd_wait == 0) load_read_beat(r);
+    } else if (r->rd_busy && r->rd_wait > 0) {
+        if (--r->rd_wait == 0) load_read_beat(r);
     } else if (rd) {
         r->rd_beat++;
         if (r->rd_beat == r->rd_beats) {
@@ -348,6 +359,10 @@ int tlsa_rtl_read(void* handle, uint32_t address, uint32_t* data) {
     m->s_arvalid = 0;
     m->s_rready = 0;
     return -1;
+}
+
+void tlsa_rtl_set_read_latency(void* handle, uint32_t cycles) {
+    static_cast<Rtl*>(handle)->read_latency = cycles;
 }
 
 void tlsa_rtl_set_fatal(void* handle, uint32_t fatal, uint32_t code) {

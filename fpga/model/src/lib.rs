@@ -63,6 +63,7 @@ mod ffi {
         pub(crate) fn tlsa_rtl_write(handle: *mut c_void, address: u32, data: u32) -> i32;
         pub(crate) fn tlsa_rtl_read(handle: *mut c_void, address: u32, data: *mut u32) -> i32;
         pub(crate) fn tlsa_rtl_set_fatal(handle: *mut c_void, fatal: u32, code: u32);
+        pub(crate) fn tlsa_rtl_set_read_latency(handle: *mut c_void, cycles: u32);
     }
 }
 
@@ -321,6 +322,18 @@ impl RtlDevice {
             ffi::tlsa_rtl_reset(handle.0.as_ptr())
         };
         let _ = &handle;
+    }
+
+    /// Delays every host-memory read by `cycles` from request to first data beat, as PCIe
+    /// does (about 250 cycles, 1 µs at 250 MHz); 0 (the default) answers the next cycle.
+    pub fn set_read_latency(&self, cycles: u32) {
+        let handle = self.lock();
+        #[cfg(rtl_model)]
+        // SAFETY: as in `read`.
+        unsafe {
+            ffi::tlsa_rtl_set_read_latency(handle.0.as_ptr(), cycles)
+        };
+        let _ = (&handle, cycles);
     }
 
     /// Drives the fatal input and its code.

@@ -147,7 +147,38 @@ fn a_16_kib_record_takes_a_bounded_number_of_cycles() {
             "a {what} took {cycles} cycles: more than {passes} passes over the record"
         );
     }
+
+    // The same behind PCIe-like read latency (1 µs at 250 MHz from read request to data):
+    // one job at a time waits out each read's round trip — the descriptor, the probes, the
+    // header, each 4 KiB burst of data, an open's tag.
+    rig.transport.model().set_read_latency(LATENCY);
+    let seal_slow = cycles_per_job(&rig, &mut pair, &seals);
+    let open_slow = cycles_per_job(&rig, &mut pair, &opens);
+    println!(
+        "with {LATENCY}-cycle reads: seal {seal_slow} cycles ({:.1} Gbit/s), open {open_slow} \
+         cycles ({:.1} Gbit/s): {:.1} and {:.1} round trips per record",
+        line_rate(seal_slow),
+        line_rate(open_slow),
+        (seal_slow - seal_cycles) as f64 / f64::from(LATENCY),
+        (open_slow - open_cycles) as f64 / f64::from(LATENCY),
+    );
+    for (what, slow, fast) in [
+        ("seal", seal_slow, seal_cycles),
+        ("open", open_slow, open_cycles),
+    ] {
+        assert!(
+            slow > fast + 8 * u64::from(LATENCY) && slow <= fast + ROUND_TRIPS * u64::from(LATENCY),
+            "a {what} behind {LATENCY}-cycle reads took {slow} cycles ({fast} without): not the \
+             expected 8 to {ROUND_TRIPS} serial round trips"
+        );
+    }
 }
+
+/// Host read latency for the second measurement, in cycles (1 µs at 250 MHz).
+const LATENCY: u32 = 250;
+/// Serial read round trips one record can wait for: descriptor, 6 probes, header, 4 KiB
+/// data bursts (5 for 16 KiB when unaligned), tag.
+const ROUND_TRIPS: u64 = 14;
 
 /// Passes over the record's blocks: DMA in (with the cipher behind it), then DMA out.
 const SEAL_PASSES: u64 = 1;
