@@ -25,23 +25,12 @@ struct Rtl {
     // Cycles from a read request to its first data beat: host memory behind PCIe (0: the
     // next cycle).
     uint32_t read_latency = 0;
-    uint32_t rd_wait = 0;
     void* memory = nullptr;
     tlsa_mem_read_fn read = nullptr;
     tlsa_mem_write_fn write = nullptr;
     tlsa_irq_fn irq = nullptr;
-    // AXI4 slave (host memory) state
-    bool rd_busy = false;
-    uint64_t rd_address = 0;
-    uint32_t rd_beats = 0;
-    uint32_t rd_beat = 0;
-    bool wr_address = false;
-    uint64_t wr_base = 0;
-    uint32_t wr_beat = 0;
-    bool wr_error = false;
-    bool b_pending = false;
-    int b_resp = 0;
-    // The record engine's 128-bit AXI4 master
+    // The AXI4 slave's state for one master: the queue engine's 64-bit one (`q`) and the
+    // record engine's 128-bit one (`e`).
     struct Port {
         bool rd_busy = false;
         uint32_t rd_wait = 0;
@@ -54,7 +43,9 @@ struct Rtl {
         bool wr_error = false;
         bool b_pending = false;
         int b_resp = 0;
-    } e;
+    };
+    Port q;
+    Port e;
 };
 
 constexpr int kLimit = 256;
@@ -62,12 +53,12 @@ constexpr int kLimit = 256;
 void load_read_beat(Rtl* r) {
     auto* m = r->model.get();
     uint8_t bytes[8] = {0};
-    const int ok = r->read(r->memory, r->rd_address + 8ull * r->rd_beat, bytes, 8);
+    const int ok = r->read(r->memory, r->q.rd_address + 8ull * r->q.rd_beat, bytes, 8);
     uint64_t word = 0;
     std::memcpy(&word, bytes, 8);  // little-endian host, as the bus
     m->m_rdata = word;
     m->m_rresp = ok == 0 ? 0 : 2;  // SLVERR outside the mappings
-    m->m_rlast = (r->rd_beat + 1 == r->rd_beats) ? 1 : 0;
+    m->m_rlast = (r->q.rd_beat + 1 == r->q.rd_beats) ? 1 : 0;
     m->m_rvalid = 1;
 }
 
@@ -177,18 +168,18 @@ void tick(Rtl* r) {
 
     // The slave's side of those transfers, and its outputs for the next cycle.
     if (ar) {
-        r->rd_busy = true;
-        r->rd_address = araddr;
-        r->rd_beats = arlen + 1;
-        r->rd_beat = 0;
-        r->rd_wait = r->read_latency;
-        if (r->rd_wait == 0) load_read_beat(r);
-    } else if (r->rd_busy && r->rd_wait > 0) {
-        if (--r->rd_wait == 0) load_read_beat(r);
+        r->q.rd_busy = true;
+        r->q.rd_address = araddr;
+        r->q.rd_beats = arlen + 1;
+        r->q.rd_beat = 0;
+        r->q.rd_wait = r->read_latency;
+        if (r->q.rd_wait == 0) load_read_beat(r);
+    } else if (r->q.rd_busy && r->q.rd_wait > 0) {
+        if (--r->q.rd_wait == 0) load_read_beat(r);
     } else if (rd) {
-        r->rd_beat++;
-        if (r->rd_beat == r->rd_beats) {
-            r->rd_busy = false;
+        r->q.rd_beat++;
+        if (r->q.rd_beat == r->q.rd_beats) {
+            r->q.rd_busy = false;
             m->m_rvalid = 0;
             m->m_rlast = 0;
         } else {
@@ -196,10 +187,10 @@ void tick(Rtl* r) {
         }
     }
     if (aw) {
-        r->wr_address = true;
-        r->wr_base = awaddr;
-        r->wr_beat = 0;
-        r->wr_error = false;
+        r->q.wr_address = true;
+        r->q.wr_base = awaddr;
+        r->q.wr_beat = 0;
+        r->q.wr_error = false;
     }
     if (w) {
         uint8_t bytes[8];
@@ -207,24 +198,22 @@ void tick(Rtl* r) {
         // Bytes in address order, so the completion's status word lands last.
         for (int i = 0; i < 8; i++) {
             if ((wstrb >> i) & 1) {
-                if (r->write(r->memory, r->wr_base + 8ull * r->wr_beat + i, &bytes[i], 1) != 0) {
-                    r->wr_error = true;
+                if (r->write(r->memory, r->q.wr_base + 8ull * r->q.wr_beat + i, &bytes[i], 1) != 0) {
+                    r->q.wr_error = true;
                 }
             }
         }
-        r->wr_beat++;
+        r->q.wr_beat++;
         if (wlast) {
-            r->wr_address = false;
-            r->b_pending = true;
-            r->b_resp = r->wr_error ? 2 : 0;
+            r->q.wr_address = false;
+            r->q.b_pending = true;
+            r->q.b_resp = r->q.wr_error ? 2 : 0;
         }
     }
-    if (b) r->b_pending = false;
+    if (b) r->q.b_pending = false;
     if (m->dma_reset) {
         // The interconnect resets with the engines: open bursts are abandoned.
-        r->rd_busy = false;
-        r->wr_address = false;
-        r->b_pending = false;
+        r->q = Rtl::Port{};
         r->e = Rtl::Port{};
         m->m_rvalid = 0;
         m->m_rlast = 0;
@@ -240,11 +229,11 @@ void tick(Rtl* r) {
             if ((m->irq >> v) & 1) r->irq(r->memory, v);
         }
     }
-    m->m_arready = r->rd_busy ? 0 : 1;
-    m->m_awready = (r->wr_address || r->b_pending) ? 0 : 1;
-    m->m_wready = r->wr_address ? 1 : 0;
-    m->m_bvalid = r->b_pending ? 1 : 0;
-    m->m_bresp = r->b_resp;
+    m->m_arready = r->q.rd_busy ? 0 : 1;
+    m->m_awready = (r->q.wr_address || r->q.b_pending) ? 0 : 1;
+    m->m_wready = r->q.wr_address ? 1 : 0;
+    m->m_bvalid = r->q.b_pending ? 1 : 0;
+    m->m_bresp = r->q.b_resp;
 }
 
 void hold_reset(Rtl* r) {
@@ -304,7 +293,7 @@ uint64_t tlsa_rtl_cycles(void* handle) { return static_cast<Rtl*>(handle)->cycle
 
 int tlsa_rtl_idle(void* handle) {
     auto* r = static_cast<Rtl*>(handle);
-    return r->model->idle && !r->rd_busy && !r->wr_address && !r->b_pending && !r->e.rd_busy &&
+    return r->model->idle && !r->q.rd_busy && !r->q.wr_address && !r->q.b_pending && !r->e.rd_busy &&
            !r->e.wr_address && !r->e.b_pending;
 }
 
