@@ -309,6 +309,17 @@ impl AeadAlgorithm {
         }
     }
 
+    /// The CAPABILITIES bit a device sets when it has this algorithm, or `None` for an
+    /// unknown one.
+    pub const fn capability(self) -> Option<Capabilities> {
+        match self {
+            Self::AES_128_GCM => Some(Capabilities::AES_128_GCM),
+            Self::AES_256_GCM => Some(Capabilities::AES_256_GCM),
+            Self::CHACHA20_POLY1305 => Some(Capabilities::CHACHA20_POLY1305),
+            _ => None,
+        }
+    }
+
     /// Bytes a TLS 1.2 record of this algorithm carries before the ciphertext besides the
     /// header: the explicit nonce for AES-GCM (RFC 5288), nothing for ChaCha20-Poly1305
     /// (RFC 7905).
@@ -602,6 +613,23 @@ const _: () = assert!(core::mem::size_of::<KeyBlock>() == KEY_BLOCK_SIZE);
 mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn each_algorithm_names_its_capability_bit() {
+        assert_eq!(
+            AeadAlgorithm::AES_128_GCM.capability(),
+            Some(Capabilities::AES_128_GCM)
+        );
+        assert_eq!(
+            AeadAlgorithm::AES_256_GCM.capability(),
+            Some(Capabilities::AES_256_GCM)
+        );
+        assert_eq!(
+            AeadAlgorithm::CHACHA20_POLY1305.capability(),
+            Some(Capabilities::CHACHA20_POLY1305)
+        );
+        assert_eq!(AeadAlgorithm(0x7f).capability(), None);
+    }
 
     #[test]
     fn layouts_have_the_documented_sizes_and_offsets() {

@@ -296,12 +296,10 @@ impl Device {
     /// Loads `material` into a free key slot. The host copy of the key is zeroized once the
     /// device has it; the slot is destroyed on the device when the returned handle is dropped.
     pub fn load_key(self: &Arc<Self>, material: &KeyMaterial) -> Result<KeySlot, DeviceError> {
-        let needed = match material.algorithm {
-            AeadAlgorithm::AES_128_GCM => Capabilities::AES_128_GCM,
-            AeadAlgorithm::AES_256_GCM => Capabilities::AES_256_GCM,
-            AeadAlgorithm::CHACHA20_POLY1305 => Capabilities::CHACHA20_POLY1305,
-            _ => return Err(DeviceError::Unsupported("this AEAD algorithm")),
-        };
+        let needed = material
+            .algorithm
+            .capability()
+            .ok_or(DeviceError::Unsupported("this AEAD algorithm"))?;
         if !self.info.capabilities.contains(needed) {
             return Err(DeviceError::Unsupported("this AEAD algorithm"));
         }

@@ -203,13 +203,9 @@ fn simulator(device: &Arc<Device>) -> Option<&tlsaccel_sim::Device> {
 
 /// Whether the device says it has `algorithm` (a driver must not use one it lacks, §2.2).
 fn has_algorithm(device: &Arc<Device>, algorithm: AeadAlgorithm) -> bool {
-    let needed = match algorithm {
-        AeadAlgorithm::AES_128_GCM => Capabilities::AES_128_GCM,
-        AeadAlgorithm::AES_256_GCM => Capabilities::AES_256_GCM,
-        AeadAlgorithm::CHACHA20_POLY1305 => Capabilities::CHACHA20_POLY1305,
-        _ => return false,
-    };
-    device.info().capabilities.contains(needed)
+    algorithm
+        .capability()
+        .is_some_and(|needed| device.info().capabilities.contains(needed))
 }
 
 /// The device reports a matching identity and the capabilities the suite needs.

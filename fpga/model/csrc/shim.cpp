@@ -1,7 +1,8 @@
 // C interface to the Verilated tlsaccel_top: one clock per tick; AXI4-Lite transactions on
-// BAR0 run to completion (or a cycle limit); the AXI4 master's reads and writes of host
-// memory are served through callbacks into Rust, which looks them up in the regions the
-// driver mapped.
+// BAR0 run to completion (or a cycle limit); the two AXI4 masters' reads and writes of host
+// memory (the queue engine's 64-bit one, the record engine's 128-bit one) are served
+// through callbacks into Rust, which looks them up in the regions the driver mapped; reads
+// may wait a set latency first, as behind PCIe.
 #include <cstdint>
 #include <cstring>
 #include <memory>

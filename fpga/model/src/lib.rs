@@ -2,13 +2,15 @@
 //! driver [`Transport`] over it: BAR0 accesses become AXI4-Lite transactions on the
 //! register block, so the driver's own code talks to the hardware design.
 //!
-//! The model is `tlsaccel_top`: the register block and the queue engine. Its AXI4 master
-//! reads descriptors from and writes completions to host memory through callbacks that look
-//! addresses up in the DMA regions the driver mapped through this transport (an IOMMU: an
-//! address outside them is a bus error). A clock thread keeps the model running while the
-//! transport lives, so the driver's queue pairs see completions appear by themselves. What
-//! is not there yet: every job but NOP (the record engine; fpga/README.md). Interrupt
-//! messages from the queue engine signal the eventfd of their vector.
+//! The model is `tlsaccel_top`: the register block, the queue engine and the record engine.
+//! Their two AXI4 masters (descriptors and completions; key blocks and job data) reach host
+//! memory through callbacks that look addresses up in the DMA regions the driver mapped
+//! through this transport (an IOMMU: an address outside them is a bus error); reads can be
+//! delayed as PCIe would ([`RtlDevice::set_read_latency`]). A clock thread keeps the model
+//! running while the transport lives, so the driver's queue pairs see completions appear by
+//! themselves. Interrupt messages from the queue engine signal the eventfd of their vector.
+//! ChaCha20-Poly1305, TLS 1.2 records and the public-key engines are not in the RTL (its
+//! CAPABILITIES register says so; fpga/README.md).
 //!
 //! This crate's `unsafe` is the FFI to the C++ shim (`csrc/shim.cpp`) and its callbacks,
 //! each with a SAFETY comment; the model handle is only touched under a mutex.
@@ -137,7 +139,8 @@ unsafe extern "C" fn read_memory(
     buf: *mut u8,
     len: u32,
 ) -> i32 {
-    // SAFETY: see the function's contract; the shim passes its own 8-byte stack buffer.
+    // SAFETY: see the function's contract; the shim passes its own stack buffer of one
+    // beat (8 or 16 bytes).
     let (memory, buf) = unsafe {
         (
             &*(context as *const HostMemory),
