@@ -50,12 +50,12 @@ fn device_signs(
             buffers.push(out);
             let op = match rsa {
                 None => JobOp::EcdsaSign {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     digest: d,
                     dst: o,
                 },
                 Some((padding, hash)) => JobOp::RsaSign {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     padding,
                     hash,
                     digest: d,
@@ -93,7 +93,7 @@ fn device_exchanges(device: &Arc<Device>, count: u64) -> f64 {
             .map(|(i, s)| Job {
                 user_data: i as u64,
                 op: JobOp::KxGenerate {
-                    slot: s.index(),
+                    slot: s.slot_ref(),
                     kind: PrivateKeyType::X25519,
                     dst: outs[i].whole(),
                 },
@@ -105,7 +105,7 @@ fn device_exchanges(device: &Arc<Device>, count: u64) -> f64 {
             .map(|(i, s)| Job {
                 user_data: i as u64,
                 op: JobOp::KxDerive {
-                    slot: s.index(),
+                    slot: s.slot_ref(),
                     peer: peer_buf.whole(),
                     dst: outs[32 + i].whole(),
                 },

@@ -162,7 +162,7 @@ impl DeviceSeal {
             jobs.push(Job {
                 user_data: i as u64,
                 op: JobOp::Tls13Seal {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     content_type: 23,
                     padding: 0,
                     src: src.span(0, size).expect("in bounds"),

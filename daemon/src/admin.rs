@@ -178,6 +178,12 @@ pub fn metrics(shared: &Shared) -> String {
         load(&r.device_fallbacks),
     );
     e.single(
+        "tlsaccel_record_device_refused_good_records_total",
+        "counter",
+        "Records the device refused (bad tag, malformed) that the CPU then opened: device faults.",
+        load(&r.device_refused_good_records),
+    );
+    e.single(
         "tlsaccel_record_device_saturated_total",
         "counter",
         "Record batches done on the CPU because device memory or key slots ran out.",

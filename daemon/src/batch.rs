@@ -137,7 +137,7 @@ async fn batcher(
         let queue = queue.clone();
         let stats = Arc::clone(&stats);
         tokio::spawn(async move {
-            let ops: Vec<JobOp> = batch.iter().flat_map(|r| r.ops.iter().copied()).collect();
+            let ops: Vec<JobOp> = batch.iter().flat_map(|r| r.ops.iter().cloned()).collect();
             let mut results = queue.run_batch(&ops).await.into_iter();
             stats.in_flight.fetch_sub(jobs as u64, Ordering::Relaxed);
             for request in batch {

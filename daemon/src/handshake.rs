@@ -27,7 +27,9 @@ use rustls::pki_types::{PrivateKeyDer, SubjectPublicKeyInfoDer};
 use rustls::sign::{Signer, SigningKey};
 use rustls::{NamedGroup, SignatureAlgorithm, SignatureScheme};
 use tlsaccel_driver::abi::{HashAlgorithm, PrivateKeyType, RsaPadding};
-use tlsaccel_driver::{Device, DmaBuffer, Job, JobError, JobOp, KeySlot, QueueConfig, QueuePair};
+use tlsaccel_driver::{
+    Device, DmaBuffer, Job, JobError, JobOp, KeySlot, QueueConfig, QueuePair, SlotRef,
+};
 
 /// How long a handshake thread waits for the device before doing the work on the CPU.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -58,17 +60,17 @@ struct Request {
 
 enum PkeOp {
     Sign {
-        slot: u32,
+        slot: SlotRef,
         rsa: Option<(RsaPadding, HashAlgorithm)>,
         digest: Vec<u8>,
         out_len: usize,
     },
     Generate {
-        slot: u32,
+        slot: SlotRef,
         kind: PrivateKeyType,
     },
     Derive {
-        slot: u32,
+        slot: SlotRef,
         peer: Vec<u8>,
     },
 }
@@ -448,7 +450,7 @@ impl Signer for DeviceSigner {
         if self.slot.is_live() {
             let digest = digest::digest(hash, message).as_ref().to_vec();
             match self.engine.run(PkeOp::Sign {
-                slot: self.slot.index(),
+                slot: self.slot.slot_ref(),
                 rsa,
                 digest,
                 out_len: self.max_signature_len,
@@ -545,7 +547,7 @@ impl SupportedKxGroup for DeviceKxGroup {
         let stats = &self.engine.stats;
         match self.engine.device.reserve_key_slot() {
             Ok(mut slot) => match self.engine.run(PkeOp::Generate {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 kind: self.kind,
             }) {
                 Ok(public) => {
@@ -585,11 +587,11 @@ impl SupportedKxGroup for DeviceKxGroup {
         };
         let mut results = self.engine.run_in_order(vec![
             PkeOp::Generate {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 kind: self.kind,
             },
             PkeOp::Derive {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 peer: peer_pub_key.to_vec(),
             },
         ]);
@@ -639,7 +641,7 @@ struct DeviceKeyExchange {
 impl ActiveKeyExchange for DeviceKeyExchange {
     fn complete(mut self: Box<Self>, peer_pub_key: &[u8]) -> Result<SharedSecret, rustls::Error> {
         let result = self.engine.run(PkeOp::Derive {
-            slot: self.slot.index(),
+            slot: self.slot.slot_ref(),
             peer: peer_pub_key.to_vec(),
         });
         let stats = &self.engine.stats;

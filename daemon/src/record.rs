@@ -116,6 +116,9 @@ pub struct RecordStats {
     pub key_loads: AtomicU64,
     /// Directions that moved to the CPU because the device failed them.
     pub device_fallbacks: AtomicU64,
+    /// Records the device refused (bad tag, malformed) that the CPU then opened: device
+    /// faults, not the client's.
+    pub device_refused_good_records: AtomicU64,
     /// Batches done on the CPU because DMA memory or key slots ran out.
     pub device_saturated: AtomicU64,
     pub key_updates_received: AtomicU64,
@@ -307,10 +310,8 @@ impl Direction {
                 Version::Tls12 => tls12_record_len(algorithm, plaintext.len()),
             };
             let pool = device.device.pool();
-            let (Ok(src), Ok(dst)) = (
-                pool.alloc_unzeroed(plaintext.len().max(1)),
-                pool.alloc_unzeroed(record_len),
-            ) else {
+            let (Ok(src), Ok(dst)) = (pool.alloc(plaintext.len().max(1)), pool.alloc(record_len))
+            else {
                 stats.device_saturated.fetch_add(1, Ordering::Relaxed);
                 return 0;
             };
@@ -322,14 +323,14 @@ impl Direction {
             };
             ops.push(match self.version {
                 Version::Tls13 => JobOp::Tls13Seal {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     content_type,
                     padding: 0,
                     src: src_span,
                     dst: dst_span,
                 },
                 Version::Tls12 => JobOp::Tls12Seal {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     algorithm,
                     content_type,
                     src: src_span,
@@ -451,10 +452,7 @@ impl Direction {
         let mut ops = Vec::with_capacity(records.len());
         for record in records {
             let pool = device.device.pool();
-            let (Ok(src), Ok(dst)) = (
-                pool.alloc_unzeroed(record.len()),
-                pool.alloc_unzeroed(record.len()),
-            ) else {
+            let (Ok(src), Ok(dst)) = (pool.alloc(record.len()), pool.alloc(record.len())) else {
                 stats.device_saturated.fetch_add(1, Ordering::Relaxed);
                 return;
             };
@@ -466,12 +464,12 @@ impl Direction {
             };
             ops.push(match self.version {
                 Version::Tls13 => JobOp::Tls13Open {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     src: src_span,
                     dst: dst_span,
                 },
                 Version::Tls12 => JobOp::Tls12Open {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     algorithm,
                     src: src_span,
                     dst: dst_span,
@@ -497,9 +495,24 @@ impl Direction {
                     results.push(Ok((output.content_type, plain)));
                 }
                 Err(JobError::Device { status, .. }) if record_status(status).is_some() => {
-                    self.sequence += 1;
-                    results.push(Err(record_status(status)
-                        .unwrap_or(RecordError::Decode("record refused by the device"))));
+                    // A device error is not a client error: the CPU has the last word on the
+                    // record (at the same sequence number) before the connection is failed.
+                    let checked = self.open_on_cpu(records[i]);
+                    if let Ok((_, plain)) = &checked {
+                        stats
+                            .device_refused_good_records
+                            .fetch_add(1, Ordering::Relaxed);
+                        stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .cpu_opened_bytes
+                            .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                        tracing::warn!(
+                            ?status,
+                            "device refused a record the CPU opened; direction moves to the CPU"
+                        );
+                        self.fall_back(stats);
+                    }
+                    results.push(checked);
                     return;
                 }
                 Err(error) => {
@@ -896,6 +909,72 @@ mod tests {
                     assert_eq!(result, vec![Err(RecordError::BadRecordMac)]);
                 }
             }
+        });
+    }
+
+    #[test]
+    fn a_record_the_device_refuses_but_the_cpu_opens_keeps_the_connection() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let device = Device::open("sim").expect("simulator");
+            let pair = device
+                .queue(tlsaccel_driver::QueueConfig {
+                    interrupts: true,
+                    ..tlsaccel_driver::QueueConfig::default()
+                })
+                .expect("queue");
+            let queue = tlsaccel_driver::AsyncQueue::new(pair, std::time::Duration::from_secs(2))
+                .expect("async queue");
+            let rd = RecordDevice {
+                device: Arc::clone(&device),
+                queue: RecordQueue::start(queue, 32, std::time::Duration::ZERO),
+            };
+            let s = secrets(false);
+            let mut seal = Direction::new(Version::Tls13, true, &s, 0).expect("seal");
+            let mut open = Direction::new(Version::Tls13, false, &s, 0).expect("open");
+            // A faulty device: its slot counts records from a different number, so it
+            // fails every tag check of records that are perfectly good.
+            let mut wrong = Direction::new(Version::Tls13, false, &s, 1000).expect("wrong");
+            wrong.material.sequence = 1000;
+            open.slot = Some(Arc::new(device.load_key(&wrong.material).expect("slot")));
+            let stats = RecordStats::default();
+            let mut wire = Vec::new();
+            let items: [(u8, &[u8]); 2] = [(23, b"first"), (23, b"second")];
+            seal.seal(&items, &mut wire, None, Policy { cpu_below: 0 }, &stats)
+                .await;
+            let first = frame(&wire, Version::Tls13).unwrap().unwrap();
+            let records = [&wire[..first], &wire[first..]];
+            let opened = open
+                .open(&records, Some(&rd), Policy { cpu_below: 0 }, &stats)
+                .await;
+            assert_eq!(
+                opened,
+                vec![Ok((23, b"first".to_vec())), Ok((23, b"second".to_vec()))]
+            );
+            assert_eq!(stats.device_refused_good_records.load(Ordering::Relaxed), 1);
+            assert_eq!(stats.device_fallbacks.load(Ordering::Relaxed), 1);
+            assert!(!open.on_device(), "the direction moved to the CPU");
+            assert_eq!(open.sequence(), 2);
+            // A record that really is bad is still refused, by the CPU's word.
+            let mut bad = Vec::new();
+            seal.seal(
+                &[(23, b"x")],
+                &mut bad,
+                None,
+                Policy { cpu_below: 0 },
+                &stats,
+            )
+            .await;
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            let result = open
+                .open(&[&bad], Some(&rd), Policy { cpu_below: 0 }, &stats)
+                .await;
+            assert_eq!(result, vec![Err(RecordError::BadRecordMac)]);
         });
     }
 }

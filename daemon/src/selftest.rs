@@ -203,10 +203,9 @@ fn aead_checks(t: &mut Tester<'_>, kat: &AeadKat, out: &mut Vec<Check>) {
             return;
         }
     };
-    let index = slot.index();
     let seal = t
         .transform(&plaintext, &aad, |src, aad, dst| JobOp::AeadSeal {
-            slot: index,
+            slot: slot.slot_ref(),
             nonce,
             aad,
             src,
@@ -220,7 +219,7 @@ fn aead_checks(t: &mut Tester<'_>, kat: &AeadKat, out: &mut Vec<Check>) {
     });
     let open = t
         .transform(&sealed, &aad, |src, aad, dst| JobOp::AeadOpen {
-            slot: index,
+            slot: slot.slot_ref(),
             nonce,
             aad,
             src,
@@ -238,7 +237,7 @@ fn aead_checks(t: &mut Tester<'_>, kat: &AeadKat, out: &mut Vec<Check>) {
     }
     let tamper = t
         .transform(&tampered, &aad, |src, aad, dst| JobOp::AeadOpen {
-            slot: index,
+            slot: slot.slot_ref(),
             nonce,
             aad,
             src,
@@ -298,17 +297,17 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
                     KeyDirection::OPEN,
                 )?)
                 .map_err(|e| e.to_string())?;
-            let (s, o, alg) = (sealer.index(), opener.index(), kat.algorithm);
+            let (s, o, alg) = (sealer.slot_ref(), opener.slot_ref(), kat.algorithm);
             let sealed = t.transform(RECORD_PLAINTEXT, &[], |src, _, dst| match protocol {
                 RecordProtocol::TLS13 => JobOp::Tls13Seal {
-                    slot: s,
+                    slot: s.clone(),
                     content_type: TLS13_INNER_TYPE,
                     padding: TLS13_PADDING,
                     src,
                     dst,
                 },
                 _ => JobOp::Tls12Seal {
-                    slot: s,
+                    slot: s.clone(),
                     algorithm: alg,
                     content_type: TLS12_TYPE,
                     src,
@@ -317,9 +316,13 @@ fn record_checks(t: &mut Tester<'_>, kat: &RecordKat, out: &mut Vec<Check>) {
             })?;
             let seal = expect_bytes(sealed, &expected);
             let open_op = |src, _, dst| match protocol {
-                RecordProtocol::TLS13 => JobOp::Tls13Open { slot: o, src, dst },
+                RecordProtocol::TLS13 => JobOp::Tls13Open {
+                    slot: o.clone(),
+                    src,
+                    dst,
+                },
                 _ => JobOp::Tls12Open {
-                    slot: o,
+                    slot: o.clone(),
                     algorithm: alg,
                     src,
                     dst,
@@ -389,7 +392,9 @@ fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
             return;
         }
     };
-    let mut run = |op: JobOp, out_len: usize, input: &[u8]| -> Result<Vec<u8>, String> {
+    type MakeJob<'a> =
+        Box<dyn FnOnce(tlsaccel_driver::DmaSpan, tlsaccel_driver::DmaSpan) -> JobOp + 'a>;
+    let mut run = |make: MakeJob<'_>, out_len: usize, input: &[u8]| -> Result<Vec<u8>, String> {
         let src = device
             .pool()
             .alloc(input.len().max(1))
@@ -397,31 +402,7 @@ fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
         src.write(0, input).map_err(|e| e.to_string())?;
         let dst = device.pool().alloc(out_len).map_err(|e| e.to_string())?;
         let span = src.span(0, input.len()).map_err(|e| e.to_string())?;
-        let op = match op {
-            JobOp::KxDerive { slot, .. } => JobOp::KxDerive {
-                slot,
-                peer: span,
-                dst: dst.whole(),
-            },
-            JobOp::EcdsaSign { slot, .. } => JobOp::EcdsaSign {
-                slot,
-                digest: span,
-                dst: dst.whole(),
-            },
-            JobOp::RsaSign {
-                slot,
-                padding,
-                hash,
-                ..
-            } => JobOp::RsaSign {
-                slot,
-                padding,
-                hash,
-                digest: span,
-                dst: dst.whole(),
-            },
-            other => other,
-        };
+        let op = make(span, dst.whole());
         let mut result = Err(JobError::DeviceLost);
         pair.run(&[Job { user_data: 1, op }], JOB_TIMEOUT, |done| {
             result = done.result
@@ -431,7 +412,6 @@ fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
         dst.to_vec(0, output.len as usize)
             .map_err(|e| e.to_string())
     };
-    let placeholder = tlsaccel_driver::DmaSpan::default();
 
     for (algorithm, kind, private, peer, shared) in [
         (
@@ -454,11 +434,11 @@ fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
                 .load_private_key(kind, &unhex(private)?)
                 .map_err(|e| e.to_string())?;
             let got = run(
-                JobOp::KxDerive {
-                    slot: slot.index(),
-                    peer: placeholder,
-                    dst: placeholder,
-                },
+                Box::new(|peer, dst| JobOp::KxDerive {
+                    slot: slot.slot_ref(),
+                    peer,
+                    dst,
+                }),
                 32,
                 &unhex(peer)?,
             )?;
@@ -478,11 +458,11 @@ fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
             .load_private_key(PrivateKeyType::X25519, &unhex(X25519_PRIVATE)?)
             .map_err(|e| e.to_string())?;
         match run(
-            JobOp::KxDerive {
-                slot: slot.index(),
-                peer: placeholder,
-                dst: placeholder,
-            },
+            Box::new(|peer, dst| JobOp::KxDerive {
+                slot: slot.slot_ref(),
+                peer,
+                dst,
+            }),
             32,
             &[0u8; 32],
         ) {
@@ -513,11 +493,11 @@ fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
             .map_err(|e| e.to_string())?;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
         let sig = run(
-            JobOp::EcdsaSign {
-                slot: slot.index(),
-                digest: placeholder,
-                dst: placeholder,
-            },
+            Box::new(|digest, dst| JobOp::EcdsaSign {
+                slot: slot.slot_ref(),
+                digest,
+                dst,
+            }),
             72,
             digest.as_ref(),
         )?;
@@ -554,13 +534,13 @@ fn public_key_checks(device: &Arc<Device>, out: &mut Vec<Check>) {
                 .map_err(|e| e.to_string())?;
             let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
             let sig = run(
-                JobOp::RsaSign {
-                    slot: slot.index(),
+                Box::new(|digest, dst| JobOp::RsaSign {
+                    slot: slot.slot_ref(),
                     padding,
                     hash: HashAlgorithm::SHA256,
-                    digest: placeholder,
-                    dst: placeholder,
-                },
+                    digest,
+                    dst,
+                }),
                 256,
                 digest.as_ref(),
             )?;

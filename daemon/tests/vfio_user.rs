@@ -69,7 +69,7 @@ fn open() -> anyhow::Result<Arc<Device>> {
 tlsaccel_tests::conformance_suite!(open());
 
 #[test]
-fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
+fn killing_the_simulator_fails_jobs_in_flight_and_a_new_one_at_the_same_socket_takes_over() {
     let path = std::env::temp_dir().join(format!("tlsaccel-vu-kill-{}.sock", std::process::id()));
     let mut child = spawn_simulator(&path).expect("simulator starts");
     let device = Device::open(&format!("vfio-user:{}", path.display())).expect("device opens");
@@ -87,7 +87,7 @@ fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
     let job = |i: u64| Job {
         user_data: i,
         op: JobOp::AeadSeal {
-            slot: slot.index(),
+            slot: slot.slot_ref(),
             nonce: [i as u8; 12],
             aad: None,
             src: input.whole(),
@@ -154,7 +154,61 @@ fn killing_the_simulator_fails_jobs_in_flight_and_marks_the_device_lost() {
         pair.submit(&[job(submitted)]).is_err(),
         "a dead queue takes no jobs"
     );
+    assert!(pair.held() > 0, "jobs of a lost device stay held");
+    assert!(device.recover().is_err(), "nothing to reconnect to yet");
+
+    // A simulator started again at the same socket takes over: the transport reconnects,
+    // hands it the pool's memory, and the device works again with fresh queues and slots.
+    let mut again = spawn_simulator(&path).expect("simulator starts again");
+    let recovery = Instant::now();
+    device.recover().expect("the device comes back");
+    let took = recovery.elapsed();
+    assert!(!device.is_lost());
+    pair.poll(|_| {});
+    assert_eq!(pair.held(), 0, "a reset releases what the old queue held");
+    drop(pair);
     drop(slot);
+    let mut fresh = device.queue(QueueConfig::default()).expect("a new queue");
+    let slot = device.load_key(&key).expect("a new key loads");
+    let plain = device.pool().alloc(100).expect("dma");
+    plain.write(0, &[0x33; 100]).expect("write");
+    let sealed = device.pool().alloc(116).expect("dma");
+    let opened = device.pool().alloc(100).expect("dma");
+    let mut results = Vec::new();
+    let ops = [
+        JobOp::AeadSeal {
+            slot: slot.slot_ref(),
+            nonce: [9; 12],
+            aad: None,
+            src: plain.whole(),
+            dst: sealed.whole(),
+        },
+        JobOp::AeadOpen {
+            slot: slot.slot_ref(),
+            nonce: [9; 12],
+            aad: None,
+            src: sealed.whole(),
+            dst: opened.whole(),
+        },
+    ];
+    for (i, op) in ops.into_iter().enumerate() {
+        fresh
+            .run(
+                &[Job {
+                    user_data: i as u64,
+                    op,
+                }],
+                Duration::from_secs(5),
+                |done| results.push(done.result),
+            )
+            .expect("runs");
+    }
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(opened.to_vec(0, 100).expect("read"), vec![0x33; 100]);
+    println!("vfio-user device back in service {took:?} after the new process started");
+    drop((slot, fresh));
+    let _ = again.kill();
+    let _ = again.wait();
 }
 
 #[test]

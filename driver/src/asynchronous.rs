@@ -134,10 +134,17 @@ impl AsyncQueue {
                 receivers.push(rx);
                 jobs.push(Job {
                     user_data: id,
-                    op: *op,
+                    op: op.clone(),
                 });
             }
         }
+        // Cancel safety: if this future is dropped, the jobs already submitted stay with the
+        // queue (it holds their memory and slots until the device answers or lets go), and
+        // the waiters of every job are forgotten rather than left in the table.
+        let _forget = ForgetWaiters {
+            shared: &self.shared,
+            jobs: &jobs,
+        };
         let mut next = 0;
         while next < jobs.len() {
             let room = self.shared.room.notified();
@@ -172,6 +179,21 @@ impl AsyncQueue {
     /// The queue pair's counters.
     pub fn stats(&self) -> crate::queue::QueueStats {
         self.shared.pair().stats()
+    }
+}
+
+/// Removes a batch's waiters when its future finishes or is dropped.
+struct ForgetWaiters<'a> {
+    shared: &'a Shared,
+    jobs: &'a [Job],
+}
+
+impl Drop for ForgetWaiters<'_> {
+    fn drop(&mut self) {
+        let mut waiters = self.shared.waiters();
+        for job in self.jobs {
+            waiters.remove(&job.user_data);
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub enum DeviceError {
     BadKey(&'static str),
     #[error("the key slot belongs to a device incarnation that was reset")]
     StaleSlot,
+    #[error("{name}: the device came back from reset with a different identity; open it again")]
+    Changed { name: String },
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error(transparent)]
@@ -104,7 +106,7 @@ pub struct Device {
     pool: DmaPool,
     admin: Mutex<Option<QueuePair>>,
     data_queues: Arc<Mutex<Vec<bool>>>,
-    free_slots: Mutex<Vec<u32>>,
+    free_slots: Arc<Mutex<Vec<u32>>>,
     epoch: Arc<AtomicU64>,
     /// Set by the health watch when the device is gone or fatal; cleared by `recover`.
     lost: Arc<AtomicBool>,
@@ -149,7 +151,7 @@ impl Device {
             options,
             pool,
             admin: Mutex::new(None),
-            free_slots: Mutex::new(slots),
+            free_slots: Arc::new(Mutex::new(slots)),
             epoch: Arc::new(AtomicU64::new(0)),
             lost: Arc::new(AtomicBool::new(false)),
         });
@@ -160,19 +162,32 @@ impl Device {
 
     /// Resets the device, enables it and creates the admin queue.
     fn start(&self) -> Result<(), DeviceError> {
-        let t = self.transport.as_ref();
-        let name = self.info.name.clone();
-        t.write32(regs::DEVICE_CONTROL, DeviceControl::RESET.bits());
+        self.reset_and_wait()?;
+        self.enable()
+    }
+
+    /// Writes RESET and waits for READY: the device has dropped every job and its engines
+    /// have let go of all host memory (device-spec §8).
+    fn reset_and_wait(&self) -> Result<(), DeviceError> {
+        self.transport
+            .write32(regs::DEVICE_CONTROL, DeviceControl::RESET.bits());
         let start = Instant::now();
         while !self.status().contains(DeviceStatus::READY) {
             if start.elapsed() > self.options.reset_timeout {
                 return Err(DeviceError::ResetTimeout {
-                    name,
+                    name: self.info.name.clone(),
                     waited: self.options.reset_timeout,
                 });
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        Ok(())
+    }
+
+    /// Enables a device that is READY and creates the admin queue.
+    fn enable(&self) -> Result<(), DeviceError> {
+        let t = self.transport.as_ref();
+        let name = self.info.name.clone();
         t.write32(regs::DEVICE_CONTROL, DeviceControl::ENABLE.bits());
         let status = self.status();
         if status.contains(DeviceStatus::FATAL) {
@@ -201,12 +216,29 @@ impl Device {
 
     /// Resets the device and brings it back: every queue pair and key slot of the previous
     /// incarnation is dead (their jobs fail with `DeviceLost`), new ones can be created.
+    ///
+    /// The new incarnation begins (and the memory and slots that old queues held for the
+    /// device are released) only once the device has reported READY after the reset, that
+    /// is once it has let go of everything; if it never does, the old queues keep holding.
     pub fn recover(&self) -> Result<(), DeviceError> {
         tracing::warn!(device = %self.info.name, "resetting device");
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.admin_queue().take();
+        // The admin queue lock is held throughout, so no key-table job runs meanwhile.
+        let mut admin = self.admin_queue();
         self.transport.reset()?;
-        self.start()?;
+        // A device that came back as something else (another contract, other limits) cannot
+        // take over this driver's pool and queues: that needs a fresh open.
+        let now = identify(self.transport.as_ref())?;
+        if now != self.info {
+            return Err(DeviceError::Changed {
+                name: self.info.name.clone(),
+            });
+        }
+        self.reset_and_wait()?;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        // The old admin queue sees the new epoch and hands its rings back without waiting.
+        admin.take();
+        drop(admin);
+        self.enable()?;
         self.lost.store(false, Ordering::Release);
         Ok(())
     }
@@ -303,19 +335,8 @@ impl Device {
         if !self.info.capabilities.contains(needed) {
             return Err(DeviceError::Unsupported("this AEAD algorithm"));
         }
-        let index = self
-            .free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .ok_or(DeviceError::NoFreeSlot)?;
-        let slot = KeySlot {
-            device: Arc::clone(self),
-            index,
-            epoch: self.epoch.load(Ordering::Acquire),
-            algorithm: material.algorithm,
-            loaded: false,
-        };
+        let mut slot = self.new_slot(self.take_slot_index()?, material.algorithm);
+        slot.loaded = false;
         self.load_into(slot, material)
     }
 
@@ -334,7 +355,7 @@ impl Device {
         let buffer = self.pool.alloc(KEY_BLOCK_SIZE)?;
         buffer.write(0, &bytes[..])?;
         let result = self.admin(JobOp::KeyLoad {
-            slot: slot.index,
+            slot: slot.slot_ref(),
             block: buffer.whole(),
         });
         buffer.zeroize()?;
@@ -343,22 +364,38 @@ impl Device {
         Ok(slot)
     }
 
-    fn take_slot_index(&self) -> Result<u32, DeviceError> {
-        self.free_slots
+    /// A free slot index, held until every job naming it is gone (see [`SlotRef`]).
+    fn take_slot_index(&self) -> Result<SlotRef, DeviceError> {
+        let index = self
+            .free_slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop()
-            .ok_or(DeviceError::NoFreeSlot)
+            .ok_or(DeviceError::NoFreeSlot)?;
+        Ok(SlotRef(Arc::new(SlotIndex {
+            index,
+            free: Some(Arc::clone(&self.free_slots)),
+            quarantined: AtomicBool::new(false),
+        })))
     }
 
-    fn new_slot(self: &Arc<Self>, index: u32, algorithm: AeadAlgorithm) -> KeySlot {
+    fn new_slot(self: &Arc<Self>, slot: SlotRef, algorithm: AeadAlgorithm) -> KeySlot {
         KeySlot {
             device: Arc::clone(self),
-            index,
+            slot,
             epoch: self.epoch.load(Ordering::Acquire),
             algorithm,
             loaded: true,
         }
+    }
+
+    /// Key slot indices free for a new key (held ones, by live keys or by jobs the device
+    /// may still fetch, are not).
+    pub fn free_key_slots(&self) -> usize {
+        self.free_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Loads a private key (`kind` says which and how `material` is encoded: PKCS#8 DER for
@@ -386,7 +423,7 @@ impl Device {
         let buffer = self.pool.alloc(material.len().max(1))?;
         buffer.write(0, material)?;
         let result = self.admin(JobOp::PkeKeyLoad {
-            slot: slot.index,
+            slot: slot.slot_ref(),
             kind,
             src: buffer.span(0, material.len())?,
         });
@@ -404,8 +441,8 @@ impl Device {
         Ok(slot)
     }
 
-    fn destroy_slot(&self, index: u32) -> Result<(), DeviceError> {
-        match self.admin(JobOp::KeyDestroy { slot: index }) {
+    fn destroy_slot(&self, slot: SlotRef) -> Result<(), DeviceError> {
+        match self.admin(JobOp::KeyDestroy { slot }) {
             Ok(_) => Ok(()),
             Err(DeviceError::Job(JobError::Device { status, .. }))
                 if status == Status::SLOT_EMPTY =>
@@ -595,13 +632,13 @@ impl KeyMaterial {
     }
 }
 
-/// A loaded key slot. Dropping it destroys (zeroizes) the slot on the device.
-///
-/// Jobs naming the slot must have completed before it is dropped; a job accepted after the
-/// destroy fails with `SLOT_EMPTY`.
+/// A loaded key slot. Dropping it destroys (zeroizes) the slot on the device at once; its
+/// index is reused only once every job naming it has completed or its queue was quiesced
+/// (each job holds a [`SlotRef`]), so a descriptor the device fetches late can never run
+/// under another connection's key. A job accepted after the destroy fails with `SLOT_EMPTY`.
 pub struct KeySlot {
     device: Arc<Device>,
-    index: u32,
+    slot: SlotRef,
     epoch: u64,
     algorithm: AeadAlgorithm,
     loaded: bool,
@@ -610,7 +647,7 @@ pub struct KeySlot {
 impl std::fmt::Debug for KeySlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeySlot")
-            .field("index", &self.index)
+            .field("index", &self.slot.index())
             .field("algorithm", &self.algorithm)
             .finish()
     }
@@ -619,7 +656,12 @@ impl std::fmt::Debug for KeySlot {
 impl KeySlot {
     /// The slot number descriptors name.
     pub fn index(&self) -> u32 {
-        self.index
+        self.slot.index()
+    }
+
+    /// A hold on the slot's index for a job that names it.
+    pub fn slot_ref(&self) -> SlotRef {
+        self.slot.clone()
     }
 
     /// The slot's algorithm.
@@ -650,19 +692,78 @@ impl Drop for KeySlot {
         // A device known to be lost cannot be reached; whatever the slot held goes with it,
         // and the reset that brings the device back zeroizes every slot.
         if self.loaded && self.is_live() && !self.device.is_lost() {
-            if let Err(error) = self.device.destroy_slot(self.index) {
+            if let Err(error) = self.device.destroy_slot(self.slot.clone()) {
                 // The slot may still hold a key: the device must be reset before the index
                 // is reused or the key could outlive its owner.
-                tracing::error!(slot = self.index, %error, "key slot destroy failed; resetting device");
+                let index = self.slot.index();
+                tracing::error!(slot = index, %error, "key slot destroy failed; resetting device");
                 if let Err(error) = self.device.recover() {
                     tracing::error!(%error, "device reset after failed key destroy failed");
                 }
             }
         }
-        self.device
-            .free_slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.index);
+        // The index goes back to the free list when the last job holding it is gone.
+    }
+}
+
+/// A hold on a key slot index, carried by every job that names the slot. The index returns
+/// to the device's free list only when its [`KeySlot`] and every job holding it are gone;
+/// a queue that never gets the device's word that it let go quarantines it for good.
+#[derive(Clone)]
+pub struct SlotRef(Arc<SlotIndex>);
+
+struct SlotIndex {
+    index: u32,
+    free: Option<Arc<Mutex<Vec<u32>>>>,
+    quarantined: AtomicBool,
+}
+
+impl SlotRef {
+    /// Names slot `index` without holding it: for tests of empty or invalid slots only.
+    /// A job with an unheld slot must not name a slot someone else may load.
+    pub fn unheld(index: u32) -> Self {
+        SlotRef(Arc::new(SlotIndex {
+            index,
+            free: None,
+            quarantined: AtomicBool::new(false),
+        }))
+    }
+
+    /// The slot number.
+    pub fn index(&self) -> u32 {
+        self.0.index
+    }
+
+    /// Keeps the index from ever being reused.
+    pub(crate) fn quarantine(&self) {
+        self.0.quarantined.store(true, Ordering::Release);
+    }
+}
+
+impl PartialEq for SlotRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.index() == other.index()
+    }
+}
+
+impl Eq for SlotRef {}
+
+impl std::fmt::Debug for SlotRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotRef({})", self.index())
+    }
+}
+
+impl Drop for SlotIndex {
+    fn drop(&mut self) {
+        if *self.quarantined.get_mut() {
+            tracing::warn!(slot = self.index, "key slot index quarantined");
+            return;
+        }
+        if let Some(free) = &self.free {
+            free.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.index);
+        }
     }
 }

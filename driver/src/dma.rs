@@ -8,7 +8,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -545,16 +545,12 @@ impl DmaPool {
     }
 
     /// A zero-filled buffer of at least `len` bytes (its `len()` is exactly `len`).
+    ///
+    /// Buffers come back zeroed because the pool zeroes what a buffer's owner or the device
+    /// may have written when the buffer is freed, not when it is handed out: plaintext or key
+    /// material never waits in free memory, and a device that reports success without
+    /// writing `dst` returns zeros, never an earlier owner's bytes.
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer, DmaError> {
-        let buffer = self.alloc_unzeroed(len)?;
-        buffer.region.zero(buffer.offset, len)?;
-        Ok(buffer)
-    }
-
-    /// A buffer of `len` bytes holding whatever it last held: for payloads the caller
-    /// overwrites, or results the device writes, before anything reads them. Saves
-    /// [`DmaPool::alloc`]'s zeroing on the record path.
-    pub fn alloc_unzeroed(&self, len: usize) -> Result<DmaBuffer, DmaError> {
         let inner = &self.inner;
         let class_size = len.max(SMALLEST_CLASS).next_power_of_two();
         if class_size > inner.region_size {
@@ -575,8 +571,11 @@ impl DmaPool {
                         return Err(DmaError::Exhausted { limit: inner.limit });
                     }
                     let index = state.regions.len();
-                    let made = inner.source.region(index, inner.region_size)?;
-                    state.regions.push(made);
+                    let (region, iova) = inner.source.region(index, inner.region_size)?;
+                    // A region may be a window of memory with a past (a BAR another driver
+                    // instance used): zero it once, so every buffer starts zeroed.
+                    region.zero(0, region.len())?;
+                    state.regions.push((region, iova));
                     offset = 0;
                 }
                 state.next_offset = offset + class_size;
@@ -586,20 +585,25 @@ impl DmaPool {
         let (region, region_iova) = state.regions[region_index].clone();
         drop(state);
         Ok(DmaBuffer {
-            pool: Arc::clone(inner),
-            region,
-            region_iova,
-            region_index,
-            offset,
-            len,
-            class,
-            quarantined: AtomicBool::new(false),
+            allocation: Arc::new(Allocation {
+                pool: Arc::clone(inner),
+                region,
+                region_iova,
+                region_index,
+                offset,
+                len,
+                class,
+                dirty: AtomicUsize::new(0),
+                quarantined: AtomicBool::new(false),
+            }),
         })
     }
 }
 
-/// A buffer of DMA memory. Returned to its pool on drop.
-pub struct DmaBuffer {
+/// One allocation from a pool: the memory behind a [`DmaBuffer`] and every [`DmaSpan`] made
+/// from it. It goes back to the pool (zeroed) only when the buffer and all its spans are
+/// gone, so memory a queue still holds for the device is never handed to anyone else.
+struct Allocation {
     pool: Arc<PoolInner>,
     region: Arc<DmaRegion>,
     region_iova: Iova,
@@ -607,77 +611,128 @@ pub struct DmaBuffer {
     offset: usize,
     len: usize,
     class: usize,
+    /// Bytes from the start that the host or the device may have written: what the pool
+    /// zeroes on free. A span given to the device counts as written.
+    dirty: AtomicUsize,
     /// Never handed out again: a device may still write it (see [`DmaBuffer::quarantine`]).
     quarantined: AtomicBool,
+}
+
+impl Allocation {
+    fn iova(&self) -> Iova {
+        Iova(self.region_iova.0 + self.offset as u64)
+    }
+
+    fn mark_dirty(&self, end: usize) {
+        self.dirty.fetch_max(end.min(self.len), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        if self.quarantined.load(Ordering::Acquire) {
+            return;
+        }
+        let dirty = *self.dirty.get_mut();
+        if dirty > 0 && self.region.zero(self.offset, dirty).is_err() {
+            // Cannot happen (the range was checked at allocation); if it did, the memory
+            // stays out of the pool rather than going back with its contents.
+            return;
+        }
+        let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.free[self.class].push((self.region_index, self.offset));
+    }
+}
+
+/// A buffer of DMA memory. Returned to its pool, zeroed, once it and every [`DmaSpan`] made
+/// from it are dropped.
+///
+/// Spans hold the memory they name: a job submitted to a queue keeps its spans until the
+/// device has answered or has provably let go of the queue, so dropping the buffer while a
+/// job is in flight (after a timeout, or a cancelled future) does not free the memory. The
+/// buffer's owner can still read and write it meanwhile; what a late device write puts there
+/// reaches no one else.
+pub struct DmaBuffer {
+    allocation: Arc<Allocation>,
 }
 
 impl fmt::Debug for DmaBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DmaBuffer")
-            .field("iova", &self.iova())
-            .field("len", &self.len)
+            .field("iova", &self.allocation.iova())
+            .field("len", &self.len())
             .finish()
     }
 }
 
 impl DmaBuffer {
-    /// Keeps this memory out of the pool for good once the buffer is dropped (it stays
-    /// mapped, and is not reused): for rings a device did not confirm it has stopped
-    /// writing, so its late writes cannot land in someone else's buffer.
+    /// Keeps this memory out of the pool for good once the buffer and its spans are dropped
+    /// (it stays mapped, and is not reused): for memory a device did not confirm it has
+    /// stopped writing, so its late writes cannot land in someone else's buffer.
     pub fn quarantine(&self) {
-        self.quarantined.store(true, Ordering::Relaxed);
+        self.allocation.quarantined.store(true, Ordering::Release);
     }
 
-    /// The buffer's device address.
+    /// The buffer's device address. Whoever learns it may hand it to the device (a ring
+    /// base, a raw descriptor), so the whole buffer counts as written from then on and is
+    /// zeroed when freed.
     pub fn iova(&self) -> Iova {
-        Iova(self.region_iova.0 + self.offset as u64)
+        self.allocation.mark_dirty(self.allocation.len);
+        self.allocation.iova()
     }
 
     /// Usable bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.allocation.len
     }
 
     /// True for a zero-length buffer.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.allocation.len == 0
     }
 
-    /// A span of this buffer for a descriptor: `len` bytes from `offset`.
+    /// A span of this buffer for a descriptor: `len` bytes from `offset`. The span keeps the
+    /// buffer's memory out of the pool for as long as it exists.
     pub fn span(&self, offset: usize, len: usize) -> Result<DmaSpan, DmaError> {
         self.bounds(offset, len)?;
-        let iova = self
-            .iova()
-            .checked_add(offset as u64)
-            .ok_or(DmaError::OutOfBounds {
-                offset,
-                len,
-                size: self.len,
-            })?;
+        let iova =
+            self.allocation
+                .iova()
+                .checked_add(offset as u64)
+                .ok_or(DmaError::OutOfBounds {
+                    offset,
+                    len,
+                    size: self.len(),
+                })?;
+        let len = u32::try_from(len).map_err(|_| DmaError::TooLarge {
+            requested: len,
+            max: u32::MAX as usize,
+        })?;
+        self.allocation.mark_dirty(offset + len as usize);
         Ok(DmaSpan {
             iova,
-            len: u32::try_from(len).map_err(|_| DmaError::TooLarge {
-                requested: len,
-                max: u32::MAX as usize,
-            })?,
+            len,
+            allocation: Arc::clone(&self.allocation),
         })
     }
 
     /// The whole buffer as a span.
     pub fn whole(&self) -> DmaSpan {
+        self.allocation.mark_dirty(self.len());
         DmaSpan {
-            iova: self.iova(),
-            len: u32::try_from(self.len).unwrap_or(u32::MAX),
+            iova: self.allocation.iova(),
+            len: u32::try_from(self.len()).unwrap_or(u32::MAX),
+            allocation: Arc::clone(&self.allocation),
         }
     }
 
     fn bounds(&self, offset: usize, len: usize) -> Result<usize, DmaError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => Ok(self.offset + offset),
+            Some(end) if end <= self.allocation.len => Ok(self.allocation.offset + offset),
             _ => Err(DmaError::OutOfBounds {
                 offset,
                 len,
-                size: self.len,
+                size: self.allocation.len,
             }),
         }
     }
@@ -685,13 +740,14 @@ impl DmaBuffer {
     /// Copies `buf.len()` bytes from `offset` out of the buffer.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), DmaError> {
         let at = self.bounds(offset, buf.len())?;
-        self.region.read(at, buf)
+        self.allocation.region.read(at, buf)
     }
 
     /// Copies `data` into the buffer at `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), DmaError> {
         let at = self.bounds(offset, data.len())?;
-        self.region.write(at, data)
+        self.allocation.mark_dirty(offset + data.len());
+        self.allocation.region.write(at, data)
     }
 
     /// Reads `len` bytes from `offset` into a new vector.
@@ -701,39 +757,75 @@ impl DmaBuffer {
         Ok(out)
     }
 
-    /// Zeroes the whole buffer.
+    /// Zeroes the whole buffer now (the pool zeroes it anyway when it is freed).
     pub fn zeroize(&self) -> Result<(), DmaError> {
-        self.region.zero(self.offset, self.len)
+        self.allocation
+            .region
+            .zero(self.allocation.offset, self.allocation.len)
     }
 
     /// Writes `data` with non-temporal stores; see [`DmaRegion::write_streaming`].
     pub fn write_streaming(&self, offset: usize, data: &[u8]) -> Result<(), DmaError> {
         let at = self.bounds(offset, data.len())?;
-        self.region.write_streaming(at, data)
+        self.allocation.mark_dirty(offset + data.len());
+        self.allocation.region.write_streaming(at, data)
     }
 
     /// Loads a 32-bit word at a 4-byte aligned offset with acquire ordering.
     pub fn load_u32_acquire(&self, offset: usize) -> Result<u32, DmaError> {
         let at = self.bounds(offset, 4)?;
-        self.region.load_u32_acquire(at)
+        self.allocation.region.load_u32_acquire(at)
     }
 }
 
-impl Drop for DmaBuffer {
-    fn drop(&mut self) {
-        if self.quarantined.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.free[self.class].push((self.region_index, self.offset));
-    }
-}
-
-/// A piece of DMA memory named in a descriptor: device address and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A piece of DMA memory named in a descriptor: device address and length, and a hold on the
+/// buffer it lies in. Made only from a [`DmaBuffer`], so it always lies inside memory the
+/// holder owns, and that memory cannot go back to the pool while the span exists.
+#[derive(Clone)]
 pub struct DmaSpan {
-    pub iova: Iova,
-    pub len: u32,
+    iova: Iova,
+    len: u32,
+    allocation: Arc<Allocation>,
+}
+
+impl DmaSpan {
+    /// The device address of the first byte.
+    pub fn iova(&self) -> Iova {
+        self.iova
+    }
+
+    /// Bytes in the span.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// True for an empty span.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Marks the buffer behind this span as never to be reused (see
+    /// [`DmaBuffer::quarantine`]).
+    pub(crate) fn quarantine(&self) {
+        self.allocation.quarantined.store(true, Ordering::Release);
+    }
+}
+
+impl PartialEq for DmaSpan {
+    fn eq(&self, other: &Self) -> bool {
+        self.iova == other.iova && self.len == other.len
+    }
+}
+
+impl Eq for DmaSpan {}
+
+impl fmt::Debug for DmaSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaSpan")
+            .field("iova", &self.iova)
+            .field("len", &self.len)
+            .finish()
+    }
 }
 
 #[cfg(test)]
@@ -778,6 +870,42 @@ mod tests {
         let second = pool.alloc(90).unwrap();
         assert_eq!(second.iova(), iova);
         assert_eq!(second.to_vec(0, 90).unwrap(), vec![0; 90]);
+    }
+
+    #[test]
+    fn a_span_keeps_its_memory_out_of_the_pool() {
+        let pool = pool(4 << 20);
+        let buffer = pool.alloc(100).unwrap();
+        let iova = buffer.iova();
+        let span = buffer.span(10, 50).unwrap();
+        drop(buffer);
+        for _ in 0..4 {
+            assert_ne!(
+                pool.alloc(90).unwrap().iova(),
+                iova,
+                "memory a span holds came back"
+            );
+        }
+        drop(span);
+        assert_eq!(pool.alloc(90).unwrap().iova(), iova);
+    }
+
+    #[test]
+    fn memory_a_device_may_have_written_is_zeroed_when_freed() {
+        let pool = pool(4 << 20);
+        let buffer = pool.alloc(4000).unwrap();
+        let iova = buffer.iova();
+        let span = buffer.span(0, 3000).unwrap();
+        // The device writes through the span; the host never touched these bytes.
+        buffer
+            .allocation
+            .region
+            .write(buffer.allocation.offset + 2000, &[0x5a; 1000])
+            .unwrap();
+        drop((buffer, span));
+        let next = pool.alloc(4000).unwrap();
+        assert_eq!(next.iova(), iova);
+        assert_eq!(next.to_vec(0, 4000).unwrap(), vec![0; 4000]);
     }
 
     #[test]

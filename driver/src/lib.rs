@@ -23,7 +23,7 @@ pub mod vfio;
 pub mod vfio_user;
 
 pub use asynchronous::{AsyncQueue, AsyncQueueError};
-pub use device::{Device, DeviceError, DeviceInfo, DeviceOptions, KeyMaterial, KeySlot};
+pub use device::{Device, DeviceError, DeviceInfo, DeviceOptions, KeyMaterial, KeySlot, SlotRef};
 pub use dma::{DmaBuffer, DmaError, DmaPool, DmaSpan, Iova};
 pub use queue::{
     Job, JobCompletion, JobError, JobOp, JobOutput, QueueConfig, QueueError, QueuePair, QueueStats,

@@ -18,7 +18,7 @@ use tlsaccel_abi::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::device::QueueLease;
+use crate::device::{QueueLease, SlotRef};
 use crate::dma::{DmaBuffer, DmaError, DmaPool, DmaSpan};
 use crate::transport::{EventFd, Transport, TransportError};
 
@@ -37,71 +37,73 @@ pub enum QueueError {
     Interrupt(#[from] TransportError),
 }
 
-/// A job for the device. Spans name DMA memory that must stay valid until the job completes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A job for the device. Its spans and slot reference are holds: the queue keeps a copy of the
+/// job until the device has answered it or has let go of the queue, so neither the memory nor
+/// the slot index can be handed to anyone else while the device may still use them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOp {
     Nop,
     KeyLoad {
-        slot: u32,
+        slot: SlotRef,
         block: DmaSpan,
     },
     KeyDestroy {
-        slot: u32,
+        slot: SlotRef,
     },
     AeadSeal {
-        slot: u32,
+        slot: SlotRef,
         nonce: [u8; NONCE_LEN],
         aad: Option<DmaSpan>,
         src: DmaSpan,
         dst: DmaSpan,
     },
     AeadOpen {
-        slot: u32,
+        slot: SlotRef,
         nonce: [u8; NONCE_LEN],
         aad: Option<DmaSpan>,
         src: DmaSpan,
         dst: DmaSpan,
     },
     Tls13Seal {
-        slot: u32,
+        slot: SlotRef,
         content_type: u8,
         padding: u16,
         src: DmaSpan,
         dst: DmaSpan,
     },
     Tls13Open {
-        slot: u32,
+        slot: SlotRef,
         src: DmaSpan,
         dst: DmaSpan,
     },
     Tls12Seal {
-        slot: u32,
+        slot: SlotRef,
         algorithm: AeadAlgorithm,
         content_type: u8,
         src: DmaSpan,
         dst: DmaSpan,
     },
     Tls12Open {
-        slot: u32,
+        slot: SlotRef,
         algorithm: AeadAlgorithm,
         src: DmaSpan,
         dst: DmaSpan,
     },
     /// Load a private key (PKCS#8 DER for signing keys, raw for key exchange).
     PkeKeyLoad {
-        slot: u32,
+        slot: SlotRef,
         kind: PrivateKeyType,
         src: DmaSpan,
     },
     /// ECDSA-sign a digest (of the curve's hash); the DER signature goes to `dst`.
     EcdsaSign {
-        slot: u32,
+        slot: SlotRef,
         digest: DmaSpan,
         dst: DmaSpan,
     },
     /// RSA-sign a digest with the given padding.
     RsaSign {
-        slot: u32,
+        slot: SlotRef,
         padding: RsaPadding,
         hash: HashAlgorithm,
         digest: DmaSpan,
@@ -109,22 +111,24 @@ pub enum JobOp {
     },
     /// Generate a key-exchange key pair into `slot`; its public key goes to `dst`.
     KxGenerate {
-        slot: u32,
+        slot: SlotRef,
         kind: PrivateKeyType,
         dst: DmaSpan,
     },
     /// Derive the shared secret with `peer`'s public key; empties `slot`.
     KxDerive {
-        slot: u32,
+        slot: SlotRef,
         peer: DmaSpan,
         dst: DmaSpan,
     },
-    /// A descriptor exactly as given (its cookie is replaced). For conformance tests.
+    /// A descriptor exactly as given (its cookie is replaced). For conformance tests of
+    /// hostile descriptors: it holds no memory and no slot, so it must name only addresses
+    /// and slots no one else owns.
     Raw(Descriptor),
 }
 
 /// A job and the caller's tag for it, returned with its completion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     pub user_data: u64,
     pub op: JobOp,
@@ -183,12 +187,60 @@ enum Expect {
     AtMost { max: u32, content_type: bool },
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Whether a job's completion may say it consumed a record sequence number (device-spec §4.4
+/// and §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sequence {
+    /// Not a record job: never.
+    Never,
+    /// A TLS record job: exactly when the status says the job was accepted.
+    Record,
+    /// A raw descriptor: whatever it is, the flag is not checked.
+    Unchecked,
+}
+
+impl Sequence {
+    fn of(op: &JobOp) -> Self {
+        match op {
+            JobOp::Tls13Seal { .. }
+            | JobOp::Tls13Open { .. }
+            | JobOp::Tls12Seal { .. }
+            | JobOp::Tls12Open { .. } => Sequence::Record,
+            JobOp::Raw(_) => Sequence::Unchecked,
+            _ => Sequence::Never,
+        }
+    }
+
+    /// True when `advanced` fits `status` for a job of this kind.
+    fn allows(self, status: Status, advanced: bool) -> bool {
+        match self {
+            Sequence::Unchecked => true,
+            Sequence::Never => !advanced,
+            Sequence::Record => match status {
+                Status::OK
+                | Status::AUTH_FAILED
+                | Status::RECORD_MALFORMED
+                | Status::RECORD_OVERFLOW => advanced,
+                // At validation (no number taken) or during execution (one taken).
+                Status::DMA_FAULT => true,
+                _ => !advanced,
+            },
+        }
+    }
+}
+
+#[derive(Debug)]
 struct InFlight {
     generation: u32,
     user_data: u64,
     expect: Expect,
+    /// The most bytes the job's `dst` can take: no result may claim more.
+    dst_len: u32,
+    sequence: Sequence,
     submitted: Instant,
+    /// The job itself: its spans and slot reference hold memory and a slot index for the
+    /// device until the job completes or the device lets go of the queue.
+    op: JobOp,
 }
 
 /// Counters of one queue pair.
@@ -202,6 +254,9 @@ pub struct QueueStats {
     /// Completions with an impossible length or status (the job failed).
     pub bad_completions: u64,
     pub timeouts: u64,
+    /// Jobs whose memory and key slot were kept from reuse for good because the device never
+    /// confirmed it let go of them (quarantined when the queue was dropped).
+    pub quarantined_jobs: u64,
 }
 
 /// One queue pair, driven by one thread at a time (`&mut self`).
@@ -216,6 +271,12 @@ pub struct QueuePair {
     phase: bool,
     slots: Vec<Option<InFlight>>,
     free: Vec<u32>,
+    /// Jobs already failed to their callers (timeout, lost device) whose descriptors the
+    /// device may still act on: held until the device lets go of the queue (disable
+    /// acknowledged, or a reset), and quarantined if it never does.
+    held: Vec<JobOp>,
+    /// Set once the queue has been disabled to let go of `held`.
+    disabled: bool,
     generation: u32,
     outstanding: u32,
     broken: bool,
@@ -314,8 +375,12 @@ impl QueuePair {
             sq_tail: 0,
             cq_head: 0,
             phase: true,
-            slots: vec![None; size as usize],
+            slots: std::iter::repeat_with(|| None)
+                .take(size as usize)
+                .collect(),
             free: (0..size).rev().collect(),
+            held: Vec::new(),
+            disabled: false,
             generation: 0,
             outstanding: 0,
             broken: false,
@@ -405,12 +470,15 @@ impl QueuePair {
                 .expect("free_slots() counted a free cookie slot for every job taken");
             self.generation = self.generation.wrapping_add(1);
             let cookie = u64::from(self.generation) << 32 | u64::from(slot);
-            let (descriptor, expect) = encode(job.op, cookie);
+            let (descriptor, expect) = encode(&job.op, cookie);
             self.slots[slot as usize] = Some(InFlight {
                 generation: self.generation,
                 user_data: job.user_data,
                 expect,
+                dst_len: dst_len(&job.op),
+                sequence: Sequence::of(&job.op),
                 submitted: now,
+                op: job.op.clone(),
             });
             self.sq.write_streaming(
                 self.sq_tail as usize * DESCRIPTOR_SIZE,
@@ -445,6 +513,11 @@ impl QueuePair {
     pub fn poll(&mut self, mut sink: impl FnMut(JobCompletion)) -> usize {
         if self.device_was_reset() {
             return self.fail_all(JobError::DeviceLost, sink);
+        }
+        if self.disabled {
+            // Disabled to let go of failed jobs: nothing more will complete.
+            self.release_held();
+            return 0;
         }
         let mut taken = 0;
         // At most one ring's worth per call: a device that keeps writing entries cannot keep
@@ -501,10 +574,9 @@ impl QueuePair {
         let known = self
             .slots
             .get(slot as usize)
-            .copied()
-            .flatten()
-            .filter(|job| job.generation == generation);
-        let Some(job) = known else {
+            .and_then(Option::as_ref)
+            .is_some_and(|job| job.generation == generation);
+        let Some(job) = known.then(|| self.slots[slot as usize].take()).flatten() else {
             self.stats.unknown_cookies += 1;
             tracing::warn!(
                 queue = self.index,
@@ -513,7 +585,6 @@ impl QueuePair {
             );
             return None;
         };
-        self.slots[slot as usize] = None;
         self.free.push(slot);
         self.outstanding -= 1;
         let status = Status(entry.status.get());
@@ -522,6 +593,14 @@ impl QueuePair {
         let len = entry.result_len.get();
         let result = if !status.is_known() {
             Err(JobError::BadCompletion("unknown status"))
+        } else if !job.sequence.allows(status, sequence_advanced) {
+            Err(JobError::BadCompletion(
+                "sequence flag inconsistent with the status",
+            ))
+        } else if len > job.dst_len {
+            Err(JobError::BadCompletion(
+                "result length larger than the job's destination",
+            ))
         } else if !status.is_ok() {
             if len != 0 {
                 Err(JobError::BadCompletion(
@@ -584,13 +663,17 @@ impl QueuePair {
         self.fail_all(JobError::TimedOut, &mut sink)
     }
 
-    /// Fails every job in flight with `error` and marks the queue broken.
+    /// Fails every job in flight with `error` and marks the queue broken. The jobs' memory
+    /// and key slots stay held until the device lets go of the queue: this disables the
+    /// queue, and [`QueuePair::release_held`] (called by `poll`) gives them back once the
+    /// device confirms (Q_STATUS.ENABLED reads 0, device-spec §3.1) or was reset.
     pub fn fail_all(&mut self, error: JobError, mut sink: impl FnMut(JobCompletion)) -> usize {
         self.broken = true;
         let mut failed = 0;
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if let Some(job) = slot.take() {
                 self.free.push(index as u32);
+                self.held.push(job.op);
                 failed += 1;
                 sink(JobCompletion {
                     user_data: job.user_data,
@@ -599,7 +682,58 @@ impl QueuePair {
             }
         }
         self.outstanding = 0;
+        self.release_held();
         failed
+    }
+
+    /// Jobs failed to their callers whose memory and slots the queue still holds because
+    /// the device has not let go of the queue yet.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Gives back the memory and slots of failed jobs once the device has let go of the
+    /// queue; disables the queue first if that has not been done. Never waits. Returns true
+    /// when nothing is held any more.
+    pub fn release_held(&mut self) -> bool {
+        if self.held.is_empty() {
+            return true;
+        }
+        if self.device_was_reset() {
+            // A reset drops every job without a completion and the device reported READY
+            // only after its engines let go (device-spec §8).
+            self.held.clear();
+            return true;
+        }
+        if !self.disabled {
+            self.transport
+                .write32(regs::queue_reg(self.index, qreg::CONTROL), 0);
+            self.disabled = true;
+        }
+        if self.device_released_queue() {
+            self.held.clear();
+            return true;
+        }
+        false
+    }
+
+    /// True when the device says it has made its last access to this queue: Q_STATUS.ENABLED
+    /// reads 0 after a disable. A lost device's registers say nothing (a device marked lost
+    /// may still be writing memory), so never for a lost transport.
+    fn device_released_queue(&self) -> bool {
+        if self.transport.is_lost()
+            || self
+                .lost
+                .as_ref()
+                .is_some_and(|l| l.load(Ordering::Acquire))
+        {
+            return false;
+        }
+        let status = self
+            .transport
+            .read32(regs::queue_reg(self.index, qreg::STATUS));
+        // A missing device reads all-ones, which must not look like "released".
+        status != u32::MAX && !QueueStatus::from_bits_retain(status).contains(QueueStatus::ENABLED)
     }
 
     /// Submits `jobs` and polls until every one of them has completed, or `timeout` passes
@@ -647,30 +781,46 @@ const QUIESCE_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl Drop for QueuePair {
     fn drop(&mut self) {
+        // Whatever is still in flight is held like failed jobs: only the device's word (or a
+        // reset) gives its memory and slots back.
+        for slot in &mut self.slots {
+            if let Some(job) = slot.take() {
+                self.held.push(job.op);
+            }
+        }
         if self.device_was_reset() {
             return;
         }
-        // Disable the queue, and wait for the device to let go of its rings (Q_STATUS
-        // ENABLED clears once no ring access is under way, device-spec §3.1) before they go
-        // back to the pool. A device that does not confirm in time keeps the rings: they
+        // Disable the queue, and wait for the device to let go of its rings and job buffers
+        // (Q_STATUS ENABLED clears once no access is under way, device-spec §3.1) before they
+        // go back to the pool. A device that does not confirm in time, or is lost (a device
+        // marked lost may still write memory), keeps them: rings, buffers and slot indices
         // are quarantined, never reused.
         self.transport
             .write32(regs::queue_reg(self.index, qreg::CONTROL), 0);
-        let status = regs::queue_reg(self.index, qreg::STATUS);
+        self.disabled = true;
         let deadline = Instant::now() + QUIESCE_TIMEOUT;
         loop {
-            let enabled = QueueStatus::from_bits_retain(self.transport.read32(status))
-                .contains(QueueStatus::ENABLED);
-            if !enabled || self.transport.is_lost() {
+            if self.device_released_queue() {
                 return;
             }
-            if Instant::now() > deadline {
+            let lost = self.transport.is_lost()
+                || self
+                    .lost
+                    .as_ref()
+                    .is_some_and(|l| l.load(Ordering::Acquire));
+            if lost || Instant::now() > deadline {
                 tracing::error!(
                     queue = self.index,
-                    "device did not release a disabled queue; its rings are quarantined"
+                    held = self.held.len(),
+                    lost,
+                    "device did not release a disabled queue; its rings, job buffers and key slots are quarantined"
                 );
                 self.sq.quarantine();
                 self.cq.quarantine();
+                for op in self.held.drain(..) {
+                    quarantine(&op);
+                }
                 return;
             }
             std::thread::sleep(Duration::from_micros(20));
@@ -678,20 +828,88 @@ impl Drop for QueuePair {
     }
 }
 
+/// The length of a job's destination: the most a completion may say it wrote.
+fn dst_len(op: &JobOp) -> u32 {
+    match op {
+        JobOp::Nop
+        | JobOp::KeyLoad { .. }
+        | JobOp::KeyDestroy { .. }
+        | JobOp::PkeKeyLoad { .. } => 0,
+        JobOp::AeadSeal { dst, .. }
+        | JobOp::AeadOpen { dst, .. }
+        | JobOp::Tls13Seal { dst, .. }
+        | JobOp::Tls13Open { dst, .. }
+        | JobOp::Tls12Seal { dst, .. }
+        | JobOp::Tls12Open { dst, .. }
+        | JobOp::EcdsaSign { dst, .. }
+        | JobOp::RsaSign { dst, .. }
+        | JobOp::KxGenerate { dst, .. }
+        | JobOp::KxDerive { dst, .. } => dst.len(),
+        JobOp::Raw(raw) => raw.dst_len.get(),
+    }
+}
+
+/// Keeps the memory and the slot a job names from ever being reused.
+fn quarantine(op: &JobOp) {
+    let (slot, spans) = op.holds();
+    if let Some(slot) = slot {
+        slot.quarantine();
+    }
+    for span in spans.into_iter().flatten() {
+        span.quarantine();
+    }
+}
+
+impl JobOp {
+    /// The slot and the spans the job holds.
+    fn holds(&self) -> (Option<&SlotRef>, [Option<&DmaSpan>; 3]) {
+        match self {
+            JobOp::Nop | JobOp::Raw(_) => (None, [None; 3]),
+            JobOp::KeyLoad { slot, block } => (Some(slot), [Some(block), None, None]),
+            JobOp::KeyDestroy { slot } => (Some(slot), [None; 3]),
+            JobOp::AeadSeal {
+                slot,
+                aad,
+                src,
+                dst,
+                ..
+            }
+            | JobOp::AeadOpen {
+                slot,
+                aad,
+                src,
+                dst,
+                ..
+            } => (Some(slot), [aad.as_ref(), Some(src), Some(dst)]),
+            JobOp::Tls13Seal { slot, src, dst, .. }
+            | JobOp::Tls13Open { slot, src, dst }
+            | JobOp::Tls12Seal { slot, src, dst, .. }
+            | JobOp::Tls12Open { slot, src, dst, .. } => (Some(slot), [Some(src), Some(dst), None]),
+            JobOp::PkeKeyLoad { slot, src, .. } => (Some(slot), [Some(src), None, None]),
+            JobOp::EcdsaSign { slot, digest, dst }
+            | JobOp::RsaSign {
+                slot, digest, dst, ..
+            } => (Some(slot), [Some(digest), Some(dst), None]),
+            JobOp::KxGenerate { slot, dst, .. } => (Some(slot), [Some(dst), None, None]),
+            JobOp::KxDerive { slot, peer, dst } => (Some(slot), [Some(peer), Some(dst), None]),
+        }
+    }
+}
+
 /// Builds the descriptor for `op` and what its completion must look like.
-fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
+fn encode(op: &JobOp, cookie: u64) -> (Descriptor, Expect) {
     let mut d = Descriptor {
         cookie: cookie.into(),
         ..Descriptor::default()
     };
-    let set_io = |d: &mut Descriptor, slot: u32, src: DmaSpan, dst: DmaSpan| {
-        d.key_slot = slot.into();
-        d.src_iova = src.iova.0.into();
-        d.src_len = src.len.into();
-        d.dst_iova = dst.iova.0.into();
-        d.dst_len = dst.len.into();
+    let set_io = |d: &mut Descriptor, slot: &SlotRef, src: &DmaSpan, dst: &DmaSpan| {
+        d.key_slot = slot.index().into();
+        d.src_iova = src.iova().0.into();
+        d.src_len = src.len().into();
+        d.dst_iova = dst.iova().0.into();
+        d.dst_len = dst.len().into();
     };
-    let src_minus = |src: DmaSpan, n: usize| src.len.saturating_sub(n as u32);
+    let src_minus = |src: &DmaSpan, n: usize| src.len().saturating_sub(n as u32);
     let expect = match op {
         JobOp::Nop => {
             d.opcode = Opcode::NOP.0;
@@ -699,14 +917,14 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
         }
         JobOp::KeyLoad { slot, block } => {
             d.opcode = Opcode::KEY_LOAD.0;
-            d.key_slot = slot.into();
-            d.src_iova = block.iova.0.into();
+            d.key_slot = slot.index().into();
+            d.src_iova = block.iova().0.into();
             d.src_len = (KEY_BLOCK_SIZE as u32).into();
             Expect::Exact(0)
         }
         JobOp::KeyDestroy { slot } => {
             d.opcode = Opcode::KEY_DESTROY.0;
-            d.key_slot = slot.into();
+            d.key_slot = slot.index().into();
             Expect::Exact(0)
         }
         JobOp::AeadSeal {
@@ -730,13 +948,13 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
                 Opcode::AEAD_OPEN.0
             };
             set_io(&mut d, slot, src, dst);
-            d.param = nonce;
+            d.param = *nonce;
             if let Some(aad) = aad {
-                d.aad_iova = aad.iova.0.into();
-                d.aad_len = aad.len.into();
+                d.aad_iova = aad.iova().0.into();
+                d.aad_len = aad.len().into();
             }
             if seal {
-                Expect::Exact(src.len.saturating_add(TAG_LEN as u32))
+                Expect::Exact(src.len().saturating_add(TAG_LEN as u32))
             } else {
                 Expect::Exact(src_minus(src, TAG_LEN))
             }
@@ -751,11 +969,11 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
             d.opcode = Opcode::TLS13_SEAL.0;
             set_io(&mut d, slot, src, dst);
             d.param = SealParams {
-                content_type,
-                padding,
+                content_type: *content_type,
+                padding: *padding,
             }
             .encode();
-            Expect::Exact(tls13_record_len(src.len as usize, usize::from(padding)) as u32)
+            Expect::Exact(tls13_record_len(src.len() as usize, usize::from(*padding)) as u32)
         }
         JobOp::Tls13Open { slot, src, dst } => {
             d.opcode = Opcode::TLS13_OPEN.0;
@@ -775,11 +993,11 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
             d.opcode = Opcode::TLS12_SEAL.0;
             set_io(&mut d, slot, src, dst);
             d.param = SealParams {
-                content_type,
+                content_type: *content_type,
                 padding: 0,
             }
             .encode();
-            Expect::Exact(tls12_record_len(algorithm, src.len as usize) as u32)
+            Expect::Exact(tls12_record_len(*algorithm, src.len() as usize) as u32)
         }
         JobOp::Tls12Open {
             slot,
@@ -797,9 +1015,9 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
         }
         JobOp::PkeKeyLoad { slot, kind, src } => {
             d.opcode = Opcode::PKE_KEY_LOAD.0;
-            d.key_slot = slot.into();
-            d.src_iova = src.iova.0.into();
-            d.src_len = src.len.into();
+            d.key_slot = slot.index().into();
+            d.src_iova = src.iova().0.into();
+            d.src_len = src.len().into();
             d.param[0] = kind.0;
             Expect::Exact(0)
         }
@@ -807,7 +1025,7 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
             d.opcode = Opcode::ECDSA_SIGN.0;
             set_io(&mut d, slot, digest, dst);
             Expect::AtMost {
-                max: dst.len,
+                max: dst.len(),
                 content_type: false,
             }
         }
@@ -823,15 +1041,15 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
             d.param[0] = padding.0;
             d.param[1] = hash.0;
             Expect::AtMost {
-                max: dst.len,
+                max: dst.len(),
                 content_type: false,
             }
         }
         JobOp::KxGenerate { slot, kind, dst } => {
             d.opcode = Opcode::KX_GENERATE.0;
-            d.key_slot = slot.into();
-            d.dst_iova = dst.iova.0.into();
-            d.dst_len = dst.len.into();
+            d.key_slot = slot.index().into();
+            d.dst_iova = dst.iova().0.into();
+            d.dst_len = dst.len().into();
             d.param[0] = kind.0;
             Expect::Exact(kind.key_share_len().unwrap_or(0) as u32)
         }
@@ -841,7 +1059,7 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
             Expect::Exact(32)
         }
         JobOp::Raw(raw) => {
-            d = raw;
+            d = *raw;
             d.cookie = cookie.into();
             Expect::AtMost {
                 max: raw.dst_len.get(),
@@ -855,20 +1073,32 @@ fn encode(op: JobOp, cookie: u64) -> (Descriptor, Expect) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dma::{DmaMapper, DmaRegion};
+    use crate::Iova;
+
+    #[derive(Debug)]
+    struct NoDevice;
+    impl DmaMapper for NoDevice {
+        fn map(&self, _: &Arc<DmaRegion>, _: Iova) -> Result<(), DmaError> {
+            Ok(())
+        }
+        fn unmap(&self, _: Iova, _: usize) -> Result<(), DmaError> {
+            Ok(())
+        }
+    }
+
+    fn pool() -> DmaPool {
+        DmaPool::new(Arc::new(NoDevice), 1 << 20, 4 << 20)
+    }
 
     #[test]
     fn encoded_descriptors_carry_the_job() {
-        let src = DmaSpan {
-            iova: crate::Iova(0x1_0000_0040),
-            len: 100,
-        };
-        let dst = DmaSpan {
-            iova: crate::Iova(0x1_0000_1000),
-            len: 200,
-        };
+        let pool = pool();
+        let (a, b) = (pool.alloc(100).unwrap(), pool.alloc(200).unwrap());
+        let (src, dst) = (a.whole(), b.whole());
         let (d, expect) = encode(
-            JobOp::Tls13Seal {
-                slot: 9,
+            &JobOp::Tls13Seal {
+                slot: SlotRef::unheld(9),
                 content_type: 23,
                 padding: 2,
                 src,
@@ -880,7 +1110,8 @@ mod tests {
         assert_eq!(d.key_slot.get(), 9);
         assert_eq!(d.cookie.get(), 0xabc);
         assert_eq!(d.src_len.get(), 100);
-        assert_eq!(d.dst_iova.get(), 0x1_0000_1000);
+        assert_eq!(d.src_iova.get(), a.iova().0);
+        assert_eq!(d.dst_iova.get(), b.iova().0);
         assert_eq!(
             SealParams::decode(&d.param),
             Some(SealParams {
@@ -893,18 +1124,178 @@ mod tests {
 
     #[test]
     fn open_expectations_never_underflow() {
-        let tiny = DmaSpan {
-            iova: crate::Iova(0),
-            len: 3,
-        };
+        let pool = pool();
+        let tiny = pool.alloc(3).unwrap();
         let (_, expect) = encode(
-            JobOp::Tls13Open {
-                slot: 0,
-                src: tiny,
-                dst: tiny,
+            &JobOp::Tls13Open {
+                slot: SlotRef::unheld(0),
+                src: tiny.whole(),
+                dst: tiny.whole(),
             },
             1,
         );
         assert!(matches!(expect, Expect::AtMost { max: 0, .. }));
+    }
+
+    /// A device that accepts every queue and never completes anything by itself: the tests
+    /// write its completions into the ring by hand.
+    #[derive(Debug)]
+    struct Scripted;
+    impl DmaMapper for Scripted {
+        fn map(&self, _: &Arc<DmaRegion>, _: Iova) -> Result<(), DmaError> {
+            Ok(())
+        }
+        fn unmap(&self, _: Iova, _: usize) -> Result<(), DmaError> {
+            Ok(())
+        }
+    }
+    impl Transport for Scripted {
+        fn name(&self) -> String {
+            "scripted".into()
+        }
+        fn read32(&self, _: u64) -> u32 {
+            QueueStatus::ENABLED.bits()
+        }
+        fn write32(&self, _: u64, _: u32) {}
+        fn read64(&self, _: u64) -> u64 {
+            0
+        }
+        fn write64(&self, _: u64, _: u64) {}
+        fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
+            Err(TransportError::NoSuchVector(vector))
+        }
+        fn reset(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+    }
+
+    /// Submits `op` on a fresh queue, has the "device" post `status`, `result_len` and
+    /// `flags` for it, and returns what the driver made of that.
+    fn answer(op: JobOp, status: Status, result_len: u32, flags: CompletionFlags) -> JobCompletion {
+        let pool = pool();
+        let mut pair = QueuePair::create(
+            Arc::new(Scripted),
+            &pool,
+            1,
+            QueueConfig {
+                size: 4,
+                ..QueueConfig::default()
+            },
+            4,
+        )
+        .unwrap();
+        assert_eq!(pair.submit(&[Job { user_data: 5, op }]).unwrap(), 1);
+        // First job on a fresh queue: generation 1, cookie slot 0.
+        let entry = Completion {
+            cookie: (1u64 << 32).into(),
+            result_len: result_len.into(),
+            status: status.0.into(),
+            info: 23,
+            flags: (flags | CompletionFlags::PHASE).bits(),
+        };
+        pair.cq.write(0, entry.as_bytes()).unwrap();
+        let mut got = None;
+        assert_eq!(pair.poll(|done| got = Some(done)), 1);
+        got.unwrap()
+    }
+
+    fn record_open(pool: &DmaPool, dst_len: usize) -> (JobOp, DmaBuffer, DmaBuffer) {
+        let (src, dst) = (pool.alloc(100).unwrap(), pool.alloc(dst_len).unwrap());
+        let op = JobOp::Tls13Open {
+            slot: SlotRef::unheld(3),
+            src: src.whole(),
+            dst: dst.whole(),
+        };
+        (op, src, dst)
+    }
+
+    #[test]
+    fn a_result_longer_than_the_destination_is_refused() {
+        let pool = pool();
+        let (op, _src, _dst) = record_open(&pool, 10);
+        let done = answer(op, Status::OK, 50, CompletionFlags::SEQUENCE_ADVANCED);
+        assert_eq!(
+            done.result,
+            Err(JobError::BadCompletion(
+                "result length larger than the job's destination"
+            ))
+        );
+        let (op, _src, _dst) = record_open(&pool, 100);
+        let done = answer(op, Status::OK, 50, CompletionFlags::SEQUENCE_ADVANCED);
+        assert_eq!(done.result.unwrap().len, 50);
+    }
+
+    #[test]
+    fn a_sequence_flag_that_contradicts_the_status_is_refused() {
+        let pool = pool();
+        let inconsistent = Err(JobError::BadCompletion(
+            "sequence flag inconsistent with the status",
+        ));
+        // An accepted record job always consumes a number...
+        let (op, _src, _dst) = record_open(&pool, 100);
+        assert_eq!(
+            answer(op, Status::OK, 50, CompletionFlags::empty()).result,
+            inconsistent
+        );
+        let (op, _src, _dst) = record_open(&pool, 100);
+        let done = answer(op, Status::AUTH_FAILED, 0, CompletionFlags::empty());
+        assert_eq!(done.result, inconsistent);
+        // ...a job refused at validation never does...
+        let (op, _src, _dst) = record_open(&pool, 100);
+        let done = answer(
+            op,
+            Status::SLOT_EMPTY,
+            0,
+            CompletionFlags::SEQUENCE_ADVANCED,
+        );
+        assert_eq!(done.result, inconsistent);
+        // ...and a job without a sequence never does.
+        let done = answer(
+            JobOp::Nop,
+            Status::OK,
+            0,
+            CompletionFlags::SEQUENCE_ADVANCED,
+        );
+        assert_eq!(done.result, inconsistent);
+        // Consistent answers pass.
+        let (op, _src, _dst) = record_open(&pool, 100);
+        let done = answer(
+            op,
+            Status::AUTH_FAILED,
+            0,
+            CompletionFlags::SEQUENCE_ADVANCED,
+        );
+        assert_eq!(
+            done.result,
+            Err(JobError::Device {
+                status: Status::AUTH_FAILED,
+                sequence_advanced: true
+            })
+        );
+        for advanced in [CompletionFlags::empty(), CompletionFlags::SEQUENCE_ADVANCED] {
+            let (op, _src, _dst) = record_open(&pool, 100);
+            let done = answer(op, Status::DMA_FAULT, 0, advanced);
+            assert_eq!(done.result.unwrap_err().status(), Some(Status::DMA_FAULT));
+        }
+    }
+
+    #[test]
+    fn a_job_names_exactly_the_memory_and_slot_it_holds() {
+        let pool = pool();
+        let (src, dst) = (pool.alloc(64).unwrap(), pool.alloc(128).unwrap());
+        let op = JobOp::Tls12Open {
+            slot: SlotRef::unheld(7),
+            algorithm: AeadAlgorithm::AES_128_GCM,
+            src: src.whole(),
+            dst: dst.span(0, 100).unwrap(),
+        };
+        let (slot, spans) = op.holds();
+        assert_eq!(slot.map(SlotRef::index), Some(7));
+        let held: Vec<_> = spans
+            .into_iter()
+            .flatten()
+            .map(|s| (s.iova(), s.len()))
+            .collect();
+        assert_eq!(held, vec![(src.iova(), 64), (dst.iova(), 100)]);
     }
 }

@@ -11,10 +11,11 @@
 //! with an error (reads outside BAR0 return all-ones) and a broken connection is what marks the
 //! device lost.
 
+use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX,
@@ -28,15 +29,24 @@ use crate::mmio::Bar;
 use crate::transport::{EventFd, Transport, TransportError};
 
 /// A device served over vfio-user.
+///
+/// When the connection breaks (the server process died) the device is lost; [`reset`]
+/// then connects again at the same path, hands the new device function the same interrupt
+/// eventfds and every DMA mapping the driver still has, so the driver's recovery brings the
+/// device back without a new pool or new queues' memory.
+///
+/// [`reset`]: Transport::reset
 pub struct VfioUserTransport {
     path: PathBuf,
     client: Mutex<vfio_user::Client>,
     /// BAR0's doorbell pages, mapped when the server offers them (a sparse mmap area); then a
-    /// doorbell is a store into shared memory instead of a message.
-    doorbells: Option<Bar>,
+    /// doorbell is a store into shared memory instead of a message. Replaced on reconnect.
+    doorbells: RwLock<Option<Bar>>,
     vectors: Vec<Arc<EventFd>>,
-    resettable: bool,
+    resettable: AtomicBool,
     lost: AtomicBool,
+    /// Every DMA mapping made through this transport, by IOVA: replayed on reconnect.
+    mappings: Mutex<BTreeMap<u64, Arc<DmaRegion>>>,
 }
 
 impl std::fmt::Debug for VfioUserTransport {
@@ -58,54 +68,73 @@ impl VfioUserTransport {
     /// eventfd per MSI-X vector.
     pub fn connect(path: &Path) -> Result<Self, TransportError> {
         let mut client = vfio_user::Client::new(path).map_err(protocol)?;
-        if client
-            .region(VFIO_PCI_BAR0_REGION_INDEX)
-            .is_none_or(|region| region.size == 0)
-        {
-            return Err(TransportError::NotOurs(format!(
-                "{}: the vfio-user server offers no BAR0",
-                path.display()
-            )));
-        }
-        let irqs = client
-            .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
-            .map_err(protocol)?;
-        let vectors = (0..irqs.count)
+        let irqs = check_device(&mut client, path)?;
+        let vectors = (0..irqs)
             .map(|_| EventFd::new().map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let fds: Vec<_> = vectors.iter().map(|fd| fd.as_raw_fd()).collect();
-        if !fds.is_empty() {
-            client
-                .set_irqs(
-                    VFIO_PCI_MSIX_IRQ_INDEX,
-                    VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                    0,
-                    irqs.count,
-                    &fds,
-                )
-                .map_err(protocol)?;
-        }
+        hand_over_interrupts(&mut client, &vectors)?;
         // The crate reports the reset flag inverted (see the module docs).
         let resettable = !client.resettable();
         let doorbells = map_doorbells(&client)?;
         Ok(Self {
             path: path.to_owned(),
             client: Mutex::new(client),
-            doorbells,
+            doorbells: RwLock::new(doorbells),
             vectors,
-            resettable,
+            resettable: AtomicBool::new(resettable),
             lost: AtomicBool::new(false),
+            mappings: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Connects again to the server at the same path after the connection broke: the same
+    /// interrupt eventfds, every DMA mapping still in use, fresh doorbell pages. The device
+    /// function behind the new connection is a fresh one (device-spec §12).
+    fn reconnect(&self) -> Result<(), TransportError> {
+        let mut client = vfio_user::Client::new(&self.path).map_err(protocol)?;
+        let irqs = check_device(&mut client, &self.path)?;
+        if irqs as usize != self.vectors.len() {
+            return Err(TransportError::NotOurs(format!(
+                "{}: the device came back with {irqs} interrupt vectors instead of {}",
+                self.path.display(),
+                self.vectors.len()
+            )));
+        }
+        hand_over_interrupts(&mut client, &self.vectors)?;
+        let mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        for (iova, region) in mappings.iter() {
+            let (fd, offset) = region
+                .fd()
+                .ok_or_else(|| TransportError::NotOurs("a DMA region lost its memfd".into()))?;
+            client
+                .dma_map(offset, *iova, region.len() as u64, fd.as_raw_fd())
+                .map_err(protocol)?;
+        }
+        let doorbells = map_doorbells(&client)?;
+        // Register accesses, doorbells and mappings go to the new connection from here on.
+        let mut current = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::replace(&mut *current, client);
+        let _ = old.shutdown();
+        *self.doorbells.write().unwrap_or_else(|e| e.into_inner()) = doorbells;
+        self.resettable
+            .store(!current.resettable(), Ordering::Release);
+        drop(mappings);
+        self.lost.store(false, Ordering::Release);
+        tracing::info!(path = %self.path.display(), "vfio-user device connected again");
+        Ok(())
     }
 
     /// True when doorbells are stores into the server's mapped doorbell pages.
     pub fn doorbells_mapped(&self) -> bool {
-        self.doorbells.is_some()
+        self.doorbells
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Whether the server can reset the device (the corrected value of the crate's flag).
     pub fn resettable(&self) -> bool {
-        self.resettable
+        self.resettable.load(Ordering::Acquire)
     }
 
     fn client(&self) -> Option<MutexGuard<'_, vfio_user::Client>> {
@@ -135,15 +164,18 @@ impl VfioUserTransport {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        if let (Some(bar), Ok(word)) = (&self.doorbells, <[u8; 4]>::try_from(data)) {
-            let inside = offset
-                .checked_sub(DOORBELL_BASE)
-                .filter(|at| at + 4 <= bar.len() as u64);
-            if let Some(at) = inside {
-                if !self.lost.load(Ordering::Acquire) {
-                    bar.write32(at, u32::from_le_bytes(word));
+        if let Ok(word) = <[u8; 4]>::try_from(data) {
+            let doorbells = self.doorbells.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(bar) = doorbells.as_ref() {
+                let inside = offset
+                    .checked_sub(DOORBELL_BASE)
+                    .filter(|at| at + 4 <= bar.len() as u64);
+                if let Some(at) = inside {
+                    if !self.lost.load(Ordering::Acquire) {
+                        bar.write32(at, u32::from_le_bytes(word));
+                    }
+                    return;
                 }
-                return;
             }
         }
         let Some(mut client) = self.client() else {
@@ -153,6 +185,43 @@ impl VfioUserTransport {
             self.gone("register write", &error);
         }
     }
+}
+
+/// Checks that the server offers BAR0; returns its count of MSI-X vectors.
+fn check_device(client: &mut vfio_user::Client, path: &Path) -> Result<u32, TransportError> {
+    if client
+        .region(VFIO_PCI_BAR0_REGION_INDEX)
+        .is_none_or(|region| region.size == 0)
+    {
+        return Err(TransportError::NotOurs(format!(
+            "{}: the vfio-user server offers no BAR0",
+            path.display()
+        )));
+    }
+    Ok(client
+        .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
+        .map_err(protocol)?
+        .count)
+}
+
+/// Hands the server one eventfd per MSI-X vector.
+fn hand_over_interrupts(
+    client: &mut vfio_user::Client,
+    vectors: &[Arc<EventFd>],
+) -> Result<(), TransportError> {
+    let fds: Vec<_> = vectors.iter().map(|fd| fd.as_raw_fd()).collect();
+    if fds.is_empty() {
+        return Ok(());
+    }
+    client
+        .set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            fds.len() as u32,
+            &fds,
+        )
+        .map_err(protocol)
 }
 
 /// Maps BAR0's doorbell pages if the server offers them as a sparse mmap area.
@@ -187,16 +256,25 @@ impl DmaMapper for VfioUserTransport {
         let (fd, offset) = region
             .fd()
             .ok_or_else(|| DmaError::Map("a vfio-user DMA region must be a shared memfd".into()))?;
+        // Lock order: `mappings` before `client` (as in `reconnect`), so a reconnect
+        // replays either all of this mapping or none of it.
+        let mut mappings = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
         let mut client = self.client().ok_or_else(lost)?;
         client
             .dma_map(offset, iova.0, region.len() as u64, fd.as_raw_fd())
             .map_err(|e| {
                 self.gone("DMA map", &e);
                 DmaError::Map(Box::new(e))
-            })
+            })?;
+        mappings.insert(iova.0, Arc::clone(region));
+        Ok(())
     }
 
     fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
+        self.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&iova.0);
         let Some(mut client) = self.client() else {
             // The server is gone and its mappings with it.
             return Ok(());
@@ -241,10 +319,14 @@ impl Transport for VfioUserTransport {
             .ok_or(TransportError::NoSuchVector(vector))
     }
     fn reset(&self) -> Result<(), TransportError> {
+        if self.is_lost() {
+            // The server went away; a new one at the same path is a fresh device function.
+            return self.reconnect();
+        }
         let mut client = self
             .client()
             .ok_or_else(|| TransportError::Lost(self.name()))?;
-        if self.resettable {
+        if self.resettable() {
             client.reset().map_err(|e| {
                 self.gone("reset", &e);
                 protocol(e)

@@ -302,7 +302,7 @@ fn wycheproof_file(device: &Arc<Device>, file: &str, chacha: bool) -> Result<Out
             let material = KeyMaterial::raw(algorithm, &v.key)?;
             slots.insert(v.key.clone(), device.load_key(&material)?);
         }
-        let slot = slots[&v.key].index();
+        let slot = slots[&v.key].slot_ref();
         let nonce: [u8; NONCE_LEN] = v.iv.as_slice().try_into()?;
         let aad = buffer_with(device, &v.aad, 1)?;
         let aad_span = (!v.aad.is_empty()).then(|| aad.whole());
@@ -317,9 +317,9 @@ fn wycheproof_file(device: &Arc<Device>, file: &str, chacha: bool) -> Result<Out
         let open = run_one(
             &mut pair,
             JobOp::AeadOpen {
-                slot,
+                slot: slot.clone(),
                 nonce,
-                aad: aad_span,
+                aad: aad_span.clone(),
                 src: sealed_in.span(0, sealed_expected.len())?,
                 dst: out.span(0, v.msg.len())?,
             },
@@ -422,14 +422,14 @@ fn device_seal_records(
         let dst = device.pool().alloc(piece.len() + 512)?;
         let op = match version {
             TlsVersion::Tls13 => JobOp::Tls13Seal {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 content_type: 23,
                 padding,
                 src: src.span(0, piece.len())?,
                 dst: dst.whole(),
             },
             TlsVersion::Tls12 => JobOp::Tls12Seal {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 algorithm: slot.algorithm(),
                 content_type: 23,
                 src: src.span(0, piece.len())?,
@@ -458,12 +458,12 @@ fn device_open_record(
     let dst = device.pool().alloc(record.len())?;
     let op = match version {
         TlsVersion::Tls13 => JobOp::Tls13Open {
-            slot: slot.index(),
+            slot: slot.slot_ref(),
             src: src.whole(),
             dst: dst.whole(),
         },
         TlsVersion::Tls12 => JobOp::Tls12Open {
-            slot: slot.index(),
+            slot: slot.slot_ref(),
             algorithm: slot.algorithm(),
             src: src.whole(),
             dst: dst.whole(),
@@ -595,7 +595,7 @@ pub fn ring_wraps_many_times(device: &Arc<Device>) -> Result<Outcome> {
                 Ok(Job {
                     user_data: id,
                     op: JobOp::AeadSeal {
-                        slot: slot.index(),
+                        slot: slot.slot_ref(),
                         nonce,
                         aad: None,
                         src: input.span(0, 64)?,
@@ -700,7 +700,7 @@ pub fn concurrent_submitters_on_several_queues(device: &Arc<Device>) -> Result<O
                             Ok(Job {
                                 user_data: round * 32 + i,
                                 op: JobOp::AeadSeal {
-                                    slot: slot.index(),
+                                    slot: slot.slot_ref(),
                                     nonce: [0; 12],
                                     aad: None,
                                     src: input.span(0, 32)?,
@@ -762,7 +762,7 @@ pub fn out_of_order_completions_reach_their_callers(device: &Arc<Device>) -> Res
         let big_job = Job {
             user_data: base,
             op: JobOp::AeadSeal {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 nonce: [9; 12],
                 aad: None,
                 src: big_in.whole(),
@@ -774,7 +774,7 @@ pub fn out_of_order_completions_reach_their_callers(device: &Arc<Device>) -> Res
                 Ok(Job {
                     user_data: base + i,
                     op: JobOp::AeadSeal {
-                        slot: slot.index(),
+                        slot: slot.slot_ref(),
                         nonce: [i as u8; 12],
                         aad: None,
                         src: small_in.whole(),
@@ -834,10 +834,10 @@ pub fn hostile_descriptors_get_error_completions(device: &Arc<Device>) -> Result
     let seal = |d: &mut Descriptor| {
         d.opcode = Opcode::AEAD_SEAL.0;
         d.key_slot = slot.index().into();
-        d.src_iova = good.iova.0.into();
+        d.src_iova = good.iova().0.into();
         d.src_len = 64.into();
-        d.dst_iova = out.iova.0.into();
-        d.dst_len = out.len.into();
+        d.dst_iova = out.iova().0.into();
+        d.dst_len = out.len().into();
     };
     let destroyed = raw_slot(device, AeadAlgorithm::AES_128_GCM)?;
     let destroyed_index = destroyed.index();
@@ -917,7 +917,7 @@ pub fn hostile_descriptors_get_error_completions(device: &Arc<Device>) -> Result
             "dst past the mapping",
             Box::new(|d| {
                 seal(d);
-                d.dst_iova = (good.iova.0 + (64 << 30)).into()
+                d.dst_iova = (good.iova().0 + (64 << 30)).into()
             }),
             Status::DMA_FAULT,
         ),
@@ -935,7 +935,7 @@ pub fn hostile_descriptors_get_error_completions(device: &Arc<Device>) -> Result
             "key load with short block",
             Box::new(|d| {
                 d.opcode = Opcode::KEY_LOAD.0;
-                d.src_iova = good.iova.0.into();
+                d.src_iova = good.iova().0.into();
                 d.src_len = 63.into();
             }),
             Status::LENGTH_ERROR,
@@ -1051,21 +1051,21 @@ pub fn corrupted_tag_fails_authentication(device: &Arc<Device>) -> Result<Outcom
     let sealed = device.pool().alloc(30)?;
     let reopened = device.pool().alloc(14)?;
     let seal = JobOp::AeadSeal {
-        slot: slot.index(),
+        slot: slot.slot_ref(),
         nonce: [3; 12],
         aad: None,
         src: plain.whole(),
         dst: sealed.whole(),
     };
     let open = JobOp::AeadOpen {
-        slot: slot.index(),
+        slot: slot.slot_ref(),
         nonce: [3; 12],
         aad: None,
         src: sealed.whole(),
         dst: reopened.whole(),
     };
-    run_one(&mut pair, seal)?.map_err(|e| anyhow!("clean seal: {e}"))?;
-    run_one(&mut pair, open)?.map_err(|e| anyhow!("clean open: {e}"))?;
+    run_one(&mut pair, seal.clone())?.map_err(|e| anyhow!("clean seal: {e}"))?;
+    run_one(&mut pair, open.clone())?.map_err(|e| anyhow!("clean open: {e}"))?;
     ensure!(reopened.to_vec(0, 14)? == b"attack at dawn");
     sim.inject(Fault::CorruptNextTag);
     run_one(&mut pair, seal)?.map_err(|e| anyhow!("seal: {e}"))?;
@@ -1111,7 +1111,7 @@ pub fn async_queue_with_coalesced_interrupts(device: &Arc<Device>) -> Result<Out
         let queue = AsyncQueue::new(pair, TIMEOUT)?;
         let mut ok = 0;
         for _ in 0..50 {
-            let results = queue.run_batch(&[JobOp::Nop; 40]).await;
+            let results = queue.run_batch(&vec![JobOp::Nop; 40]).await;
             ok += results.iter().filter(|r| r.is_ok()).count();
         }
         // One completion never reaches the count threshold: only the coalescing timer can

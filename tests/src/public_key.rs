@@ -69,7 +69,7 @@ pub fn wycheproof_rsa_pkcs1_signatures(device: &Arc<Device>) -> Result<Outcome> 
             let expected = hex_field(test, "sig")?;
             let got = transform(device, &mut pair, digest.as_ref(), 512, |src, dst| {
                 JobOp::RsaSign {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     padding: RsaPadding::PKCS1_V15,
                     hash,
                     digest: src,
@@ -120,7 +120,7 @@ fn key_agreement_file(
             };
             let slot = device.load_private_key(kind, &private)?;
             let got = transform(device, &mut pair, &peer, 32, |src, dst| JobOp::KxDerive {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 peer: src,
                 dst,
             })?;
@@ -227,7 +227,7 @@ pub fn device_signatures_verify_independently(device: &Arc<Device>) -> Result<Ou
             let digest = digest::digest(hash, &text);
             let sig = transform(device, &mut pair, digest.as_ref(), 128, |src, dst| {
                 JobOp::EcdsaSign {
-                    slot: slot.index(),
+                    slot: slot.slot_ref(),
                     digest: src,
                     dst,
                 }
@@ -253,7 +253,7 @@ pub fn device_signatures_verify_independently(device: &Arc<Device>) -> Result<Ou
     for _ in 0..2 {
         let sig = transform(device, &mut pair, digest.as_ref(), 256, |src, dst| {
             JobOp::RsaSign {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 padding: RsaPadding::PSS,
                 hash: HashAlgorithm::SHA256,
                 digest: src,
@@ -278,7 +278,7 @@ pub fn device_signatures_verify_independently(device: &Arc<Device>) -> Result<Ou
     let slot = device.load_private_key(PrivateKeyType::ECDSA_P256, ecdsa.as_ref())?;
     let wrong = transform(device, &mut pair, &[0u8; 48], 128, |src, dst| {
         JobOp::EcdsaSign {
-            slot: slot.index(),
+            slot: slot.slot_ref(),
             digest: src,
             dst,
         }
@@ -311,7 +311,7 @@ pub fn device_key_exchange_agrees_with_the_host(device: &Arc<Device>) -> Result<
         let share_len = kind.key_share_len().context("key share length")?;
         let device_share = transform(device, &mut pair, &[], share_len, |_, dst| {
             JobOp::KxGenerate {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 kind,
                 dst,
             }
@@ -330,7 +330,7 @@ pub fn device_key_exchange_agrees_with_the_host(device: &Arc<Device>) -> Result<
         )?;
         let device_secret = transform(device, &mut pair, host_public.as_ref(), 32, |src, dst| {
             JobOp::KxDerive {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 peer: src,
                 dst,
             }
@@ -343,7 +343,7 @@ pub fn device_key_exchange_agrees_with_the_host(device: &Arc<Device>) -> Result<
         );
         let again = transform(device, &mut pair, host_public.as_ref(), 32, |src, dst| {
             JobOp::KxDerive {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 peer: src,
                 dst,
             }
@@ -386,7 +386,7 @@ pub fn public_key_bursts_do_not_hold_up_records(device: &Arc<Device>) -> Result<
         .map(|i| tlsaccel_driver::Job {
             user_data: i,
             op: JobOp::RsaSign {
-                slot: rsa.index(),
+                slot: rsa.slot_ref(),
                 padding: RsaPadding::PKCS1_V15,
                 hash: HashAlgorithm::SHA256,
                 digest: digest.whole(),
@@ -400,7 +400,7 @@ pub fn public_key_bursts_do_not_hold_up_records(device: &Arc<Device>) -> Result<
     let record = run_one(
         &mut records,
         JobOp::AeadSeal {
-            slot: aead.index(),
+            slot: aead.slot_ref(),
             nonce: [0; 12],
             aad: None,
             src: plain.whole(),
@@ -471,7 +471,7 @@ pub fn rsa_key_sizes(device: &Arc<Device>) -> Result<Outcome> {
         let digest = digest::digest(&digest::SHA384, message);
         let sig = transform(device, &mut pair, digest.as_ref(), 512, |src, dst| {
             JobOp::RsaSign {
-                slot: slot.index(),
+                slot: slot.slot_ref(),
                 padding: RsaPadding::PSS,
                 hash: HashAlgorithm::SHA384,
                 digest: src,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use tlsaccel_driver::abi::{Descriptor, Status};
-use tlsaccel_driver::{Device, Job, JobOp, QueueConfig};
+use tlsaccel_driver::{Device, Job, JobOp, QueueConfig, SlotRef};
 
 fn device() -> &'static Arc<Device> {
     static DEVICE: OnceLock<Arc<Device>> = OnceLock::new();
@@ -38,7 +38,12 @@ fn op(kind: Kind) -> (JobOp, Status) {
         }
         Kind::EmptySlot => {
             // Slot 15 is never loaded here; a destroy of an empty slot says so.
-            (JobOp::KeyDestroy { slot: 15 }, Status::SLOT_EMPTY)
+            (
+                JobOp::KeyDestroy {
+                    slot: SlotRef::unheld(15),
+                },
+                Status::SLOT_EMPTY,
+            )
         }
     }
 }
@@ -63,7 +68,7 @@ proptest! {
             })
             .collect();
         let expected: HashMap<u64, Status> = jobs.iter().map(|(j, s)| (j.user_data, *s)).collect();
-        let plain: Vec<Job> = jobs.iter().map(|(j, _)| *j).collect();
+        let plain: Vec<Job> = jobs.iter().map(|(j, _)| j.clone()).collect();
         let mut seen: HashMap<u64, Status> = HashMap::new();
         let mut next = 0;
         let mut burst = bursts.iter().cycle();

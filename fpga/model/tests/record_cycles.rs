@@ -99,7 +99,7 @@ fn a_16_kib_record_takes_a_bounded_number_of_cycles() {
         .map(|(i, out)| Job {
             user_data: i as u64,
             op: JobOp::Tls13Seal {
-                slot: seal.index(),
+                slot: seal.slot_ref(),
                 content_type: 23,
                 padding: 0,
                 src: plain.whole(),
@@ -114,7 +114,7 @@ fn a_16_kib_record_takes_a_bounded_number_of_cycles() {
         .map(|(i, (record, out))| Job {
             user_data: i as u64,
             op: JobOp::Tls13Open {
-                slot: open.index(),
+                slot: open.slot_ref(),
                 src: record.whole(),
                 dst: out.whole(),
             },
