@@ -46,9 +46,16 @@ pub const RING_ALIGN: u64 = 4096;
 pub const MIN_QUEUE_ENTRIES: u32 = 2;
 /// Largest number of entries a ring may have. Ring sizes are powers of two.
 pub const MAX_QUEUE_ENTRIES: u32 = 4096;
-/// Largest `src_len`/`dst_len` the model accepts for one job (the `MAX_DATA_LEN` register
-/// reports the value of a given device).
+/// Most entries a device's key table may have (`NUM_KEY_SLOTS`). The reference model has this
+/// many by default, the RTL 1024.
+pub const MAX_KEY_SLOTS: u32 = 65_536;
+/// Largest `MAX_DATA_LEN` a device may report, and the value the reference model and the RTL
+/// report: 64 KiB of payload plus room for a record's header, nonce and tag.
 pub const MAX_DATA_LEN: u32 = 64 * 1024 + 512;
+/// Smallest `MAX_DATA_LEN` a device may report: one whole TLS record of the largest size an
+/// AEAD suite produces (a TLS 1.3 header and `TLSCiphertext`), so that every record fits one
+/// job.
+pub const MIN_MAX_DATA_LEN: u32 = (TLS_HEADER_LEN + TLS13_MAX_CIPHERTEXT) as u32;
 /// Largest additional-authenticated-data length of a raw AEAD job.
 pub const MAX_AAD_LEN: u32 = 4096;
 

@@ -37,6 +37,76 @@ pub const FATAL_CODE: u64 = 0x028;
 /// `HEARTBEAT` (RO, u32): increments at least every 10 ms while the device is alive.
 pub const HEARTBEAT: u64 = 0x02c;
 
+/// The values an identity register may hold: `min..=max`, and a power of two when
+/// `power_of_two` is set. The driver sizes its own state (queue and key-slot tables) from
+/// these registers, so it refuses a device that reports a value outside its bound rather than
+/// trusting or clamping it (device-spec §2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RegisterBound {
+    /// The register's offset.
+    pub offset: u64,
+    /// The register's name, as the specification spells it.
+    pub name: &'static str,
+    /// Smallest value allowed.
+    pub min: u32,
+    /// Largest value allowed.
+    pub max: u32,
+    /// The value must also be a power of two.
+    pub power_of_two: bool,
+}
+
+impl RegisterBound {
+    /// True when `value` is allowed.
+    pub const fn admits(&self, value: u32) -> bool {
+        value >= self.min && value <= self.max && (!self.power_of_two || value.is_power_of_two())
+    }
+}
+
+impl core::fmt::Display for RegisterBound {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.power_of_two {
+            write!(f, "a power of two in {}..={}", self.min, self.max)
+        } else {
+            write!(f, "{}..={}", self.min, self.max)
+        }
+    }
+}
+
+/// `NUM_QUEUES`: 1 to [`MAX_QUEUES`].
+pub const NUM_QUEUES_BOUND: RegisterBound = RegisterBound {
+    offset: NUM_QUEUES,
+    name: "NUM_QUEUES",
+    min: 1,
+    max: MAX_QUEUES,
+    power_of_two: false,
+};
+/// `MAX_QUEUE_ENTRIES`: a ring size, so a power of two from [`crate::MIN_QUEUE_ENTRIES`] to
+/// [`crate::MAX_QUEUE_ENTRIES`].
+pub const MAX_QUEUE_ENTRIES_BOUND: RegisterBound = RegisterBound {
+    offset: MAX_QUEUE_ENTRIES,
+    name: "MAX_QUEUE_ENTRIES",
+    min: crate::MIN_QUEUE_ENTRIES,
+    max: crate::MAX_QUEUE_ENTRIES,
+    power_of_two: true,
+};
+/// `NUM_KEY_SLOTS`: 1 to [`crate::MAX_KEY_SLOTS`].
+pub const NUM_KEY_SLOTS_BOUND: RegisterBound = RegisterBound {
+    offset: NUM_KEY_SLOTS,
+    name: "NUM_KEY_SLOTS",
+    min: 1,
+    max: crate::MAX_KEY_SLOTS,
+    power_of_two: false,
+};
+/// `MAX_DATA_LEN`: [`crate::MIN_MAX_DATA_LEN`] (one whole TLS record) to
+/// [`crate::MAX_DATA_LEN`].
+pub const MAX_DATA_LEN_BOUND: RegisterBound = RegisterBound {
+    offset: MAX_DATA_LEN,
+    name: "MAX_DATA_LEN",
+    min: crate::MIN_MAX_DATA_LEN,
+    max: crate::MAX_DATA_LEN,
+    power_of_two: false,
+};
+
 /// First 64-bit counter register; counters follow each other 8 bytes apart.
 pub const COUNTERS_BASE: u64 = 0x100;
 
@@ -190,6 +260,41 @@ mod tests {
         for (index, counter) in Counter::ALL.iter().enumerate() {
             assert_eq!(*counter as usize, index);
         }
+    }
+
+    #[test]
+    fn identity_bounds_admit_their_ends_and_nothing_outside() {
+        for bound in [
+            NUM_QUEUES_BOUND,
+            MAX_QUEUE_ENTRIES_BOUND,
+            NUM_KEY_SLOTS_BOUND,
+            MAX_DATA_LEN_BOUND,
+        ] {
+            assert!(
+                bound.min >= 1,
+                "{}: zero is never a usable value",
+                bound.name
+            );
+            assert!(
+                bound.admits(bound.min) && bound.admits(bound.max),
+                "{}",
+                bound.name
+            );
+            assert!(
+                !bound.admits(0) && !bound.admits(bound.min - 1),
+                "{}",
+                bound.name
+            );
+            assert!(
+                !bound.admits(bound.max + 1) && !bound.admits(u32::MAX),
+                "{}",
+                bound.name
+            );
+        }
+        assert!(!MAX_QUEUE_ENTRIES_BOUND.admits(3000));
+        assert!(NUM_QUEUES_BOUND.admits(3));
+        assert_eq!(NUM_KEY_SLOTS_BOUND.max, 65_536);
+        assert_eq!(MAX_DATA_LEN_BOUND.min, 5 + 16384 + 256);
     }
 
     #[test]

@@ -552,8 +552,11 @@ impl vfio_user::ServerBackend for VfioUserBackend {
             |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned());
         let fd = fd.ok_or_else(|| invalid("DMA map without a file descriptor"))?;
         let len = usize::try_from(size).map_err(|_| invalid("DMA map too large"))?;
+        // `from_fd_at` refuses memory the client could truncate under the device's mapping
+        // (not sealed against shrinking) or that is smaller than the range: either would let
+        // the client crash this process with SIGBUS. The refusal is the error reply.
         let region = DmaRegion::from_fd_at(fd.into(), offset, len)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            .map_err(|e| invalid(&format!("DMA map refused: {e}")))?;
         self.device
             .iommu()
             .map(address, size, Arc::new(region) as Arc<dyn HostMemory>, 0)
@@ -618,5 +621,100 @@ impl Drop for VfioUserBackend {
             tlsaccel_driver::abi::regs::DEVICE_CONTROL,
             tlsaccel_driver::abi::DeviceControl::RESET.bits(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
+    use vfio_user::ServerBackend;
+
+    use super::*;
+
+    fn backend() -> VfioUserBackend {
+        VfioUserBackend {
+            device: Device::new(DeviceConfig::default()).unwrap(),
+            config_space: config_space(),
+        }
+    }
+
+    fn memfd(len: u64, seals: SealFlags) -> std::fs::File {
+        let fd = memfd_create(
+            "tlsaccel-test",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .unwrap();
+        ftruncate(&fd, len).unwrap();
+        fcntl_add_seals(&fd, seals).unwrap();
+        std::fs::File::from(fd)
+    }
+
+    fn dma_map(
+        backend: &mut VfioUserBackend,
+        fd: std::fs::File,
+        offset: u64,
+        size: u64,
+    ) -> std::io::Result<()> {
+        backend.dma_map(
+            vfio_user::DmaMapFlags::READ_WRITE,
+            offset,
+            0x1_0000_0000,
+            size,
+            Some(fd),
+        )
+    }
+
+    #[test]
+    fn dma_map_refuses_memory_the_client_could_truncate() {
+        let mut backend = backend();
+        let error = dma_map(&mut backend, memfd(1 << 16, SealFlags::empty()), 0, 1 << 16)
+            .expect_err("unsealed memory is refused");
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(
+            error.to_string().contains("not sealed against shrinking"),
+            "{error}"
+        );
+        // Nothing was mapped: the device cannot reach the range.
+        assert!(backend
+            .device
+            .iommu()
+            .unmap(0x1_0000_0000, 1 << 16)
+            .is_err());
+    }
+
+    #[test]
+    fn dma_map_refuses_a_range_past_the_end_of_the_memory() {
+        let mut backend = backend();
+        let sealed = SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
+        let error = dma_map(&mut backend, memfd(1 << 16, sealed), 1 << 12, 1 << 16)
+            .expect_err("a range past the end is refused");
+        assert!(
+            error
+                .to_string()
+                .contains("shared memory of 65536 bytes cannot hold 65536 bytes at offset 4096"),
+            "{error}"
+        );
+        // The same memory, asked for what it holds, is mapped.
+        dma_map(&mut backend, memfd(1 << 16, sealed), 1 << 12, 1 << 15).unwrap();
+        backend
+            .device
+            .iommu()
+            .unmap(0x1_0000_0000, 1 << 15)
+            .unwrap();
+        // And memory from the driver's own regions (sealed memfds) is accepted as it is.
+        let region = DmaRegion::new(1 << 20).unwrap();
+        let (fd, _) = region.fd().unwrap();
+        let fd: OwnedFd = fd.try_clone_to_owned().unwrap();
+        backend
+            .dma_map(
+                vfio_user::DmaMapFlags::READ_WRITE,
+                0,
+                0x2_0000_0000,
+                1 << 20,
+                Some(fd.into()),
+            )
+            .unwrap();
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tlsaccel_abi::regs::{self, Counter};
+use tlsaccel_abi::regs::{self, Counter, RegisterBound};
 use tlsaccel_abi::{
     AeadAlgorithm, Capabilities, DeviceControl, DeviceStatus, FatalCode, KeyBlock, KeyDirection,
     PrivateKeyType, RecordProtocol, Status, DEVICE_MAGIC, KEY_BLOCK_SIZE, NONCE_LEN, VERSION_MAJOR,
@@ -29,6 +29,13 @@ pub enum DeviceError {
         name: String,
         major: u16,
         minor: u16,
+    },
+    #[error("{name}: identity register {register} reads {value}; the contract allows {bound}, so the device is refused")]
+    IdentityOutOfBounds {
+        name: String,
+        register: &'static str,
+        value: u32,
+        bound: RegisterBound,
     },
     #[error("{name}: device did not become ready within {waited:?} after reset")]
     ResetTimeout { name: String, waited: Duration },
@@ -532,16 +539,33 @@ fn identify(t: &dyn Transport) -> Result<DeviceInfo, DeviceError> {
     if major != VERSION_MAJOR {
         return Err(DeviceError::Version { name, major, minor });
     }
+    // The driver sizes its queue and key-slot tables from these registers: a value outside
+    // the contract refuses the device (a clamp would hide a device that breaks the contract).
+    let bounded = |bound: RegisterBound| {
+        let value = t.read32(bound.offset);
+        if bound.admits(value) {
+            Ok(value)
+        } else {
+            Err(DeviceError::IdentityOutOfBounds {
+                name: name.clone(),
+                register: bound.name,
+                value,
+                bound,
+            })
+        }
+    };
+    let queues = bounded(regs::NUM_QUEUES_BOUND)?;
+    let max_queue_entries = bounded(regs::MAX_QUEUE_ENTRIES_BOUND)?;
+    let key_slots = bounded(regs::NUM_KEY_SLOTS_BOUND)?;
+    let max_data_len = bounded(regs::MAX_DATA_LEN_BOUND)?;
     Ok(DeviceInfo {
         name,
         version: (major, minor),
         capabilities: Capabilities::from_bits_retain(t.read32(regs::CAPABILITIES)),
-        queues: t.read32(regs::NUM_QUEUES).min(regs::MAX_QUEUES),
-        max_queue_entries: t
-            .read32(regs::MAX_QUEUE_ENTRIES)
-            .min(tlsaccel_abi::MAX_QUEUE_ENTRIES),
-        key_slots: t.read32(regs::NUM_KEY_SLOTS),
-        max_data_len: t.read32(regs::MAX_DATA_LEN),
+        queues,
+        max_queue_entries,
+        key_slots,
+        max_data_len,
     })
 }
 
@@ -765,5 +789,160 @@ impl Drop for SlotIndex {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(self.index);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tlsaccel_abi::DEVICE_VERSION;
+
+    use super::*;
+    use crate::dma::{DmaRegion, Iova};
+    use crate::transport::EventFd;
+
+    /// A device that answers identity reads from a table and records every write: a stand-in
+    /// for a hostile or broken card.
+    #[derive(Debug)]
+    struct FakeDevice {
+        registers: HashMap<u64, u32>,
+        writes: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl FakeDevice {
+        /// A device whose identity is within the contract, with `register` set to `value`.
+        fn with(register: u64, value: u32) -> Arc<Self> {
+            let mut registers = HashMap::from([
+                (regs::MAGIC, DEVICE_MAGIC),
+                (regs::VERSION, DEVICE_VERSION),
+                (regs::NUM_QUEUES, 8),
+                (regs::MAX_QUEUE_ENTRIES, 4096),
+                (regs::NUM_KEY_SLOTS, 1024),
+                (regs::MAX_DATA_LEN, tlsaccel_abi::MAX_DATA_LEN),
+            ]);
+            registers.insert(register, value);
+            Arc::new(Self {
+                registers,
+                writes: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl crate::dma::DmaMapper for FakeDevice {
+        fn map(&self, _: &Arc<DmaRegion>, _: Iova) -> Result<(), DmaError> {
+            Ok(())
+        }
+        fn unmap(&self, _: Iova, _: usize) -> Result<(), DmaError> {
+            Ok(())
+        }
+    }
+
+    impl Transport for FakeDevice {
+        fn name(&self) -> String {
+            "fake".into()
+        }
+        fn read32(&self, offset: u64) -> u32 {
+            self.registers.get(&offset).copied().unwrap_or(0)
+        }
+        fn write32(&self, offset: u64, value: u32) {
+            self.write64(offset, value.into());
+        }
+        fn read64(&self, offset: u64) -> u64 {
+            self.read32(offset).into()
+        }
+        fn write64(&self, offset: u64, value: u64) {
+            self.writes.lock().unwrap().push((offset, value));
+        }
+        fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
+            Err(TransportError::NoSuchVector(vector))
+        }
+        fn reset(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_identity_within_the_contract_is_accepted() {
+        let device = FakeDevice::with(regs::NUM_KEY_SLOTS, tlsaccel_abi::MAX_KEY_SLOTS);
+        let info = DeviceInfo::probe(device.as_ref()).unwrap();
+        assert_eq!(
+            (info.queues, info.max_queue_entries, info.key_slots),
+            (8, 4096, tlsaccel_abi::MAX_KEY_SLOTS)
+        );
+    }
+
+    #[test]
+    fn identity_registers_outside_the_contract_refuse_the_device_before_it_is_touched() {
+        let hostile = [
+            (regs::NUM_KEY_SLOTS, u32::MAX, "NUM_KEY_SLOTS", "1..=65536"),
+            (regs::NUM_KEY_SLOTS, 65_537, "NUM_KEY_SLOTS", "1..=65536"),
+            (regs::NUM_KEY_SLOTS, 0, "NUM_KEY_SLOTS", "1..=65536"),
+            (regs::NUM_QUEUES, 0, "NUM_QUEUES", "1..=64"),
+            (regs::NUM_QUEUES, 65, "NUM_QUEUES", "1..=64"),
+            (
+                regs::MAX_QUEUE_ENTRIES,
+                8192,
+                "MAX_QUEUE_ENTRIES",
+                "a power of two in 2..=4096",
+            ),
+            (
+                regs::MAX_QUEUE_ENTRIES,
+                1000,
+                "MAX_QUEUE_ENTRIES",
+                "a power of two in 2..=4096",
+            ),
+            (regs::MAX_DATA_LEN, 0, "MAX_DATA_LEN", "16645..=66048"),
+            (
+                regs::MAX_DATA_LEN,
+                u32::MAX,
+                "MAX_DATA_LEN",
+                "16645..=66048",
+            ),
+        ];
+        for (offset, value, register, bound) in hostile {
+            let device = FakeDevice::with(offset, value);
+            let error = Device::with_transport(
+                Arc::clone(&device) as Arc<dyn Transport>,
+                DeviceOptions::default(),
+            )
+            .unwrap_err();
+            let DeviceError::IdentityOutOfBounds {
+                register: named,
+                value: read,
+                ..
+            } = &error
+            else {
+                panic!("{register} = {value}: unexpected error {error}");
+            };
+            assert_eq!((*named, *read), (register, value));
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "fake: identity register {register} reads {value}; the contract allows \
+                     {bound}, so the device is refused"
+                )
+            );
+            // Refused at identification: never reset, enabled or given a queue.
+            assert!(device.writes.lock().unwrap().is_empty(), "{register}");
+            assert!(matches!(
+                DeviceInfo::probe(device.as_ref()),
+                Err(DeviceError::IdentityOutOfBounds { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn the_simulator_cannot_be_configured_outside_the_contract() {
+        let error = Device::open("sim:key-slots=65537").unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                DeviceError::Transport(TransportError::Simulator(
+                    tlsaccel_sim::ConfigError::KeySlots(65_537)
+                ))
+            ),
+            "{error}"
+        );
     }
 }

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
-use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+use rustix::fs::{
+    fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
+};
 
 /// A device-visible address (I/O virtual address).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -46,6 +48,12 @@ pub enum DmaError {
         #[source]
         source: std::io::Error,
     },
+    #[error("shared memory of {size} bytes cannot hold {len} bytes at offset {offset}")]
+    SharedMemoryTooSmall { size: u64, offset: u64, len: usize },
+    #[error("shared memory is not sealed against shrinking (seals {seals:#x}), so its owner could truncate it under the mapping")]
+    SharedMemoryNotSealed { seals: u32 },
+    #[error("cannot read the size of shared memory")]
+    SharedMemoryStat(#[source] std::io::Error),
     #[error("DMA allocation of {requested} bytes exceeds the largest buffer ({max} bytes)")]
     TooLarge { requested: usize, max: usize },
     #[error("DMA pool limit of {limit} bytes reached")]
@@ -98,12 +106,20 @@ impl DmaRegion {
     }
 
     fn create(len: usize, huge_pages: bool) -> std::io::Result<Self> {
-        let mut flags = MemfdFlags::CLOEXEC;
+        let mut flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
         if huge_pages {
             flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
         }
         let fd = memfd_create("tlsaccel-dma", flags)?;
         ftruncate(&fd, len as u64)?;
+        // The memfd is shared with another process (a vfio-user peer): sealed, its size is
+        // fixed, so neither side can truncate it under the other's mapping (an access past the
+        // end of the file is SIGBUS), and the seals themselves cannot change. Peers that map
+        // it check for F_SEAL_SHRINK ([`check_shared_memory`]). hugetlbfs memfds take these
+        // seals since Linux 4.16 (checked on 6.18); an older kernel refuses them, and then
+        // this fails and `new` falls back to ordinary pages, which have taken them since
+        // 3.17: a region is never shared unsealed.
+        fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
         let map = MmapOptions::new().len(len).populate().map_raw(&fd)?;
         Ok(Self {
             map: Arc::new(map),
@@ -115,13 +131,17 @@ impl DmaRegion {
     }
 
     /// Maps `len` bytes of a shared-memory file another process created (a memfd received
-    /// over a socket), read-write and shared.
+    /// over a socket), read-write and shared. Refused unless the file is sealed against
+    /// shrinking and holds the range ([`check_shared_memory`]).
     pub fn from_fd(fd: OwnedFd, len: usize) -> Result<Self, DmaError> {
         Self::from_fd_at(fd, 0, len)
     }
 
     /// Maps `len` bytes at `offset` (a multiple of the page size) of a shared-memory file.
+    /// Refused unless the file is sealed against shrinking and holds the range
+    /// ([`check_shared_memory`]).
     pub fn from_fd_at(fd: OwnedFd, offset: u64, len: usize) -> Result<Self, DmaError> {
+        check_shared_memory(fd.as_fd(), offset, len)?;
         let map = MmapOptions::new()
             .offset(offset)
             .len(len)
@@ -332,14 +352,180 @@ impl DmaRegion {
     }
 }
 
-/// Orders earlier non-temporal stores before later stores (the doorbell).
+/// The DMA write barrier (device-spec §3.2): orders every earlier store to DMA memory,
+/// ordinary or non-temporal, before every later store, the doorbell write in particular.
+///
+/// * x86-64: stores to write-back memory are already ordered; `sfence` orders the
+///   non-temporal ones of [`DmaRegion::write_streaming`], and the release fence stops the
+///   compiler from moving stores across.
+/// * aarch64: `dmb oshst`, what Linux's `dma_wmb()` is there. Rust's release fence is a
+///   `dmb ish`, which orders stores only for the inner-shareable domain (other cores), not
+///   for a device observing the outer-shareable one.
+/// * any other architecture: a sequentially consistent fence, which orders stores for other
+///   CPUs but is not promised to order them for a device. Give the architecture its own DMA
+///   write barrier here before running the driver on it.
 pub fn store_fence() {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: sfence has no preconditions.
+    {
+        // SAFETY: sfence has no preconditions.
+        unsafe { core::arch::x86_64::_mm_sfence() };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `dmb oshst` only orders this CPU's stores: it reads and writes no memory and no
+    // register, needs no stack, leaves the flags alone, and is allowed at EL0 on every
+    // AArch64 implementation. Without `nomem` the compiler treats the block as touching
+    // memory, so it moves no load or store across it either: the block is a compiler
+    // barrier as well as a hardware one.
     unsafe {
-        core::arch::x86_64::_mm_sfence()
+        core::arch::asm!("dmb oshst", options(nostack, preserves_flags))
     };
-    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Checks that `len` bytes at `offset` of a shared-memory file another process sent can be
+/// mapped without that process being able to take them away: the file is sealed against
+/// shrinking (`F_SEAL_SHRINK`, which cannot be removed again) and is at least
+/// `offset + len` bytes long. Without the seal the sender could truncate the file under the
+/// mapping and turn the next access into SIGBUS.
+///
+/// The seal is read before the size: once the seal is seen the size can no longer go down,
+/// so the size read after it holds for the life of the mapping.
+pub fn check_shared_memory(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<(), DmaError> {
+    // Files that cannot carry seals (anything but memfds) answer EINVAL: not sealed.
+    let seals = fcntl_get_seals(fd).unwrap_or(SealFlags::empty());
+    if !seals.contains(SealFlags::SHRINK) {
+        return Err(DmaError::SharedMemoryNotSealed {
+            seals: seals.bits(),
+        });
+    }
+    let stat = fstat(fd).map_err(|e| DmaError::SharedMemoryStat(e.into()))?;
+    let size = u64::try_from(stat.st_size).unwrap_or(0);
+    let fits = u64::try_from(len)
+        .ok()
+        .and_then(|len| offset.checked_add(len))
+        .is_some_and(|end| end <= size);
+    if !fits {
+        return Err(DmaError::SharedMemoryTooSmall { size, offset, len });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod shared_memory_tests {
+    use super::*;
+
+    fn memfd(len: u64, seals: SealFlags) -> OwnedFd {
+        let fd = memfd_create(
+            "tlsaccel-test",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .unwrap();
+        ftruncate(&fd, len).unwrap();
+        fcntl_add_seals(&fd, seals).unwrap();
+        fd
+    }
+
+    #[test]
+    fn regions_are_sealed_so_no_peer_can_resize_them() {
+        let region = DmaRegion::new(1 << 20).unwrap();
+        let (fd, _) = region.fd().unwrap();
+        let seals = fcntl_get_seals(fd).unwrap();
+        assert!(seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL));
+        // What a hostile peer holding the fd would try: all refused.
+        assert!(ftruncate(fd, 4096).is_err());
+        assert!(ftruncate(fd, 0).is_err());
+        assert!(ftruncate(fd, 2 << 20).is_err());
+        assert!(fcntl_add_seals(fd, SealFlags::WRITE).is_err());
+        // The memory still works, and a peer may map it.
+        region.write(0, b"sealed").unwrap();
+        check_shared_memory(fd, 0, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn huge_page_regions_are_sealed_too_when_the_system_has_them() {
+        // Without reserved huge pages `create(_, true)` fails and `new` uses ordinary pages;
+        // both paths must end sealed.
+        let region = DmaRegion::new(HUGE_PAGE).unwrap();
+        let (fd, _) = region.fd().unwrap();
+        assert!(fcntl_get_seals(fd).unwrap().contains(SealFlags::SHRINK));
+        assert!(ftruncate(fd, 0).is_err());
+    }
+
+    #[test]
+    fn unsealed_shared_memory_is_refused() {
+        let fd = memfd(1 << 16, SealFlags::empty());
+        let error = DmaRegion::from_fd(fd, 1 << 16).unwrap_err();
+        assert!(
+            matches!(error, DmaError::SharedMemoryNotSealed { seals: 0 }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("not sealed against shrinking"));
+        // Sealed against growing only is not enough.
+        let fd = memfd(1 << 16, SealFlags::GROW | SealFlags::SEAL);
+        assert!(matches!(
+            DmaRegion::from_fd(fd, 1 << 16),
+            Err(DmaError::SharedMemoryNotSealed { .. })
+        ));
+        // A memfd made without ALLOW_SEALING carries F_SEAL_SEAL only.
+        let fd = memfd_create("tlsaccel-test", MemfdFlags::CLOEXEC).unwrap();
+        ftruncate(&fd, 1 << 16).unwrap();
+        assert!(matches!(
+            DmaRegion::from_fd(fd, 1 << 16),
+            Err(DmaError::SharedMemoryNotSealed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_sealed_is_refused() {
+        let path = std::env::temp_dir().join(format!("tlsaccel-unsealable-{}", std::process::id()));
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file.set_len(1 << 16).unwrap();
+        assert!(matches!(
+            DmaRegion::from_fd(file.into(), 1 << 16),
+            Err(DmaError::SharedMemoryNotSealed { .. })
+        ));
+    }
+
+    #[test]
+    fn shared_memory_smaller_than_the_mapping_is_refused() {
+        let seals = SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
+        let error = DmaRegion::from_fd_at(memfd(1 << 16, seals), 0, 1 << 17).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DmaError::SharedMemoryTooSmall {
+                    size: 65536,
+                    offset: 0,
+                    len: 131072
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "shared memory of 65536 bytes cannot hold 131072 bytes at offset 0"
+        );
+        assert!(matches!(
+            DmaRegion::from_fd_at(memfd(1 << 16, seals), 1 << 12, 1 << 16),
+            Err(DmaError::SharedMemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            DmaRegion::from_fd_at(memfd(1 << 16, seals), u64::MAX - 4095, 1 << 12),
+            Err(DmaError::SharedMemoryTooSmall { .. })
+        ));
+        // The same file, asked for what it holds, maps and works.
+        let region = DmaRegion::from_fd_at(memfd(1 << 16, seals), 1 << 12, 1 << 15).unwrap();
+        region.write(0, &[7; 64]).unwrap();
+    }
 }
 
 /// Copies from device-shared memory into `dst` using aligned 8-byte volatile loads.

@@ -33,6 +33,8 @@ pub enum TransportError {
     NotOurs(String),
     #[error("cannot map the device's doorbell pages")]
     DoorbellMap(#[source] std::io::Error),
+    #[error("the doorbell memory the vfio-user server sent is unsafe to map")]
+    DoorbellMemory(#[source] DmaError),
 }
 
 /// A way to reach one device.

@@ -12,7 +12,7 @@
 //! device lost.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -24,7 +24,7 @@ use vfio_bindings::bindings::vfio::{
 
 use tlsaccel_abi::regs::DOORBELL_BASE;
 
-use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
+use crate::dma::{check_shared_memory, DmaError, DmaMapper, DmaRegion, Iova};
 use crate::mmio::Bar;
 use crate::transport::{EventFd, Transport, TransportError};
 
@@ -241,8 +241,16 @@ fn map_doorbells(client: &vfio_user::Client) -> Result<Option<Bar>, TransportErr
     };
     let len = usize::try_from(area.size)
         .map_err(|_| TransportError::NotOurs("doorbell area too large".into()))?;
+    let offset = file
+        .start()
+        .checked_add(area.offset)
+        .ok_or_else(|| TransportError::NotOurs("doorbell area offset overflows".into()))?;
+    // The server could otherwise truncate the file under the mapping and turn the next
+    // doorbell store into SIGBUS.
+    check_shared_memory(file.file().as_fd(), offset, len)
+        .map_err(TransportError::DoorbellMemory)?;
     let map = memmap2::MmapOptions::new()
-        .offset(file.start() + area.offset)
+        .offset(offset)
         .len(len)
         .map_raw(file.file())
         .map_err(TransportError::DoorbellMap)?;
@@ -352,5 +360,172 @@ impl Drop for VfioUserTransport {
         if let Some(client) = self.client() {
             let _ = client.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
+    use vfio_bindings::bindings::vfio::{
+        vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD,
+        VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+        VFIO_REGION_INFO_FLAG_WRITE,
+    };
+
+    use super::*;
+
+    /// A server that answers every access; the file behind its BAR0 doorbell page is the
+    /// test's choice.
+    struct DoorbellServer;
+
+    impl vfio_user::ServerBackend for DoorbellServer {
+        fn region_read(&mut self, _: u32, _: u64, data: &mut [u8]) -> std::io::Result<()> {
+            data.fill(0xff);
+            Ok(())
+        }
+        fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn dma_map(
+            &mut self,
+            _: vfio_user::DmaMapFlags,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: Option<std::fs::File>,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn dma_unmap(
+            &mut self,
+            _: vfio_user::DmaUnmapFlags,
+            _: u64,
+            _: u64,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn reset(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn set_irqs(
+            &mut self,
+            _: u32,
+            _: u32,
+            _: u32,
+            _: u32,
+            _: Vec<std::fs::File>,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Connects to a server whose BAR0 doorbell page is backed by `memory`.
+    fn connect_with_doorbell_memory(memory: OwnedFd) -> Result<VfioUserTransport, TransportError> {
+        let path = std::env::temp_dir().join(format!(
+            "tlsaccel-doorbell-{}-{}.sock",
+            std::process::id(),
+            memory.as_raw_fd()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let bar0_size = tlsaccel_abi::regs::bar0_size(1);
+        let regions = (0..VFIO_PCI_NUM_REGIONS)
+            .map(|index| {
+                let bar0 = index == VFIO_PCI_BAR0_REGION_INDEX;
+                vfio_user::ServerRegion {
+                    region_info: vfio_region_info {
+                        argsz: std::mem::size_of::<vfio_region_info>() as u32,
+                        flags: if bar0 {
+                            VFIO_REGION_INFO_FLAG_READ
+                                | VFIO_REGION_INFO_FLAG_WRITE
+                                | VFIO_REGION_INFO_FLAG_MMAP
+                        } else {
+                            0
+                        },
+                        index,
+                        cap_offset: 0,
+                        size: if bar0 { bar0_size } else { 0 },
+                        offset: 0,
+                    },
+                    sparse_areas: if bar0 {
+                        vec![vfio_user::SparseArea {
+                            area: vfio_region_sparse_mmap_area {
+                                offset: DOORBELL_BASE,
+                                size: 4096,
+                            },
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                    mmap_fd: bar0.then(|| memory.as_raw_fd()),
+                }
+            })
+            .collect();
+        let irqs = (0..5)
+            .map(|index| vfio_user::IrqInfo {
+                index,
+                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: 0,
+            })
+            .collect();
+        let server = vfio_user::Server::new(&path, true, irqs, regions).unwrap();
+        let serving = std::thread::spawn(move || {
+            let _ = server.run(&mut DoorbellServer);
+            drop(memory);
+        });
+        let result = VfioUserTransport::connect(&path);
+        if let Ok(transport) = &result {
+            if let Some(client) = transport.client() {
+                let _ = client.shutdown();
+            }
+        }
+        serving.join().unwrap();
+        result
+    }
+
+    fn memfd(len: u64, seals: SealFlags) -> OwnedFd {
+        let fd = memfd_create(
+            "tlsaccel-test",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .unwrap();
+        ftruncate(&fd, len).unwrap();
+        fcntl_add_seals(&fd, seals).unwrap();
+        fd
+    }
+
+    #[test]
+    fn doorbell_memory_the_server_could_truncate_is_refused() {
+        let bar0_size = tlsaccel_abi::regs::bar0_size(1);
+        let error = connect_with_doorbell_memory(memfd(bar0_size, SealFlags::empty()))
+            .expect_err("an unsealed doorbell file is refused");
+        assert!(
+            matches!(
+                &error,
+                TransportError::DoorbellMemory(DmaError::SharedMemoryNotSealed { .. })
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the doorbell memory the vfio-user server sent is unsafe to map"
+        );
+
+        // Sealed, but ending before the doorbell page.
+        let sealed = SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
+        let error = connect_with_doorbell_memory(memfd(DOORBELL_BASE, sealed))
+            .expect_err("a doorbell file too small for its page is refused");
+        assert!(
+            matches!(
+                &error,
+                TransportError::DoorbellMemory(DmaError::SharedMemoryTooSmall { .. })
+            ),
+            "{error}"
+        );
+
+        // Sealed and large enough: the doorbell page is mapped.
+        let transport = connect_with_doorbell_memory(memfd(bar0_size, sealed)).unwrap();
+        assert!(transport.doorbells_mapped());
     }
 }

@@ -31,7 +31,7 @@ pub trait InterruptSink: Send + Sync + std::fmt::Debug {
 pub struct DeviceConfig {
     /// Queue pairs (1 to 64).
     pub queues: u32,
-    /// Entries in the key table.
+    /// Entries in the key table (1 to `tlsaccel_abi::MAX_KEY_SLOTS`).
     pub key_slots: u32,
     /// Record-crypto engine threads; each serves any ordinary queue.
     pub engines: usize,
@@ -40,7 +40,8 @@ pub struct DeviceConfig {
     pub pke_engines: usize,
     /// Largest ring the device accepts (a power of two, at most 4096).
     pub max_queue_entries: u32,
-    /// Largest `src_len`/`dst_len` of one job.
+    /// Largest `src_len`/`dst_len` of one job (`tlsaccel_abi::MIN_MAX_DATA_LEN` to
+    /// `tlsaccel_abi::MAX_DATA_LEN`).
     pub max_data_len: u32,
     /// How long an idle engine polls for new doorbells before it sleeps.
     pub idle_spin: Duration,
@@ -78,13 +79,15 @@ impl Default for DeviceConfig {
 /// A configuration the model cannot be built with.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConfigError {
-    #[error("queue count {0} is outside 1..=64")]
+    #[error("queue count {0} is outside {bound}", bound = regs::NUM_QUEUES_BOUND)]
     Queues(u32),
-    #[error("key slot count must be at least 1")]
-    KeySlots,
+    #[error("key slot count {0} is outside {bound}", bound = regs::NUM_KEY_SLOTS_BOUND)]
+    KeySlots(u32),
+    #[error("maximum job length {0} is outside {bound}", bound = regs::MAX_DATA_LEN_BOUND)]
+    DataLen(u32),
     #[error("engine count {0} is outside 1..=64")]
     Engines(usize),
-    #[error("maximum ring size {0} is not a power of two in 2..=4096")]
+    #[error("maximum ring size {0} is not {bound}", bound = regs::MAX_QUEUE_ENTRIES_BOUND)]
     RingSize(u32),
     #[error("could not start a device thread")]
     Thread(#[source] std::sync::Arc<std::io::Error>),
@@ -443,11 +446,14 @@ impl Device {
     /// Builds a device and starts its engine and housekeeping threads. The device starts
     /// ready but disabled, as after a reset.
     pub fn new(config: DeviceConfig) -> Result<Self, ConfigError> {
-        if !(1..=regs::MAX_QUEUES).contains(&config.queues) {
+        if !regs::NUM_QUEUES_BOUND.admits(config.queues) {
             return Err(ConfigError::Queues(config.queues));
         }
-        if config.key_slots == 0 {
-            return Err(ConfigError::KeySlots);
+        if !regs::NUM_KEY_SLOTS_BOUND.admits(config.key_slots) {
+            return Err(ConfigError::KeySlots(config.key_slots));
+        }
+        if !regs::MAX_DATA_LEN_BOUND.admits(config.max_data_len) {
+            return Err(ConfigError::DataLen(config.max_data_len));
         }
         if !(1..=64).contains(&config.engines) {
             return Err(ConfigError::Engines(config.engines));
@@ -455,10 +461,7 @@ impl Device {
         if !(1..=64).contains(&config.pke_engines) {
             return Err(ConfigError::Engines(config.pke_engines));
         }
-        if !config.max_queue_entries.is_power_of_two()
-            || !(MIN_QUEUE_ENTRIES..=tlsaccel_abi::MAX_QUEUE_ENTRIES)
-                .contains(&config.max_queue_entries)
-        {
+        if !regs::MAX_QUEUE_ENTRIES_BOUND.admits(config.max_queue_entries) {
             return Err(ConfigError::RingSize(config.max_queue_entries));
         }
         let shared = Arc::new(Shared {
