@@ -134,6 +134,12 @@ pub fn metrics(shared: &Shared) -> String {
                 value,
             );
         }
+        e.single(
+            "tlsaccel_handshake_key_reloads_total",
+            "counter",
+            "Certificate keys loaded into the device again after it was reset.",
+            load(&h.key_reloads),
+        );
     }
     e.family(
         "tlsaccel_records_total",
@@ -272,11 +278,11 @@ pub fn metrics(shared: &Shared) -> String {
 }
 
 fn device_metrics(shared: &Shared, e: &mut Exposition) {
-    let up = shared.device.as_ref().is_some_and(|d| !d.is_lost());
+    let up = shared.offload.as_ref().is_some_and(|o| o.in_service());
     e.single(
         "tlsaccel_device_up",
         "gauge",
-        "1 when a device is open and serving.",
+        "1 when a device is open and in service (not lost, self-check passed).",
         u64::from(up),
     );
     if let Some(device) = shared.device.as_ref().filter(|_| up) {
@@ -293,17 +299,74 @@ fn device_metrics(shared: &Shared, e: &mut Exposition) {
             );
         }
     }
+    let Some(offload) = &shared.offload else {
+        return;
+    };
+    let r = &offload.stats;
+    let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+    let events = offload.device.events();
+    e.family(
+        "tlsaccel_device_driver_events_total",
+        "counter",
+        "What the driver caught the device doing wrong: completions with unknown cookies or impossible contents, jobs past their timeout, jobs quarantined because the device never let go.",
+    );
+    for (event, value) in [
+        ("unknown_cookie", &events.unknown_cookies),
+        ("bad_completion", &events.bad_completions),
+        ("timeout", &events.timeouts),
+        ("quarantined_job", &events.quarantined_jobs),
+    ] {
+        e.sample(
+            "tlsaccel_device_driver_events_total",
+            &[("event", event)],
+            load(value),
+        );
+    }
+    e.single(
+        "tlsaccel_device_lost_total",
+        "counter",
+        "Times the device was found lost (transport gone, FATAL, heartbeat stopped).",
+        load(&r.device_lost),
+    );
+    e.family(
+        "tlsaccel_device_recoveries_total",
+        "counter",
+        "Attempts to bring a lost device back, by result.",
+    );
+    e.sample(
+        "tlsaccel_device_recoveries_total",
+        &[("result", "ok")],
+        load(&r.recoveries),
+    );
+    e.sample(
+        "tlsaccel_device_recoveries_total",
+        &[("result", "failed")],
+        load(&r.recovery_failures),
+    );
+    e.single(
+        "tlsaccel_device_last_recovery_milliseconds",
+        "gauge",
+        "How long the last recovery took, from the device found lost to back in service.",
+        load(&r.last_recovery_ms),
+    );
+    e.single(
+        "tlsaccel_device_queues_replaced_total",
+        "counter",
+        "Record queues replaced because they broke (a job timed out, or the device was reset).",
+        load(&r.queues_replaced),
+    );
+    let stats = offload.batch_stats();
     e.family(
         "tlsaccel_device_queue_depth",
         "gauge",
         "Record jobs submitted and not yet answered, per queue.",
     );
-    for (i, rd) in shared.record_devices.iter().enumerate() {
+    for (i, s) in stats.iter().enumerate() {
         let queue = i.to_string();
         e.sample(
             "tlsaccel_device_queue_depth",
             &[("queue", &queue)],
-            rd.queue.stats().in_flight.load(Ordering::Relaxed),
+            s.in_flight.load(Ordering::Relaxed),
         );
     }
     e.family(
@@ -311,12 +374,12 @@ fn device_metrics(shared: &Shared, e: &mut Exposition) {
         "counter",
         "Record batches (doorbells) submitted, per queue.",
     );
-    for (i, rd) in shared.record_devices.iter().enumerate() {
+    for (i, s) in stats.iter().enumerate() {
         let queue = i.to_string();
         e.sample(
             "tlsaccel_device_batches_total",
             &[("queue", &queue)],
-            rd.queue.stats().batches.load(Ordering::Relaxed),
+            s.batches.load(Ordering::Relaxed),
         );
     }
     e.family(
@@ -324,12 +387,12 @@ fn device_metrics(shared: &Shared, e: &mut Exposition) {
         "histogram",
         "Time from a connection handing records to the batcher to their results.",
     );
-    for (i, rd) in shared.record_devices.iter().enumerate() {
+    for (i, s) in stats.iter().enumerate() {
         let queue = i.to_string();
         e.histogram(
             "tlsaccel_device_job_latency_seconds",
             &[("queue", &queue)],
-            &rd.queue.stats().latency,
+            &s.latency,
         );
     }
 }
@@ -411,13 +474,24 @@ pub fn status(shared: &Shared) -> String {
             (pool.name.clone(), serde_json::Value::from(backends))
         })
         .collect();
-    let device = shared.device.as_ref().map(|d| {
+    let device = shared.offload.as_ref().map(|o| {
+        let d = &o.device;
+        let health = o.health();
         serde_json::json!({
             "name": d.info().name,
-            "up": !d.is_lost(),
+            "up": o.in_service(),
+            "state": health.state.name(),
+            "state_seconds": health.since.elapsed().as_secs(),
+            "recovery_attempts": health.attempts,
+            "last_error": health.last_error,
+            "lost": o.stats.device_lost.load(Ordering::Relaxed),
+            "recoveries": o.stats.recoveries.load(Ordering::Relaxed),
+            "last_recovery_ms": o.stats.last_recovery_ms.load(Ordering::Relaxed),
+            "queues_replaced": o.stats.queues_replaced.load(Ordering::Relaxed),
             "queues": d.info().queues,
             "key_slots": d.info().key_slots,
-            "record_queues_used": shared.record_devices.len(),
+            "free_key_slots": d.free_key_slots(),
+            "record_queues_used": o.queues().len(),
         })
     });
     let body = serde_json::json!({

@@ -44,6 +44,7 @@ pub struct BatchStats {
 pub struct RecordQueue {
     requests: mpsc::Sender<Request>,
     stats: Arc<BatchStats>,
+    queue: AsyncQueue,
 }
 
 impl std::fmt::Debug for Request {
@@ -57,16 +58,36 @@ impl std::fmt::Debug for Request {
 impl RecordQueue {
     /// Starts the batcher for `queue` on the current runtime.
     pub fn start(queue: AsyncQueue, batch_max: usize, batch_latency: Duration) -> Self {
+        Self::start_with_stats(queue, batch_max, batch_latency, Arc::default())
+    }
+
+    /// Starts the batcher for `queue`, counting into `stats` (those of the queue it replaces,
+    /// so counters never go backwards).
+    pub fn start_with_stats(
+        queue: AsyncQueue,
+        batch_max: usize,
+        batch_latency: Duration,
+        stats: Arc<BatchStats>,
+    ) -> Self {
         let (requests, incoming) = mpsc::channel(1024);
-        let stats = Arc::new(BatchStats::default());
         tokio::spawn(batcher(
-            queue,
+            queue.clone(),
             incoming,
             batch_max.max(1),
             batch_latency,
             Arc::clone(&stats),
         ));
-        Self { requests, stats }
+        Self {
+            requests,
+            stats,
+            queue,
+        }
+    }
+
+    /// True once the device queue behind this batcher has stopped (a job timed out, the
+    /// device was reset or lost): its jobs fail, and it must be replaced.
+    pub fn is_broken(&self) -> bool {
+        self.queue.is_broken()
     }
 
     /// The batcher's counters.

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use rustls::crypto::{
@@ -50,6 +50,8 @@ pub struct HandshakeStats {
     pub cpu_by_choice: AtomicU64,
     /// Handshakes that failed because their device failed midway through a key exchange.
     pub failed_midway: AtomicU64,
+    /// Certificate keys loaded into the device again after it was reset.
+    pub key_reloads: AtomicU64,
 }
 
 /// One public-key job and where its answer goes.
@@ -84,6 +86,9 @@ struct Shared {
 /// The device's public-key queue, shared by every handshake thread.
 pub struct PkeEngine {
     device: Arc<Device>,
+    /// Cleared by the recovery manager while the device is lost or not yet checked after a
+    /// reset: everything then runs on the CPU.
+    in_service: AtomicBool,
     shared: Arc<Shared>,
     submitter: Option<std::thread::JoinHandle<()>>,
     stats: Arc<HandshakeStats>,
@@ -120,6 +125,7 @@ impl PkeEngine {
         };
         Ok(Arc::new(Self {
             device,
+            in_service: AtomicBool::new(true),
             shared,
             submitter: Some(submitter),
             stats: Arc::new(HandshakeStats::default()),
@@ -136,6 +142,16 @@ impl PkeEngine {
         &self.stats
     }
 
+    /// Takes the device out of (or back into) service for handshakes.
+    pub fn set_in_service(&self, in_service: bool) {
+        self.in_service.store(in_service, Ordering::Release);
+    }
+
+    /// True while handshake operations may go to the device.
+    pub fn in_service(&self) -> bool {
+        self.in_service.load(Ordering::Acquire) && !self.device.is_lost()
+    }
+
     /// Runs one operation on the device and waits for it (bounded by `REQUEST_TIMEOUT`).
     fn run(&self, op: PkeOp) -> Result<Vec<u8>, JobError> {
         let mut results = self.run_in_order(vec![op]);
@@ -145,7 +161,7 @@ impl PkeEngine {
     /// Queues `ops` together, so they reach the ring in this order (usually under one
     /// doorbell), and waits for all of them.
     fn run_in_order(&self, ops: Vec<PkeOp>) -> Vec<Result<Vec<u8>, JobError>> {
-        if self.device.is_lost() {
+        if !self.in_service() {
             return ops.iter().map(|_| Err(JobError::DeviceLost)).collect();
         }
         let mut answers = Vec::with_capacity(ops.len());
@@ -344,13 +360,69 @@ fn prepare(
 }
 
 /// A signing key held in a device slot, with a CPU copy for fallback.
-#[derive(Debug)]
+///
+/// A device reset empties every slot: the key is then loaded into a new one (at most once per
+/// `KEY_RELOAD_INTERVAL`) as soon as the device is back in service, so certificate signing
+/// returns to the device without a reload of the configuration.
 struct DeviceSigningKey {
     engine: Arc<PkeEngine>,
-    slot: Arc<KeySlot>,
+    slot: Mutex<Arc<KeySlot>>,
+    /// The PKCS#8 key, for loading it again after a reset (zeroized on drop; the CPU copy
+    /// holds the same secret for as long).
+    der: zeroize::Zeroizing<Vec<u8>>,
+    last_reload: Mutex<Option<Instant>>,
     kind: PrivateKeyType,
     max_signature_len: usize,
     cpu: Arc<dyn SigningKey>,
+}
+
+impl std::fmt::Debug for DeviceSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        f.debug_struct("DeviceSigningKey")
+            .field("kind", &self.kind)
+            .field("algorithm", &self.cpu.algorithm())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Least time between two attempts to load a certificate key into a device again.
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+impl DeviceSigningKey {
+    /// The key's slot on the live device incarnation, loading it again if a reset emptied the
+    /// old one. `None`: sign on the CPU this time.
+    fn live_slot(&self) -> Option<Arc<KeySlot>> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_live() {
+            return Some(Arc::clone(&slot));
+        }
+        if !self.engine.in_service() {
+            return None;
+        }
+        {
+            let mut last = self.last_reload.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < KEY_RELOAD_INTERVAL) {
+                return None;
+            }
+            *last = Some(Instant::now());
+        }
+        match self.engine.device.load_private_key(self.kind, &self.der) {
+            Ok(fresh) => {
+                *slot = Arc::new(fresh);
+                self.engine
+                    .stats
+                    .key_reloads
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!("certificate key loaded into the device again after a reset");
+                Some(Arc::clone(&slot))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not load the certificate key into the device again");
+                None
+            }
+        }
+    }
 }
 
 impl SigningKey for DeviceSigningKey {
@@ -364,9 +436,10 @@ impl SigningKey for DeviceSigningKey {
                 .cpu_by_choice
                 .fetch_add(1, Ordering::Relaxed);
         }
+        let slot = device.and_then(|_| self.live_slot());
         Some(Box::new(DeviceSigner {
             engine: Arc::clone(&self.engine),
-            slot: Arc::clone(&self.slot),
+            slot,
             device,
             max_signature_len: self.max_signature_len,
             cpu,
@@ -423,7 +496,8 @@ fn device_scheme(
 
 struct DeviceSigner {
     engine: Arc<PkeEngine>,
-    slot: Arc<KeySlot>,
+    /// The key's slot, when the device can sign this time.
+    slot: Option<Arc<KeySlot>>,
     device: Option<(
         &'static digest::Algorithm,
         Option<(RsaPadding, HashAlgorithm)>,
@@ -447,10 +521,10 @@ impl Signer for DeviceSigner {
             return self.cpu.sign(message);
         };
         let stats = &self.engine.stats;
-        if self.slot.is_live() {
+        if let Some(slot) = self.slot.as_ref().filter(|slot| slot.is_live()) {
             let digest = digest::digest(hash, message).as_ref().to_vec();
             match self.engine.run(PkeOp::Sign {
-                slot: self.slot.slot_ref(),
+                slot: slot.slot_ref(),
                 rsa,
                 digest,
                 out_len: self.max_signature_len,
@@ -517,7 +591,9 @@ impl KeyProvider for DeviceKeyProvider {
         match self.engine.device.load_private_key(kind, der) {
             Ok(slot) => Ok(Arc::new(DeviceSigningKey {
                 engine: Arc::clone(&self.engine),
-                slot: Arc::new(slot),
+                slot: Mutex::new(Arc::new(slot)),
+                der: zeroize::Zeroizing::new(der.to_vec()),
+                last_reload: Mutex::new(None),
                 kind,
                 max_signature_len,
                 cpu,

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod devices;
 pub mod handshake;
 pub mod metrics;
+pub mod offload;
 pub mod pool;
 pub mod record;
 pub mod selftest;

@@ -226,8 +226,12 @@ impl Direction {
         stats: &RecordStats,
     ) -> bool {
         let Some(device) = device else {
-            // Without the device the slot would fall out of step: give it up.
-            self.slot = None;
+            // The device went out of service (or its queue is being replaced) while this
+            // direction was on it: the slot would fall out of step, so the direction moves
+            // to the CPU for good.
+            if self.slot.is_some() {
+                self.fall_back(stats);
+            }
             return false;
         };
         if self.slot.is_some() {

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,17 +24,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore};
 use tracing::Instrument as _;
 
-use crate::batch::RecordQueue;
 use crate::config::{self, Config};
 use crate::handshake::{device_provider, PkeEngine};
 use crate::metrics::LabelledCounter;
+use crate::offload::{Offload, QueueSettings};
 use crate::pool::Pool;
 use crate::record::{
     self, content, Control, Direction, HandshakeReader, Policy, RecordDevice, RecordError,
     RecordStats, Version,
 };
 use crate::tls::{self, ListenerTls};
-use tlsaccel_driver::{AsyncQueue, Device, QueueConfig};
+use tlsaccel_driver::Device;
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -103,8 +103,8 @@ pub struct Shared {
     pub device: Option<Arc<Device>>,
     pub pke: Option<Arc<PkeEngine>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    pub record_devices: Vec<RecordDevice>,
-    next_queue: AtomicUsize,
+    /// The device's record queues and its recovery manager.
+    pub offload: Option<Arc<Offload>>,
     pub records: RecordStats,
     pub stats: ServerStats,
     state: RwLock<Arc<State>>,
@@ -126,12 +126,9 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
-    fn record_device(&self) -> Option<RecordDevice> {
-        if self.record_devices.is_empty() {
-            return None;
-        }
-        let i = self.next_queue.fetch_add(1, Ordering::Relaxed) % self.record_devices.len();
-        Some(self.record_devices[i].clone())
+    /// The record queue for connection queue number `number` now (see [`Offload::queue`]).
+    fn record_device(&self, number: usize) -> Option<RecordDevice> {
+        self.offload.as_ref()?.queue(number)
     }
 }
 
@@ -172,38 +169,24 @@ impl Server {
         if device.is_none() && !config.devices.is_empty() {
             tracing::warn!("no configured device could be opened: all crypto runs on the CPU");
         }
-        let mut record_devices = Vec::new();
         let mut pke = None;
+        let mut offload = None;
         let provider = match &device {
             Some((d, queues)) => {
                 let engine = PkeEngine::new(Arc::clone(d))?;
                 let provider = device_provider(&engine);
-                pke = Some(engine);
-                let batch_max = *config.offload.batch_max.get_ref() as usize;
-                let latency =
-                    Duration::from_micros(u64::from(*config.offload.batch_latency_us.get_ref()));
-                for _ in 0..*queues {
-                    // A connection waits for its batch before it writes: interrupt at once
-                    // rather than coalescing behind the timer.
-                    let pair = match d.queue(QueueConfig {
-                        size: 1024,
-                        interrupts: true,
-                        coalesce_count: 1,
-                        coalesce_usecs: 0,
-                        ..QueueConfig::default()
-                    }) {
-                        Ok(pair) => pair,
-                        Err(error) => {
-                            tracing::warn!(%error, "fewer record queues than configured");
-                            break;
-                        }
-                    };
-                    let queue = AsyncQueue::new(pair, JOB_TIMEOUT)?;
-                    record_devices.push(RecordDevice {
-                        device: Arc::clone(d),
-                        queue: RecordQueue::start(queue, batch_max, latency),
-                    });
-                }
+                pke = Some(Arc::clone(&engine));
+                let settings = QueueSettings {
+                    count: *queues as usize,
+                    batch_max: *config.offload.batch_max.get_ref() as usize,
+                    batch_latency: Duration::from_micros(u64::from(
+                        *config.offload.batch_latency_us.get_ref(),
+                    )),
+                    job_timeout: JOB_TIMEOUT,
+                };
+                let made = Offload::new(Arc::clone(d), Some(engine), settings);
+                made.spawn_manager();
+                offload = Some(made);
                 provider
             }
             None => rustls::crypto::aws_lc_rs::default_provider(),
@@ -214,8 +197,7 @@ impl Server {
             device: device.map(|(d, _)| d),
             pke,
             provider,
-            record_devices,
-            next_queue: AtomicUsize::new(0),
+            offload,
             records: RecordStats::default(),
             stats: ServerStats::default(),
             state: RwLock::new(Arc::new(state)),
@@ -598,7 +580,8 @@ struct Protection<'s> {
     kernel: std::sync::Mutex<KernelConnection<ServerConnectionData>>,
     leftover: Vec<u8>,
     early_plaintext: Vec<u8>,
-    device: Option<RecordDevice>,
+    /// Which of the device's record queues this connection uses (see [`Offload::queue`]).
+    queue_number: usize,
     policy: Policy,
     rekey_after: u64,
     shared: &'s Shared,
@@ -636,7 +619,7 @@ impl<'s> Protection<'s> {
             kernel: std::sync::Mutex::new(kernel),
             leftover,
             early_plaintext,
-            device: shared.record_device(),
+            queue_number: shared.offload.as_ref().map_or(0, |o| o.assign()),
             policy: state.policy,
             rekey_after: state.rekey_after.min(limit),
             shared,
@@ -670,7 +653,7 @@ impl<'s> Protection<'s> {
                 .seal(
                     batch,
                     &mut out,
-                    self.device.as_ref(),
+                    self.shared.record_device(self.queue_number).as_ref(),
                     self.policy,
                     &self.shared.records,
                 )
@@ -692,7 +675,7 @@ impl<'s> Protection<'s> {
             .seal(
                 &[(content::HANDSHAKE, &message)],
                 out,
-                self.device.as_ref(),
+                self.shared.record_device(self.queue_number).as_ref(),
                 self.policy,
                 &self.shared.records,
             )
@@ -859,7 +842,7 @@ impl<'s> Protection<'s> {
             let results = rx
                 .open(
                     &records,
-                    self.device.as_ref(),
+                    self.shared.record_device(self.queue_number).as_ref(),
                     self.policy,
                     &self.shared.records,
                 )

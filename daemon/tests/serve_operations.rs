@@ -319,7 +319,7 @@ fn tls12_renegotiation_is_refused_with_a_warning() {
 }
 
 #[test]
-fn a_device_that_dies_mid_connection_leaves_the_connection_on_the_cpu() {
+fn a_device_that_dies_mid_connection_leaves_the_connection_on_the_cpu_and_comes_back() {
     let rt = runtime();
     let (a, _a) = rt.block_on(echo_server(None));
     let dir = Scratch::new("devicedeath");
@@ -370,6 +370,50 @@ fn a_device_that_dies_mid_connection_leaves_the_connection_on_the_cpu() {
         support::echo_transfer(fresh, 1 << 20, 4).await
     });
     assert_eq!(sent, back);
+    let status: serde_json::Value =
+        serde_json::from_str(&daemon.admin_get("/status")).expect("status is JSON");
+    assert_eq!(status["device"]["state"], "lost");
+
+    // A simulator started again at the same socket: the recovery manager reconnects, resets
+    // and self-checks the device, and new connections use it again.
+    let _ = std::fs::remove_file(&socket);
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
+        .args(["sim", "--exit-with-parent", "--vfio-user"])
+        .arg(&socket)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("simulator again");
+    wait_until(
+        "the device back in service",
+        Duration::from_secs(60),
+        || daemon.metric("tlsaccel_device_up") == 1,
+    );
+    assert!(daemon.metric("tlsaccel_device_recoveries_total{result=\"ok\"}") >= 1);
+    assert_eq!(daemon.metric("tlsaccel_device_lost_total"), 1);
+    let status: serde_json::Value =
+        serde_json::from_str(&daemon.admin_get("/status")).expect("status is JSON");
+    assert_eq!(status["device"]["state"], "in_service");
+    // The connection that moved to the CPU stays there and keeps working...
+    round(5);
+    // ...and a new one (a full handshake: a client without a session to resume) goes
+    // through the device again.
+    let before = daemon.metric("tlsaccel_records_total{op=\"open\",engine=\"device\"}");
+    let new_client = client_config(&cert, &[&rustls::version::TLS13]);
+    let (sent, back) = rt.block_on(async {
+        let fresh = support::connect(daemon.listen, &new_client).await;
+        support::echo_transfer(fresh, 1 << 20, 6).await
+    });
+    assert_eq!(sent, back);
+    let after = daemon.metric("tlsaccel_records_total{op=\"open\",engine=\"device\"}");
+    assert!(
+        after >= before + 64,
+        "records of a new connection went to the device again: {before} -> {after}"
+    );
+    // Certificate signatures are back on the device too.
+    assert!(daemon.metric("tlsaccel_handshake_key_reloads_total") >= 1);
+    drop(daemon);
+    let _ = sim.kill();
+    let _ = sim.wait();
 }
 
 /// An echo server behind TLS, with a certificate for `backend.internal` written to

@@ -180,6 +180,12 @@ impl AsyncQueue {
     pub fn stats(&self) -> crate::queue::QueueStats {
         self.shared.pair().stats()
     }
+
+    /// True once the queue has stopped (timeout, device reset or loss): it takes no more
+    /// jobs and must be replaced by a new queue.
+    pub fn is_broken(&self) -> bool {
+        self.shared.pair().is_broken()
+    }
 }
 
 /// Removes a batch's waiters when its future finishes or is dropped.

@@ -14,6 +14,7 @@ use zerocopy::FromBytes;
 use zeroize::Zeroizing;
 
 use crate::dma::{DmaError, DmaPool};
+use crate::events::DeviceEvents;
 use crate::queue::{Job, JobError, JobOp, JobOutput, QueueConfig, QueueError, QueuePair};
 use crate::transport::{DeviceAddress, Transport, TransportError};
 
@@ -45,6 +46,8 @@ pub enum DeviceError {
     NotRunning { name: String },
     #[error("every data queue of the device is in use")]
     NoFreeQueue,
+    #[error("{name}: the device is lost; it must be recovered first")]
+    Lost { name: String },
     #[error("every key slot of the device is in use")]
     NoFreeSlot,
     #[error("the device does not support {0}")]
@@ -117,6 +120,8 @@ pub struct Device {
     epoch: Arc<AtomicU64>,
     /// Set by the health watch when the device is gone or fatal; cleared by `recover`.
     lost: Arc<AtomicBool>,
+    /// What the driver caught the device doing wrong, over its whole life.
+    events: Arc<DeviceEvents>,
 }
 
 impl std::fmt::Debug for Device {
@@ -161,6 +166,7 @@ impl Device {
             free_slots: Arc::new(Mutex::new(slots)),
             epoch: Arc::new(AtomicU64::new(0)),
             lost: Arc::new(AtomicBool::new(false)),
+            events: Arc::default(),
         });
         device.start()?;
         spawn_health_watch(Arc::downgrade(&device))?;
@@ -216,7 +222,8 @@ impl Device {
             self.info.max_queue_entries,
         )?
         .with_epoch(Arc::clone(&self.epoch))
-        .with_lost_flag(Arc::clone(&self.lost));
+        .with_lost_flag(Arc::clone(&self.lost))
+        .with_events(Arc::clone(&self.events));
         *self.admin_queue() = Some(admin);
         Ok(())
     }
@@ -276,6 +283,12 @@ impl Device {
         self.lost.load(Ordering::Acquire)
     }
 
+    /// What the driver caught the device doing wrong (unknown cookies, impossible
+    /// completions, timeouts, quarantined jobs), counted over its whole life.
+    pub fn events(&self) -> &DeviceEvents {
+        &self.events
+    }
+
     /// The `DEVICE_STATUS` register.
     pub fn status(&self) -> DeviceStatus {
         DeviceStatus::from_bits_retain(self.transport.read32(regs::DEVICE_STATUS))
@@ -294,6 +307,11 @@ impl Device {
     /// Takes a free data queue and enables it with `config`. The queue goes back to the
     /// device when the returned pair is dropped.
     pub fn queue(&self, config: QueueConfig) -> Result<QueuePair, DeviceError> {
+        if self.is_lost() || self.transport.is_lost() {
+            return Err(DeviceError::Lost {
+                name: self.info.name.clone(),
+            });
+        }
         let index = {
             let mut taken = self.data_queues.lock().unwrap_or_else(|e| e.into_inner());
             let index = (1..taken.len())
@@ -316,6 +334,7 @@ impl Device {
         Ok(pair
             .with_epoch(Arc::clone(&self.epoch))
             .with_lost_flag(Arc::clone(&self.lost))
+            .with_events(Arc::clone(&self.events))
             .with_lease(lease))
     }
 

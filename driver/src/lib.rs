@@ -16,6 +16,7 @@
 mod asynchronous;
 mod device;
 pub mod dma;
+mod events;
 pub mod mmio;
 mod queue;
 pub mod transport;
@@ -25,6 +26,7 @@ pub mod vfio_user;
 pub use asynchronous::{AsyncQueue, AsyncQueueError};
 pub use device::{Device, DeviceError, DeviceInfo, DeviceOptions, KeyMaterial, KeySlot, SlotRef};
 pub use dma::{DmaBuffer, DmaError, DmaPool, DmaSpan, Iova};
+pub use events::DeviceEvents;
 pub use queue::{
     Job, JobCompletion, JobError, JobOp, JobOutput, QueueConfig, QueueError, QueuePair, QueueStats,
 };

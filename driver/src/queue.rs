@@ -20,6 +20,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::device::{QueueLease, SlotRef};
 use crate::dma::{DmaBuffer, DmaError, DmaPool, DmaSpan};
+use crate::events::{DeviceEvents, LogLimit};
 use crate::transport::{EventFd, Transport, TransportError};
 
 /// Errors of a queue pair.
@@ -254,9 +255,6 @@ pub struct QueueStats {
     /// Completions with an impossible length or status (the job failed).
     pub bad_completions: u64,
     pub timeouts: u64,
-    /// Jobs whose memory and key slot were kept from reuse for good because the device never
-    /// confirmed it let go of them (quarantined when the queue was dropped).
-    pub quarantined_jobs: u64,
 }
 
 /// One queue pair, driven by one thread at a time (`&mut self`).
@@ -286,6 +284,10 @@ pub struct QueuePair {
     epoch: Option<(Arc<AtomicU64>, u64)>,
     /// Set by the device's health watch when the device is gone.
     lost: Option<Arc<AtomicBool>>,
+    /// The device's event counters, shared by all its queues.
+    events: Arc<DeviceEvents>,
+    /// How often device-triggered warnings reach the log.
+    log_limit: LogLimit,
     _lease: Option<QueueLease>,
 }
 
@@ -361,7 +363,12 @@ impl QueuePair {
         control.set(QueueControl::IRQ_ENABLE, config.interrupts);
         control.set(QueueControl::PUBLIC_KEY, config.public_key);
         transport.write32(reg(qreg::CONTROL), control.bits());
-        let status = QueueStatus::from_bits_retain(transport.read32(reg(qreg::STATUS)));
+        let raw = transport.read32(reg(qreg::STATUS));
+        if raw == u32::MAX || transport.is_lost() {
+            // All-ones is what a device that is gone reads as, not an enabled queue.
+            return Err(QueueError::Broken(index));
+        }
+        let status = QueueStatus::from_bits_retain(raw);
         if !status.contains(QueueStatus::ENABLED) {
             let code = QueueErrorCode(transport.read32(reg(qreg::ERROR)));
             return Err(QueueError::EnableFailed { queue: index, code });
@@ -388,6 +395,8 @@ impl QueuePair {
             stats: QueueStats::default(),
             epoch: None,
             lost: None,
+            events: Arc::default(),
+            log_limit: LogLimit::new(DEVICE_LOG_PERIOD, DEVICE_LOG_BURST),
             _lease: None,
         })
     }
@@ -400,6 +409,11 @@ impl QueuePair {
 
     pub(crate) fn with_lost_flag(mut self, lost: Arc<AtomicBool>) -> Self {
         self.lost = Some(lost);
+        self
+    }
+
+    pub(crate) fn with_events(mut self, events: Arc<DeviceEvents>) -> Self {
+        self.events = events;
         self
     }
 
@@ -578,11 +592,15 @@ impl QueuePair {
             .is_some_and(|job| job.generation == generation);
         let Some(job) = known.then(|| self.slots[slot as usize].take()).flatten() else {
             self.stats.unknown_cookies += 1;
-            tracing::warn!(
-                queue = self.index,
-                cookie,
-                "completion with unknown cookie ignored"
-            );
+            DeviceEvents::count(&self.events.unknown_cookies, 1);
+            if let Some(suppressed) = self.log_limit.admit(Instant::now()) {
+                tracing::warn!(
+                    queue = self.index,
+                    cookie,
+                    suppressed,
+                    "completion with unknown cookie ignored"
+                );
+            }
             return None;
         };
         self.free.push(slot);
@@ -633,13 +651,17 @@ impl QueuePair {
         };
         if matches!(result, Err(JobError::BadCompletion(_))) {
             self.stats.bad_completions += 1;
-            tracing::warn!(
-                queue = self.index,
-                cookie,
-                len,
-                ?status,
-                "impossible completion"
-            );
+            DeviceEvents::count(&self.events.bad_completions, 1);
+            if let Some(suppressed) = self.log_limit.admit(Instant::now()) {
+                tracing::warn!(
+                    queue = self.index,
+                    cookie,
+                    len,
+                    ?status,
+                    suppressed,
+                    "impossible completion"
+                );
+            }
         }
         Some(JobCompletion {
             user_data: job.user_data,
@@ -660,6 +682,7 @@ impl QueuePair {
             return 0;
         }
         self.stats.timeouts += 1;
+        DeviceEvents::count(&self.events.timeouts, 1);
         self.fail_all(JobError::TimedOut, &mut sink)
     }
 
@@ -758,6 +781,7 @@ impl QueuePair {
                 if spins % 64 == 0 {
                     if start.elapsed() >= timeout {
                         self.stats.timeouts += 1;
+                        DeviceEvents::count(&self.events.timeouts, 1);
                         self.fail_all(JobError::TimedOut, &mut sink);
                         return Ok(());
                     }
@@ -775,6 +799,10 @@ impl QueuePair {
         Ok(())
     }
 }
+
+/// At most `DEVICE_LOG_BURST` device-triggered warnings per queue every `DEVICE_LOG_PERIOD`.
+const DEVICE_LOG_PERIOD: Duration = Duration::from_secs(10);
+const DEVICE_LOG_BURST: u32 = 5;
 
 /// How long a disabled queue may take to release its rings.
 const QUIESCE_TIMEOUT: Duration = Duration::from_millis(100);
@@ -818,6 +846,7 @@ impl Drop for QueuePair {
                 );
                 self.sq.quarantine();
                 self.cq.quarantine();
+                DeviceEvents::count(&self.events.quarantined_jobs, self.held.len() as u64);
                 for op in self.held.drain(..) {
                     quarantine(&op);
                 }
