@@ -72,6 +72,11 @@ pub enum Command {
         /// Engine threads.
         #[arg(long, default_value_t = 2)]
         engines: usize,
+        /// Also listen for fault-injection commands on this socket (the reference model's
+        /// control socket, device-spec §9: `stall`, `resume`, `drop-completion`,
+        /// `corrupt-tag`, `dma-fault`, `oversize-length`, `fatal`, `reset`, one per line).
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Check a configuration file (syntax, meaning, certificate files); exits non-zero with
     /// the file, line and key of the first problem.
@@ -119,6 +124,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             memory_mib,
             queues,
             engines,
+            control,
         } => {
             if exit_with_parent {
                 rustix::process::set_parent_process_death_signal(Some(
@@ -135,6 +141,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| anyhow::anyhow!("--memory-mib {memory_mib} is too large"))?;
             if let Some(path) = vfio_user {
                 let server = crate::simserver::VfioUserServer::bind(&path, config, clients)?;
+                if let Some(control) = &control {
+                    crate::simcontrol::serve(control, server.functions())?;
+                    eprintln!("tlsaccel sim: control socket on {}", control.display());
+                }
                 eprintln!(
                     "tlsaccel sim: vfio-user server on {}",
                     server.path().display()
@@ -144,6 +154,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let path = ivshmem.ok_or_else(|| anyhow::anyhow!("give --ivshmem or --vfio-user"))?;
             let server = crate::simserver::IvshmemServer::bind(&path, memory, config)?;
+            if let Some(control) = &control {
+                crate::simcontrol::serve(control, server.functions())?;
+                eprintln!("tlsaccel sim: control socket on {}", control.display());
+            }
             eprintln!(
                 "tlsaccel sim: ivshmem server on {}",
                 server.path().display()

@@ -26,5 +26,6 @@ pub mod pool;
 pub mod record;
 pub mod selftest;
 pub mod serve;
+pub mod simcontrol;
 pub mod simserver;
 pub mod tls;

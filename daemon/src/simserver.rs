@@ -56,7 +56,7 @@ pub struct IvshmemServer {
     listener: UnixListener,
     path: PathBuf,
     memory: Arc<DmaRegion>,
-    device: Device,
+    device: Arc<Device>,
     vectors: u32,
     doorbells: Vec<Arc<EventFd>>,
 }
@@ -74,7 +74,7 @@ impl IvshmemServer {
         }
         let memory = Arc::new(DmaRegion::new(memory_size).map_err(SimServerError::Memory)?);
         let vectors = config.queues;
-        let device = Device::new(config).map_err(SimServerError::Device)?;
+        let device = Arc::new(Device::new(config).map_err(SimServerError::Device)?);
         device
             .iommu()
             .map(
@@ -105,6 +105,13 @@ impl IvshmemServer {
     /// The simulated device (for tests and fault injection).
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The device function, for the control socket.
+    pub fn functions(&self) -> crate::simcontrol::Functions {
+        let functions = crate::simcontrol::Functions::default();
+        functions.register(&self.device);
+        functions
     }
 
     /// Serves guests one after another until `stop` is set or accepting fails.
@@ -312,6 +319,7 @@ pub struct VfioUserServer {
     path: PathBuf,
     config: DeviceConfig,
     clients: usize,
+    functions: crate::simcontrol::Functions,
 }
 
 impl VfioUserServer {
@@ -323,12 +331,18 @@ impl VfioUserServer {
             path: path.to_owned(),
             config,
             clients: clients.max(1),
+            functions: crate::simcontrol::Functions::default(),
         })
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The live device functions, for the control socket.
+    pub fn functions(&self) -> crate::simcontrol::Functions {
+        self.functions.clone()
     }
 
     /// Serves connections until the process ends.
@@ -347,7 +361,9 @@ impl VfioUserServer {
     fn worker(&self) -> Result<(), SimServerError> {
         loop {
             let listener = self.listener.try_clone().map_err(SimServerError::Client)?;
-            let device = Device::new(self.config.clone()).map_err(SimServerError::Device)?;
+            let device =
+                Arc::new(Device::new(self.config.clone()).map_err(SimServerError::Device)?);
+            self.functions.register(&device);
             // BAR0's doorbell pages are memory the client maps and writes directly; the
             // device polls them there. The rest of BAR0 goes through messages.
             let bar0_size = regs_bar0_size(self.config.queues);
@@ -478,7 +494,7 @@ fn config_space() -> [u8; CONFIG_SPACE_SIZE] {
 
 /// One connection's device function.
 struct VfioUserBackend {
-    device: Device,
+    device: Arc<Device>,
     config_space: [u8; CONFIG_SPACE_SIZE],
 }
 
@@ -635,7 +651,7 @@ mod tests {
 
     fn backend() -> VfioUserBackend {
         VfioUserBackend {
-            device: Device::new(DeviceConfig::default()).unwrap(),
+            device: Arc::new(Device::new(DeviceConfig::default()).unwrap()),
             config_space: config_space(),
         }
     }

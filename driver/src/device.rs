@@ -509,6 +509,7 @@ fn spawn_health_watch(device: std::sync::Weak<Device>) -> Result<(), DeviceError
         .spawn(move || {
             let mut last_beat = None;
             let mut beat_changed = Instant::now();
+            let mut stopped_checks = 0u32;
             loop {
                 std::thread::sleep(HEALTH_PERIOD);
                 let Some(device) = device.upgrade() else {
@@ -516,14 +517,27 @@ fn spawn_health_watch(device: std::sync::Weak<Device>) -> Result<(), DeviceError
                 };
                 if device.lost.load(Ordering::Acquire) {
                     last_beat = None;
+                    stopped_checks = 0;
                     continue;
                 }
                 let name = &device.info.name;
+                let status = device.status();
+                // A device that left the running state without being told (it reset itself,
+                // or a function-level reset came from outside) has dropped every job and
+                // key. Two checks in a row, so the driver's own recovery is not mistaken
+                // for it.
+                stopped_checks = if status.contains(DeviceStatus::RUNNING) {
+                    0
+                } else {
+                    stopped_checks + 1
+                };
                 let reason = if device.transport.is_lost() {
                     Some("the transport lost the device".to_string())
-                } else if device.status().contains(DeviceStatus::FATAL) {
+                } else if status.contains(DeviceStatus::FATAL) {
                     let code = FatalCode(device.transport.read32(regs::FATAL_CODE));
                     Some(format!("the device is fatal ({code:?})"))
+                } else if stopped_checks >= 2 {
+                    Some("the device stopped running (it was reset)".to_string())
                 } else {
                     let beat = device.heartbeat();
                     if last_beat != Some(beat) {
