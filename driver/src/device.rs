@@ -343,11 +343,17 @@ impl Device {
         let mut guard = self.admin_queue();
         let admin = guard.as_mut().ok_or(DeviceError::StaleSlot)?;
         let mut result = Err(JobError::DeviceLost);
-        admin.run(
+        let ran = admin.run(
             &[Job { user_data: 0, op }],
             self.options.admin_timeout,
             |done| result = done.result,
-        )?;
+        );
+        if admin.is_broken() && !self.lost.swap(true, Ordering::AcqRel) {
+            // Key-table jobs only run on the admin queue: without it the device is no use.
+            // Like an NVMe admin command timeout, this calls for a reset (`recover`).
+            tracing::error!(device = %self.info.name, "admin queue stopped (timeout or reset); device marked lost");
+        }
+        ran?;
         Ok(result?)
     }
 
@@ -965,6 +971,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "sim")]
     #[test]
     fn the_simulator_cannot_be_configured_outside_the_contract() {
         let error = Device::open("sim:key-slots=65537").unwrap_err();

@@ -585,38 +585,6 @@ unsafe fn volatile_copy_to(dst: *mut u8, src: &[u8]) {
     }
 }
 
-impl tlsaccel_sim::HostMemory for DmaRegion {
-    fn size(&self) -> u64 {
-        self.len as u64
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        DmaRegion::read(self, offset, buf).map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        DmaRegion::write(self, offset, data).map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-
-    fn read_u32_acquire(&self, offset: u64) -> Result<u32, tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        self.load_u32_acquire(offset)
-            .map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-
-    fn write_u32_release(
-        &self,
-        offset: u64,
-        value: u32,
-    ) -> Result<(), tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        self.store_u32_release(offset, value)
-            .map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-}
-
 /// Where the pool puts its regions in device address space by default. IOVA 0 stays
 /// unmapped, so a zeroed descriptor faults instead of reading memory.
 pub const POOL_IOVA_BASE: u64 = 0x1_0000_0000;

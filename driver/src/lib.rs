@@ -1,9 +1,10 @@
 //! Userspace driver for the tlsaccel crypto accelerator.
 //!
-//! * [`Transport`] reaches a device: BAR0 access, DMA mapping, interrupts. Backends:
-//!   [`transport::InProcess`] (the simulator linked in) and kernel VFIO ([`vfio`]: a tlsaccel
-//!   card, or the simulator behind QEMU's ivshmem device). A device address string picks one
-//!   ([`DeviceAddress`]).
+//! * [`Transport`] reaches a device: BAR0 access, DMA mapping, interrupts. Backends: kernel
+//!   VFIO ([`vfio`]: a tlsaccel card, or the simulator behind QEMU's ivshmem device),
+//!   vfio-user ([`vfio_user`]: the simulator in another process) and, with the `sim` feature,
+//!   the simulator linked in (`in_process`). A device address string picks one
+//!   ([`DeviceAddress`]). Without the feature the driver carries no model.
 //! * [`DmaPool`] hands out [`DmaBuffer`]s in memory the device can reach, named by [`Iova`].
 //! * [`Device`] checks the device's identity, resets and enables it, and owns the admin queue
 //!   that loads and destroys [`KeySlot`]s.
@@ -17,6 +18,8 @@ mod asynchronous;
 mod device;
 pub mod dma;
 mod events;
+#[cfg(feature = "sim")]
+pub mod in_process;
 pub mod mmio;
 mod queue;
 pub mod transport;

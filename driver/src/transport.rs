@@ -1,24 +1,25 @@
 //! How the driver reaches a device: BAR0 access, DMA mapping, interrupts, reset.
 //!
-//! Backends: `in-process` (the simulator linked in) here; kernel VFIO and vfio-user implement
-//! the same trait. A device address string selects one: `sim`, `sim:queues=4,engines=1`.
+//! Backends: kernel VFIO ([`crate::vfio`]), vfio-user ([`crate::vfio_user`]) and, with the
+//! `sim` feature, the simulator linked in (`in_process`); a driver built for a card carries no
+//! model. A device address string selects one: `sim`, `sim:queues=4,engines=1`.
 
-use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use tlsaccel_sim::{DeviceConfig, InterruptSink};
-
-use crate::dma::{DmaError, DmaMapper, DmaRegion, Iova};
+use crate::dma::{DmaError, DmaMapper};
 
 /// Errors of a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("device address {0:?} is not understood (expected `sim`, `sim:key=value,...`, `vfio:0000:03:00.0` or `vfio-user:/path/to.sock`)")]
     BadAddress(String),
+    #[cfg(feature = "sim")]
     #[error("could not start the simulated device")]
     Simulator(#[source] tlsaccel_sim::ConfigError),
+    #[error("this driver was built without the simulator (the `sim` feature): {0:?} cannot be opened")]
+    NoSimulator(String),
     #[error("could not create an interrupt eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("interrupt vector {0} does not exist")]
@@ -66,8 +67,9 @@ pub trait Transport: DmaMapper {
     fn is_lost(&self) -> bool {
         false
     }
-    /// The simulator behind this transport, when it is in-process (for fault injection in
-    /// tests and for `tlsaccel devices`).
+    /// The simulator behind this transport, when it is in-process (for `tlsaccel devices`
+    /// and tests). Only with the `sim` feature.
+    #[cfg(feature = "sim")]
     fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
         None
     }
@@ -119,96 +121,6 @@ impl AsRawFd for EventFd {
     }
 }
 
-impl InterruptSink for EventFd {
-    fn signal(&self) {
-        EventFd::signal(self);
-    }
-}
-
-/// The simulator linked into this process.
-pub struct InProcess {
-    device: tlsaccel_sim::Device,
-    vectors: std::sync::Mutex<Vec<Option<Arc<EventFd>>>>,
-}
-
-impl fmt::Debug for InProcess {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InProcess")
-            .field("config", self.device.config())
-            .finish()
-    }
-}
-
-impl InProcess {
-    /// Starts a simulated device with `config`.
-    pub fn new(config: DeviceConfig) -> Result<Self, TransportError> {
-        let vectors = std::sync::Mutex::new(vec![None; config.queues as usize]);
-        let device = tlsaccel_sim::Device::new(config).map_err(TransportError::Simulator)?;
-        Ok(Self { device, vectors })
-    }
-}
-
-impl DmaMapper for InProcess {
-    fn map(&self, region: &Arc<DmaRegion>, iova: Iova) -> Result<(), DmaError> {
-        let memory: Arc<dyn tlsaccel_sim::HostMemory> = region.clone();
-        self.device
-            .iommu()
-            .map(iova.0, region.len() as u64, memory, 0)
-            .map_err(|e| DmaError::Map(Box::new(e)))
-    }
-
-    fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
-        self.device
-            .iommu()
-            .unmap(iova.0, len as u64)
-            .map_err(|e| DmaError::Map(Box::new(e)))
-    }
-}
-
-impl Transport for InProcess {
-    fn name(&self) -> String {
-        "sim".into()
-    }
-    fn read32(&self, offset: u64) -> u32 {
-        self.device.bar_read32(offset)
-    }
-    fn write32(&self, offset: u64, value: u32) {
-        self.device.bar_write32(offset, value)
-    }
-    fn read64(&self, offset: u64) -> u64 {
-        self.device.bar_read64(offset)
-    }
-    fn write64(&self, offset: u64, value: u64) {
-        self.device.bar_write64(offset, value)
-    }
-    fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
-        let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = vectors
-            .get_mut(vector as usize)
-            .ok_or(TransportError::NoSuchVector(vector))?;
-        if let Some(fd) = slot {
-            return Ok(Arc::clone(fd));
-        }
-        let fd = Arc::new(EventFd::new()?);
-        self.device
-            .set_interrupt(vector, Some(Arc::clone(&fd) as Arc<dyn InterruptSink>));
-        *slot = Some(Arc::clone(&fd));
-        Ok(fd)
-    }
-    fn reset(&self) -> Result<(), TransportError> {
-        // The model has no separate function-level reset; its register reset is complete
-        // and synchronous.
-        self.device.bar_write32(
-            tlsaccel_abi::regs::DEVICE_CONTROL,
-            tlsaccel_abi::DeviceControl::RESET.bits(),
-        );
-        Ok(())
-    }
-    fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
-        Some(&self.device)
-    }
-}
-
 /// A parsed device address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceAddress {
@@ -228,26 +140,6 @@ pub struct SimOptions {
     pub engines: Option<usize>,
     pub pke_engines: Option<usize>,
     pub key_slots: Option<u32>,
-}
-
-impl SimOptions {
-    /// The simulator configuration these options describe.
-    pub fn config(&self) -> DeviceConfig {
-        let mut config = DeviceConfig::default();
-        if let Some(queues) = self.queues {
-            config.queues = queues;
-        }
-        if let Some(engines) = self.engines {
-            config.engines = engines;
-        }
-        if let Some(engines) = self.pke_engines {
-            config.pke_engines = engines;
-        }
-        if let Some(slots) = self.key_slots {
-            config.key_slots = slots;
-        }
-        config
-    }
 }
 
 impl FromStr for DeviceAddress {
@@ -284,7 +176,12 @@ impl DeviceAddress {
     /// Connects to the device at this address.
     pub fn connect(&self) -> Result<Arc<dyn Transport>, TransportError> {
         match self {
-            DeviceAddress::Simulator(options) => Ok(Arc::new(InProcess::new(options.config())?)),
+            #[cfg(feature = "sim")]
+            DeviceAddress::Simulator(options) => Ok(Arc::new(
+                crate::in_process::InProcess::new(options.config())?,
+            )),
+            #[cfg(not(feature = "sim"))]
+            DeviceAddress::Simulator(_) => Err(TransportError::NoSimulator(format!("{self:?}"))),
             DeviceAddress::Vfio(address) => crate::vfio::open(address),
             DeviceAddress::VfioUser(path) => Ok(Arc::new(
                 crate::vfio_user::VfioUserTransport::connect(path)?,
