@@ -757,6 +757,11 @@ impl DmaPool {
 /// One allocation from a pool: the memory behind a [`DmaBuffer`] and every [`DmaSpan`] made
 /// from it. It goes back to the pool (zeroed) only when the buffer and all its spans are
 /// gone, so memory a queue still holds for the device is never handed to anyone else.
+///
+/// Aligned to its own cache lines: the ring buffers' allocations are touched on every
+/// submission, and must not share a line with something another core writes (the model's
+/// engine state, say).
+#[repr(align(128))]
 struct Allocation {
     pool: Arc<PoolInner>,
     region: Arc<DmaRegion>,
@@ -778,7 +783,12 @@ impl Allocation {
     }
 
     fn mark_dirty(&self, end: usize) {
-        self.dirty.fetch_max(end.min(self.len), Ordering::Relaxed);
+        let end = end.min(self.len);
+        // A load first: on the hot path (descriptors into a ring already marked whole) the
+        // mark is already there, and no read-modify-write is needed.
+        if self.dirty.load(Ordering::Relaxed) < end {
+            self.dirty.fetch_max(end, Ordering::Relaxed);
+        }
     }
 }
 
