@@ -270,10 +270,20 @@ impl DmaRegion {
         Ok(())
     }
 
-    /// Fills `len` bytes at `offset` with zeros (volatile, so it is never optimized away;
-    /// eight bytes per store where aligned).
+    /// Fills `len` bytes at `offset` with zeros. Short ranges use volatile stores (eight
+    /// bytes each where aligned); payload-sized ones `memset`, for the same reason as
+    /// [`DmaRegion::write`]: the memory is the driver's alone when it is cleared (a freed
+    /// buffer the device has let go of), and it stays mapped and is read again through other
+    /// pointers, so the stores cannot be dropped as dead.
     pub fn zero(&self, offset: usize, len: usize) -> Result<(), DmaError> {
         let dst = self.check(offset, len)?;
+        if len >= BULK_COPY {
+            // SAFETY: `check` proved [dst, dst + len) lies inside the live mapping owned by
+            // `self.map`; u8 has no alignment requirement.
+            unsafe { std::ptr::write_bytes(dst, 0, len) };
+            std::sync::atomic::compiler_fence(Ordering::Release);
+            return Ok(());
+        }
         let head = dst.align_offset(8).min(len);
         let words = (len - head) / 8;
         for i in 0..head {
