@@ -256,6 +256,8 @@ impl QueueRegisters {
     /// have let go.
     fn deactivate(&self) {
         self.doorbells.size.store(0, Ordering::Release);
+        // Under the `stopping` lock, so that `in_use` never sees the queue in neither place.
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
         let taken = self
             .active
             .write()
@@ -263,15 +265,18 @@ impl QueueRegisters {
             .take();
         if let Some(active) = taken {
             active.stop();
-            *self.stopping.lock().unwrap_or_else(|e| e.into_inner()) = Some(active);
+            *stopping = Some(active);
         }
     }
 
     /// True while an engine may still touch a stopped incarnation of the queue. Forgets the
     /// incarnation once it is released.
     fn is_held(&self) -> bool {
-        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
-        match &*stopping {
+        Self::held(&mut self.stopping.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn held(stopping: &mut Option<Arc<ActiveQueue>>) -> bool {
+        match stopping {
             Some(queue) if queue.is_released() => {
                 *stopping = None;
                 false
@@ -284,7 +289,8 @@ impl QueueRegisters {
     /// True while the queue is enabled, or stopped and still held by an engine: its ring
     /// registers hold still, and `Q_STATUS.ENABLED` reads 1.
     fn in_use(&self) -> bool {
-        self.active().is_some() || self.is_held()
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+        self.active().is_some() || Self::held(&mut stopping)
     }
 
     fn status(&self) -> QueueStatus {
