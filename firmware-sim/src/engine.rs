@@ -148,17 +148,14 @@ impl Shared {
         scratch
             .tally
             .add(Counter::DescriptorsFetched, u64::from(granted));
-        if pending > granted {
-            self.work.notify();
-        }
         scratch.work.clear();
         for raw in &scratch.descriptors[..granted as usize] {
-            if queue.is_stopped() {
-                break;
-            }
             let descriptor = Descriptor::read_from_bytes(raw).unwrap_or_default();
             let work = self.accept(&descriptor, &mut scratch.view, &mut scratch.tally);
             scratch.work.push(work);
+        }
+        if pending > granted {
+            self.work.notify();
         }
 
         self.hold_while_stalled(scratch.work.len());
@@ -166,12 +163,10 @@ impl Shared {
         let mut work = std::mem::take(&mut scratch.work);
         for item in work.drain(..) {
             // A job of a queue stopped meanwhile is dropped, not run: no DMA to its buffers
-            // and no completion.
-            if queue.is_stopped() {
-                continue;
-            }
+            // and no completion (posting checks for itself).
             let posting = match item {
                 Work::Done(posting) => posting,
+                Work::Job(_) | Work::PublicKey(_) if queue.is_stopped() => continue,
                 Work::Job(job) => self.execute(&job, scratch),
                 Work::PublicKey(job) => self.execute_public_key(&job, &mut scratch.tally),
             };

@@ -61,7 +61,8 @@ pub struct DmaFault {
 #[derive(Debug)]
 struct Window {
     memory: Arc<dyn HostMemory>,
-    state: AtomicU32,
+    /// On a cache line of its own, away from the reference count that translations touch.
+    state: crate::queue::OwnLine<AtomicU32>,
 }
 
 /// `Window::state` bit: the mapping was removed; new accesses fault.
@@ -287,7 +288,7 @@ impl Iommu {
                     offset,
                     window: Arc::new(Window {
                         memory,
-                        state: AtomicU32::new(0),
+                        state: crate::queue::OwnLine(AtomicU32::new(0)),
                     }),
                 },
             );
