@@ -398,7 +398,102 @@ bitflags::bitflags! {
         const RSA = 1 << 10;
         const X25519 = 1 << 11;
         const ECDH_P256 = 1 << 12;
+        /// The reference model's fault-injection window ([`regs::model_faults`], device-spec
+        /// §9). A model feature for tests of the host side: hardware and the RTL never set it.
+        const MODEL_FAULTS = 1 << 31;
         const _ = !0;
+    }
+}
+
+open_enum! {
+    /// A fault the reference model can be told to show: the value written to
+    /// [`regs::model_faults::INJECT`] (device-spec §9).
+    pub struct FaultCode(u32) {
+        /// Engines hold the jobs they fetch: accepted, but not run and not completed.
+        STALL = 0x01,
+        /// Undo `STALL`: held jobs run.
+        RESUME = 0x02,
+        /// The next completion is never written.
+        DROP_NEXT_COMPLETION = 0x03,
+        /// The next seal writes a tag with one bit flipped.
+        CORRUPT_NEXT_TAG = 0x04,
+        /// The next job to run fails with `DMA_FAULT`.
+        DMA_FAULT_NEXT_JOB = 0x05,
+        /// The next completion reports a `result_len` larger than any job can produce.
+        OVERSIZE_NEXT_RESULT_LENGTH = 0x06,
+        /// Enter the fatal state (`FATAL_CODE` `INJECTED`).
+        FATAL = 0x07,
+        /// Write a completion nobody asked for: queue, cookie and result length from the
+        /// argument registers.
+        BOGUS_COMPLETION = 0x08,
+    }
+}
+
+/// A fault with its arguments, as a test asks the reference model for it (device-spec §9).
+/// [`ModelFault::code`] is what goes into the `INJECT` register; a bogus completion's fields
+/// go into the argument registers first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFault {
+    /// Engines hold every job they fetch before running it — no DMA to its buffers, no
+    /// completion — until [`ModelFault::Resume`] (or a reset).
+    Stall,
+    /// Undo [`ModelFault::Stall`].
+    Resume,
+    /// The next completion is never written.
+    DropNextCompletion,
+    /// The next seal writes a tag with one bit flipped.
+    CorruptNextTag,
+    /// The next job to run fails with `DMA_FAULT`.
+    DmaFaultNextJob,
+    /// The next completion reports a `result_len` larger than any job can produce.
+    OversizeNextResultLength,
+    /// Enter the fatal state.
+    Fatal,
+    /// Write a completion nobody asked for into a queue's completion ring.
+    BogusCompletion {
+        queue: u32,
+        cookie: u64,
+        result_len: u32,
+    },
+}
+
+impl ModelFault {
+    /// The fault's `INJECT` register value.
+    pub const fn code(&self) -> FaultCode {
+        match self {
+            Self::Stall => FaultCode::STALL,
+            Self::Resume => FaultCode::RESUME,
+            Self::DropNextCompletion => FaultCode::DROP_NEXT_COMPLETION,
+            Self::CorruptNextTag => FaultCode::CORRUPT_NEXT_TAG,
+            Self::DmaFaultNextJob => FaultCode::DMA_FAULT_NEXT_JOB,
+            Self::OversizeNextResultLength => FaultCode::OVERSIZE_NEXT_RESULT_LENGTH,
+            Self::Fatal => FaultCode::FATAL,
+            Self::BogusCompletion { .. } => FaultCode::BOGUS_COMPLETION,
+        }
+    }
+
+    /// The fault a code and the argument registers describe; `None` for an unknown code.
+    pub const fn from_registers(
+        code: FaultCode,
+        queue: u32,
+        cookie: u64,
+        result_len: u32,
+    ) -> Option<Self> {
+        Some(match code {
+            FaultCode::STALL => Self::Stall,
+            FaultCode::RESUME => Self::Resume,
+            FaultCode::DROP_NEXT_COMPLETION => Self::DropNextCompletion,
+            FaultCode::CORRUPT_NEXT_TAG => Self::CorruptNextTag,
+            FaultCode::DMA_FAULT_NEXT_JOB => Self::DmaFaultNextJob,
+            FaultCode::OVERSIZE_NEXT_RESULT_LENGTH => Self::OversizeNextResultLength,
+            FaultCode::FATAL => Self::Fatal,
+            FaultCode::BOGUS_COMPLETION => Self::BogusCompletion {
+                queue,
+                cookie,
+                result_len,
+            },
+            _ => return None,
+        })
     }
 }
 
@@ -713,6 +808,34 @@ mod tests {
             self.1 = end;
             Ok(())
         }
+    }
+
+    #[test]
+    fn every_fault_code_decodes_to_the_fault_that_encodes_it() {
+        let bogus = ModelFault::BogusCompletion {
+            queue: 3,
+            cookie: 0xdead_beef_0000_0001,
+            result_len: 9,
+        };
+        for fault in [
+            ModelFault::Stall,
+            ModelFault::Resume,
+            ModelFault::DropNextCompletion,
+            ModelFault::CorruptNextTag,
+            ModelFault::DmaFaultNextJob,
+            ModelFault::OversizeNextResultLength,
+            ModelFault::Fatal,
+            bogus,
+        ] {
+            assert!(fault.code().is_known());
+            assert_eq!(
+                ModelFault::from_registers(fault.code(), 3, 0xdead_beef_0000_0001, 9),
+                Some(fault)
+            );
+        }
+        assert_eq!(FaultCode::KNOWN.len(), 8);
+        assert_eq!(ModelFault::from_registers(FaultCode(0), 0, 0, 0), None);
+        assert_eq!(ModelFault::from_registers(FaultCode(0x99), 0, 0, 0), None);
     }
 
     #[test]

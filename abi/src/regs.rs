@@ -3,7 +3,8 @@
 //! BAR0 has three areas:
 //!
 //! * the **global page** at 0x0000: identity, capabilities, sizes, device control and status,
-//!   heartbeat, and 64-bit counters from 0x100;
+//!   heartbeat, 64-bit counters from 0x100, and (reference model only) the fault-injection
+//!   window at [`model_faults::BASE`];
 //! * **queue configuration** blocks of [`QUEUE_REGS_STRIDE`] bytes from [`QUEUE_REGS_BASE`]:
 //!   ring addresses, size, control, status, interrupt coalescing;
 //! * **doorbell pages**, one 4 KiB page per queue from [`DOORBELL_BASE`], so that a queue can
@@ -189,6 +190,32 @@ impl Counter {
     }
 }
 
+/// One past the last counter register.
+pub const COUNTERS_END: u64 = COUNTERS_BASE + 8 * Counter::ALL.len() as u64;
+
+/// The reference model's fault-injection window (device-spec §9), at the top of the global
+/// page. Present only when `CAPABILITIES` has [`crate::Capabilities::MODEL_FAULTS`]; a device
+/// without it reads 0 there and ignores writes, as for any unknown offset.
+pub mod model_faults {
+    /// First register of the window.
+    pub const BASE: u64 = 0xf00;
+    /// `FAULT_INJECT` (WO, u32): a [`crate::FaultCode`]. The device shows the fault at once,
+    /// taking a bogus completion's fields from the argument registers below. Unknown codes
+    /// are ignored.
+    pub const INJECT: u64 = 0xf00;
+    /// `FAULT_QUEUE` (RW, u32): the queue of a bogus completion.
+    pub const QUEUE: u64 = 0xf04;
+    /// `FAULT_COOKIE` (RW, u64): the cookie of a bogus completion.
+    pub const COOKIE: u64 = 0xf08;
+    /// `FAULT_RESULT_LEN` (RW, u32): the `result_len` of a bogus completion.
+    pub const RESULT_LEN: u64 = 0xf10;
+    /// `FAULT_HELD_JOBS` (RO, u32): jobs the engines hold under a stall — fetched and
+    /// accepted, not yet run.
+    pub const HELD_JOBS: u64 = 0xf14;
+    /// One past the last register of the window.
+    pub const END: u64 = 0xf18;
+}
+
 /// Start of the queue configuration blocks.
 pub const QUEUE_REGS_BASE: u64 = 0x1000;
 /// Bytes between two queues' configuration blocks.
@@ -250,6 +277,8 @@ pub const fn bar0_size(num_queues: u32) -> u64 {
 const _: () = assert!(queue_reg(MAX_QUEUES - 1, 0) + QUEUE_REGS_STRIDE <= DOORBELL_BASE);
 const _: () = assert!(Counter::ALL[Counter::ALL.len() - 1].offset() + 8 <= QUEUE_REGS_BASE);
 const _: () = assert!(queue::CQ_TAIL + 4 <= QUEUE_REGS_STRIDE);
+const _: () = assert!(COUNTERS_END <= model_faults::BASE);
+const _: () = assert!(model_faults::END <= QUEUE_REGS_BASE);
 
 #[cfg(test)]
 mod tests {

@@ -88,8 +88,8 @@ impl Transport for InProcess {
         Ok(fd)
     }
     fn reset(&self) -> Result<(), TransportError> {
-        // The model has no separate function-level reset; its register reset is complete
-        // and synchronous.
+        // The model has no separate function-level reset: its register reset is the whole
+        // of it (READY follows once its engines have let go; the driver waits for that).
         self.device.bar_write32(
             tlsaccel_abi::regs::DEVICE_CONTROL,
             tlsaccel_abi::DeviceControl::RESET.bits(),

@@ -369,7 +369,9 @@ impl QueuePair {
             return Err(QueueError::Broken(index));
         }
         let status = QueueStatus::from_bits_retain(raw);
-        if !status.contains(QueueStatus::ENABLED) {
+        // ENABLED with ERROR is a refusal too: the device still holds an earlier incarnation
+        // of the queue (BAD_CONFIG, device-spec §3.1).
+        if !status.contains(QueueStatus::ENABLED) || status.contains(QueueStatus::ERROR) {
             let code = QueueErrorCode(transport.read32(reg(qreg::ERROR)));
             return Err(QueueError::EnableFailed { queue: index, code });
         }

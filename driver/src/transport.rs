@@ -68,7 +68,8 @@ pub trait Transport: DmaMapper {
         false
     }
     /// The simulator behind this transport, when it is in-process (for `tlsaccel devices`
-    /// and tests). Only with the `sim` feature.
+    /// and tests that look at the model itself; fault injection goes through registers,
+    /// `ModelFaults`, on every transport). Only with the `sim` feature.
     #[cfg(feature = "sim")]
     fn simulator(&self) -> Option<&tlsaccel_sim::Device> {
         None

@@ -8,9 +8,9 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tlsaccel_abi::regs::{self, Counter};
+use tlsaccel_abi::regs::{self, model_faults, Counter};
 use tlsaccel_abi::{
-    Capabilities, DeviceControl, DeviceStatus, FatalCode, QueueControl, QueueErrorCode,
+    Capabilities, DeviceControl, DeviceStatus, FatalCode, FaultCode, QueueControl, QueueErrorCode,
     QueueStatus, Status, COMPLETION_SIZE, DESCRIPTOR_SIZE, DEVICE_MAGIC, DEVICE_VERSION,
     MIN_QUEUE_ENTRIES, RING_ALIGN,
 };
@@ -18,7 +18,7 @@ use tlsaccel_abi::{
 use crate::engine::EngineScratch;
 use crate::keys::KeyTable;
 use crate::memory::{HostMemory, Iommu};
-use crate::queue::{ActiveQueue, Doorbells, Posting};
+use crate::queue::{ActiveQueue, Doorbells, OwnLine, Posting};
 
 /// Where the device sends a queue's interrupt message (an eventfd, an MSI-X write, ...).
 pub trait InterruptSink: Send + Sync + std::fmt::Debug {
@@ -71,7 +71,8 @@ impl Default for DeviceConfig {
                 | Capabilities::ECDSA_P384
                 | Capabilities::RSA
                 | Capabilities::X25519
-                | Capabilities::ECDH_P256,
+                | Capabilities::ECDH_P256
+                | Capabilities::MODEL_FAULTS,
         }
     }
 }
@@ -93,30 +94,9 @@ pub enum ConfigError {
     Thread(#[source] std::sync::Arc<std::io::Error>),
 }
 
-/// A fault the model can be told to show, for tests of the host side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Engines stop fetching descriptors until [`Fault::Resume`].
-    Stall,
-    /// Undo [`Fault::Stall`].
-    Resume,
-    /// The next completion is never written.
-    DropNextCompletion,
-    /// The next seal writes a tag with one bit flipped.
-    CorruptNextTag,
-    /// The next accepted job fails with `DMA_FAULT`.
-    DmaFaultNextJob,
-    /// The next completion reports a `result_len` larger than any job can produce.
-    OversizeNextResultLength,
-    /// Enter the fatal state.
-    Fatal,
-    /// Write a completion nobody asked for into a queue's completion ring.
-    BogusCompletion {
-        queue: u32,
-        cookie: u64,
-        result_len: u32,
-    },
-}
+/// A fault the model can be told to show, for tests of the host side: [`Device::inject`]
+/// in-process, or the `FAULT_*` registers of BAR0 (device-spec §9) from any transport.
+pub use tlsaccel_abi::ModelFault as Fault;
 
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
@@ -125,6 +105,12 @@ pub(crate) struct Faults {
     corrupt_tag: AtomicU32,
     dma_fault: AtomicU32,
     oversize_length: AtomicU32,
+    /// Jobs engines hold under a stall (the `FAULT_HELD_JOBS` register).
+    pub(crate) held: AtomicU32,
+    /// The argument registers of the fault window: queue, cookie, result length.
+    argument_queue: AtomicU32,
+    argument_cookie: AtomicU64,
+    argument_result_len: AtomicU32,
 }
 
 fn take_one(counter: &AtomicU32) -> bool {
@@ -135,6 +121,9 @@ fn take_one(counter: &AtomicU32) -> bool {
 }
 
 impl Faults {
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
+    }
     pub(crate) fn take_drop_completion(&self) -> bool {
         take_one(&self.drop_completion)
     }
@@ -151,22 +140,26 @@ impl Faults {
         posting
     }
     fn clear(&self) {
-        self.stalled.store(false, Ordering::Relaxed);
+        self.stalled.store(false, Ordering::Release);
         for counter in [
             &self.drop_completion,
             &self.corrupt_tag,
             &self.dma_fault,
             &self.oversize_length,
+            &self.argument_queue,
+            &self.argument_result_len,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
+        self.argument_cookie.store(0, Ordering::Relaxed);
     }
 }
 
 /// Wakes idle engines when a doorbell rings.
 #[derive(Debug, Default)]
 pub(crate) struct WorkSignal {
-    epoch: AtomicU64,
+    /// Bumped by every doorbell and read by spinning engines: on a cache line of its own.
+    epoch: OwnLine<AtomicU64>,
     sleepers: AtomicU32,
     lock: Mutex<()>,
     wake: Condvar,
@@ -183,11 +176,11 @@ impl WorkSignal {
         }
     }
 
-    fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    fn wait(&self, seen: u64, spin: Duration, timeout: Duration) {
+    pub(crate) fn wait(&self, seen: u64, spin: Duration, timeout: Duration) {
         let spin_until = Instant::now() + spin;
         while Instant::now() < spin_until {
             if self.epoch() != seen {
@@ -230,11 +223,15 @@ pub(crate) struct QueueRegisters {
     cq_base: AtomicU64,
     size: AtomicU32,
     control: AtomicU32,
-    status: AtomicU32,
+    /// `Q_ERROR`; `Q_STATUS.ERROR` is set while it is not `NONE`.
     error: AtomicU32,
     coalesce_count: AtomicU32,
     coalesce_usecs: AtomicU32,
+    /// The queue while it is enabled and served.
     active: RwLock<Option<Arc<ActiveQueue>>>,
+    /// The queue after a disable, an error or a reset stopped it, until its engines have let
+    /// go of it (`Q_STATUS.ENABLED` reads 1 until then, device-spec §3.1).
+    stopping: Mutex<Option<Arc<ActiveQueue>>>,
     doorbells: Arc<Doorbells>,
     config: Mutex<()>,
 }
@@ -256,16 +253,55 @@ impl QueueRegisters {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+    /// Stops the queue: engines finish or drop what they hold, and it is released once they
+    /// have let go.
     fn deactivate(&self) {
         self.doorbells.size.store(0, Ordering::Release);
-        if let Some(active) = self
+        // Under the `stopping` lock, so that `in_use` never sees the queue in neither place.
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = self
             .active
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+            .take();
+        if let Some(active) = taken {
             active.stop();
+            *stopping = Some(active);
         }
+    }
+
+    /// True while an engine may still touch a stopped incarnation of the queue. Forgets the
+    /// incarnation once it is released.
+    fn is_held(&self) -> bool {
+        Self::held(&mut self.stopping.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn held(stopping: &mut Option<Arc<ActiveQueue>>) -> bool {
+        match stopping {
+            Some(queue) if queue.is_released() => {
+                *stopping = None;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// True while the queue is enabled, or stopped and still held by an engine: its ring
+    /// registers hold still, and `Q_STATUS.ENABLED` reads 1.
+    fn in_use(&self) -> bool {
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+        self.active().is_some() || Self::held(&mut stopping)
+    }
+
+    fn status(&self) -> QueueStatus {
+        let mut status = QueueStatus::empty();
+        status.set(QueueStatus::ENABLED, self.in_use());
+        status.set(
+            QueueStatus::ERROR,
+            self.error.load(Ordering::Acquire) != QueueErrorCode::NONE.0,
+        );
+        status
     }
 }
 
@@ -278,6 +314,8 @@ pub(crate) struct Shared {
     pub(crate) config: DeviceConfig,
     control: AtomicU32,
     resetting: AtomicBool,
+    /// Serializes the two halves of a reset.
+    reset_lock: Mutex<()>,
     fatal_code: AtomicU32,
     heartbeat: AtomicU32,
     counters: [AtomicU64; Counter::ALL.len()],
@@ -343,11 +381,52 @@ impl Shared {
 
     fn queue_error(&self, registers: &QueueRegisters, code: QueueErrorCode) {
         registers.deactivate();
-        registers.error.store(code.0, Ordering::Relaxed);
-        registers
-            .status
-            .store(QueueStatus::ERROR.bits(), Ordering::Release);
+        registers.error.store(code.0, Ordering::Release);
         tracing::debug!(?code, "queue stopped on error");
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Finishes a reset once every engine has let go of every queue (device-spec §8): only
+    /// then are the registers, key table and counters cleared and READY set, so nothing an
+    /// engine still did for the old incarnation survives it. Returns true when no reset is
+    /// pending any more.
+    fn finish_reset(&self) -> bool {
+        if !self.resetting.load(Ordering::Acquire) {
+            return true;
+        }
+        let _reset = self.reset_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.resetting.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.queues.iter().any(QueueRegisters::is_held) {
+            return false;
+        }
+        for registers in self.queues.iter() {
+            let _config = registers.config.lock().unwrap_or_else(|e| e.into_inner());
+            for reg in [&registers.sq_base, &registers.cq_base] {
+                reg.store(0, Ordering::Relaxed);
+            }
+            for reg in [
+                &registers.size,
+                &registers.control,
+                &registers.error,
+                &registers.coalesce_count,
+                &registers.coalesce_usecs,
+            ] {
+                reg.store(0, Ordering::Relaxed);
+            }
+        }
+        self.keys.clear();
+        for counter in &self.counters {
+            counter.store(0, Ordering::Relaxed);
+        }
+        self.faults.clear();
+        self.fatal_code.store(FatalCode::NONE.0, Ordering::Release);
+        self.resetting.store(false, Ordering::Release);
+        true
     }
 
     fn engine_main(self: Arc<Self>, id: usize) {
@@ -359,7 +438,7 @@ impl Shared {
         while !self.shutdown.load(Ordering::Acquire) {
             let seen = self.work.epoch();
             let mut worked = false;
-            if self.is_running() && !self.faults.stalled.load(Ordering::Relaxed) {
+            if self.is_running() {
                 for i in 0..queues {
                     let registers = &self.queues[(start + i) % queues];
                     if !registers.doorbells.has_pending() {
@@ -399,6 +478,7 @@ impl Shared {
         const HEARTBEAT: Duration = Duration::from_millis(5);
         let mut next_beat = Instant::now() + HEARTBEAT;
         while !self.shutdown.load(Ordering::Acquire) {
+            let reset_pending = !self.finish_reset();
             let now = Instant::now();
             if now >= next_beat {
                 if !self.is_fatal() {
@@ -407,6 +487,10 @@ impl Shared {
                 next_beat = now + HEARTBEAT;
             }
             let mut wake_at = next_beat;
+            if reset_pending {
+                // Engines are letting go of the queues: look again soon.
+                wake_at = wake_at.min(now + Duration::from_micros(200));
+            }
             for registers in self.queues.iter() {
                 if let Some(active) = registers.active() {
                     let (due, later) = active.irq_due(now);
@@ -467,6 +551,7 @@ impl Device {
         let shared = Arc::new(Shared {
             control: AtomicU32::new(0),
             resetting: AtomicBool::new(false),
+            reset_lock: Mutex::new(()),
             fatal_code: AtomicU32::new(FatalCode::NONE.0),
             heartbeat: AtomicU32::new(0),
             counters: Default::default(),
@@ -543,7 +628,7 @@ impl Device {
             regs::DEVICE_STATUS => self.status().bits(),
             regs::FATAL_CODE => s.fatal_code.load(Ordering::Acquire),
             regs::HEARTBEAT => s.heartbeat.load(Ordering::Relaxed),
-            o if (regs::COUNTERS_BASE..regs::QUEUE_REGS_BASE).contains(&o) => {
+            o if (regs::COUNTERS_BASE..regs::COUNTERS_END).contains(&o) => {
                 let value = self.bar_read64(o & !7);
                 if o & 4 == 0 {
                     value as u32
@@ -554,13 +639,78 @@ impl Device {
             o if (regs::QUEUE_REGS_BASE..regs::DOORBELL_BASE).contains(&o) => {
                 self.read_queue_register(o)
             }
+            o if (model_faults::BASE..model_faults::END).contains(&o) => self.read_fault_window(o),
             _ => 0,
+        }
+    }
+
+    fn has_fault_window(&self) -> bool {
+        self.shared
+            .config
+            .capabilities
+            .contains(Capabilities::MODEL_FAULTS)
+    }
+
+    fn read_fault_window(&self, offset: u64) -> u32 {
+        let faults = &self.shared.faults;
+        if !self.has_fault_window() {
+            return 0;
+        }
+        match offset {
+            model_faults::QUEUE => faults.argument_queue.load(Ordering::Relaxed),
+            model_faults::COOKIE => faults.argument_cookie.load(Ordering::Relaxed) as u32,
+            o if o == model_faults::COOKIE + 4 => {
+                (faults.argument_cookie.load(Ordering::Relaxed) >> 32) as u32
+            }
+            model_faults::RESULT_LEN => faults.argument_result_len.load(Ordering::Relaxed),
+            model_faults::HELD_JOBS => faults.held.load(Ordering::SeqCst),
+            _ => 0,
+        }
+    }
+
+    /// A write to the fault-injection window (device-spec §9): argument registers, and
+    /// `FAULT_INJECT`, which performs the fault. Ignored without `MODEL_FAULTS`, and during
+    /// a reset.
+    fn write_fault_window(&self, offset: u64, value: u32) {
+        let faults = &self.shared.faults;
+        if !self.has_fault_window() || self.shared.resetting.load(Ordering::Acquire) {
+            return;
+        }
+        let set_cookie_half = |high: bool| {
+            let _ =
+                faults
+                    .argument_cookie
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                        Some(if high {
+                            (old & 0xffff_ffff) | u64::from(value) << 32
+                        } else {
+                            (old & !0xffff_ffff) | u64::from(value)
+                        })
+                    });
+        };
+        match offset {
+            model_faults::INJECT => {
+                let fault = Fault::from_registers(
+                    FaultCode(value),
+                    faults.argument_queue.load(Ordering::Relaxed),
+                    faults.argument_cookie.load(Ordering::Relaxed),
+                    faults.argument_result_len.load(Ordering::Relaxed),
+                );
+                if let Some(fault) = fault {
+                    self.inject(fault);
+                }
+            }
+            model_faults::QUEUE => faults.argument_queue.store(value, Ordering::Relaxed),
+            model_faults::COOKIE => set_cookie_half(false),
+            o if o == model_faults::COOKIE + 4 => set_cookie_half(true),
+            model_faults::RESULT_LEN => faults.argument_result_len.store(value, Ordering::Relaxed),
+            _ => {}
         }
     }
 
     /// Reads a 64-bit BAR0 register (counters, ring bases).
     pub fn bar_read64(&self, offset: u64) -> u64 {
-        if (regs::COUNTERS_BASE..regs::QUEUE_REGS_BASE).contains(&offset) && offset % 8 == 0 {
+        if (regs::COUNTERS_BASE..regs::COUNTERS_END).contains(&offset) && offset % 8 == 0 {
             let index = ((offset - regs::COUNTERS_BASE) / 8) as usize;
             return self
                 .shared
@@ -575,6 +725,9 @@ impl Device {
     pub fn bar_write32(&self, offset: u64, value: u32) {
         match offset {
             regs::DEVICE_CONTROL => self.write_control(value),
+            o if (model_faults::BASE..model_faults::END).contains(&o) => {
+                self.write_fault_window(o, value)
+            }
             o if (regs::QUEUE_REGS_BASE..regs::DOORBELL_BASE).contains(&o) => {
                 self.write_queue_register(o, value)
             }
@@ -589,13 +742,13 @@ impl Device {
         self.bar_write32(offset + 4, (value >> 32) as u32);
     }
 
-    /// Makes the device show `fault`.
+    /// Makes the device show `fault` (what a write to the `FAULT_INJECT` register does).
     pub fn inject(&self, fault: Fault) {
         let s = &*self.shared;
         match fault {
-            Fault::Stall => s.faults.stalled.store(true, Ordering::Relaxed),
+            Fault::Stall => s.faults.stalled.store(true, Ordering::Release),
             Fault::Resume => {
-                s.faults.stalled.store(false, Ordering::Relaxed);
+                s.faults.stalled.store(false, Ordering::Release);
                 s.work.notify();
             }
             Fault::DropNextCompletion => {
@@ -617,6 +770,9 @@ impl Device {
                 result_len,
             } => {
                 let Some(active) = s.queues.get(queue as usize).and_then(|q| q.active()) else {
+                    return;
+                };
+                let Some(_inside) = active.enter() else {
                     return;
                 };
                 if active.unclaimed_entries() == 0 || active.reserve(1) == 0 {
@@ -669,7 +825,7 @@ impl Device {
     fn status(&self) -> DeviceStatus {
         let s = &*self.shared;
         let mut status = DeviceStatus::empty();
-        status.set(DeviceStatus::READY, !s.resetting.load(Ordering::Acquire));
+        status.set(DeviceStatus::READY, s.finish_reset());
         status.set(DeviceStatus::RUNNING, s.is_running());
         status.set(DeviceStatus::FATAL, s.is_fatal());
         status
@@ -682,42 +838,35 @@ impl Device {
             self.reset();
             return;
         }
+        if s.resetting.load(Ordering::Acquire) {
+            // Not READY: registers are not to be programmed yet (§8).
+            return;
+        }
         s.control
             .store((control & DeviceControl::ENABLE).bits(), Ordering::Release);
         s.work.notify();
     }
 
     /// Returns the device to its power-on state: queues disabled and their registers cleared,
-    /// key table zeroized, counters cleared, fatal state cleared. Jobs in flight are dropped
-    /// without completions.
+    /// key table zeroized, counters cleared, fatal state and injected faults cleared. Jobs in
+    /// flight are dropped without completions. READY stays clear until every engine has let
+    /// go of the queues it was working on ([`Shared::finish_reset`]); the register write
+    /// itself does not wait.
     fn reset(&self) {
         let s = &*self.shared;
-        s.resetting.store(true, Ordering::Release);
-        s.control.store(0, Ordering::Release);
-        for registers in s.queues.iter() {
-            let _config = registers.config.lock().unwrap_or_else(|e| e.into_inner());
-            registers.deactivate();
-            for reg in [&registers.sq_base, &registers.cq_base] {
-                reg.store(0, Ordering::Relaxed);
+        {
+            let _reset = s.reset_lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.resetting.store(true, Ordering::Release);
+            s.control.store(0, Ordering::Release);
+            for registers in s.queues.iter() {
+                let _config = registers.config.lock().unwrap_or_else(|e| e.into_inner());
+                registers.deactivate();
             }
-            for reg in [
-                &registers.size,
-                &registers.control,
-                &registers.status,
-                &registers.error,
-                &registers.coalesce_count,
-                &registers.coalesce_usecs,
-            ] {
-                reg.store(0, Ordering::Relaxed);
-            }
+            // Lifts a stall, so that held engines see their queues stopped and let go.
+            s.faults.clear();
         }
-        s.keys.clear();
-        for counter in &s.counters {
-            counter.store(0, Ordering::Relaxed);
-        }
-        s.faults.clear();
-        s.fatal_code.store(FatalCode::NONE.0, Ordering::Release);
-        s.resetting.store(false, Ordering::Release);
+        s.work.notify();
+        s.finish_reset();
     }
 
     fn read_queue_register(&self, offset: u64) -> u32 {
@@ -741,7 +890,7 @@ impl Device {
             }
             regs::queue::SIZE => registers.size.load(Ordering::Relaxed),
             regs::queue::CONTROL => registers.control.load(Ordering::Relaxed),
-            regs::queue::STATUS => registers.status.load(Ordering::Acquire),
+            regs::queue::STATUS => registers.status().bits(),
             regs::queue::ERROR => registers.error.load(Ordering::Relaxed),
             regs::queue::IRQ_COALESCE_COUNT => registers.coalesce_count(),
             regs::queue::IRQ_COALESCE_USECS => registers.coalesce_usecs(),
@@ -757,10 +906,16 @@ impl Device {
         let Some(registers) = self.shared.queues.get(index as usize) else {
             return;
         };
+        if self.shared.resetting.load(Ordering::Acquire) {
+            // Not READY: registers are not to be programmed yet (§8).
+            return;
+        }
         let _config = registers.config.lock().unwrap_or_else(|e| e.into_inner());
         let enabled = registers.active().is_some();
+        // Ring registers hold still while the queue is enabled or still held (§2.4).
+        let in_use = registers.in_use();
         let set_half = |reg: &AtomicU64, high: bool| {
-            if enabled {
+            if in_use {
                 return;
             }
             let old = reg.load(Ordering::Relaxed);
@@ -776,7 +931,7 @@ impl Device {
             r if r == regs::queue::SQ_BASE + 4 => set_half(&registers.sq_base, true),
             regs::queue::CQ_BASE => set_half(&registers.cq_base, false),
             r if r == regs::queue::CQ_BASE + 4 => set_half(&registers.cq_base, true),
-            regs::queue::SIZE if !enabled => registers.size.store(value, Ordering::Relaxed),
+            regs::queue::SIZE if !in_use => registers.size.store(value, Ordering::Relaxed),
             regs::queue::IRQ_COALESCE_COUNT => {
                 registers.coalesce_count.store(value, Ordering::Relaxed)
             }
@@ -788,11 +943,15 @@ impl Device {
                 registers.control.store(value, Ordering::Relaxed);
                 match (enabled, control.contains(QueueControl::ENABLE)) {
                     (false, true) => self.enable_queue(index, registers),
-                    (true, false) => {
+                    (_, false) => {
+                        // Disable (or acknowledge an error): stop fetching and posting;
+                        // ENABLED reads 1 until the engines have let go (§3.1).
                         registers.deactivate();
-                        registers.status.store(0, Ordering::Release);
+                        registers
+                            .error
+                            .store(QueueErrorCode::NONE.0, Ordering::Release);
                     }
-                    _ => {}
+                    (true, true) => {}
                 }
             }
             _ => {}
@@ -805,6 +964,11 @@ impl Device {
         let sq_base = registers.sq_base.load(Ordering::Relaxed);
         let cq_base = registers.cq_base.load(Ordering::Relaxed);
         registers.error.store(0, Ordering::Relaxed);
+        if registers.is_held() {
+            // An engine still works on the previous incarnation (§3.1).
+            s.queue_error(registers, QueueErrorCode::BAD_CONFIG);
+            return;
+        }
         if !size.is_power_of_two()
             || !(MIN_QUEUE_ENTRIES..=s.config.max_queue_entries).contains(&size)
             || sq_base % RING_ALIGN != 0
@@ -840,9 +1004,6 @@ impl Device {
                     .contains(QueueControl::PUBLIC_KEY),
             )));
         doorbells.size.store(size, Ordering::Release);
-        registers
-            .status
-            .store(QueueStatus::ENABLED.bits(), Ordering::Release);
     }
 
     /// A doorbell write: a bounds check and a store, no lock (this is the hot path).
@@ -908,5 +1069,434 @@ impl Drop for Device {
             let _ = handle.join();
         }
         self.shared.keys.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+    use tlsaccel_abi::{AeadAlgorithm, Completion, Descriptor, KeyBlock, Opcode, KEY_BLOCK_SIZE};
+    use zerocopy::{FromBytes, IntoBytes};
+
+    use super::*;
+    use crate::memory::{HeapMemory, HostMemoryError};
+
+    /// Host memory at `BASE`: rings, key block and job buffers.
+    const BASE: u64 = 0x10_0000;
+    const SQ: u64 = BASE;
+    const CQ: u64 = BASE + 0x1000;
+    const KEY: u64 = BASE + 0x2000;
+    const SRC: u64 = BASE + 0x3000;
+    const DST: u64 = BASE + 0x4000;
+    const SIZE: u64 = 0x8000;
+    /// A separate mapping for destinations the tests unmap or slow down.
+    const OTHER: u64 = 0x40_0000;
+    const QUEUE: u32 = 1;
+    const SLOT: u32 = 5;
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Rig {
+        device: Device,
+        memory: Arc<HeapMemory>,
+        submitted: u32,
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            Self::with(DeviceConfig {
+                queues: 4,
+                key_slots: 16,
+                ..DeviceConfig::default()
+            })
+        }
+
+        fn with(config: DeviceConfig) -> Self {
+            let device = Device::new(config).expect("device");
+            let memory = Arc::new(HeapMemory::new(SIZE as usize));
+            device
+                .iommu()
+                .map(BASE, SIZE, Arc::clone(&memory) as Arc<dyn HostMemory>, 0)
+                .expect("map");
+            let rig = Self {
+                device,
+                memory,
+                submitted: 0,
+            };
+            rig.reset();
+            rig.write(regs::DEVICE_CONTROL, DeviceControl::ENABLE.bits());
+            rig
+        }
+
+        fn read(&self, offset: u64) -> u32 {
+            self.device.bar_read32(offset)
+        }
+
+        fn write(&self, offset: u64, value: u32) {
+            self.device.bar_write32(offset, value)
+        }
+
+        fn reset(&self) {
+            self.write(regs::DEVICE_CONTROL, DeviceControl::RESET.bits());
+            wait_for("READY after reset", || self.ready());
+        }
+
+        fn ready(&self) -> bool {
+            DeviceStatus::from_bits_retain(self.read(regs::DEVICE_STATUS))
+                .contains(DeviceStatus::READY)
+        }
+
+        fn queue_status(&self) -> QueueStatus {
+            QueueStatus::from_bits_retain(self.read(regs::queue_reg(QUEUE, regs::queue::STATUS)))
+        }
+
+        fn queue_error(&self) -> QueueErrorCode {
+            QueueErrorCode(self.read(regs::queue_reg(QUEUE, regs::queue::ERROR)))
+        }
+
+        /// Clears the rings and enables the queue with 8 entries.
+        fn enable_queue(&mut self) -> QueueStatus {
+            self.memory.write(0, &[0; 0x2000]).expect("rings");
+            self.submitted = 0;
+            let reg = |r| regs::queue_reg(QUEUE, r);
+            self.device.bar_write64(reg(regs::queue::SQ_BASE), SQ);
+            self.device.bar_write64(reg(regs::queue::CQ_BASE), CQ);
+            self.write(reg(regs::queue::SIZE), 8);
+            self.write(reg(regs::queue::CONTROL), QueueControl::ENABLE.bits());
+            self.queue_status()
+        }
+
+        fn disable_queue(&self) {
+            self.write(regs::queue_reg(QUEUE, regs::queue::CONTROL), 0);
+        }
+
+        fn submit(&mut self, mut descriptor: Descriptor) {
+            descriptor.cookie = u64::from(self.submitted + 1).into();
+            let slot = u64::from(self.submitted % 8);
+            self.memory
+                .write(SQ - BASE + slot * 64, descriptor.as_bytes())
+                .expect("sq");
+            self.submitted += 1;
+            self.write(regs::doorbell(QUEUE, regs::DB_SQ_TAIL), self.submitted % 8);
+        }
+
+        fn completion(&self, index: u32) -> Completion {
+            let mut raw = [0u8; 16];
+            self.memory
+                .read(CQ - BASE + u64::from(index) * 16, &mut raw)
+                .expect("cq");
+            Completion::read_from_bytes(&raw).expect("16 bytes")
+        }
+
+        fn completed(&self, index: u32) -> bool {
+            self.completion(index).flags & 1 != 0
+        }
+
+        fn wait_completion(&self, index: u32) -> Completion {
+            wait_for("a completion", || self.completed(index));
+            self.completion(index)
+        }
+
+        fn load_key(&mut self) {
+            let block = KeyBlock {
+                algorithm: AeadAlgorithm::AES_128_GCM.0,
+                key: [7; 32],
+                ..KeyBlock::default()
+            };
+            let mut block = block;
+            block.key[16..].fill(0);
+            self.memory
+                .write(KEY - BASE, block.as_bytes())
+                .expect("key block");
+            let index = self.submitted;
+            self.submit(Descriptor {
+                opcode: Opcode::KEY_LOAD.0,
+                key_slot: SLOT.into(),
+                src_iova: KEY.into(),
+                src_len: (KEY_BLOCK_SIZE as u32).into(),
+                ..Descriptor::default()
+            });
+            let done = self.wait_completion(index);
+            assert_eq!(Status(done.status.get()), Status::OK, "key load");
+        }
+
+        fn seal(&mut self, dst: u64) {
+            self.submit(Descriptor {
+                opcode: Opcode::AEAD_SEAL.0,
+                key_slot: SLOT.into(),
+                src_iova: SRC.into(),
+                src_len: 64.into(),
+                dst_iova: dst.into(),
+                dst_len: 80.into(),
+                ..Descriptor::default()
+            });
+        }
+
+        fn held_jobs(&self) -> u32 {
+            self.read(model_faults::HELD_JOBS)
+        }
+
+        fn inject(&self, code: FaultCode) {
+            self.write(model_faults::INJECT, code.0);
+        }
+    }
+
+    fn heap(memory: &HeapMemory, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        memory.read(offset, &mut out).expect("read");
+        out
+    }
+
+    #[test]
+    fn a_disabled_queue_stays_enabled_until_the_engine_lets_go_of_its_job() {
+        let mut rig = Rig::new();
+        assert_eq!(rig.enable_queue(), QueueStatus::ENABLED);
+        rig.load_key();
+        rig.inject(FaultCode::STALL);
+        rig.seal(DST);
+        wait_for("the engine holds the seal", || rig.held_jobs() == 1);
+        rig.disable_queue();
+        // The engine still holds the job: the rings and buffers are not the host's yet.
+        assert_eq!(rig.queue_status(), QueueStatus::ENABLED);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(rig.queue_status(), QueueStatus::ENABLED);
+        // Ring registers hold still meanwhile, and the queue cannot be enabled again.
+        let size = regs::queue_reg(QUEUE, regs::queue::SIZE);
+        rig.write(size, 4);
+        assert_eq!(rig.read(size), 8, "SIZE held still");
+        assert_eq!(
+            rig.enable_queue(),
+            QueueStatus::ENABLED | QueueStatus::ERROR,
+            "a queue not yet released is refused"
+        );
+        assert_eq!(rig.queue_error(), QueueErrorCode::BAD_CONFIG);
+        rig.disable_queue();
+        assert_eq!(rig.queue_error(), QueueErrorCode::NONE);
+        rig.inject(FaultCode::RESUME);
+        wait_for("the engine lets go", || rig.queue_status().is_empty());
+        assert_eq!(rig.held_jobs(), 0);
+        // The dropped job wrote nothing and posted nothing, and nothing comes later.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            heap(&rig.memory, DST - BASE, 80),
+            vec![0; 80],
+            "dst untouched"
+        );
+        assert!(!rig.completed(1), "no completion for the dropped job");
+        assert_eq!(
+            rig.device.bar_read64(Counter::JobsOk.offset()),
+            1,
+            "only the key load"
+        );
+        // Released, the queue comes back afresh and serves.
+        assert_eq!(rig.enable_queue(), QueueStatus::ENABLED);
+        rig.seal(DST);
+        assert_eq!(Status(rig.wait_completion(0).status.get()), Status::OK);
+        assert_ne!(heap(&rig.memory, DST - BASE, 80), vec![0; 80]);
+    }
+
+    #[test]
+    fn an_unmap_under_a_held_job_makes_it_fault_without_writing_the_memory() {
+        let mut rig = Rig::new();
+        rig.enable_queue();
+        rig.load_key();
+        let other = Arc::new(HeapMemory::new(0x1000));
+        rig.device
+            .iommu()
+            .map(OTHER, 0x1000, Arc::clone(&other) as Arc<dyn HostMemory>, 0)
+            .expect("map");
+        rig.inject(FaultCode::STALL);
+        rig.seal(OTHER);
+        wait_for("the engine holds the seal", || rig.held_jobs() == 1);
+        // Translated at acceptance, unmapped before the job runs.
+        rig.device.iommu().unmap(OTHER, 0x1000).expect("unmap");
+        rig.inject(FaultCode::RESUME);
+        let done = rig.wait_completion(1);
+        assert_eq!(Status(done.status.get()), Status::DMA_FAULT);
+        assert_eq!(done.result_len.get(), 0);
+        assert_eq!(
+            heap(&other, 0, 80),
+            vec![0; 80],
+            "the unmapped memory was written"
+        );
+        assert_eq!(rig.device.bar_read64(Counter::DmaFaults.offset()), 1);
+    }
+
+    /// Host memory whose writes wait for the test, to keep an engine in the middle of a job.
+    #[derive(Debug)]
+    struct GatedMemory {
+        inner: HeapMemory,
+        entered: SyncSender<()>,
+        proceed: Mutex<Receiver<()>>,
+    }
+
+    impl HostMemory for GatedMemory {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostMemoryError> {
+            self.inner.read(offset, buf)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), HostMemoryError> {
+            let _ = self.entered.try_send(());
+            let _ = self
+                .proceed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .recv_timeout(TIMEOUT);
+            self.inner.write(offset, data)
+        }
+        fn write_u32_release(&self, offset: u64, value: u32) -> Result<(), HostMemoryError> {
+            self.write(offset, &value.to_le_bytes())
+        }
+    }
+
+    /// A rig whose seals write `dst` into gated memory at `OTHER`: the engine stays inside
+    /// the job until the test sends on the returned channel.
+    fn gated_rig() -> (Rig, Receiver<()>, SyncSender<()>, Arc<GatedMemory>) {
+        let mut rig = Rig::new();
+        rig.enable_queue();
+        rig.load_key();
+        let (entered_tx, entered) = sync_channel(1);
+        let (proceed, proceed_rx) = sync_channel(1);
+        let gated = Arc::new(GatedMemory {
+            inner: HeapMemory::new(0x1000),
+            entered: entered_tx,
+            proceed: Mutex::new(proceed_rx),
+        });
+        rig.device
+            .iommu()
+            .map(OTHER, 0x1000, Arc::clone(&gated) as Arc<dyn HostMemory>, 0)
+            .expect("map");
+        (rig, entered, proceed, gated)
+    }
+
+    #[test]
+    fn reset_reports_ready_only_once_every_engine_has_let_go() {
+        let (mut rig, entered, proceed, _gated) = gated_rig();
+        rig.seal(OTHER);
+        entered
+            .recv_timeout(TIMEOUT)
+            .expect("the engine writes dst");
+        rig.write(regs::DEVICE_CONTROL, DeviceControl::RESET.bits());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!rig.ready(), "READY while an engine is inside a job");
+        // Nothing is cleared before the engine has let go, so nothing it does survives.
+        assert_eq!(rig.device.key_slots_loaded(), 1);
+        // Registers are not programmable meanwhile.
+        rig.write(regs::DEVICE_CONTROL, DeviceControl::ENABLE.bits());
+        proceed.send(()).expect("release the engine");
+        wait_for("READY once the engine let go", || rig.ready());
+        assert_eq!(rig.read(regs::DEVICE_CONTROL), 0, "ENABLE was ignored");
+        assert_eq!(
+            rig.device.key_slots_loaded(),
+            0,
+            "the key table is zeroized"
+        );
+        for counter in Counter::ALL {
+            assert_eq!(rig.device.bar_read64(counter.offset()), 0, "{counter:?}");
+        }
+        assert!(!rig.completed(1), "the dropped job posted no completion");
+        assert_eq!(rig.queue_status(), QueueStatus::empty());
+    }
+
+    #[test]
+    fn a_job_under_way_at_a_disable_finishes_its_dma_but_posts_nothing() {
+        let (mut rig, entered, proceed, gated) = gated_rig();
+        rig.seal(OTHER);
+        entered
+            .recv_timeout(TIMEOUT)
+            .expect("the engine writes dst");
+        rig.disable_queue();
+        assert_eq!(
+            rig.queue_status(),
+            QueueStatus::ENABLED,
+            "held by the engine"
+        );
+        assert_eq!(
+            rig.enable_queue(),
+            QueueStatus::ENABLED | QueueStatus::ERROR
+        );
+        assert_eq!(rig.queue_error(), QueueErrorCode::BAD_CONFIG);
+        proceed.send(()).expect("release the engine");
+        wait_for("the engine lets go", || {
+            !rig.queue_status().contains(QueueStatus::ENABLED)
+        });
+        // The write under way finished (allowed, §3.1) and nothing else happened after it.
+        assert_ne!(heap(&gated.inner, 0, 80), vec![0; 80]);
+        assert!(!rig.completed(1));
+    }
+
+    #[test]
+    fn faults_reach_the_model_through_its_register_window() {
+        let mut rig = Rig::new();
+        assert!(Capabilities::from_bits_retain(rig.read(regs::CAPABILITIES))
+            .contains(Capabilities::MODEL_FAULTS));
+        rig.enable_queue();
+        // A bogus completion from the argument registers, with a 64-bit cookie.
+        rig.write(model_faults::QUEUE, QUEUE);
+        rig.device
+            .bar_write64(model_faults::COOKIE, 0xdead_beef_0000_0003);
+        rig.write(model_faults::RESULT_LEN, 5);
+        assert_eq!(
+            rig.device.bar_read64(model_faults::COOKIE),
+            0xdead_beef_0000_0003
+        );
+        rig.inject(FaultCode::BOGUS_COMPLETION);
+        let bogus = rig.wait_completion(0);
+        assert_eq!(bogus.cookie.get(), 0xdead_beef_0000_0003);
+        assert_eq!(bogus.result_len.get(), 5);
+        // Stall holds fetched jobs and counts them; resume lets them complete (into
+        // completion entries 1 and 2: the bogus one took entry 0, but no submission slot).
+        rig.inject(FaultCode::STALL);
+        rig.submit(Descriptor::default());
+        rig.submit(Descriptor::default());
+        wait_for("two held NOPs", || rig.held_jobs() == 2);
+        assert!(!rig.completed(1));
+        rig.inject(FaultCode::RESUME);
+        rig.wait_completion(2);
+        assert_eq!(rig.held_jobs(), 0);
+        // Unknown codes do nothing; FATAL sets the fatal state; a reset clears faults.
+        rig.inject(FaultCode(0x77));
+        rig.inject(FaultCode::FATAL);
+        assert_eq!(rig.read(regs::FATAL_CODE), FatalCode::INJECTED.0);
+        rig.reset();
+        assert_eq!(rig.read(regs::FATAL_CODE), FatalCode::NONE.0);
+        assert_eq!(rig.read(model_faults::QUEUE), 0);
+    }
+
+    #[test]
+    fn without_the_capability_the_window_reads_zero_and_ignores_writes() {
+        let config = DeviceConfig {
+            queues: 4,
+            key_slots: 16,
+            capabilities: DeviceConfig::default().capabilities - Capabilities::MODEL_FAULTS,
+            ..DeviceConfig::default()
+        };
+        let rig = Rig::with(config);
+        rig.write(model_faults::QUEUE, 3);
+        assert_eq!(rig.read(model_faults::QUEUE), 0);
+        rig.inject(FaultCode::FATAL);
+        assert_eq!(rig.read(regs::FATAL_CODE), FatalCode::NONE.0);
+    }
+
+    #[test]
+    fn a_ring_unmapped_under_an_enabled_queue_stops_it_with_an_error() {
+        let mut rig = Rig::new();
+        rig.enable_queue();
+        rig.device.iommu().unmap(BASE, SIZE).expect("unmap");
+        rig.submit(Descriptor::default());
+        wait_for("the queue stops", || {
+            rig.queue_status().contains(QueueStatus::ERROR)
+        });
+        assert_eq!(rig.queue_error(), QueueErrorCode::RING_NOT_MAPPED);
     }
 }

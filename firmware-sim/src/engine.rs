@@ -14,7 +14,7 @@ use zerocopy::FromBytes;
 use zeroize::Zeroize;
 
 use crate::device::Shared;
-use crate::memory::DmaRange;
+use crate::memory::{DmaRange, IommuView};
 use crate::pke::PrivateKey;
 use crate::queue::{ActiveQueue, IrqAction, Posting};
 use tlsaccel_record::{self as crypto, Output, RecordKey};
@@ -74,13 +74,30 @@ impl Tally {
 }
 
 /// One engine thread's reusable buffers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct EngineScratch {
     data: Vec<u8>,
     aad: Vec<u8>,
+    descriptors: [[u8; DESCRIPTOR_SIZE]; FETCH_BURST as usize],
     work: Vec<Work>,
     postings: Vec<Posting>,
     tally: Tally,
+    /// This engine's copy of the IOMMU table.
+    view: IommuView,
+}
+
+impl Default for EngineScratch {
+    fn default() -> Self {
+        Self {
+            data: Vec::new(),
+            aad: Vec::new(),
+            descriptors: [[0; DESCRIPTOR_SIZE]; FETCH_BURST as usize],
+            work: Vec::new(),
+            postings: Vec::new(),
+            tally: Tally::default(),
+            view: IommuView::default(),
+        }
+    }
 }
 
 impl Drop for EngineScratch {
@@ -91,10 +108,15 @@ impl Drop for EngineScratch {
 
 impl Shared {
     /// Serves one burst from `queue`. Returns true when it did any work.
+    ///
+    /// The whole burst runs inside the queue ([`ActiveQueue::enter`]): a disable or reset
+    /// that comes meanwhile leaves `Q_STATUS.ENABLED` at 1 until the engine has made its last
+    /// access to the rings and the jobs' buffers. Jobs not yet started when the queue stops
+    /// are dropped without completions.
     pub(crate) fn serve(&self, queue: &ActiveQueue, scratch: &mut EngineScratch) -> bool {
-        if queue.stopped.load(Ordering::Acquire) {
+        let Some(_inside) = queue.enter() else {
             return false;
-        }
+        };
         let Ok(mut head) = queue.sq_head.try_lock() else {
             return false;
         };
@@ -113,35 +135,38 @@ impl Shared {
         if granted == 0 {
             return false;
         }
-        scratch.work.clear();
-        let mut raw = [0u8; DESCRIPTOR_SIZE];
-        for _ in 0..granted {
-            if queue.read_descriptor(*head, &mut raw).is_err() {
-                self.count(Counter::DmaFaults, 1);
-                self.queue_ring_fault(queue);
-                queue.unreserve(granted);
-                return true;
-            }
-            *head = (*head + 1) & queue.mask();
-            let descriptor = Descriptor::read_from_bytes(&raw).unwrap_or_default();
-            let work = self.accept(&descriptor, &mut scratch.tally);
-            scratch.work.push(work);
+        let fetched = &mut scratch.descriptors[..granted as usize];
+        if queue.read_descriptors(*head, fetched).is_err() {
+            self.count(Counter::DmaFaults, 1);
+            self.queue_ring_fault(queue);
+            queue.unreserve(granted);
+            return true;
         }
+        *head = (*head + granted) & queue.mask();
         queue.doorbells.sq_head.store(*head, Ordering::Relaxed);
+        drop(head);
         scratch
             .tally
             .add(Counter::DescriptorsFetched, u64::from(granted));
-        let more = pending > granted;
-        drop(head);
-        if more {
+        scratch.work.clear();
+        for raw in &scratch.descriptors[..granted as usize] {
+            let descriptor = Descriptor::read_from_bytes(raw).unwrap_or_default();
+            let work = self.accept(&descriptor, &mut scratch.view, &mut scratch.tally);
+            scratch.work.push(work);
+        }
+        if pending > granted {
             self.work.notify();
         }
 
+        self.hold_while_stalled(scratch.work.len());
         scratch.postings.clear();
         let mut work = std::mem::take(&mut scratch.work);
         for item in work.drain(..) {
+            // A job of a queue stopped meanwhile is dropped, not run: no DMA to its buffers
+            // and no completion (posting checks for itself).
             let posting = match item {
                 Work::Done(posting) => posting,
+                Work::Job(_) | Work::PublicKey(_) if queue.is_stopped() => continue,
                 Work::Job(job) => self.execute(&job, scratch),
                 Work::PublicKey(job) => self.execute_public_key(&job, &mut scratch.tally),
             };
@@ -178,6 +203,29 @@ impl Shared {
         true
     }
 
+    /// Under an injected stall, holds the `jobs` this engine has accepted — before their DMA
+    /// and completions — until the stall is lifted (a resume, a reset) or the device shuts
+    /// down. The engine stays inside its queue meanwhile.
+    fn hold_while_stalled(&self, jobs: usize) {
+        if !self.faults.is_stalled() {
+            return;
+        }
+        let jobs = u32::try_from(jobs).unwrap_or(u32::MAX);
+        self.faults.held.fetch_add(jobs, Ordering::SeqCst);
+        while self.faults.is_stalled() && !self.is_shutting_down() {
+            let seen = self.work.epoch();
+            if !self.faults.is_stalled() {
+                break;
+            }
+            self.work.wait(
+                seen,
+                std::time::Duration::ZERO,
+                std::time::Duration::from_millis(1),
+            );
+        }
+        self.faults.held.fetch_sub(jobs, Ordering::SeqCst);
+    }
+
     fn account(&self, posting: &Posting, tally: &mut Tally) {
         if posting.status.is_ok() {
             tally.add(Counter::JobsOk, 1);
@@ -200,7 +248,7 @@ impl Shared {
     }
 
     /// Validates a descriptor and, for key operations, performs it. Runs in submission order.
-    fn accept(&self, d: &Descriptor, tally: &mut Tally) -> Work {
+    fn accept(&self, d: &Descriptor, view: &mut IommuView, tally: &mut Tally) -> Work {
         let cookie = d.cookie.get();
         let done = |status: Status| {
             Work::Done(Posting {
@@ -212,7 +260,7 @@ impl Shared {
             })
         };
         if Opcode(d.opcode).is_public_key() {
-            return match self.accept_public_key(d, tally) {
+            return match self.accept_public_key(d, view, tally) {
                 Ok(Accepted::Job(job)) => Work::PublicKey(job),
                 Ok(Accepted::Done(len)) => Work::Done(Posting {
                     cookie,
@@ -227,7 +275,7 @@ impl Shared {
                 }
             };
         }
-        match self.accept_job(d) {
+        match self.accept_job(d, view) {
             Ok(Some(job)) => Work::Job(job),
             Ok(None) => done(Status::OK),
             Err(status) => {
@@ -237,7 +285,7 @@ impl Shared {
         }
     }
 
-    fn accept_job(&self, d: &Descriptor) -> Result<Option<Job>, Status> {
+    fn accept_job(&self, d: &Descriptor, view: &mut IommuView) -> Result<Option<Job>, Status> {
         let opcode = Opcode(d.opcode);
         if d.flags != 0 || d.reserved.get() != 0 {
             return Err(Status::BAD_DESCRIPTOR);
@@ -249,7 +297,7 @@ impl Shared {
                 if d.src_len.get() as usize != KEY_BLOCK_SIZE {
                     return Err(Status::LENGTH_ERROR);
                 }
-                let range = self.translate(d.src_iova.get(), KEY_BLOCK_SIZE as u32)?;
+                let range = self.translate(view, d.src_iova.get(), KEY_BLOCK_SIZE as u32)?;
                 let mut raw = [0u8; KEY_BLOCK_SIZE];
                 let read = range.read(0, &mut raw);
                 let mut block = KeyBlock::read_from_bytes(&raw).unwrap_or_default();
@@ -326,11 +374,11 @@ impl Shared {
         if opcode != Opcode::AEAD_SEAL && opcode != Opcode::AEAD_OPEN && d.aad_len.get() != 0 {
             return Err(Status::BAD_DESCRIPTOR);
         }
-        let src_range = self.translate(d.src_iova.get(), src_len)?;
-        let dst_range = self.translate(d.dst_iova.get(), dst_len)?;
+        let src_range = self.translate(view, d.src_iova.get(), src_len)?;
+        let dst_range = self.translate(view, d.dst_iova.get(), dst_len)?;
         let aad = match d.aad_len.get() {
             0 => None,
-            len => Some(self.translate(d.aad_iova.get(), len)?),
+            len => Some(self.translate(view, d.aad_iova.get(), len)?),
         };
         // TLS 1.2 lengths depend on the slot's algorithm: check them against the slot before
         // the grant consumes a sequence number.
@@ -366,7 +414,12 @@ impl Shared {
 
     /// Validates a public-key descriptor. Key loads and key-pair generation happen here, in
     /// submission order, as key-table operations do; signatures and derivations run later.
-    fn accept_public_key(&self, d: &Descriptor, tally: &mut Tally) -> Result<Accepted, Status> {
+    fn accept_public_key(
+        &self,
+        d: &Descriptor,
+        view: &mut IommuView,
+        tally: &mut Tally,
+    ) -> Result<Accepted, Status> {
         if d.flags != 0 || d.reserved.get() != 0 || d.aad_len.get() != 0 {
             return Err(Status::BAD_DESCRIPTOR);
         }
@@ -381,7 +434,7 @@ impl Shared {
                 if reserved_params(1) || src_len == 0 {
                     return Err(Status::BAD_DESCRIPTOR);
                 }
-                let src = self.translate(d.src_iova.get(), src_len)?;
+                let src = self.translate(view, d.src_iova.get(), src_len)?;
                 let mut material = zeroize::Zeroizing::new(vec![0u8; src_len as usize]);
                 src.read(0, &mut material).map_err(|_| Status::DMA_FAULT)?;
                 let key = PrivateKey::parse(PrivateKeyType(d.param[0]), &material)?;
@@ -398,7 +451,7 @@ impl Shared {
                 if (dst_len as usize) < share_len {
                     return Err(Status::LENGTH_ERROR);
                 }
-                let dst = self.translate(d.dst_iova.get(), dst_len)?;
+                let dst = self.translate(view, d.dst_iova.get(), dst_len)?;
                 let key = PrivateKey::generate(kind)?;
                 let share = key.key_share()?;
                 dst.write(0, &share).map_err(|_| Status::DMA_FAULT)?;
@@ -437,8 +490,8 @@ impl Shared {
                 }
                 Ok(Accepted::Job(PkeJob {
                     cookie: d.cookie.get(),
-                    input: self.translate(d.src_iova.get(), src_len)?,
-                    dst: self.translate(d.dst_iova.get(), dst_len)?,
+                    input: self.translate(view, d.src_iova.get(), src_len)?,
+                    dst: self.translate(view, d.dst_iova.get(), dst_len)?,
                     key,
                     sign: Some(sign),
                 }))
@@ -459,8 +512,8 @@ impl Shared {
                 if dst_len < 32 {
                     return Err(Status::LENGTH_ERROR);
                 }
-                let input = self.translate(d.src_iova.get(), src_len)?;
-                let dst = self.translate(d.dst_iova.get(), dst_len)?;
+                let input = self.translate(view, d.src_iova.get(), src_len)?;
+                let dst = self.translate(view, d.dst_iova.get(), dst_len)?;
                 Ok(Accepted::Job(PkeJob {
                     cookie: d.cookie.get(),
                     key,
@@ -508,9 +561,9 @@ impl Shared {
         posting
     }
 
-    fn translate(&self, iova: u64, len: u32) -> Result<DmaRange, Status> {
+    fn translate(&self, view: &mut IommuView, iova: u64, len: u32) -> Result<DmaRange, Status> {
         self.iommu
-            .translate(iova, u64::from(len))
+            .translate_cached(view, iova, u64::from(len))
             .map_err(|_| Status::DMA_FAULT)
     }
 

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tlsaccel_abi::{Completion, CompletionFlags, Status, COMPLETION_SIZE, COMPLETION_STATUS_WORD};
+use tlsaccel_abi::{
+    Completion, CompletionFlags, Status, COMPLETION_SIZE, COMPLETION_STATUS_WORD, DESCRIPTOR_SIZE,
+};
 use zerocopy::IntoBytes;
 
 use crate::memory::{DmaFault, DmaRange, HostMemory};
@@ -107,6 +109,10 @@ impl Doorbells {
     }
 }
 
+/// One enabled incarnation of a queue pair. Engines reach its rings and its jobs' buffers
+/// only inside [`ActiveQueue::enter`]; a stopped queue is *released* once no engine is
+/// inside any more, and from then on nothing of it is touched (`Q_STATUS.ENABLED` reads 0,
+/// device-spec §3.1).
 #[derive(Debug)]
 pub(crate) struct ActiveQueue {
     pub(crate) index: u32,
@@ -118,7 +124,39 @@ pub(crate) struct ActiveQueue {
     /// Served by the public-key engines (latched from `Q_CONTROL` at enable).
     pub(crate) public_key: bool,
     completion: Mutex<CompletionState>,
-    pub(crate) stopped: AtomicBool,
+    /// [`STOPPED`] and the number of engines inside, in one word: entering and checking
+    /// for a stop are one atomic step, so a stop cannot slip between them. On a cache line
+    /// of its own, away from the reference count every engine round touches.
+    users: OwnLine<AtomicU32>,
+}
+
+/// A value on a cache line of its own (128 bytes: adjacent-line prefetch pairs lines), so
+/// that writes to it do not slow readers of its neighbours, nor the reverse.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct OwnLine<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for OwnLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// `ActiveQueue::users` bit: the queue was stopped; engines may not enter any more.
+const STOPPED: u32 = 1 << 31;
+
+/// An engine's licence to touch a queue's rings and its jobs' buffers; the queue is not
+/// released while one exists.
+#[derive(Debug)]
+pub(crate) struct QueueUse<'a> {
+    queue: &'a ActiveQueue,
+}
+
+impl Drop for QueueUse<'_> {
+    fn drop(&mut self) {
+        self.queue.users.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl ActiveQueue {
@@ -146,8 +184,29 @@ impl ActiveQueue {
                 irq_deadline: None,
                 stopped: false,
             }),
-            stopped: AtomicBool::new(false),
+            users: OwnLine(AtomicU32::new(0)),
         }
+    }
+
+    /// Enters the queue to work on it; `None` once it is stopped.
+    pub(crate) fn enter(&self) -> Option<QueueUse<'_>> {
+        let before = self.users.fetch_add(1, Ordering::Acquire);
+        if before & STOPPED != 0 {
+            self.users.fetch_sub(1, Ordering::Release);
+            return None;
+        }
+        Some(QueueUse { queue: self })
+    }
+
+    /// True once the queue was stopped (engines inside drop what they have not started).
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.users.load(Ordering::Acquire) & STOPPED != 0
+    }
+
+    /// True once the queue was stopped and every engine has left it: nothing of the queue
+    /// is touched any more.
+    pub(crate) fn is_released(&self) -> bool {
+        self.users.load(Ordering::Acquire) == STOPPED
     }
 
     pub(crate) fn mask(&self) -> u32 {
@@ -158,21 +217,33 @@ impl ActiveQueue {
         self.completion.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stops the queue: nothing more is fetched or posted. Jobs in flight are dropped.
+    /// Stops the queue: nothing more is fetched or posted, and engines drop the jobs they
+    /// have not started. The queue is released once the engines inside have left.
     pub(crate) fn stop(&self) {
         let mut state = self.completion();
         state.stopped = true;
-        self.stopped.store(true, Ordering::Release);
+        self.users.fetch_or(STOPPED, Ordering::AcqRel);
     }
 
     pub(crate) fn cq_tail(&self) -> u32 {
         self.completion().tail
     }
 
-    /// Reads descriptor `index` of the submission ring.
-    pub(crate) fn read_descriptor(&self, index: u32, buf: &mut [u8]) -> Result<(), DmaFault> {
-        self.sq
-            .read(u64::from(index) * tlsaccel_abi::DESCRIPTOR_SIZE as u64, buf)
+    /// Reads `out.len()` descriptors of the submission ring from slot `first` on (wrapping),
+    /// with one mapping check for all of them.
+    pub(crate) fn read_descriptors(
+        &self,
+        first: u32,
+        out: &mut [[u8; DESCRIPTOR_SIZE]],
+    ) -> Result<(), DmaFault> {
+        self.sq.with_access(|sq| {
+            let mut index = first;
+            for raw in out.iter_mut() {
+                sq.read(u64::from(index) * DESCRIPTOR_SIZE as u64, raw)?;
+                index = (index + 1) & self.mask();
+            }
+            Ok(())
+        })
     }
 
     /// Reserves up to `wanted` completion entries; returns how many were reserved. The device
@@ -230,29 +301,32 @@ impl ActiveQueue {
         if state.stopped || postings.is_empty() {
             return Ok(IrqAction::None);
         }
-        for posting in postings {
-            let at = u64::from(state.tail) * COMPLETION_SIZE as u64;
-            let mut flags = CompletionFlags::empty();
-            flags.set(CompletionFlags::PHASE, state.phase);
-            flags.set(
-                CompletionFlags::SEQUENCE_ADVANCED,
-                posting.sequence_advanced,
-            );
-            let entry = Completion {
-                cookie: posting.cookie.into(),
-                result_len: posting.result_len.into(),
-                ..Completion::default()
-            };
-            self.cq
-                .write(at, &entry.as_bytes()[..COMPLETION_STATUS_WORD])?;
-            let word = Completion::status_word(posting.status, posting.info, flags);
-            self.cq
-                .write_u32_release(at + COMPLETION_STATUS_WORD as u64, word)?;
-            state.tail = (state.tail + 1) & self.mask();
-            if state.tail == 0 {
-                state.phase = !state.phase;
+        let mask = self.mask();
+        let state = &mut *state;
+        self.cq.with_access(|cq| {
+            for posting in postings {
+                let at = u64::from(state.tail) * COMPLETION_SIZE as u64;
+                let mut flags = CompletionFlags::empty();
+                flags.set(CompletionFlags::PHASE, state.phase);
+                flags.set(
+                    CompletionFlags::SEQUENCE_ADVANCED,
+                    posting.sequence_advanced,
+                );
+                let entry = Completion {
+                    cookie: posting.cookie.into(),
+                    result_len: posting.result_len.into(),
+                    ..Completion::default()
+                };
+                cq.write(at, &entry.as_bytes()[..COMPLETION_STATUS_WORD])?;
+                let word = Completion::status_word(posting.status, posting.info, flags);
+                cq.write_u32_release(at + COMPLETION_STATUS_WORD as u64, word)?;
+                state.tail = (state.tail + 1) & mask;
+                if state.tail == 0 {
+                    state.phase = !state.phase;
+                }
             }
-        }
+            Ok(())
+        })?;
         if !irq_enabled {
             return Ok(IrqAction::None);
         }

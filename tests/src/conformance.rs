@@ -3,24 +3,26 @@
 //! `#[test]` functions for one backend, and [`CASES`] lets a non-test runner (the guest test)
 //! iterate them.
 //!
-//! Cases that need the device to misbehave on command use the simulator's fault injection and
-//! say so with [`Outcome::Skipped`] on a backend that has none.
+//! Cases that need the device to misbehave on command use the reference model's
+//! fault-injection registers ([`ModelFaults`], device-spec §9), which reach the simulator over
+//! every transport; on a device without them (hardware, the RTL) they say so with
+//! [`Outcome::Skipped`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
-use tlsaccel_driver::abi::regs::Counter;
+use tlsaccel_driver::abi::regs::{self, Counter};
 use tlsaccel_driver::abi::{
-    AeadAlgorithm, Capabilities, Descriptor, KeyDirection, Opcode, RecordProtocol, Status,
-    NONCE_LEN, TAG_LEN,
+    AeadAlgorithm, Capabilities, Descriptor, KeyDirection, ModelFault as Fault, Opcode,
+    QueueStatus, RecordProtocol, Status, NONCE_LEN, TAG_LEN,
 };
+use tlsaccel_driver::dma::DmaRegion;
 use tlsaccel_driver::{
-    AsyncQueue, Device, DmaBuffer, Job, JobError, JobOp, JobOutput, KeyMaterial, KeySlot,
-    QueueConfig, QueuePair,
+    AsyncQueue, Device, DmaBuffer, Iova, Job, JobError, JobOp, JobOutput, KeyMaterial, KeySlot,
+    ModelFaults, QueueConfig, QueuePair,
 };
-use tlsaccel_sim::Fault;
 
 use crate::peer::{self, TlsVersion, TrafficKey};
 use crate::wycheproof;
@@ -85,6 +87,14 @@ pub const CASES: &[(&str, CaseFn)] = &[
     ("lost_completion_times_out", lost_completion_times_out),
     ("reset_fails_jobs_in_flight", reset_fails_jobs_in_flight),
     (
+        "disabled_queue_is_held_until_the_engine_lets_go",
+        disabled_queue_is_held_until_the_engine_lets_go,
+    ),
+    (
+        "unmap_under_a_held_job_faults_it",
+        unmap_under_a_held_job_faults_it,
+    ),
+    (
         "wycheproof_rsa_pkcs1_signatures",
         crate::public_key::wycheproof_rsa_pkcs1_signatures,
     ),
@@ -130,7 +140,9 @@ macro_rules! conformance_suite {
             key_slots_are_released,
             async_queue_with_coalesced_interrupts,
             lost_completion_times_out,
-            reset_fails_jobs_in_flight);
+            reset_fails_jobs_in_flight,
+            disabled_queue_is_held_until_the_engine_lets_go,
+            unmap_under_a_held_job_faults_it);
         $crate::conformance_suite!(@public_key $open;
             wycheproof_rsa_pkcs1_signatures,
             wycheproof_x25519,
@@ -199,6 +211,39 @@ fn status_of(result: Result<JobOutput, JobError>) -> Option<Status> {
 
 fn simulator(device: &Arc<Device>) -> Option<&tlsaccel_sim::Device> {
     device.transport().simulator()
+}
+
+/// The device's fault-injection window, or the skip a case reports on a device without one.
+fn model_faults(device: &Arc<Device>) -> std::result::Result<ModelFaults, Outcome> {
+    ModelFaults::new(device)
+        .map_err(|error| Outcome::Skipped(format!("needs fault injection: {error}")))
+}
+
+/// Lifts an injected stall when dropped, so that a case that fails half-way does not leave
+/// the device holding jobs.
+struct StallGuard<'a>(&'a ModelFaults);
+
+impl<'a> StallGuard<'a> {
+    fn stall(faults: &'a ModelFaults) -> Self {
+        faults.inject(Fault::Stall);
+        Self(faults)
+    }
+}
+
+impl Drop for StallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.inject(Fault::Resume);
+    }
+}
+
+/// Waits until `done` holds, or fails with `what`.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !done() {
+        ensure!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
 }
 
 /// Whether the device says it has `algorithm` (a driver must not use one it lacks, §2.2).
@@ -631,10 +676,9 @@ pub fn ring_wraps_many_times(device: &Arc<Device>) -> Result<Outcome> {
 /// A full ring takes no more jobs (and drops none); once completions are taken, the rest go
 /// through.
 pub fn full_ring_applies_backpressure(device: &Arc<Device>) -> Result<Outcome> {
-    let Some(sim) = simulator(device) else {
-        return Ok(Outcome::Skipped(
-            "needs fault injection to hold the device".into(),
-        ));
+    let faults = match model_faults(device) {
+        Ok(faults) => faults,
+        Err(skip) => return Ok(skip),
     };
     let mut pair = queue(device, 4)?;
     let jobs: Vec<Job> = (0..100)
@@ -643,10 +687,10 @@ pub fn full_ring_applies_backpressure(device: &Arc<Device>) -> Result<Outcome> {
             op: JobOp::Nop,
         })
         .collect();
-    sim.inject(Fault::Stall);
+    let stall = StallGuard::stall(&faults);
     let first = pair.submit(&jobs)?;
     let second = pair.submit(&jobs[first..])?;
-    sim.inject(Fault::Resume);
+    drop(stall);
     ensure!(first == 3, "a 4-entry ring took {first} jobs");
     ensure!(second == 0, "a full ring took {second} more jobs");
     let mut seen = Vec::new();
@@ -993,16 +1037,17 @@ pub fn hostile_descriptors_get_error_completions(device: &Arc<Device>) -> Result
 
 /// Completions the driver did not ask for, or with impossible lengths, are caught.
 pub fn bogus_completions_are_detected(device: &Arc<Device>) -> Result<Outcome> {
-    let Some(sim) = simulator(device) else {
-        return Ok(Outcome::Skipped("needs fault injection".into()));
+    let faults = match model_faults(device) {
+        Ok(faults) => faults,
+        Err(skip) => return Ok(skip),
     };
     let mut pair = queue(device, 16)?;
-    sim.inject(Fault::BogusCompletion {
+    faults.inject(Fault::BogusCompletion {
         queue: pair.index(),
         cookie: 0xdead_beef_0000_0003,
         result_len: 5,
     });
-    sim.inject(Fault::OversizeNextResultLength);
+    faults.inject(Fault::OversizeNextResultLength);
     let mut results = Vec::new();
     pair.run(
         &[
@@ -1042,8 +1087,9 @@ pub fn bogus_completions_are_detected(device: &Arc<Device>) -> Result<Outcome> {
 
 /// A seal with a corrupted tag (injected) fails to open on the device.
 pub fn corrupted_tag_fails_authentication(device: &Arc<Device>) -> Result<Outcome> {
-    let Some(sim) = simulator(device) else {
-        return Ok(Outcome::Skipped("needs fault injection".into()));
+    let faults = match model_faults(device) {
+        Ok(faults) => faults,
+        Err(skip) => return Ok(skip),
     };
     let mut pair = queue(device, 16)?;
     let slot = raw_slot(device, AeadAlgorithm::AES_256_GCM)?;
@@ -1067,7 +1113,7 @@ pub fn corrupted_tag_fails_authentication(device: &Arc<Device>) -> Result<Outcom
     run_one(&mut pair, seal.clone())?.map_err(|e| anyhow!("clean seal: {e}"))?;
     run_one(&mut pair, open.clone())?.map_err(|e| anyhow!("clean open: {e}"))?;
     ensure!(reopened.to_vec(0, 14)? == b"attack at dawn");
-    sim.inject(Fault::CorruptNextTag);
+    faults.inject(Fault::CorruptNextTag);
     run_one(&mut pair, seal)?.map_err(|e| anyhow!("seal: {e}"))?;
     ensure!(status_of(run_one(&mut pair, open)?) == Some(Status::AUTH_FAILED));
     Ok(Outcome::Passed("corrupted tag caught".into()))
@@ -1147,11 +1193,12 @@ pub fn async_queue_with_coalesced_interrupts(device: &Arc<Device>) -> Result<Out
 /// A completion the device never writes fails its job with `TimedOut`; the queue is then
 /// marked broken rather than trusted.
 pub fn lost_completion_times_out(device: &Arc<Device>) -> Result<Outcome> {
-    let Some(sim) = simulator(device) else {
-        return Ok(Outcome::Skipped("needs fault injection".into()));
+    let faults = match model_faults(device) {
+        Ok(faults) => faults,
+        Err(skip) => return Ok(skip),
     };
     let mut pair = queue(device, 16)?;
-    sim.inject(Fault::DropNextCompletion);
+    faults.inject(Fault::DropNextCompletion);
     let mut result = None;
     pair.run(
         &[Job {
@@ -1181,12 +1228,14 @@ pub fn lost_completion_times_out(device: &Arc<Device>) -> Result<Outcome> {
 /// A device reset fails the jobs in flight with `DeviceLost`, invalidates key slots, and the
 /// device serves new queues afterwards.
 pub fn reset_fails_jobs_in_flight(device: &Arc<Device>) -> Result<Outcome> {
-    let Some(sim) = simulator(device) else {
-        return Ok(Outcome::Skipped("needs fault injection".into()));
+    let faults = match model_faults(device) {
+        Ok(faults) => faults,
+        Err(skip) => return Ok(skip),
     };
     let mut pair = queue(device, 16)?;
     let slot = raw_slot(device, AeadAlgorithm::AES_128_GCM)?;
-    sim.inject(Fault::Stall);
+    // The reset lifts the stall; no guard, which would resume the next incarnation.
+    faults.inject(Fault::Stall);
     ensure!(
         pair.submit(&[
             Job {
@@ -1199,7 +1248,7 @@ pub fn reset_fails_jobs_in_flight(device: &Arc<Device>) -> Result<Outcome> {
             }
         ])? == 2
     );
-    sim.inject(Fault::Fatal);
+    faults.inject(Fault::Fatal);
     ensure!(device
         .status()
         .contains(tlsaccel_driver::abi::DeviceStatus::FATAL));
@@ -1224,5 +1273,151 @@ pub fn reset_fails_jobs_in_flight(device: &Arc<Device>) -> Result<Outcome> {
     ensure!(device.counter(Counter::KeySlotsLoaded) == 0);
     Ok(Outcome::Passed(
         "reset failed 2 jobs, device serves again".into(),
+    ))
+}
+
+/// A queue disabled while an engine holds one of its jobs (stalled between acceptance and its
+/// DMA) stays ENABLED until the engine lets go, and the job then writes nothing to its `dst`
+/// and posts no completion (device-spec §3.1): the host may reuse the memory once ENABLED
+/// reads 0, and not before.
+pub fn disabled_queue_is_held_until_the_engine_lets_go(device: &Arc<Device>) -> Result<Outcome> {
+    let faults = match model_faults(device) {
+        Ok(faults) => faults,
+        Err(skip) => return Ok(skip),
+    };
+    let mut pair = queue(device, 16)?;
+    let slot = raw_slot(device, AeadAlgorithm::AES_128_GCM)?;
+    let src = buffer_with(device, &[0x11; 64], 64)?;
+    let dst = device.pool().alloc(64 + TAG_LEN)?;
+    let seal = || JobOp::AeadSeal {
+        slot: slot.slot_ref(),
+        nonce: [4; 12],
+        aad: None,
+        src: src.whole(),
+        dst: dst.whole(),
+    };
+    let completed_before = device.counter(Counter::JobsOk) + device.counter(Counter::JobsFailed);
+
+    let stall = StallGuard::stall(&faults);
+    ensure!(
+        pair.submit(&[Job {
+            user_data: 1,
+            op: seal()
+        }])? == 1
+    );
+    wait_until("the device never took the job", || faults.held_jobs() >= 1)?;
+    let transport = device.transport();
+    let status = || {
+        QueueStatus::from_bits_retain(
+            transport.read32(regs::queue_reg(pair.index(), regs::queue::STATUS)),
+        )
+    };
+    // Disable the queue as a driver does before reusing its memory.
+    transport.write32(regs::queue_reg(pair.index(), regs::queue::CONTROL), 0);
+    for _ in 0..2 {
+        ensure!(
+            status().contains(QueueStatus::ENABLED),
+            "Q_STATUS.ENABLED cleared while an engine still held a job of the queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(stall);
+    wait_until("the queue stayed ENABLED after the engine let go", || {
+        !status().contains(QueueStatus::ENABLED)
+    })?;
+    // ENABLED reads 0: whatever the device was going to do to this memory is done.
+    ensure!(
+        dst.to_vec(0, 64 + TAG_LEN)? == vec![0; 64 + TAG_LEN],
+        "the job wrote dst after its queue was disabled"
+    );
+    let mut late = Vec::new();
+    pair.poll(|done| late.push(done));
+    ensure!(
+        late.is_empty(),
+        "a completion was posted after the queue was disabled: {late:?}"
+    );
+    ensure!(
+        device.counter(Counter::JobsOk) + device.counter(Counter::JobsFailed) == completed_before,
+        "the dropped job was run"
+    );
+    drop(pair);
+    let mut fresh = queue(device, 16)?;
+    run_one(&mut fresh, seal())?.map_err(|e| anyhow!("a seal on a fresh queue: {e}"))?;
+    ensure!(dst.to_vec(0, 64 + TAG_LEN)? != vec![0; 64 + TAG_LEN]);
+    Ok(Outcome::Passed(
+        "held job dropped, ENABLED cleared only after the engine let go".into(),
+    ))
+}
+
+/// Where [`unmap_under_a_held_job_faults_it`] maps its page: far above the DMA pool
+/// (`POOL_IOVA_BASE` plus its 1 GiB default limit).
+const UNMAP_TEST_IOVA: u64 = 0x2_0000_0000;
+
+/// The host unmaps a job's `dst` while an engine holds the job (accepted, so translated, but
+/// not yet run): the job fails with `DMA_FAULT` and the memory is never written, because the
+/// device's IOMMU checks the mapping at every access, not only at translation.
+pub fn unmap_under_a_held_job_faults_it(device: &Arc<Device>) -> Result<Outcome> {
+    let faults = match model_faults(device) {
+        Ok(faults) => faults,
+        Err(skip) => return Ok(skip),
+    };
+    let transport = device.transport();
+    if transport.region_source().is_some() {
+        return Ok(Outcome::Skipped(
+            "the device reaches only its own memory here (shared-memory mode, device-spec §11): \
+             there is no DMA mapping to remove"
+                .into(),
+        ));
+    }
+    let mut pair = queue(device, 16)?;
+    let slot = raw_slot(device, AeadAlgorithm::AES_128_GCM)?;
+    let src = buffer_with(device, &[0x22; 64], 64)?;
+    // A page in a mapping of its own, which the test removes under the job.
+    let page = Arc::new(DmaRegion::new(4096)?);
+    let iova = Iova(UNMAP_TEST_IOVA);
+    transport.map(&page, iova)?;
+    let mut descriptor = Descriptor {
+        opcode: Opcode::AEAD_SEAL.0,
+        key_slot: slot.index().into(),
+        src_iova: src.iova().0.into(),
+        src_len: 64.into(),
+        dst_iova: iova.0.into(),
+        dst_len: ((64 + TAG_LEN) as u32).into(),
+        ..Descriptor::default()
+    };
+    descriptor.param = [5; 12];
+    let stall = StallGuard::stall(&faults);
+    ensure!(
+        pair.submit(&[Job {
+            user_data: 1,
+            op: JobOp::Raw(descriptor),
+        }])? == 1
+    );
+    wait_until("the device never took the job", || faults.held_jobs() >= 1)?;
+    transport.unmap(iova, page.len())?;
+    drop(stall);
+    let mut results = Vec::new();
+    wait_until("the job never completed", || {
+        pair.poll(|done| results.push(done.result));
+        !results.is_empty()
+    })?;
+    let mut written = vec![0u8; 64 + TAG_LEN];
+    page.read(0, &mut written)?;
+    ensure!(
+        written == vec![0; 64 + TAG_LEN],
+        "the device wrote memory the host had unmapped (job result {:?})",
+        results[0]
+    );
+    ensure!(
+        status_of(results[0]) == Some(Status::DMA_FAULT),
+        "a job whose dst was unmapped under it ended with {:?}",
+        results[0]
+    );
+    ensure!(
+        run_one(&mut pair, JobOp::Nop)?.is_ok(),
+        "the queue stopped serving"
+    );
+    Ok(Outcome::Passed(
+        "dst unmapped under a held job: DMA_FAULT, memory untouched".into(),
     ))
 }

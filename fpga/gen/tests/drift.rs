@@ -53,3 +53,27 @@ fn the_sbox_has_the_fips_197_values() {
     }
     assert!(seen.iter().all(|&s| s));
 }
+
+#[test]
+fn the_rtl_does_not_advertise_the_models_fault_window() {
+    // The RTL reads 0 at the window's offsets and ignores writes there; its CAPABILITIES
+    // must say so, or the conformance suite would try to inject faults into it.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rtl/tlsaccel_csr.v");
+    let csr = std::fs::read_to_string(&path).expect("fpga/rtl/tlsaccel_csr.v exists");
+    let line = csr
+        .lines()
+        .find(|l| l.contains("parameter [31:0] CAPABILITIES"))
+        .expect("the CSR block has a CAPABILITIES parameter");
+    let hex = line
+        .split("32'h")
+        .nth(1)
+        .map(|rest| rest.trim_end_matches([',', ' ', ';']))
+        .expect("CAPABILITIES is a 32'h literal");
+    let value = u32::from_str_radix(&hex.replace('_', ""), 16).expect("hex digits");
+    let capabilities = tlsaccel_abi::Capabilities::from_bits_retain(value);
+    assert!(
+        !capabilities.contains(tlsaccel_abi::Capabilities::MODEL_FAULTS),
+        "the RTL's CAPABILITIES ({value:#x}) sets MODEL_FAULTS"
+    );
+    assert!(capabilities.contains(tlsaccel_abi::Capabilities::AES_128_GCM));
+}

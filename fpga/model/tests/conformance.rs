@@ -1,7 +1,8 @@
 //! The device conformance suite (`tests/src/conformance.rs`), unchanged, on the RTL: every
-//! case that needs neither the simulator's fault injection nor an engine the RTL lacks
-//! (ChaCha20-Poly1305, TLS 1.2 records and the public-key engines are simulator-only;
-//! the cases ask the CAPABILITIES register and use what it offers).
+//! case that needs neither the reference model's fault injection (the RTL has no fault
+//! window: its CAPABILITIES lacks MODEL_FAULTS, and those cases must say so and skip) nor an
+//! engine the RTL lacks (ChaCha20-Poly1305, TLS 1.2 records and the public-key engines are
+//! simulator-only; the cases ask the CAPABILITIES register and use what it offers).
 
 use std::sync::Arc;
 
@@ -9,8 +10,8 @@ use tlsaccel_driver::{Device, DeviceOptions, Transport};
 use tlsaccel_rtl::RtlTransport;
 use tlsaccel_tests::conformance::{Outcome, CASES};
 
-/// The cases that run on the RTL. The others hold or break the device through the
-/// simulator's fault injection (Skipped anywhere else) or need a simulator-only engine.
+/// The cases that run on the RTL. The others hold or break the device through the model's
+/// fault injection ([`NEED_MODEL_FAULTS`]) or need a simulator-only engine.
 const ON_RTL: [&str; 10] = [
     "identity_and_capabilities",
     "nop_jobs_complete_with_their_cookies",
@@ -22,6 +23,17 @@ const ON_RTL: [&str; 10] = [
     "hostile_descriptors_get_error_completions",
     "key_slots_are_released",
     "async_queue_with_coalesced_interrupts",
+];
+
+/// The cases that need the model's fault-injection window, which the RTL does not have.
+const NEED_MODEL_FAULTS: [&str; 7] = [
+    "full_ring_applies_backpressure",
+    "bogus_completions_are_detected",
+    "corrupted_tag_fails_authentication",
+    "lost_completion_times_out",
+    "reset_fails_jobs_in_flight",
+    "disabled_queue_is_held_until_the_engine_lets_go",
+    "unmap_under_a_held_job_faults_it",
 ];
 
 #[test]
@@ -39,4 +51,25 @@ fn ring_conformance_cases_pass_on_the_rtl() {
         ran += 1;
     }
     assert_eq!(ran, ON_RTL.len(), "every listed case exists in the suite");
+
+    // The fault-injection cases skip, and say it is for want of MODEL_FAULTS.
+    let mut skipped = 0;
+    for (name, case) in CASES
+        .iter()
+        .filter(|(name, _)| NEED_MODEL_FAULTS.contains(name))
+    {
+        match case(&device) {
+            Ok(Outcome::Skipped(why)) if why.contains("MODEL_FAULTS") => {
+                println!("{name}: skipped ({why})")
+            }
+            Ok(other) => panic!("{name}: {other:?}, expected a skip naming MODEL_FAULTS"),
+            Err(error) => panic!("{name}: {error:#}"),
+        }
+        skipped += 1;
+    }
+    assert_eq!(
+        skipped,
+        NEED_MODEL_FAULTS.len(),
+        "every listed case exists in the suite"
+    );
 }

@@ -1,6 +1,7 @@
 //! The RTL register block, through the driver's own probe and register accesses: identity,
 //! reset and enable, heartbeat, counters, queue configuration checks and doorbells — each
-//! compared with what the simulator answers where the two should agree.
+//! compared with what the simulator answers where the two should agree; and the model-only
+//! fault-injection window absent.
 
 use std::sync::Arc;
 
@@ -156,9 +157,13 @@ fn bad_ring_configurations_are_refused_like_the_simulator_refuses_them() {
 fn unmapped_addresses_read_zero_and_the_bus_never_hangs() {
     let device = RtlDevice::new().expect("model");
     let start = device.cycles();
+    // Among them the reference model's fault-injection window (CAPABILITIES.MODEL_FAULTS
+    // is clear on the RTL): a fault code written there does nothing.
     for address in [
         0x30u32,
         0xfc,
+        regs::model_faults::INJECT as u32,
+        regs::model_faults::HELD_JOBS as u32,
         0x1000 + 8 * 0x80,
         0x10000 + 8 * 0x1000,
         0xfff_fffc,
@@ -167,6 +172,17 @@ fn unmapped_addresses_read_zero_and_the_bus_never_hangs() {
         assert_eq!(device.write(address, 0xdead_beef), Ok(()), "{address:#x}");
     }
     // Each transaction completes in a handful of cycles (this model has no clock thread).
-    let per = (device.cycles() - start) / 10;
+    let per = (device.cycles() - start) / 14;
     assert!(per <= 6, "{per} cycles per access");
+    let fatal = tlsaccel_driver::abi::FaultCode::FATAL.0;
+    assert_eq!(
+        device.write(regs::model_faults::INJECT as u32, fatal),
+        Ok(())
+    );
+    let status = device.read(regs::DEVICE_STATUS as u32).expect("status");
+    assert_eq!(
+        status & DeviceStatus::FATAL.bits(),
+        0,
+        "the RTL took a fault code"
+    );
 }
