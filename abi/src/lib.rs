@@ -426,6 +426,9 @@ open_enum! {
         /// Write a completion nobody asked for: queue, cookie and result length from the
         /// argument registers.
         BOGUS_COMPLETION = 0x08,
+        /// The next open checks the record against a tag with one bit flipped: a good record
+        /// fails with `AUTH_FAILED` (a device fault the host must not blame on its peer).
+        CORRUPT_NEXT_OPEN_TAG = 0x09,
     }
 }
 
@@ -455,6 +458,8 @@ pub enum ModelFault {
         cookie: u64,
         result_len: u32,
     },
+    /// The next open checks against a tag with one bit flipped: a good record fails.
+    CorruptNextOpenTag,
 }
 
 impl ModelFault {
@@ -469,6 +474,7 @@ impl ModelFault {
             Self::OversizeNextResultLength => FaultCode::OVERSIZE_NEXT_RESULT_LENGTH,
             Self::Fatal => FaultCode::FATAL,
             Self::BogusCompletion { .. } => FaultCode::BOGUS_COMPLETION,
+            Self::CorruptNextOpenTag => FaultCode::CORRUPT_NEXT_OPEN_TAG,
         }
     }
 
@@ -492,6 +498,7 @@ impl ModelFault {
                 cookie,
                 result_len,
             },
+            FaultCode::CORRUPT_NEXT_OPEN_TAG => Self::CorruptNextOpenTag,
             _ => return None,
         })
     }
@@ -826,6 +833,7 @@ mod tests {
             ModelFault::OversizeNextResultLength,
             ModelFault::Fatal,
             bogus,
+            ModelFault::CorruptNextOpenTag,
         ] {
             assert!(fault.code().is_known());
             assert_eq!(
@@ -833,7 +841,7 @@ mod tests {
                 Some(fault)
             );
         }
-        assert_eq!(FaultCode::KNOWN.len(), 8);
+        assert_eq!(FaultCode::KNOWN.len(), 9);
         assert_eq!(ModelFault::from_registers(FaultCode(0), 0, 0, 0), None);
         assert_eq!(ModelFault::from_registers(FaultCode(0x99), 0, 0, 0), None);
     }

@@ -11,6 +11,8 @@
 //! > resume
 //! > drop-completion            the next completion of each function is never written
 //! > corrupt-tag                the next seal writes a tag with one bit flipped
+//! > corrupt-open-tag           the next open checks a tag with one bit flipped (a good
+//! >                            record fails with AUTH_FAILED)
 //! > dma-fault                  the next accepted job fails with DMA_FAULT
 //! > oversize-length            the next completion claims an impossible result_len
 //! > fatal                      every function enters the fatal state
@@ -55,6 +57,7 @@ impl Functions {
             "resume" => Box::new(|d| d.inject(Fault::Resume)),
             "drop-completion" => Box::new(|d| d.inject(Fault::DropNextCompletion)),
             "corrupt-tag" => Box::new(|d| d.inject(Fault::CorruptNextTag)),
+            "corrupt-open-tag" => Box::new(|d| d.inject(Fault::CorruptNextOpenTag)),
             "dma-fault" => Box::new(|d| d.inject(Fault::DmaFaultNextJob)),
             "oversize-length" => Box::new(|d| d.inject(Fault::OversizeNextResultLength)),
             "fatal" => Box::new(|d| d.inject(Fault::Fatal)),

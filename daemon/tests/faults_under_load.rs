@@ -204,8 +204,12 @@ fn faults_under_load_lose_no_connection_and_no_byte() {
     let mut report = Vec::new();
     let job_timeout = Duration::from_secs(2);
 
-    // A stall past the job timeout: jobs time out, their queues are replaced.
+    // A stall past the job timeout: jobs time out; their queues are replaced, or, when a
+    // key-table job on the admin queue timed out too, the device is reset.
     let replaced = f.daemon.metric("tlsaccel_device_queues_replaced_total");
+    let recovered = f
+        .daemon
+        .metric("tlsaccel_device_recoveries_total{result=\"ok\"}");
     control(&f.control, "stall");
     std::thread::sleep(job_timeout + Duration::from_millis(700));
     let since = Instant::now();
@@ -214,7 +218,13 @@ fn faults_under_load_lose_no_connection_and_no_byte() {
         "stall past the job timeout",
         f.back_in_use("a stall", since),
     ));
-    assert!(f.daemon.metric("tlsaccel_device_queues_replaced_total") > replaced);
+    assert!(
+        f.daemon.metric("tlsaccel_device_queues_replaced_total") > replaced
+            || f.daemon
+                .metric("tlsaccel_device_recoveries_total{result=\"ok\"}")
+                > recovered,
+        "the stalled queues were neither replaced nor the device reset"
+    );
     flowing(&f, "after a stall");
 
     // A lost completion: one job times out, its queue is replaced.
@@ -225,6 +235,25 @@ fn faults_under_load_lose_no_connection_and_no_byte() {
         f.back_in_use("a lost completion", since),
     ));
     flowing(&f, "after a lost completion");
+
+    // A tag check that fails on the device although the record is good: the CPU opens it,
+    // and the connection goes on (the next new connection's first open meets the fault).
+    let refused = f
+        .daemon
+        .metric("tlsaccel_record_device_refused_good_records_total");
+    let since = Instant::now();
+    control(&f.control, "corrupt-open-tag");
+    report.push((
+        "a corrupted tag on open",
+        f.back_in_use("a corrupted tag", since),
+    ));
+    assert!(
+        f.daemon
+            .metric("tlsaccel_record_device_refused_good_records_total")
+            > refused,
+        "the record the device refused was not opened on the CPU"
+    );
+    flowing(&f, "after a corrupted tag");
 
     // A DMA fault: that direction moves to the CPU.
     let since = Instant::now();

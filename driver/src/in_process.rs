@@ -133,7 +133,6 @@ impl tlsaccel_sim::HostMemory for DmaRegion {
     }
 }
 
-
 impl SimOptions {
     /// The simulator configuration these options describe.
     pub fn config(&self) -> DeviceConfig {

@@ -18,7 +18,9 @@ pub enum TransportError {
     #[cfg(feature = "sim")]
     #[error("could not start the simulated device")]
     Simulator(#[source] tlsaccel_sim::ConfigError),
-    #[error("this driver was built without the simulator (the `sim` feature): {0:?} cannot be opened")]
+    #[error(
+        "this driver was built without the simulator (the `sim` feature): {0:?} cannot be opened"
+    )]
     NoSimulator(String),
     #[error("could not create an interrupt eventfd")]
     EventFd(#[source] std::io::Error),
@@ -178,9 +180,9 @@ impl DeviceAddress {
     pub fn connect(&self) -> Result<Arc<dyn Transport>, TransportError> {
         match self {
             #[cfg(feature = "sim")]
-            DeviceAddress::Simulator(options) => Ok(Arc::new(
-                crate::in_process::InProcess::new(options.config())?,
-            )),
+            DeviceAddress::Simulator(options) => Ok(Arc::new(crate::in_process::InProcess::new(
+                options.config(),
+            )?)),
             #[cfg(not(feature = "sim"))]
             DeviceAddress::Simulator(_) => Err(TransportError::NoSimulator(format!("{self:?}"))),
             DeviceAddress::Vfio(address) => crate::vfio::open(address),

@@ -229,3 +229,138 @@ fn a_device_reset_releases_what_its_old_queues_held() {
     assert!(again.iter().any(|b| b.iova() == dst_iova));
     assert!(every_free_slot(&device).contains(&slot_index));
 }
+
+/// The real model, no pretending: a job the engine accepted and holds (STALL) outlives its
+/// timeout; meanwhile its memory and slot index stay with the queue, and when the device
+/// finally lets go it has written nothing that anyone else holds, and the slot's next owner
+/// starts from sequence number 0.
+#[test]
+fn a_device_that_answers_after_a_timeout_writes_nothing_anyone_else_holds() {
+    use tlsaccel_driver::abi::{KeyDirection, ModelFault, RecordProtocol};
+    use tlsaccel_driver::ModelFaults;
+
+    let device = Device::open("sim:queues=4,key-slots=16").unwrap();
+    let faults = ModelFaults::new(&device).unwrap();
+    let tls13 = |key: u8| {
+        KeyMaterial::new(
+            AeadAlgorithm::AES_128_GCM,
+            RecordProtocol::TLS13,
+            KeyDirection::SEAL,
+            &[key; 16],
+            [3; 12],
+            0,
+        )
+        .unwrap()
+    };
+    let seal = |pair: &mut tlsaccel_driver::QueuePair,
+                slot: &tlsaccel_driver::KeySlot,
+                src: &tlsaccel_driver::DmaBuffer,
+                dst: &tlsaccel_driver::DmaBuffer,
+                timeout: Duration| {
+        let mut result = None;
+        pair.run(
+            &[Job {
+                user_data: 7,
+                op: JobOp::Tls13Seal {
+                    slot: slot.slot_ref(),
+                    content_type: 23,
+                    padding: 0,
+                    src: src.whole(),
+                    dst: dst.whole(),
+                },
+            }],
+            timeout,
+            |done| result = Some(done.result),
+        )
+        .unwrap();
+        result.unwrap()
+    };
+    let plain = device.pool().alloc(LEN).unwrap();
+    plain.write(0, &[0x42; LEN]).unwrap();
+    let record_len = LEN + 5 + 1 + 16;
+
+    let mut stalled = device.queue(QueueConfig::default()).unwrap();
+    let slot = device.load_key(&tls13(1)).unwrap();
+    let slot_index = slot.index();
+    let dst = device.pool().alloc(record_len).unwrap();
+    let dst_iova = dst.iova();
+    faults.inject(ModelFault::Stall);
+    let result = seal(
+        &mut stalled,
+        &slot,
+        &plain,
+        &dst,
+        Duration::from_millis(200),
+    );
+    assert_eq!(result, Err(JobError::TimedOut));
+    assert_eq!(faults.held_jobs(), 1, "the engine holds the accepted job");
+    drop(dst);
+    assert!(
+        !stalled.release_held(),
+        "released while the engine holds the job"
+    );
+
+    // Everyone else's memory meanwhile, marked.
+    let others: Vec<_> = (0..128)
+        .map(|_| {
+            let b = device.pool().alloc(record_len).unwrap();
+            b.write(0, &[0x77; 64]).unwrap();
+            b
+        })
+        .collect();
+    assert!(others.iter().all(|b| b.iova() != dst_iova));
+
+    // The device lets go: the held job is dropped (its queue was disabled), nothing written.
+    faults.inject(ModelFault::Resume);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !stalled.release_held() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device never let go"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for b in &others {
+        assert_eq!(
+            b.to_vec(0, 64).unwrap(),
+            vec![0x77; 64],
+            "a late write landed"
+        );
+        assert_eq!(
+            b.to_vec(64, record_len - 64).unwrap(),
+            vec![0; record_len - 64],
+            "a late write landed"
+        );
+    }
+    drop(stalled);
+
+    // The slot goes to a new key; its first record is numbered 0, exactly like a fresh slot's.
+    drop(slot);
+    let mut pair = device.queue(QueueConfig::default()).unwrap();
+    let mut reused = None;
+    let mut spare = Vec::new();
+    while reused.is_none() {
+        let s = device.load_key(&tls13(2)).unwrap();
+        if s.index() == slot_index {
+            reused = Some(s);
+        } else {
+            spare.push(s);
+        }
+    }
+    let reused = reused.unwrap();
+    let fresh = match spare.pop() {
+        Some(slot) => slot,
+        None => device.load_key(&tls13(2)).unwrap(),
+    };
+    let (a, b) = (
+        device.pool().alloc(record_len).unwrap(),
+        device.pool().alloc(record_len).unwrap(),
+    );
+    seal(&mut pair, &reused, &plain, &a, Duration::from_secs(5)).unwrap();
+    seal(&mut pair, &fresh, &plain, &b, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        a.to_vec(0, record_len).unwrap(),
+        b.to_vec(0, record_len).unwrap(),
+        "the reused slot's first record is not sequence 0: a stale job ran under its key"
+    );
+}

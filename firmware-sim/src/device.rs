@@ -103,6 +103,7 @@ pub(crate) struct Faults {
     stalled: AtomicBool,
     drop_completion: AtomicU32,
     corrupt_tag: AtomicU32,
+    corrupt_open_tag: AtomicU32,
     dma_fault: AtomicU32,
     oversize_length: AtomicU32,
     /// Jobs engines hold under a stall (the `FAULT_HELD_JOBS` register).
@@ -130,6 +131,9 @@ impl Faults {
     pub(crate) fn take_corrupt_tag(&self) -> bool {
         take_one(&self.corrupt_tag)
     }
+    pub(crate) fn take_corrupt_open_tag(&self) -> bool {
+        take_one(&self.corrupt_open_tag)
+    }
     pub(crate) fn take_dma_fault(&self) -> bool {
         take_one(&self.dma_fault)
     }
@@ -144,6 +148,7 @@ impl Faults {
         for counter in [
             &self.drop_completion,
             &self.corrupt_tag,
+            &self.corrupt_open_tag,
             &self.dma_fault,
             &self.oversize_length,
             &self.argument_queue,
@@ -756,6 +761,9 @@ impl Device {
             }
             Fault::CorruptNextTag => {
                 s.faults.corrupt_tag.fetch_add(1, Ordering::Relaxed);
+            }
+            Fault::CorruptNextOpenTag => {
+                s.faults.corrupt_open_tag.fetch_add(1, Ordering::Relaxed);
             }
             Fault::DmaFaultNextJob => {
                 s.faults.dma_fault.fetch_add(1, Ordering::Relaxed);

@@ -616,6 +616,10 @@ impl Shared {
         job.src
             .read(0, &mut buf[prefix..prefix + src_len])
             .map_err(|_| Status::DMA_FAULT)?;
+        if !job.opcode.is_seal() && src_len > 0 && self.faults.take_corrupt_open_tag() {
+            // The tag is the last byte of what an open reads.
+            buf[prefix + src_len - 1] ^= 0x01;
+        }
         let output = match job.opcode {
             Opcode::AEAD_SEAL | Opcode::AEAD_OPEN => {
                 scratch.aad.clear();
