@@ -864,8 +864,12 @@ mod tests {
         assert_eq!(from.sequence(), to.sequence());
     }
 
-    #[test]
-    fn records_sealed_on_the_device_open_on_the_cpu_and_back() {
+    /// Runs `test` on a two-worker runtime with a record queue on the in-process simulator.
+    fn on_the_simulator<F, Fut>(test: F)
+    where
+        F: FnOnce(Arc<Device>, RecordDevice) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -885,6 +889,13 @@ mod tests {
                 device: Arc::clone(&device),
                 queue: RecordQueue::start(queue, 32, std::time::Duration::ZERO),
             };
+            test(device, rd).await
+        });
+    }
+
+    #[test]
+    fn records_sealed_on_the_device_open_on_the_cpu_and_back() {
+        on_the_simulator(|_device, rd| async move {
             for version in [Version::Tls13, Version::Tls12] {
                 for chacha in [false, true] {
                     let s = secrets(chacha);
@@ -918,25 +929,7 @@ mod tests {
 
     #[test]
     fn a_record_the_device_refuses_but_the_cpu_opens_keeps_the_connection() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let device = Device::open("sim").expect("simulator");
-            let pair = device
-                .queue(tlsaccel_driver::QueueConfig {
-                    interrupts: true,
-                    ..tlsaccel_driver::QueueConfig::default()
-                })
-                .expect("queue");
-            let queue = tlsaccel_driver::AsyncQueue::new(pair, std::time::Duration::from_secs(2))
-                .expect("async queue");
-            let rd = RecordDevice {
-                device: Arc::clone(&device),
-                queue: RecordQueue::start(queue, 32, std::time::Duration::ZERO),
-            };
+        on_the_simulator(|device, rd| async move {
             let s = secrets(false);
             let mut seal = Direction::new(Version::Tls13, true, &s, 0).expect("seal");
             let mut open = Direction::new(Version::Tls13, false, &s, 0).expect("open");

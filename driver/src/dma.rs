@@ -426,16 +426,7 @@ pub fn check_shared_memory(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Resul
 mod shared_memory_tests {
     use super::*;
 
-    fn memfd(len: u64, seals: SealFlags) -> OwnedFd {
-        let fd = memfd_create(
-            "tlsaccel-test",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .unwrap();
-        ftruncate(&fd, len).unwrap();
-        fcntl_add_seals(&fd, seals).unwrap();
-        fd
-    }
+    use super::test_support::memfd;
 
     #[test]
     fn regions_are_sealed_so_no_peer_can_resize_them() {
@@ -1004,22 +995,8 @@ impl fmt::Debug for DmaSpan {
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::pool;
     use super::*;
-
-    #[derive(Debug, Default)]
-    struct NoDevice;
-    impl DmaMapper for NoDevice {
-        fn map(&self, _: &Arc<DmaRegion>, _: Iova) -> Result<(), DmaError> {
-            Ok(())
-        }
-        fn unmap(&self, _: Iova, _: usize) -> Result<(), DmaError> {
-            Ok(())
-        }
-    }
-
-    fn pool(limit: usize) -> DmaPool {
-        DmaPool::new(Arc::new(NoDevice), 1 << 20, limit)
-    }
 
     #[test]
     fn buffers_round_trip_bytes_at_any_alignment() {
@@ -1118,5 +1095,40 @@ mod tests {
         buf.write(4, &7u32.to_le_bytes()).unwrap();
         assert_eq!(buf.load_u32_acquire(4).unwrap(), 7);
         assert!(buf.load_u32_acquire(2).is_err());
+    }
+}
+
+/// What the driver's unit tests share: a pool with no device behind it, and memfds with
+/// chosen seals.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    #[derive(Debug, Default)]
+    pub(crate) struct NoDevice;
+    impl DmaMapper for NoDevice {
+        fn map(&self, _: &Arc<DmaRegion>, _: Iova) -> Result<(), DmaError> {
+            Ok(())
+        }
+        fn unmap(&self, _: Iova, _: usize) -> Result<(), DmaError> {
+            Ok(())
+        }
+    }
+
+    /// A pool of 1 MiB regions holding at most `limit` bytes, mapped for no device.
+    pub(crate) fn pool(limit: usize) -> DmaPool {
+        DmaPool::new(Arc::new(NoDevice), 1 << 20, limit)
+    }
+
+    /// A memfd of `len` bytes with `seals` added.
+    pub(crate) fn memfd(len: u64, seals: SealFlags) -> OwnedFd {
+        let fd = memfd_create(
+            "tlsaccel-test",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .unwrap();
+        ftruncate(&fd, len).unwrap();
+        fcntl_add_seals(&fd, seals).unwrap();
+        fd
     }
 }

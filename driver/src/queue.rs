@@ -1107,19 +1107,8 @@ mod tests {
     use crate::dma::{DmaMapper, DmaRegion};
     use crate::Iova;
 
-    #[derive(Debug)]
-    struct NoDevice;
-    impl DmaMapper for NoDevice {
-        fn map(&self, _: &Arc<DmaRegion>, _: Iova) -> Result<(), DmaError> {
-            Ok(())
-        }
-        fn unmap(&self, _: Iova, _: usize) -> Result<(), DmaError> {
-            Ok(())
-        }
-    }
-
     fn pool() -> DmaPool {
-        DmaPool::new(Arc::new(NoDevice), 1 << 20, 4 << 20)
+        crate::dma::test_support::pool(4 << 20)
     }
 
     #[test]

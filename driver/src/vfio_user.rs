@@ -367,7 +367,7 @@ impl Drop for VfioUserTransport {
 mod tests {
     use std::os::fd::OwnedFd;
 
-    use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
+    use rustix::fs::SealFlags;
     use vfio_bindings::bindings::vfio::{
         vfio_region_info, vfio_region_sparse_mmap_area, VFIO_IRQ_INFO_EVENTFD,
         VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
@@ -484,16 +484,7 @@ mod tests {
         result
     }
 
-    fn memfd(len: u64, seals: SealFlags) -> OwnedFd {
-        let fd = memfd_create(
-            "tlsaccel-test",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .unwrap();
-        ftruncate(&fd, len).unwrap();
-        fcntl_add_seals(&fd, seals).unwrap();
-        fd
-    }
+    use crate::dma::test_support::memfd;
 
     #[test]
     fn doorbell_memory_the_server_could_truncate_is_refused() {
