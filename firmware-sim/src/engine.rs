@@ -30,9 +30,21 @@ enum Accepted {
 /// Descriptors one engine fetches from a queue at a time.
 pub(crate) const FETCH_BURST: u32 = 32;
 
-#[derive(Debug)]
+/// One fetched descriptor, in fetch order: small, so a burst of NOPs moves little. The jobs
+/// themselves wait in [`EngineScratch::jobs`] and [`EngineScratch::pke_jobs`].
+#[derive(Debug, Clone, Copy)]
 enum Work {
     /// Finished at acceptance (NOP, key operations, and every rejection).
+    Done(Posting),
+    /// `jobs[i]`.
+    Job(usize),
+    /// `pke_jobs[i]`.
+    PublicKey(usize),
+}
+
+/// What acceptance made of a descriptor.
+#[derive(Debug)]
+enum Acceptance {
     Done(Posting),
     Job(Job),
     PublicKey(PkeJob),
@@ -80,6 +92,8 @@ pub(crate) struct EngineScratch {
     aad: Vec<u8>,
     descriptors: [[u8; DESCRIPTOR_SIZE]; FETCH_BURST as usize],
     work: Vec<Work>,
+    jobs: Vec<Job>,
+    pke_jobs: Vec<PkeJob>,
     postings: Vec<Posting>,
     tally: Tally,
     /// This engine's copy of the IOMMU table.
@@ -93,6 +107,8 @@ impl Default for EngineScratch {
             aad: Vec::new(),
             descriptors: [[0; DESCRIPTOR_SIZE]; FETCH_BURST as usize],
             work: Vec::new(),
+            jobs: Vec::new(),
+            pke_jobs: Vec::new(),
             postings: Vec::new(),
             tally: Tally::default(),
             view: IommuView::default(),
@@ -149,9 +165,21 @@ impl Shared {
             .tally
             .add(Counter::DescriptorsFetched, u64::from(granted));
         scratch.work.clear();
+        scratch.jobs.clear();
+        scratch.pke_jobs.clear();
         for raw in &scratch.descriptors[..granted as usize] {
             let descriptor = Descriptor::read_from_bytes(raw).unwrap_or_default();
-            let work = self.accept(&descriptor, &mut scratch.view, &mut scratch.tally);
+            let work = match self.accept(&descriptor, &mut scratch.view, &mut scratch.tally) {
+                Acceptance::Done(posting) => Work::Done(posting),
+                Acceptance::Job(job) => {
+                    scratch.jobs.push(job);
+                    Work::Job(scratch.jobs.len() - 1)
+                }
+                Acceptance::PublicKey(job) => {
+                    scratch.pke_jobs.push(job);
+                    Work::PublicKey(scratch.pke_jobs.len() - 1)
+                }
+            };
             scratch.work.push(work);
         }
         if pending > granted {
@@ -160,15 +188,24 @@ impl Shared {
 
         self.hold_while_stalled(scratch.work.len());
         scratch.postings.clear();
-        let mut work = std::mem::take(&mut scratch.work);
-        for item in work.drain(..) {
+        // Taken out so the jobs can be run by reference while the scratch is lent out.
+        let work = std::mem::take(&mut scratch.work);
+        let mut jobs = std::mem::take(&mut scratch.jobs);
+        let mut pke_jobs = std::mem::take(&mut scratch.pke_jobs);
+        for item in &work {
             // A job of a queue stopped meanwhile is dropped, not run: no DMA to its buffers
             // and no completion (posting checks for itself).
-            let posting = match item {
+            let posting = match *item {
                 Work::Done(posting) => posting,
                 Work::Job(_) | Work::PublicKey(_) if queue.is_stopped() => continue,
-                Work::Job(job) => self.execute(&job, scratch),
-                Work::PublicKey(job) => self.execute_public_key(&job, &mut scratch.tally),
+                Work::Job(i) => match jobs.get(i) {
+                    Some(job) => self.execute(job, scratch),
+                    None => continue,
+                },
+                Work::PublicKey(i) => match pke_jobs.get(i) {
+                    Some(job) => self.execute_public_key(job, &mut scratch.tally),
+                    None => continue,
+                },
             };
             self.account(&posting, &mut scratch.tally);
             if self.faults.take_drop_completion() {
@@ -178,7 +215,12 @@ impl Shared {
                 .postings
                 .push(self.faults.apply_length_fault(posting));
         }
+        // Dropping the jobs lets go of their key grants and translations.
+        jobs.clear();
+        pke_jobs.clear();
         scratch.work = work;
+        scratch.jobs = jobs;
+        scratch.pke_jobs = pke_jobs;
         self.flush(&mut scratch.tally);
         if self.is_fatal() {
             queue.unreserve(granted);
@@ -248,10 +290,10 @@ impl Shared {
     }
 
     /// Validates a descriptor and, for key operations, performs it. Runs in submission order.
-    fn accept(&self, d: &Descriptor, view: &mut IommuView, tally: &mut Tally) -> Work {
+    fn accept(&self, d: &Descriptor, view: &mut IommuView, tally: &mut Tally) -> Acceptance {
         let cookie = d.cookie.get();
         let done = |status: Status| {
-            Work::Done(Posting {
+            Acceptance::Done(Posting {
                 cookie,
                 status,
                 result_len: 0,
@@ -261,8 +303,8 @@ impl Shared {
         };
         if Opcode(d.opcode).is_public_key() {
             return match self.accept_public_key(d, view, tally) {
-                Ok(Accepted::Job(job)) => Work::PublicKey(job),
-                Ok(Accepted::Done(len)) => Work::Done(Posting {
+                Ok(Accepted::Job(job)) => Acceptance::PublicKey(job),
+                Ok(Accepted::Done(len)) => Acceptance::Done(Posting {
                     cookie,
                     status: Status::OK,
                     result_len: len,
@@ -276,7 +318,7 @@ impl Shared {
             };
         }
         match self.accept_job(d, view) {
-            Ok(Some(job)) => Work::Job(job),
+            Ok(Some(job)) => Acceptance::Job(job),
             Ok(None) => done(Status::OK),
             Err(status) => {
                 tally.add(Counter::Rejected, 1);

@@ -229,18 +229,20 @@ impl ActiveQueue {
         self.completion().tail
     }
 
-    /// Reads `out.len()` descriptors of the submission ring from slot `first` on (wrapping),
-    /// with one mapping check for all of them.
+    /// Reads `out.len()` (at most the ring size) descriptors of the submission ring from slot
+    /// `first` on, wrapping: one mapping check and at most two copies for all of them.
     pub(crate) fn read_descriptors(
         &self,
         first: u32,
         out: &mut [[u8; DESCRIPTOR_SIZE]],
     ) -> Result<(), DmaFault> {
+        let first = (first & self.mask()) as usize;
+        let before_wrap = out.len().min(self.size as usize - first);
+        let (head, wrapped) = out.split_at_mut(before_wrap);
         self.sq.with_access(|sq| {
-            let mut index = first;
-            for raw in out.iter_mut() {
-                sq.read(u64::from(index) * DESCRIPTOR_SIZE as u64, raw)?;
-                index = (index + 1) & self.mask();
+            sq.read((first * DESCRIPTOR_SIZE) as u64, head.as_flattened_mut())?;
+            if !wrapped.is_empty() {
+                sq.read(0, wrapped.as_flattened_mut())?;
             }
             Ok(())
         })
