@@ -115,7 +115,7 @@ pub struct Device {
     options: DeviceOptions,
     pool: DmaPool,
     admin: Mutex<Option<QueuePair>>,
-    data_queues: Arc<Mutex<Vec<bool>>>,
+    data_queues: Arc<Mutex<Vec<QueueIndex>>>,
     free_slots: Arc<Mutex<Vec<u32>>>,
     epoch: Arc<AtomicU64>,
     /// Set by the health watch when the device is gone or fatal; cleared by `recover`.
@@ -157,7 +157,7 @@ impl Device {
         };
         let slots = (0..info.key_slots).rev().collect();
         let device = Arc::new(Self {
-            data_queues: Arc::new(Mutex::new(vec![false; info.queues as usize])),
+            data_queues: Arc::new(Mutex::new(vec![QueueIndex::Free; info.queues as usize])),
             transport,
             info,
             options,
@@ -313,16 +313,18 @@ impl Device {
             });
         }
         let index = {
-            let mut taken = self.data_queues.lock().unwrap_or_else(|e| e.into_inner());
-            let index = (1..taken.len())
-                .find(|&i| !taken[i])
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let mut indices = self.data_queues.lock().unwrap_or_else(|e| e.into_inner());
+            let index = (1..indices.len())
+                .find(|&i| indices[i].is_free(epoch))
                 .ok_or(DeviceError::NoFreeQueue)?;
-            taken[index] = true;
+            indices[index] = QueueIndex::Taken;
             index as u32
         };
         let lease = QueueLease {
-            taken: Arc::clone(&self.data_queues),
+            indices: Arc::clone(&self.data_queues),
             index,
+            quarantined_in: None,
         };
         let pair = QueuePair::create(
             Arc::clone(&self.transport),
@@ -608,22 +610,57 @@ fn identify(t: &dyn Transport) -> Result<DeviceInfo, DeviceError> {
     })
 }
 
+/// Where a data queue index stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueueIndex {
+    Free,
+    Taken,
+    /// Its last queue was dropped while the device still held it (device incarnation
+    /// `epoch`): it stays out of use until a reset, or the device would refuse the enable (or
+    /// worse, still be using the old rings).
+    Quarantined {
+        epoch: u64,
+    },
+}
+
+impl QueueIndex {
+    fn is_free(self, epoch: u64) -> bool {
+        match self {
+            QueueIndex::Free => true,
+            QueueIndex::Taken => false,
+            QueueIndex::Quarantined { epoch: then } => then != epoch,
+        }
+    }
+}
+
 /// Returns a data queue index to the device when its queue pair is dropped.
 #[derive(Debug)]
 pub(crate) struct QueueLease {
-    taken: Arc<Mutex<Vec<bool>>>,
+    indices: Arc<Mutex<Vec<QueueIndex>>>,
     index: u32,
+    /// Set when the queue is quarantined: the index waits for a reset.
+    quarantined_in: Option<u64>,
+}
+
+impl QueueLease {
+    /// The queue was dropped while the device of incarnation `epoch` still held it.
+    pub(crate) fn quarantine(&mut self, epoch: u64) {
+        self.quarantined_in = Some(epoch);
+    }
 }
 
 impl Drop for QueueLease {
     fn drop(&mut self) {
-        if let Some(taken) = self
-            .taken
+        if let Some(slot) = self
+            .indices
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(self.index as usize)
         {
-            *taken = false;
+            *slot = match self.quarantined_in {
+                Some(epoch) => QueueIndex::Quarantined { epoch },
+                None => QueueIndex::Free,
+            };
         }
     }
 }

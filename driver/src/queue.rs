@@ -288,7 +288,7 @@ pub struct QueuePair {
     events: Arc<DeviceEvents>,
     /// How often device-triggered warnings reach the log.
     log_limit: LogLimit,
-    _lease: Option<QueueLease>,
+    lease: Option<QueueLease>,
 }
 
 impl std::fmt::Debug for QueuePair {
@@ -399,7 +399,7 @@ impl QueuePair {
             lost: None,
             events: Arc::default(),
             log_limit: LogLimit::new(DEVICE_LOG_PERIOD, DEVICE_LOG_BURST),
-            _lease: None,
+            lease: None,
         })
     }
 
@@ -420,7 +420,7 @@ impl QueuePair {
     }
 
     pub(crate) fn with_lease(mut self, lease: QueueLease) -> Self {
-        self._lease = Some(lease);
+        self.lease = Some(lease);
         self
     }
 
@@ -848,6 +848,10 @@ impl Drop for QueuePair {
                 );
                 self.sq.quarantine();
                 self.cq.quarantine();
+                if let (Some(lease), Some((_, epoch))) = (self.lease.as_mut(), self.epoch.as_ref())
+                {
+                    lease.quarantine(*epoch);
+                }
                 DeviceEvents::count(&self.events.quarantined_jobs, self.held.len() as u64);
                 for op in self.held.drain(..) {
                     quarantine(&op);

@@ -192,8 +192,21 @@ fn a_queue_dropped_while_the_device_holds_it_quarantines_its_jobs() {
     transport.holding.store(true, Ordering::SeqCst);
     let (dst_iova, slot_index) = timed_out_seal(&device, &mut pair);
     let free_before = device.free_key_slots();
+    let index = pair.index();
     drop(pair); // waits for the device, which never confirms
     transport.holding.store(false, Ordering::SeqCst);
+
+    // The queue index waits for a reset too: a new queue never lands on it meanwhile.
+    let mut queues = Vec::new();
+    while let Ok(queue) = device.queue(QueueConfig::default()) {
+        queues.push(queue);
+    }
+    assert!(!queues.is_empty());
+    assert!(
+        queues.iter().all(|q| q.index() != index),
+        "a quarantined queue index was reused"
+    );
+    drop(queues);
 
     let others: Vec<_> = (0..256)
         .map(|_| device.pool().alloc(LEN + 16).unwrap())
