@@ -391,15 +391,27 @@ impl OpensslClient {
 
     /// Waits until a line that is exactly `text` (trimmed) appears on stdout or stderr.
     pub fn wait_for(&self, text: &str, timeout: Duration) {
+        assert!(self.saw(text, timeout), "openssl never printed {text:?}");
+    }
+
+    /// True when a line that is exactly `text` (trimmed) appears within `timeout`.
+    pub fn saw(&self, text: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.trim() == text => return,
+                Ok(line) if line.trim() == text => return true,
                 Ok(_) => {}
-                Err(_) => panic!("openssl never printed {text:?}"),
+                Err(_) => return false,
             }
         }
+    }
+
+    /// Types a line; false when openssl has gone (its handshake failed).
+    pub fn try_send(&mut self, line: &str) -> bool {
+        self.stdin
+            .as_mut()
+            .is_some_and(|stdin| writeln!(stdin, "{line}").is_ok())
     }
 }
 
