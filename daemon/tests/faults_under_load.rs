@@ -210,8 +210,14 @@ fn faults_under_load_lose_no_connection_and_no_byte() {
     let recovered = f
         .daemon
         .metric("tlsaccel_device_recoveries_total{result=\"ok\"}");
+    let lost = f.daemon.metric("tlsaccel_device_lost_total");
     control(&f.control, "stall");
-    std::thread::sleep(job_timeout + Duration::from_millis(700));
+    // Held past the job timeout: until the daemon has given up on a stalled queue (replaced
+    // it) or on the device (an admin job timed out too, and it was marked lost).
+    wait_until("the stall noticed", job_timeout * 10, || {
+        f.daemon.metric("tlsaccel_device_queues_replaced_total") > replaced
+            || f.daemon.metric("tlsaccel_device_lost_total") > lost
+    });
     let since = Instant::now();
     control(&f.control, "resume");
     report.push((
