@@ -230,6 +230,44 @@ pub fn metrics(shared: &Shared) -> String {
         "Connections closed for idleness.",
         load(&s.idle_timeouts),
     );
+    e.family(
+        "tlsaccel_write_stalls_total",
+        "counter",
+        "Connections ended because a peer took no bytes for the idle timeout, by peer.",
+    );
+    e.sample(
+        "tlsaccel_write_stalls_total",
+        &[("peer", "client")],
+        load(&s.client_write_stalls),
+    );
+    e.sample(
+        "tlsaccel_write_stalls_total",
+        &[("peer", "backend")],
+        load(&s.backend_write_stalls),
+    );
+    e.family(
+        "tlsaccel_peer_limits_total",
+        "counter",
+        "Connections ended because the client went over a limit (peer_limits), by limit.",
+    );
+    for limit in [
+        "key_updates",
+        "warning_alerts",
+        "empty_records",
+        "renegotiations",
+    ] {
+        e.sample(
+            "tlsaccel_peer_limits_total",
+            &[("limit", limit)],
+            r.peer_limits.get(limit),
+        );
+    }
+    e.single(
+        "tlsaccel_key_exhausted_total",
+        "counter",
+        "TLS 1.2 connections closed because a key reached its suite's record limit.",
+        load(&r.key_exhausted),
+    );
     e.single(
         "tlsaccel_backend_unavailable_total",
         "counter",

@@ -53,6 +53,9 @@ pub struct Config {
     /// When record crypto goes to the device and when it stays on the CPU.
     #[serde(default)]
     pub offload: Offload,
+    /// How much a connected peer may do that costs us work but carries no data.
+    #[serde(default)]
+    pub peer_limits: PeerLimits,
     /// Groups of backend servers.
     #[serde(default, rename = "pool")]
     pub pools: Vec<Pool>,
@@ -150,6 +153,49 @@ impl Default for Offload {
             rekey_after_records: default_rekey(),
         }
     }
+}
+
+/// Limits on what a peer may send after the handshake without carrying data. The defaults
+/// are rustls' own (and BoringSSL's); a peer over a limit gets an `unexpected_message` alert.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerLimits {
+    /// KeyUpdates in a row without application data between them (TLS 1.3).
+    #[serde(default = "default_key_updates")]
+    pub key_updates_without_data: Spanned<u32>,
+    /// Warning alerts over the whole connection (TLS 1.2; TLS 1.3 has only `user_canceled`).
+    #[serde(default = "default_warning_alerts")]
+    pub warning_alerts: Spanned<u32>,
+    /// Empty application-data records in a row.
+    #[serde(default = "default_empty_records")]
+    pub empty_records: Spanned<u32>,
+    /// TLS 1.2 renegotiation requests refused with a warning before the next is fatal.
+    #[serde(default = "default_renegotiations")]
+    pub renegotiation_requests: Spanned<u32>,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self {
+            key_updates_without_data: default_key_updates(),
+            warning_alerts: default_warning_alerts(),
+            empty_records: default_empty_records(),
+            renegotiation_requests: default_renegotiations(),
+        }
+    }
+}
+
+fn default_key_updates() -> Spanned<u32> {
+    spanned(32)
+}
+fn default_warning_alerts() -> Spanned<u32> {
+    spanned(4)
+}
+fn default_empty_records() -> Spanned<u32> {
+    spanned(32)
+}
+fn default_renegotiations() -> Spanned<u32> {
+    spanned(1)
 }
 
 /// Load-balancing algorithms.
@@ -540,6 +586,26 @@ impl Config {
             16_385,
         )?;
         c.range(&self.offload.batch_max, "offload.batch_max", 1, 1024)?;
+        let limits = &self.peer_limits;
+        c.range(
+            &limits.key_updates_without_data,
+            "peer_limits.key_updates_without_data",
+            1,
+            1024,
+        )?;
+        c.range(
+            &limits.warning_alerts,
+            "peer_limits.warning_alerts",
+            0,
+            1024,
+        )?;
+        c.range(&limits.empty_records, "peer_limits.empty_records", 0, 1024)?;
+        c.range(
+            &limits.renegotiation_requests,
+            "peer_limits.renegotiation_requests",
+            0,
+            1024,
+        )?;
         c.range(
             &self.offload.rekey_after_records,
             "offload.rekey_after_records",

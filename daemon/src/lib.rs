@@ -6,10 +6,12 @@
 //! * [`handshake`]: a rustls `CryptoProvider` with signatures and key exchange on the device.
 //! * [`selftest`]: known-answer tests of a device.
 //! * [`simserver`]: the simulator as a separate process behind QEMU's ivshmem device.
-//! * [`serve`]: `tlsaccel serve`, the daemon: listeners, the connection pipeline, reload and
-//!   drain; with [`tls`] (handshakes), [`record`] and [`batch`] (the record layer on the device
-//!   or the CPU), [`pool`] (backends), [`admin`] and [`metrics`] (the admin endpoint) and
-//!   [`demo`] (`serve --demo`).
+//! * [`serve`]: `tlsaccel serve`, the daemon's lifecycle (start, reload, drain); with
+//!   [`listen`] (accept), [`connection`] (one connection from accept to close), [`tls`]
+//!   (handshakes), [`route`] and [`pool`] (backends), [`session`] (the sans-I/O record
+//!   session) and [`pump`] (its I/O), [`record`] and [`batch`] (record crypto on the device or
+//!   the CPU), [`offload`] (device queues and recovery), [`admin`] and [`metrics`] (the admin
+//!   endpoint) and [`demo`] (`serve --demo`).
 
 #![forbid(unsafe_code)]
 
@@ -17,15 +19,20 @@ pub mod admin;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod devices;
 pub mod handshake;
+pub mod listen;
 pub mod metrics;
 pub mod offload;
 pub mod pool;
+pub mod pump;
 pub mod record;
+pub mod route;
 pub mod selftest;
 pub mod serve;
+pub mod session;
 pub mod simcontrol;
 pub mod simserver;
 pub mod tls;

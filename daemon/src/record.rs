@@ -14,6 +14,7 @@
 //! device has answered, so a connection dropped mid-batch never frees memory the device may
 //! still write.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -81,6 +82,10 @@ pub enum RecordError {
     UnexpectedMessage(&'static str),
     #[error("malformed record: {0}")]
     Decode(&'static str),
+    #[error("illegal parameter: {0}")]
+    IllegalParameter(&'static str),
+    #[error("peer over a limit: {0}")]
+    Limit(&'static str),
     #[error("the peer sent a fatal alert ({0:?})")]
     PeerAlert(AlertDescription),
     #[error("unusable traffic secrets: {0}")]
@@ -95,6 +100,8 @@ impl RecordError {
             RecordError::RecordOverflow => Some(AlertDescription::RecordOverflow),
             RecordError::UnexpectedMessage(_) => Some(AlertDescription::UnexpectedMessage),
             RecordError::Decode(_) => Some(AlertDescription::DecodeError),
+            RecordError::IllegalParameter(_) => Some(AlertDescription::IllegalParameter),
+            RecordError::Limit(_) => Some(AlertDescription::UnexpectedMessage),
             RecordError::Secrets(_) => Some(AlertDescription::InternalError),
             RecordError::PeerAlert(_) => None,
         }
@@ -123,6 +130,10 @@ pub struct RecordStats {
     pub device_saturated: AtomicU64,
     pub key_updates_received: AtomicU64,
     pub key_updates_sent: AtomicU64,
+    /// Connections ended because the client went over a limit, by limit.
+    pub peer_limits: crate::metrics::LabelledCounter,
+    /// TLS 1.2 connections closed at their key's record limit.
+    pub key_exhausted: AtomicU64,
 }
 
 /// When records go to the device.
@@ -409,44 +420,77 @@ impl Direction {
         self.sequence += 1;
     }
 
-    /// Opens whole records (each as framed by [`frame`]) in order. Stops at the first
-    /// failure, which is the last result.
+    /// Opens whole records in place: each range of `buf` holds one record as framed by
+    /// [`frame`], in order. On success a record's plaintext is left in `buf` at the range
+    /// [`Opened::plain`] names, inside the record's own range.
+    ///
+    /// Stops at the first failure, which is then the last result. On the CPU it also stops
+    /// after the first record that is not application data (a KeyUpdate changes the key of
+    /// the records after it), leaving later records untouched for the caller to frame again.
+    /// On the device every record of the batch is attempted; results after a control record
+    /// are the caller's to discard.
     pub async fn open(
         &mut self,
-        records: &[&[u8]],
+        buf: &mut [u8],
+        records: &[Range<usize>],
         device: Option<&RecordDevice>,
         policy: Policy,
         stats: &RecordStats,
-    ) -> Vec<Result<(u8, Vec<u8>), RecordError>> {
+    ) -> Vec<Result<Opened, RecordError>> {
         debug_assert!(!self.seal);
         let largest = records.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut results = Vec::with_capacity(records.len());
         if !records.is_empty() && self.wants_device(device, policy, largest, stats) {
             if let Some(device) = device {
-                self.open_on_device(records, device, stats, &mut results)
+                self.open_on_device(buf, records, device, stats, &mut results)
                     .await;
             }
         }
-        while results.len() < records.len() && !matches!(results.last(), Some(Err(_))) {
-            let record = records[results.len()];
-            let opened = self.open_on_cpu(record);
-            if let Ok((_, plain)) = &opened {
+        if results.len() < records.len() && !results.is_empty() {
+            // The device stopped part-way (it failed, or refused a record): whatever it did
+            // open before a control record stands; the CPU goes on only after data.
+            let last_data = matches!(
+                results.last(),
+                Some(Ok(Opened {
+                    content_type: content::APPLICATION_DATA,
+                    ..
+                }))
+            );
+            if !last_data {
+                return results;
+            }
+        }
+        while results.len() < records.len() {
+            let record = records[results.len()].clone();
+            let opened = self.open_on_cpu(buf, record);
+            let go_on = matches!(
+                &opened,
+                Ok(Opened {
+                    content_type: content::APPLICATION_DATA,
+                    ..
+                })
+            );
+            if let Ok(o) = &opened {
                 stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
                 stats
                     .cpu_opened_bytes
-                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                    .fetch_add(o.plain.len() as u64, Ordering::Relaxed);
             }
             results.push(opened);
+            if !go_on {
+                break;
+            }
         }
         results
     }
 
     async fn open_on_device(
         &mut self,
-        records: &[&[u8]],
+        buf: &mut [u8],
+        records: &[Range<usize>],
         device: &RecordDevice,
         stats: &RecordStats,
-        results: &mut Vec<Result<(u8, Vec<u8>), RecordError>>,
+        results: &mut Vec<Result<Opened, RecordError>>,
     ) {
         let Some(slot) = self.slot.clone() else {
             return;
@@ -455,6 +499,7 @@ impl Direction {
         let mut buffers = Vec::with_capacity(records.len() * 2);
         let mut ops = Vec::with_capacity(records.len());
         for record in records {
+            let record = &buf[record.clone()];
             let pool = device.device.pool();
             let (Ok(src), Ok(dst)) = (pool.alloc(record.len()), pool.alloc(record.len())) else {
                 stats.device_saturated.fetch_add(1, Ordering::Relaxed);
@@ -484,10 +529,17 @@ impl Direction {
         }
         let (outcomes, buffers) = device.queue.run(ops, buffers, Arc::clone(&slot)).await;
         for (i, outcome) in outcomes.into_iter().enumerate() {
+            let record = records[i].clone();
             match outcome {
                 Ok(output) => {
-                    let mut plain = vec![0; output.len as usize];
-                    if buffers[2 * i + 1].read(0, &mut plain).is_err() {
+                    let len = output.len as usize;
+                    // The device checked the length against the record's (driver); the
+                    // plaintext always fits where its record was.
+                    let Some(place) = buf.get_mut(record.start..record.start + len) else {
+                        self.fall_back(stats);
+                        return;
+                    };
+                    if len > record.len() || buffers[2 * i + 1].read(0, place).is_err() {
                         self.fall_back(stats);
                         return;
                     }
@@ -495,21 +547,35 @@ impl Direction {
                     stats.device_opened_records.fetch_add(1, Ordering::Relaxed);
                     stats
                         .device_opened_bytes
-                        .fetch_add(plain.len() as u64, Ordering::Relaxed);
-                    results.push(Ok((output.content_type, plain)));
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    results.push(Ok(Opened {
+                        content_type: output.content_type,
+                        plain: record.start..record.start + len,
+                    }));
                 }
                 Err(JobError::Device { status, .. }) if record_status(status).is_some() => {
                     // A device error is not a client error: the CPU has the last word on the
                     // record (at the same sequence number) before the connection is failed.
-                    let checked = self.open_on_cpu(records[i]);
-                    if let Ok((_, plain)) = &checked {
+                    // It works on a copy: a record that fails leaves the buffer as it was.
+                    let mut copy = buf[record.clone()].to_vec();
+                    let checked = self.open_on_cpu(&mut copy, 0..record.len());
+                    let checked = checked.map(|o| {
+                        let at = record.start + o.plain.start;
+                        buf[at..at + o.plain.len()].copy_from_slice(&copy[o.plain.clone()]);
+                        Opened {
+                            content_type: o.content_type,
+                            plain: at..at + o.plain.len(),
+                        }
+                    });
+                    tlsaccel_record::scrub(&mut copy);
+                    if let Ok(o) = &checked {
                         stats
                             .device_refused_good_records
                             .fetch_add(1, Ordering::Relaxed);
                         stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
                         stats
                             .cpu_opened_bytes
-                            .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                            .fetch_add(o.plain.len() as u64, Ordering::Relaxed);
                         tracing::warn!(
                             ?status,
                             "device refused a record the CPU opened; direction moves to the CPU"
@@ -529,27 +595,32 @@ impl Direction {
         }
     }
 
-    fn open_on_cpu(&mut self, record: &[u8]) -> Result<(u8, Vec<u8>), RecordError> {
-        let mut buf = record.to_vec();
+    /// Opens the record at `buf[record]` in place.
+    fn open_on_cpu(&mut self, buf: &mut [u8], record: Range<usize>) -> Result<Opened, RecordError> {
+        let base = record.start;
+        let bytes = &mut buf[record];
+        let len = bytes.len();
         let opened = match self.version {
-            Version::Tls13 => {
-                tlsaccel_record::tls13_open(&self.cpu, self.sequence, &mut buf, record.len())
-            }
-            Version::Tls12 => {
-                tlsaccel_record::tls12_open(&self.cpu, self.sequence, &mut buf, record.len())
-            }
+            Version::Tls13 => tlsaccel_record::tls13_open(&self.cpu, self.sequence, bytes, len),
+            Version::Tls12 => tlsaccel_record::tls12_open(&self.cpu, self.sequence, bytes, len),
         };
         self.sequence += 1;
         match opened {
-            Ok(output) => {
-                buf.truncate(output.start + output.len);
-                buf.drain(..output.start);
-                Ok((output.info, buf))
-            }
+            Ok(output) => Ok(Opened {
+                content_type: output.info,
+                plain: base + output.start..base + output.start + output.len,
+            }),
             Err(status) => Err(record_status(status)
                 .unwrap_or(RecordError::Decode("record refused by the record layer"))),
         }
     }
+}
+
+/// One opened record: its content type and where its plaintext now lies in the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub content_type: u8,
+    pub plain: Range<usize>,
 }
 
 /// What a device or CPU status on an open says about the record (None: not the record's
@@ -668,7 +739,10 @@ impl HandshakeReader {
             0 | 1 => Ok(Some(Control::KeyUpdate {
                 update_requested: request == 1,
             })),
-            _ => Err(RecordError::Decode("KeyUpdate request is neither 0 nor 1")),
+            // RFC 8446 §4.6.3.
+            _ => Err(RecordError::IllegalParameter(
+                "KeyUpdate request is neither 0 nor 1",
+            )),
         }
     }
 
@@ -784,7 +858,7 @@ mod tests {
         let mut reader = HandshakeReader::default();
         assert!(matches!(
             reader.push(Version::Tls13, &[24, 0, 0, 1, 2]),
-            Err(RecordError::Decode(_))
+            Err(RecordError::IllegalParameter(_))
         ));
         let mut reader = HandshakeReader::default();
         assert!(matches!(
@@ -826,6 +900,47 @@ mod tests {
         assert_eq!(alert_message(AlertDescription::BadRecordMac, true), [2, 20]);
     }
 
+    /// Frames every record of `wire` and opens them all (the CPU stops after each control
+    /// record, so this calls `open` until every record has a result or one failed).
+    async fn open_all(
+        to: &mut Direction,
+        mut wire: Vec<u8>,
+        device: Option<&RecordDevice>,
+        stats: &RecordStats,
+    ) -> Vec<Result<(u8, Vec<u8>), RecordError>> {
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        while let Some(len) = frame(&wire[at..], to.version).expect("well-formed") {
+            ranges.push(at..at + len);
+            at += len;
+        }
+        assert_eq!(at, wire.len());
+        let mut results = Vec::new();
+        while results.len() < ranges.len() {
+            let batch = to
+                .open(
+                    &mut wire,
+                    &ranges[results.len()..],
+                    device,
+                    Policy { cpu_below: 0 },
+                    stats,
+                )
+                .await;
+            assert!(!batch.is_empty());
+            let failed = batch.iter().any(Result::is_err);
+            for result in batch {
+                results.push(result.map(|o| (o.content_type, wire[o.plain].to_vec())));
+                if matches!(results.last(), Some(Err(_))) {
+                    break;
+                }
+            }
+            if failed {
+                break;
+            }
+        }
+        results
+    }
+
     /// Seals with `from`, opens with `to`, for several sizes and content types.
     async fn round_trip(
         from: &mut Direction,
@@ -847,14 +962,7 @@ mod tests {
         let mut wire = Vec::new();
         from.seal(&items, &mut wire, from_device, policy, &stats)
             .await;
-        let mut records = Vec::new();
-        let mut rest = &wire[..];
-        while let Some(len) = frame(rest, from.version).expect("well-formed") {
-            records.push(&rest[..len]);
-            rest = &rest[len..];
-        }
-        assert!(rest.is_empty());
-        let opened = to.open(&records, to_device, policy, &stats).await;
+        let opened = open_all(to, wire, to_device, &stats).await;
         assert_eq!(opened.len(), items.len());
         for ((content_type, payload), result) in items.iter().zip(opened) {
             let (got_type, got) = result.expect("opens");
@@ -918,9 +1026,7 @@ mod tests {
                     .await;
                     let last = wire.len() - 1;
                     wire[last] ^= 0x80;
-                    let result = open
-                        .open(&[&wire], Some(&rd), Policy { cpu_below: 0 }, &stats)
-                        .await;
+                    let result = open_all(&mut open, wire, Some(&rd), &stats).await;
                     assert_eq!(result, vec![Err(RecordError::BadRecordMac)]);
                 }
             }
@@ -943,11 +1049,7 @@ mod tests {
             let items: [(u8, &[u8]); 2] = [(23, b"first"), (23, b"second")];
             seal.seal(&items, &mut wire, None, Policy { cpu_below: 0 }, &stats)
                 .await;
-            let first = frame(&wire, Version::Tls13).unwrap().unwrap();
-            let records = [&wire[..first], &wire[first..]];
-            let opened = open
-                .open(&records, Some(&rd), Policy { cpu_below: 0 }, &stats)
-                .await;
+            let opened = open_all(&mut open, wire, Some(&rd), &stats).await;
             assert_eq!(
                 opened,
                 vec![Ok((23, b"first".to_vec())), Ok((23, b"second".to_vec()))]
@@ -968,9 +1070,7 @@ mod tests {
             .await;
             let last = bad.len() - 1;
             bad[last] ^= 1;
-            let result = open
-                .open(&[&bad], Some(&rd), Policy { cpu_below: 0 }, &stats)
-                .await;
+            let result = open_all(&mut open, bad, Some(&rd), &stats).await;
             assert_eq!(result, vec![Err(RecordError::BadRecordMac)]);
         });
     }

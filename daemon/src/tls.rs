@@ -21,7 +21,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConnectionData};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
-use rustls::{ExtractedSecrets, HandshakeKind, ServerConfig};
+use rustls::{AlertDescription, ExtractedSecrets, HandshakeKind, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -194,8 +194,13 @@ impl ListenerTls {
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("TLS: {0}")]
-    Tls(#[from] rustls::Error),
+    #[error("TLS: {error}")]
+    Tls {
+        error: rustls::Error,
+        /// The alert rustls produced for it, if one was sent and could be read (alerts
+        /// sent under handshake keys are sent but not readable here).
+        alert: Option<AlertDescription>,
+    },
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
     #[error("the client closed the connection during the handshake")]
@@ -210,12 +215,28 @@ impl HandshakeError {
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            HandshakeError::Tls(_) => "tls",
+            HandshakeError::Tls { .. } => "tls",
             HandshakeError::Io(_) => "io",
             HandshakeError::Closed => "closed",
             HandshakeError::TooLarge => "too_large",
             HandshakeError::Encode(_) => "internal",
         }
+    }
+}
+
+impl HandshakeError {
+    /// The alert the client was sent, when known.
+    pub fn alert_sent(&self) -> Option<AlertDescription> {
+        match self {
+            HandshakeError::Tls { alert, .. } => *alert,
+            _ => None,
+        }
+    }
+}
+
+impl From<rustls::Error> for HandshakeError {
+    fn from(error: rustls::Error) -> Self {
+        HandshakeError::Tls { error, alert: None }
     }
 }
 
@@ -254,6 +275,59 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Writes what is still unsent of the handshake (`unsent`) and the records rustls queued
+/// after an error (its alert), within a short time. Returns the alert when it was sent in
+/// the clear (before handshake keys), so it can be counted.
+async fn send_pending_alert(
+    conn: &mut UnbufferedServerConnection,
+    stream: &mut TcpStream,
+    unsent: &[u8],
+) -> Option<AlertDescription> {
+    let mut out = unsent.to_vec();
+    let start = out.len();
+    for _ in 0..4 {
+        let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
+        let Ok(ConnectionState::EncodeTlsData(mut encode)) = state else {
+            break;
+        };
+        let at = out.len();
+        out.resize(at + 64, 0);
+        match encode.encode(&mut out[at..]) {
+            Ok(n) => out.truncate(at + n),
+            Err(EncodeError::InsufficientSize(size)) => {
+                out.resize(at + size.required_size, 0);
+                match encode.encode(&mut out[at..]) {
+                    Ok(n) => out.truncate(at + n),
+                    Err(_) => {
+                        out.truncate(at);
+                        break;
+                    }
+                }
+            }
+            Err(_) => {
+                out.truncate(at);
+                break;
+            }
+        }
+    }
+    if out.len() == start {
+        return None;
+    }
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+    .await;
+    // A plaintext alert record: type 21, two bytes of body.
+    let alert = &out[start..];
+    match (sent, alert) {
+        (Ok(Ok(())), [21, 3, _, 0, 2, _, description, ..]) => {
+            Some(AlertDescription::from(*description))
+        }
+        _ => None,
+    }
+}
+
 /// Runs the server side of a handshake on `stream`.
 pub async fn handshake(
     stream: &mut TcpStream,
@@ -270,7 +344,15 @@ pub async fn handshake(
             blocking(|| conn.process_tls_records(&mut incoming));
         let mut need_input = false;
         let mut done = false;
-        match state? {
+        let state = match state {
+            Ok(state) => state,
+            Err(error) => {
+                // rustls queued the alert for this error: it goes out before the close.
+                let alert = send_pending_alert(&mut conn, stream, &outgoing[..pending]).await;
+                return Err(HandshakeError::Tls { error, alert });
+            }
+        };
+        match state {
             ConnectionState::EncodeTlsData(mut encode) => loop {
                 match encode.encode(&mut outgoing[pending..]) {
                     Ok(n) => {

@@ -1,0 +1,426 @@
+//! The I/O around one connection's record session ([`crate::session`]): one task, one loop,
+//! no locks. Each turn it starts the crypto that has work (opening the client's records,
+//! sealing the backend's bytes) and waits for whichever comes first: a socket readable or
+//! writable, a batch done, or the timer.
+//!
+//! * Nothing waits on a peer while holding anything another part needs: reads and writes are
+//!   single, cancel-safe calls inside one `select!`, so a client that stops reading blocks
+//!   only its own writes, and the timer still runs.
+//! * Backpressure: neither side is read while the bytes for the other side exceed
+//!   [`WINDOW`].
+//! * Time: the connection ends after `idle_timeout` without a byte moving either way
+//!   (close_notify first), and when a peer has taken none of the bytes waiting for it for
+//!   `idle_timeout` even while the other side is busy. After an error or a timeout the
+//!   connection gets [`LINGER`] at most to flush its last alert.
+//! * Memory while idle: the client's bytes are read into the receiver's buffer only once
+//!   the socket is readable (and the buffer is dropped when empty); the backend's are read
+//!   into a per-thread scratch buffer and copied out at their exact length.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use rustls::AlertDescription;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::pool::BackendIo;
+use crate::record::{Policy, RecordError};
+use crate::serve::Shared;
+use crate::session::{End, Engines, Inbound, Outgoing, Receiver, Sealed, Sender, READ_CHUNK};
+
+/// Most bytes waiting for one side before the other side is no longer read.
+pub const WINDOW: usize = 256 * 1024;
+/// Longest a failing connection may take to deliver its last alert.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Why a connection ended other than by both sides closing.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("client socket: {0}")]
+    Client(io::Error),
+    #[error("backend socket: {0}")]
+    Backend(io::Error),
+    #[error("record layer: {0}")]
+    Record(RecordError),
+    #[error("idle for longer than the idle timeout")]
+    Idle,
+    #[error("the {0} took no bytes for the idle timeout")]
+    WriteStalled(&'static str),
+    #[error("sending key update failed: {0}")]
+    KeyUpdate(String),
+}
+
+/// What the pump needs besides the sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub shared: &'a Shared,
+    /// Which of the device's record queues this connection uses.
+    pub queue_number: usize,
+    pub policy: Policy,
+    pub idle_timeout: Duration,
+}
+
+/// What a turn did on the backend's write side.
+enum BackendOp {
+    Wrote(usize),
+    Flushed,
+    Shut,
+}
+
+type Job<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Bytes waiting for one peer, and since when that peer has taken none of them.
+struct Outbox {
+    buf: Vec<u8>,
+    at: usize,
+    since: Instant,
+}
+
+impl Outbox {
+    fn new(data: Vec<u8>) -> Self {
+        Self {
+            buf: data,
+            at: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+
+    fn push(&mut self, data: Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            self.buf = data;
+            self.at = 0;
+            self.since = Instant::now();
+        } else {
+            self.buf.drain(..self.at);
+            self.at = 0;
+            self.buf.extend_from_slice(&data);
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.at += n;
+        self.since = Instant::now();
+        if self.at == self.buf.len() {
+            // Nothing waiting: hold no buffer.
+            self.buf = Vec::new();
+            self.at = 0;
+        }
+    }
+
+    /// True when bytes have waited for their peer for `limit` without it taking any.
+    fn stalled(&self, now: Instant, limit: Duration) -> bool {
+        !self.is_empty() && now.duration_since(self.since) >= limit
+    }
+}
+
+thread_local! {
+    /// Where backend bytes land first: one buffer per worker thread, not per connection.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// Reads what the backend has into the thread's scratch buffer and returns it at its exact
+/// length (empty at end of stream). Holds no memory while it waits. Cancel-safe.
+fn read_backend<'a, R: AsyncRead + Unpin + ?Sized>(
+    reader: &'a mut R,
+) -> impl Future<Output = io::Result<Vec<u8>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut buf = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.filled().to_vec())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+}
+
+/// Proxies between the client (through the session) and the backend until both sides have
+/// closed, an error, or a timeout. `early` is plaintext the handshake already decrypted.
+pub async fn run(
+    ctx: Context<'_>,
+    receiver: Receiver,
+    sender: Sender,
+    client: TcpStream,
+    backend: Box<dyn BackendIo>,
+    early: Vec<u8>,
+) -> Result<(), PumpError> {
+    let shared = ctx.shared;
+    let stats = &shared.stats;
+    let (client_r, mut client_w) = client.into_split();
+    let (mut backend_r, mut backend_w) = tokio::io::split(backend);
+    let mut receiver = Some(receiver);
+    let mut sender = Some(sender);
+    let mut rx_job: Option<Job<'_, (Receiver, Inbound)>> = None;
+    let mut tx_job: Option<Job<'_, (Sender, Sealed)>> = None;
+    let mut outgoing: Vec<Outgoing> = Vec::new();
+    let mut outgoing_bytes = 0usize;
+    stats
+        .bytes_client_to_backend
+        .fetch_add(early.len() as u64, Ordering::Relaxed);
+    let mut to_backend = Outbox::new(early);
+    let mut to_client = Outbox::new(Vec::new());
+    let mut backend_unflushed = !to_backend.is_empty();
+    // Nothing more is read from the client (close_notify, end of stream, or its side ended).
+    let mut client_done = false;
+    // The backend's end of stream was seen.
+    let mut backend_done = false;
+    let mut backend_shut = false;
+    let mut client_shut = false;
+    let mut failure: Option<PumpError> = None;
+    let mut linger_until: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    let idle = ctx.idle_timeout;
+    let mut tick = tokio::time::interval((idle / 4).clamp(Duration::from_millis(20), LINGER));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    // Ends sending with `alert` (if any) after what is already sealed; the connection then
+    // ends once that is flushed, or after LINGER.
+    let fail = |error: PumpError,
+                alert: Option<AlertDescription>,
+                failure: &mut Option<PumpError>,
+                outgoing: &mut Vec<Outgoing>,
+                linger_until: &mut Option<Instant>| {
+        if failure.is_some() {
+            return;
+        }
+        *failure = Some(error);
+        outgoing.clear();
+        if let Some(alert) = alert {
+            outgoing.push(Outgoing::Alert(alert));
+        }
+        *linger_until = Some(Instant::now() + LINGER);
+    };
+
+    loop {
+        // Start the crypto that has work.
+        if rx_job.is_none() && failure.is_none() && to_backend.len() < WINDOW {
+            if let Some(mut r) = receiver.take_if(|r| r.has_work()) {
+                let device = shared.record_device(ctx.queue_number);
+                let policy = ctx.policy;
+                let records = &shared.records;
+                rx_job = Some(Box::pin(async move {
+                    let engines = Engines {
+                        device: device.as_ref(),
+                        policy,
+                        stats: records,
+                    };
+                    let inbound = r.step(engines).await;
+                    (r, inbound)
+                }));
+            }
+        }
+        if tx_job.is_none() && !outgoing.is_empty() && to_client.len() < WINDOW {
+            if let Some(mut s) = sender.take() {
+                let work = std::mem::take(&mut outgoing);
+                outgoing_bytes = 0;
+                let device = shared.record_device(ctx.queue_number);
+                let policy = ctx.policy;
+                let records = &shared.records;
+                tx_job = Some(Box::pin(async move {
+                    let engines = Engines {
+                        device: device.as_ref(),
+                        policy,
+                        stats: records,
+                    };
+                    let sealed = s.seal(work, engines).await;
+                    (s, sealed)
+                }));
+            }
+        }
+        let sending_closed = sender.as_ref().is_some_and(Sender::closed);
+        if sending_closed && to_client.is_empty() && !client_shut {
+            client_shut = true;
+            let _ = client_w.shutdown().await;
+        }
+        if failure.is_some() && tx_job.is_none() && outgoing.is_empty() && to_client.is_empty() {
+            break;
+        }
+        if failure.is_none()
+            && client_done
+            && backend_shut
+            && sending_closed
+            && to_client.is_empty()
+            && rx_job.is_none()
+            && tx_job.is_none()
+        {
+            return Ok(());
+        }
+
+        let read_client = failure.is_none()
+            && !client_done
+            && to_backend.len() < WINDOW
+            && receiver.as_ref().is_some_and(|r| !r.has_work());
+        let read_backend_now = failure.is_none()
+            && !backend_done
+            && !sending_closed
+            && to_client.len() + outgoing_bytes < WINDOW;
+        let shut_backend =
+            failure.is_none() && client_done && to_backend.is_empty() && !backend_shut;
+
+        tokio::select! {
+            r = client_r.readable(), if read_client => {
+                if let Err(e) = r {
+                    return Err(PumpError::Client(e));
+                }
+                let Some(r) = receiver.as_mut() else { continue };
+                let buf = r.buffer();
+                buf.reserve(READ_CHUNK);
+                match client_r.try_read_buf(buf) {
+                    Ok(0) => {
+                        // End of stream without close_notify: pass the end on, but the data
+                        // may have been truncated.
+                        tracing::debug!("client closed without close_notify");
+                        client_done = true;
+                    }
+                    Ok(_) => last_progress = Instant::now(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(PumpError::Client(e)),
+                }
+                if buf.is_empty() {
+                    *buf = Vec::new();
+                }
+            }
+            (r, inbound) = async { rx_job.as_mut().expect("checked").await }, if rx_job.is_some() => {
+                rx_job = None;
+                receiver = Some(r);
+                let Inbound { plaintext, key_update_requested, renegotiations, end } = inbound;
+                stats
+                    .bytes_client_to_backend
+                    .fetch_add(plaintext.len() as u64, Ordering::Relaxed);
+                if !plaintext.is_empty() {
+                    backend_unflushed = true;
+                }
+                to_backend.push(plaintext);
+                if key_update_requested {
+                    outgoing.push(Outgoing::KeyUpdate);
+                }
+                for _ in 0..renegotiations {
+                    stats.renegotiations_refused.fetch_add(1, Ordering::Relaxed);
+                    outgoing.push(Outgoing::Alert(AlertDescription::NoRenegotiation));
+                }
+                match end {
+                    None => {}
+                    Some(End::PeerClosed) => client_done = true,
+                    Some(End::KeyExhausted) => {
+                        shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
+                        client_done = true;
+                        outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
+                    }
+                    Some(End::Error(error)) => {
+                        let alert = error.alert();
+                        fail(PumpError::Record(error), alert, &mut failure, &mut outgoing, &mut linger_until);
+                    }
+                }
+            }
+            (s, sealed) = async { tx_job.as_mut().expect("checked").await }, if tx_job.is_some() => {
+                tx_job = None;
+                sender = Some(s);
+                for alert in &sealed.alerts {
+                    stats.alerts_sent.inc(&format!("{alert:?}"));
+                }
+                if sealed.key_exhausted {
+                    shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
+                }
+                to_client.push(sealed.records);
+                if let Some(error) = sealed.failed {
+                    fail(PumpError::KeyUpdate(error), None, &mut failure, &mut outgoing, &mut linger_until);
+                }
+            }
+            r = read_backend(&mut backend_r), if read_backend_now => match r {
+                Ok(data) if data.is_empty() => {
+                    backend_done = true;
+                    outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
+                }
+                Ok(data) => {
+                    last_progress = Instant::now();
+                    stats
+                        .bytes_backend_to_client
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    outgoing_bytes += data.len();
+                    match outgoing.last_mut() {
+                        Some(Outgoing::Data(last)) => last.extend_from_slice(&data),
+                        _ => outgoing.push(Outgoing::Data(data)),
+                    }
+                }
+                Err(e) => return Err(PumpError::Backend(e)),
+            },
+            r = async {
+                if !to_backend.is_empty() {
+                    backend_w.write(to_backend.pending()).await.map(BackendOp::Wrote)
+                } else if backend_unflushed {
+                    backend_w.flush().await.map(|()| BackendOp::Flushed)
+                } else {
+                    backend_w.shutdown().await.map(|()| BackendOp::Shut)
+                }
+            }, if !to_backend.is_empty() || backend_unflushed || shut_backend => match r {
+                Ok(BackendOp::Wrote(0)) => {
+                    return Err(PumpError::Backend(io::ErrorKind::WriteZero.into()))
+                }
+                Ok(BackendOp::Wrote(n)) => {
+                    to_backend.advance(n);
+                    last_progress = Instant::now();
+                }
+                Ok(BackendOp::Flushed) => backend_unflushed = false,
+                Ok(BackendOp::Shut) => backend_shut = true,
+                Err(e) if shut_backend && to_backend.is_empty() && !backend_unflushed => {
+                    tracing::debug!(error = %e, "backend shutdown failed");
+                    backend_shut = true;
+                }
+                Err(e) => return Err(PumpError::Backend(e)),
+            },
+            r = client_w.write(to_client.pending()), if !to_client.is_empty() => match r {
+                Ok(0) => return Err(PumpError::Client(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    to_client.advance(n);
+                    last_progress = Instant::now();
+                }
+                Err(e) => return Err(PumpError::Client(e)),
+            },
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if linger_until.is_some_and(|t| now >= t) {
+                    break;
+                }
+                if to_client.stalled(now, idle) {
+                    stats.client_write_stalls.fetch_add(1, Ordering::Relaxed);
+                    return Err(PumpError::WriteStalled("client"));
+                }
+                if to_backend.stalled(now, idle) {
+                    stats.backend_write_stalls.fetch_add(1, Ordering::Relaxed);
+                    return Err(PumpError::WriteStalled("backend"));
+                }
+                if failure.is_none() && now.duration_since(last_progress) >= idle {
+                    stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                    fail(PumpError::Idle, Some(AlertDescription::CloseNotify), &mut failure, &mut outgoing, &mut linger_until);
+                }
+            }
+        }
+    }
+    // Flushed what there was to say (or ran out of time): the connection ends.
+    if !client_shut {
+        let _ = client_w.shutdown().await;
+    }
+    Err(failure.unwrap_or(PumpError::Idle))
+}
