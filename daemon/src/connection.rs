@@ -22,10 +22,12 @@ pub async fn serve(
     state: Arc<State>,
     shared: &Arc<Shared>,
 ) {
-    let mut established = match tokio::time::timeout(
+    // The handshake's and the backend connect's futures are large and short-lived: they
+    // live on the heap for their moment, so an established connection's task stays small.
+    let mut established = match Box::pin(tokio::time::timeout(
         listener.handshake_timeout,
         tls::handshake(&mut stream, &listener.tls),
-    )
+    ))
     .await
     {
         Ok(Ok(established)) => established,
@@ -93,10 +95,10 @@ pub async fn serve(
     let Some(pool) = pool else {
         shared.stats.unrouted.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("no route and no default pool");
-        refuse(&ctx, &mut sender, &mut stream).await;
+        Box::pin(refuse(&ctx, &mut sender, &mut stream)).await;
         return;
     };
-    let (lease, backend) = match pool.connect().await {
+    let (lease, backend) = match Box::pin(pool.connect()).await {
         Ok(connected) => connected,
         Err(error) => {
             shared
@@ -104,7 +106,7 @@ pub async fn serve(
                 .backend_unavailable
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "no backend");
-            refuse(&ctx, &mut sender, &mut stream).await;
+            Box::pin(refuse(&ctx, &mut sender, &mut stream)).await;
             return;
         }
     };

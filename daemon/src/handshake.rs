@@ -4,8 +4,10 @@
 //! rustls calls signing and key exchange synchronously from whichever thread drives the
 //! handshake. [`PkeEngine`] lets many such threads share one public-key queue: each request
 //! is queued, one submitter thread moves everything queued into the ring with a single
-//! doorbell, polls completions and wakes each requester, so concurrent handshakes reach the
-//! device as batches rather than one job at a time.
+//! doorbell, takes completions and wakes each requester, so concurrent handshakes reach the
+//! device as batches rather than one job at a time. The submitter sleeps in `poll(2)` on two
+//! eventfds, one written by requesters and one by the device's completion interrupt: it
+//! costs the host nothing while the device works.
 //!
 //! Fallback: a request the device cannot serve (device lost or fatal, timeout, a scheme or
 //! group it lacks, a key it cannot load) is done on the CPU, and counted. A key exchange whose
@@ -14,9 +16,10 @@
 //! start on the CPU.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
@@ -79,9 +82,60 @@ enum PkeOp {
 
 struct Shared {
     queue: Mutex<VecDeque<Request>>,
-    wake: Condvar,
+    /// An eventfd requesters write after queueing work.
+    wake: OwnedFd,
     stop: AtomicBool,
 }
+
+impl Shared {
+    fn wake(&self) {
+        // A full counter still reads as readable: a failed add loses nothing.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+}
+
+/// Reads and clears an eventfd's counter.
+fn drain(fd: impl AsFd) {
+    let mut counter = [0u8; 8];
+    let _ = rustix::io::read(fd, &mut counter);
+}
+
+/// Sleeps until a requester or the device's interrupt signals, or `timeout` passes.
+fn sleep_until_signalled(
+    wake: &OwnedFd,
+    interrupt: Option<&tlsaccel_driver::EventFd>,
+    timeout: Duration,
+) {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let timeout = Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    let mut fds = vec![PollFd::new(wake, PollFlags::IN)];
+    if let Some(interrupt) = interrupt {
+        fds.push(PollFd::new(interrupt, PollFlags::IN));
+    }
+    let _ = rustix::event::poll(&mut fds, Some(&timeout));
+    drain(wake);
+    if let Some(interrupt) = interrupt {
+        interrupt.drain();
+    }
+}
+
+/// The public-key queue's settings: an interrupt for every completion (each job is long).
+fn pke_queue_config() -> QueueConfig {
+    QueueConfig {
+        size: RING_SIZE,
+        public_key: true,
+        interrupts: true,
+        coalesce_count: 1,
+        coalesce_usecs: 0,
+    }
+}
+
+/// Longest the submitter sleeps while jobs are in flight (it expires them when the device
+/// stops answering) or while idle (it notices a stop).
+const SUBMITTER_TICK: Duration = Duration::from_millis(20);
 
 /// The device's public-key queue, shared by every handshake thread.
 pub struct PkeEngine {
@@ -105,14 +159,15 @@ impl std::fmt::Debug for PkeEngine {
 impl PkeEngine {
     /// Takes a public-key queue of `device` and starts the submitter thread.
     pub fn new(device: Arc<Device>) -> Result<Arc<Self>, tlsaccel_driver::DeviceError> {
-        let pair = device.queue(QueueConfig {
-            size: RING_SIZE,
-            public_key: true,
-            ..QueueConfig::default()
-        })?;
+        let pair = device.queue(pke_queue_config())?;
+        let wake = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+        )
+        .map_err(|e| tlsaccel_driver::DeviceError::Thread(e.into()))?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
-            wake: Condvar::new(),
+            wake,
             stop: AtomicBool::new(false),
         });
         let submitter = {
@@ -173,22 +228,25 @@ impl PkeEngine {
                 answers.push(answer);
             }
         }
-        self.shared.wake.notify_one();
-        answers
-            .into_iter()
-            .map(|answer| {
-                answer
-                    .recv_timeout(REQUEST_TIMEOUT)
-                    .unwrap_or(Err(JobError::TimedOut))
-            })
-            .collect()
+        self.shared.wake();
+        // A runtime worker waiting here gives its other tasks to another thread meanwhile.
+        crate::tls::blocking(|| {
+            answers
+                .into_iter()
+                .map(|answer| {
+                    answer
+                        .recv_timeout(REQUEST_TIMEOUT)
+                        .unwrap_or(Err(JobError::TimedOut))
+                })
+                .collect()
+        })
     }
 }
 
 impl Drop for PkeEngine {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake.notify_all();
+        self.shared.wake();
         if let Some(handle) = self.submitter.take() {
             let _ = handle.join();
         }
@@ -210,15 +268,13 @@ fn submitter(device: Arc<Device>, mut pair: QueuePair, shared: Arc<Shared>) {
         // Take everything queued that fits the ring: one doorbell for the lot.
         {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            while queue.is_empty() && in_flight.is_empty() {
+            if queue.is_empty() && in_flight.is_empty() {
                 if shared.stop.load(Ordering::Acquire) {
                     return;
                 }
-                queue = shared
-                    .wake
-                    .wait_timeout(queue, Duration::from_millis(50))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                drop(queue);
+                sleep_until_signalled(&shared.wake, None, SUBMITTER_TICK);
+                continue;
             }
             let room = pair.free_slots() as usize;
             jobs.clear();
@@ -274,18 +330,15 @@ fn submitter(device: Arc<Device>, mut pair: QueuePair, shared: Arc<Shared>) {
             for (_, done) in in_flight.drain() {
                 let _ = done.reply.send(Err(JobError::DeviceLost));
             }
-            match device.queue(QueueConfig {
-                size: RING_SIZE,
-                public_key: true,
-                ..QueueConfig::default()
-            }) {
+            match device.queue(pke_queue_config()) {
                 Ok(fresh) => pair = fresh,
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
         if !in_flight.is_empty() {
-            std::hint::spin_loop();
-            std::thread::yield_now();
+            // The completion interrupt (or a new request) wakes the submitter; the tick
+            // bounds how late a job of a silent device expires.
+            sleep_until_signalled(&shared.wake, pair.interrupt().map(|i| &**i), SUBMITTER_TICK);
         }
     }
 }

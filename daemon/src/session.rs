@@ -230,11 +230,20 @@ fn halves(
         Version::Tls13 => (settings.rekey_after.min(confidentiality / 2), u64::MAX),
         Version::Tls12 => (u64::MAX, confidentiality - confidentiality / 8),
     };
+    // The handshake's read buffer is kept only if it holds the start of the record stream
+    // (and then at its length): an idle connection holds no buffer.
+    let buffer = if leftover.is_empty() {
+        Vec::new()
+    } else {
+        let mut leftover = leftover;
+        leftover.shrink_to_fit();
+        leftover
+    };
     let receiver = Receiver {
         version,
         rx,
         kernel: Arc::clone(&kernel),
-        buffer: leftover,
+        buffer,
         conduct: Conduct {
             version,
             handshake: HandshakeReader::default(),

@@ -340,8 +340,10 @@ pub async fn handshake(
     let mut pending = 0;
     let mut early_plaintext = Vec::new();
     loop {
-        let UnbufferedStatus { discard, state } =
-            blocking(|| conn.process_tls_records(&mut incoming));
+        // Runs on this worker: the device-backed provider hands the worker's other tasks to
+        // another thread only while it actually waits for the device
+        // (`handshake::PkeEngine`), and the CPU provider blocks no longer than nginx would.
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut incoming);
         let mut need_input = false;
         let mut done = false;
         let state = match state {

@@ -38,4 +38,4 @@ pub use queue::{
     Job, JobCompletion, JobError, JobOp, JobOutput, QueueConfig, QueueError, QueuePair, QueueStats,
 };
 pub use tlsaccel_abi as abi;
-pub use transport::{DeviceAddress, Transport, TransportError};
+pub use transport::{DeviceAddress, EventFd, Transport, TransportError};
