@@ -2,17 +2,20 @@
 //!
 //! ```sh
 //! cargo run --release -p tlsaccel-benches --bin tlsaccel-compare -- [--quick] [--out DIR]
+//!     [--systems NAME,...] [--workloads ID,...]
 //! ```
 //!
 //! Installs nginx (stream module) and HAProxy from Debian's packages when missing (as root),
 //! starts every system, drives them with its own load generator, and writes `report.md`,
 //! `results.json` and SVG plots to the output folder (default `results/compare-DATE`).
+//! `--systems` and `--workloads` narrow a run down for a focused measurement, e.g.
+//! `--systems tlsaccel-cpu --workloads idle-connections`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tlsaccel_benches::compare::{self, systems::Kind, Settings};
+use tlsaccel_benches::compare::{self, systems::Kind, Settings, Workload};
 
 #[derive(Debug, Parser)]
 #[command(about = "tlsaccel side by side with nginx and HAProxy")]
@@ -23,9 +26,15 @@ struct Args {
     /// Output folder.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Systems to run, comma-separated (tlsaccel-device, tlsaccel-cpu, nginx, haproxy).
+    /// Systems to run, comma-separated (tlsaccel-device, tlsaccel-cpu, nginx, haproxy,
+    /// haproxy-plain); default all.
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<String>>,
+    /// Workloads to run, comma-separated ids (full-handshakes-ecdsa, resumed-handshakes,
+    /// download-1conn, download-64conn, upload-1conn, upload-64conn, small-requests,
+    /// connection-per-request, full-handshakes-rsa, idle-connections); default all.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Option<Vec<String>>,
     /// Repetitions of every workload (default: 1 quick, 3 full).
     #[arg(long)]
     repeat: Option<usize>,
@@ -69,21 +78,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    let systems = match &args.systems {
-        None => Kind::ALL.to_vec(),
-        Some(names) => {
-            let mut kinds = Vec::new();
-            for name in names {
-                match Kind::parse(name) {
-                    Some(kind) => kinds.push(kind),
-                    None => {
-                        eprintln!("tlsaccel-compare: unknown system {name:?}");
-                        return ExitCode::from(2);
-                    }
-                }
-            }
-            kinds
-        }
+    let systems = match chosen("system", &args.systems, Kind::parse, &Kind::ALL, Kind::name) {
+        Ok(systems) => systems,
+        Err(code) => return code,
+    };
+    let workloads = match chosen(
+        "workload",
+        &args.workloads,
+        Workload::parse,
+        &Workload::ALL,
+        Workload::id,
+    ) {
+        Ok(workloads) => workloads,
+        Err(code) => return code,
     };
     raise_file_limit();
     let settings = Settings {
@@ -94,6 +101,7 @@ fn main() -> ExitCode {
         handshake_concurrency: if args.quick { 8 } else { 32 },
         idle_connections: args.idle.unwrap_or(if args.quick { 500 } else { 10_000 }),
         systems,
+        workloads,
     };
     let out = args.out.unwrap_or_else(|| {
         let stamp = std::process::Command::new("date")
@@ -113,6 +121,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The items named in `names`, in the order given, or `all` when the option was not given;
+/// an unknown name is an error that lists the known ones (exit status 2).
+fn chosen<T: Copy + PartialEq>(
+    what: &str,
+    names: &Option<Vec<String>>,
+    parse: fn(&str) -> Option<T>,
+    all: &[T],
+    name_of: fn(T) -> &'static str,
+) -> Result<Vec<T>, ExitCode> {
+    let Some(names) = names else {
+        return Ok(all.to_vec());
+    };
+    let mut items = Vec::new();
+    for name in names {
+        let Some(item) = parse(name) else {
+            let known: Vec<&str> = all.iter().map(|&i| name_of(i)).collect();
+            eprintln!(
+                "tlsaccel-compare: unknown {what} {name:?} (known: {})",
+                known.join(", ")
+            );
+            return Err(ExitCode::from(2));
+        };
+        if !items.contains(&item) {
+            items.push(item);
+        }
+    }
+    Ok(items)
 }
 
 /// Thousands of connections, each a socket in the load generator, the backend and (twice)

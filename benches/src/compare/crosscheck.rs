@@ -1,17 +1,20 @@
 //! Cross-checks with standard tools: `h2load --h1` for small keep-alive requests and
 //! `openssl s_time -new` for full handshakes (one connection at a time), so the harness's
-//! own load generator is not the only witness.
+//! own load generator is not the only witness. The plaintext floor gets `h2load` over plain
+//! HTTP only.
 
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-/// Requests per second `h2load` reached: `requests` small requests over 64 connections.
-pub fn h2load(address: SocketAddr, requests: u64) -> Option<f64> {
+/// Requests per second `h2load` reached: `requests` small requests over 64 connections, over
+/// TLS or (`tls` false, the plaintext floor) plain TCP.
+pub fn h2load(address: SocketAddr, tls: bool, requests: u64) -> Option<f64> {
+    let scheme = if tls { "https" } else { "http" };
     let output = Command::new("h2load")
         .args(["--h1", "-t", "1", "-c", "64", "-n"])
         .arg(requests.to_string())
-        .arg(format!("https://localhost:{}/small", address.port()))
+        .arg(format!("{scheme}://localhost:{}/small", address.port()))
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&output.stdout);

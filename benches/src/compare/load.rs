@@ -1,6 +1,8 @@
 //! The load generator: tokio and rustls clients driving full and resumed handshakes, bulk
-//! transfers both ways, small keep-alive requests and idle connections. Every client offers
-//! TLS 1.3 with TLS_AES_128_GCM_SHA256 and X25519 only, so every system negotiates the same.
+//! transfers both ways, small keep-alive requests, a fresh connection per request and idle
+//! connections. Every TLS client offers TLS 1.3 with TLS_AES_128_GCM_SHA256 and X25519 only,
+//! so every system negotiates the same. The rows that need no TLS (bulk and keep-alive
+//! requests) also speak plain TCP, to measure the plaintext floor.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -43,13 +45,28 @@ pub fn client_config(
     Arc::new(config)
 }
 
+/// How the load generator speaks to a system.
+#[derive(Debug, Clone)]
+pub enum Client {
+    /// TLS with this configuration.
+    Tls(Arc<rustls::ClientConfig>),
+    /// Plain TCP, to the plaintext floor.
+    Plain,
+}
+
+/// A TCP connection to `address`, without Nagle's delay (requests are small).
+async fn tcp(address: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = TcpStream::connect(address).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// A TLS connection to `address`.
 pub async fn connect(
     address: SocketAddr,
     config: &Arc<rustls::ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(address).await?;
-    tcp.set_nodelay(true)?;
+    let tcp = tcp(address).await?;
     let name = ServerName::try_from("localhost").expect("valid name");
     tokio_rustls::TlsConnector::from(Arc::clone(config))
         .connect(name, tcp)
@@ -162,24 +179,47 @@ pub async fn full_handshakes(
     .0
 }
 
-/// HTTP/1.1 over one TLS connection.
+/// HTTP/1.1 over one TLS or plain TCP connection.
 #[derive(Debug)]
 pub struct Http {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    /// The task driving the connection; it ends once the connection is closed.
+    connection: tokio::task::JoinHandle<hyper::Result<()>>,
 }
 
 impl Http {
-    /// Connects and starts HTTP/1.1 on the connection.
-    pub async fn open(
-        address: SocketAddr,
-        config: &Arc<rustls::ClientConfig>,
-    ) -> anyhow::Result<(Self, bool)> {
-        let stream = connect(address, config).await?;
-        let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    /// Connects as `client` says and starts HTTP/1.1 on the connection; true when the TLS
+    /// handshake resumed a session.
+    pub async fn open(address: SocketAddr, client: &Client) -> anyhow::Result<(Self, bool)> {
+        match client {
+            Client::Tls(config) => {
+                let stream = connect(address, config).await?;
+                let kind = stream.get_ref().1.handshake_kind();
+                let resumed = kind == Some(rustls::HandshakeKind::Resumed);
+                Ok((Self::start(stream).await?, resumed))
+            }
+            Client::Plain => Ok((Self::start(tcp(address).await?).await?, false)),
+        }
+    }
+
+    /// Starts HTTP/1.1 on a connected stream, driven by a task of its own.
+    async fn start<S>(stream: S) -> anyhow::Result<Self>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        Ok((Self { sender }, resumed))
+        Ok(Self {
+            sender,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// Closes the connection (TLS `close_notify`, then the TCP shutdown) and waits until it
+    /// is closed.
+    pub async fn close(self) {
+        drop(self.sender);
+        let _ = self.connection.await;
     }
 
     /// Sends a request; returns the response body's length.
@@ -217,10 +257,10 @@ pub async fn resumed_handshakes(
         // A session cache per loop, so loops do not take each other's tickets.
         let mut own = (*config).clone();
         own.resumption = rustls::client::Resumption::in_memory_sessions(16);
-        let config = Arc::new(own);
+        let client = Client::Tls(Arc::new(own));
         async move {
             while Instant::now() < deadline {
-                match Http::open(address, &config).await {
+                match Http::open(address, &client).await {
                     Ok((mut http, resumed)) => {
                         if http.request("GET", "/small", Bytes::new()).await.is_ok() {
                             counters.operations.fetch_add(1, Ordering::Relaxed);
@@ -253,7 +293,7 @@ pub enum Direction {
 /// Bulk transfer on `connections` keep-alive connections, 1 MiB per request.
 pub async fn bulk(
     address: SocketAddr,
-    config: Arc<rustls::ClientConfig>,
+    client: Client,
     connections: usize,
     duration: Duration,
     direction: Direction,
@@ -261,10 +301,10 @@ pub async fn bulk(
     const SIZE: usize = 1 << 20;
     let upload = Bytes::from(vec![b'u'; SIZE]);
     run(connections, duration, move |counters, deadline| {
-        let config = Arc::clone(&config);
+        let client = client.clone();
         let upload = upload.clone();
         async move {
-            let Ok((mut http, _)) = Http::open(address, &config).await else {
+            let Ok((mut http, _)) = Http::open(address, &client).await else {
                 failed(&counters).await;
                 return Vec::new();
             };
@@ -297,15 +337,15 @@ pub async fn bulk(
 /// each request's latency.
 pub async fn small_requests(
     address: SocketAddr,
-    config: Arc<rustls::ClientConfig>,
+    client: Client,
     connections: usize,
     duration: Duration,
 ) -> Outcome {
     let (mut outcome, latencies) = run(connections, duration, move |counters, deadline| {
-        let config = Arc::clone(&config);
+        let client = client.clone();
         async move {
             let mut latencies = Vec::new();
-            let Ok((mut http, _)) = Http::open(address, &config).await else {
+            let Ok((mut http, _)) = Http::open(address, &client).await else {
                 failed(&counters).await;
                 return latencies;
             };
@@ -329,6 +369,47 @@ pub async fn small_requests(
     .await;
     outcome.latencies = latencies;
     outcome
+}
+
+/// A fresh connection per request on `concurrency` loops: connect with a full handshake
+/// (`config` should not resume), one `GET /small` over HTTP/1.1, the whole response read,
+/// close, again. Each request's latency runs from the connect to the response's last byte.
+pub async fn connection_per_request(
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    concurrency: usize,
+    duration: Duration,
+) -> Outcome {
+    let (mut outcome, latencies) = run(concurrency, duration, move |counters, deadline| {
+        let client = Client::Tls(Arc::clone(&config));
+        async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                match one_request(address, &client).await {
+                    Ok((received, http)) => {
+                        latencies.push(start.elapsed());
+                        http.close().await;
+                        counters.operations.fetch_add(1, Ordering::Relaxed);
+                        counters.bytes.fetch_add(received, Ordering::Relaxed);
+                    }
+                    Err(_) => failed(&counters).await,
+                }
+            }
+            latencies
+        }
+    })
+    .await;
+    outcome.latencies = latencies;
+    outcome
+}
+
+/// Opens a connection and makes one `GET /small` on it; the response's length and the
+/// connection, still open.
+async fn one_request(address: SocketAddr, client: &Client) -> anyhow::Result<(u64, Http)> {
+    let (mut http, _) = Http::open(address, client).await?;
+    let received = http.request("GET", "/small", Bytes::new()).await?;
+    Ok((received, http))
 }
 
 /// Opens `count` TLS connections (64 at a time) and returns them, open and idle.

@@ -1,6 +1,6 @@
 //! `tlsaccel-compare`: tlsaccel side by side with nginx and HAProxy on this machine, in one
-//! run, with a Markdown report and SVG plots. `docs/benchmarks.md` explains what is measured
-//! and how to read it.
+//! run, with a plaintext floor (HAProxy relaying without TLS), a Markdown report and SVG
+//! plots. `docs/benchmarks.md` explains what is measured and how to read it.
 
 pub mod backend;
 pub mod crosscheck;
@@ -10,6 +10,7 @@ pub mod report;
 pub mod systems;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -40,13 +41,14 @@ pub enum Workload {
     Upload1,
     Upload64,
     SmallRequests,
+    ConnectionPerRequest,
     IdleConnections,
 }
 
 impl Workload {
     /// Run on the ECDSA identity, systems started once (idle connections apart, on freshly
     /// started systems).
-    pub const ECDSA: [Workload; 7] = [
+    pub const ECDSA: [Workload; 8] = [
         Workload::FullHandshakesEcdsa,
         Workload::ResumedHandshakes,
         Workload::Download1,
@@ -54,7 +56,27 @@ impl Workload {
         Workload::Upload1,
         Workload::Upload64,
         Workload::SmallRequests,
+        Workload::ConnectionPerRequest,
     ];
+
+    /// Every workload, in the order a run measures them.
+    pub const ALL: [Workload; 10] = [
+        Workload::FullHandshakesEcdsa,
+        Workload::ResumedHandshakes,
+        Workload::Download1,
+        Workload::Download64,
+        Workload::Upload1,
+        Workload::Upload64,
+        Workload::SmallRequests,
+        Workload::ConnectionPerRequest,
+        Workload::FullHandshakesRsa,
+        Workload::IdleConnections,
+    ];
+
+    /// Parses an id (see [`Workload::id`]).
+    pub fn parse(id: &str) -> Option<Workload> {
+        Workload::ALL.into_iter().find(|w| w.id() == id)
+    }
 
     /// Short name (file names, JSON).
     pub fn id(self) -> &'static str {
@@ -67,6 +89,7 @@ impl Workload {
             Workload::Upload1 => "upload-1conn",
             Workload::Upload64 => "upload-64conn",
             Workload::SmallRequests => "small-requests",
+            Workload::ConnectionPerRequest => "connection-per-request",
             Workload::IdleConnections => "idle-connections",
         }
     }
@@ -82,6 +105,9 @@ impl Workload {
             Workload::Upload1 => "Bulk upload, 1 connection, 1 MiB requests",
             Workload::Upload64 => "Bulk upload, 64 connections, 1 MiB requests",
             Workload::SmallRequests => "Small keep-alive requests (100 B), 64 connections",
+            Workload::ConnectionPerRequest => {
+                "Fresh TLS connection per small request (full handshake, one 100 B request, close)"
+            }
             Workload::IdleConnections => "Idle TLS connections held open",
         }
     }
@@ -92,7 +118,7 @@ impl Workload {
             Workload::FullHandshakesEcdsa
             | Workload::FullHandshakesRsa
             | Workload::ResumedHandshakes => "handshakes/s",
-            Workload::SmallRequests => "requests/s",
+            Workload::SmallRequests | Workload::ConnectionPerRequest => "requests/s",
             Workload::IdleConnections => "KiB RSS per connection",
             _ => "MB/s",
         }
@@ -101,6 +127,20 @@ impl Workload {
     /// True when a higher figure is better.
     pub fn higher_is_better(self) -> bool {
         self != Workload::IdleConnections
+    }
+
+    /// True for a bulk transfer row, whose CPU cost is per GB moved.
+    pub fn is_bulk(self) -> bool {
+        matches!(
+            self,
+            Workload::Download1 | Workload::Download64 | Workload::Upload1 | Workload::Upload64
+        )
+    }
+
+    /// False for the rows that mean nothing without TLS (handshakes, TLS connections), which
+    /// the plaintext floor does not run.
+    pub fn runs_on(self, system: Kind) -> bool {
+        system.speaks_tls() || self.is_bulk() || self == Workload::SmallRequests
     }
 }
 
@@ -168,6 +208,38 @@ pub struct Settings {
     pub handshake_concurrency: usize,
     pub idle_connections: usize,
     pub systems: Vec<Kind>,
+    /// The workloads run (`--workloads`); results from before the option hold all of them.
+    #[serde(default = "all_workloads")]
+    pub workloads: Vec<Workload>,
+}
+
+fn all_workloads() -> Vec<Workload> {
+    Workload::ALL.to_vec()
+}
+
+/// The client configurations of one identity: full handshakes only, and with resumption.
+struct Clients {
+    full: Arc<rustls::ClientConfig>,
+    resume: Arc<rustls::ClientConfig>,
+}
+
+impl Clients {
+    fn new(identity: &Identity) -> Self {
+        Self {
+            full: load::client_config(&identity.der, false),
+            resume: load::client_config(&identity.der, true),
+        }
+    }
+
+    /// How the keep-alive HTTP rows reach `system`: TLS without resumption, or plain TCP
+    /// to the plaintext floor.
+    fn http(&self, system: Kind) -> load::Client {
+        if system.speaks_tls() {
+            load::Client::Tls(Arc::clone(&self.full))
+        } else {
+            load::Client::Plain
+        }
+    }
 }
 
 /// Everything a run found.
@@ -208,128 +280,41 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
     let out = &std::fs::canonicalize(out)?;
     let work = out.join("work");
     std::fs::create_dir_all(&work)?;
-    let exe = std::env::current_exe()?;
-    let backend = backend::start()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let harness = Harness {
+        exe: std::env::current_exe()?,
+        backend: backend::start()?,
+        runtime: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+        work,
+        settings: &settings,
+    };
     let started = humantime_now();
     let mut series: Vec<Series> = Vec::new();
-    let mut peaks = Vec::new();
     let mut crosscheck = Vec::new();
-    let duration = Duration::from_secs_f64(settings.run_seconds);
     for rsa in [false, true] {
-        let identity = Identity::generate(&work, rsa)?;
-        let workloads: &[Workload] = if rsa {
+        let phase: &[Workload] = if rsa {
             &[Workload::FullHandshakesRsa]
         } else {
             &Workload::ECDSA
         };
-        let mut running = Vec::new();
-        for &kind in &settings.systems {
-            eprintln!("compare: starting {} ({})", kind.name(), identity.name);
-            running.push(systems::start(
-                kind,
-                &identity,
-                backend,
-                settings.workers,
-                &work,
-                &exe,
-            )?);
-        }
-        let full = load::client_config(&identity.der, false);
-        let resume = load::client_config(&identity.der, true);
-        // Warm up every system (page faults, session caches, lazily made state).
-        for system in &running {
-            runtime.block_on(load::small_requests(
-                system.listen,
-                std::sync::Arc::clone(&full),
-                4,
-                Duration::from_millis(300),
-            ));
-        }
-        for &workload in workloads {
-            for repetition in 0..settings.repetitions {
-                // Systems take turns within a repetition, so drift hits them alike.
-                for system in &running {
-                    eprintln!(
-                        "compare: {} on {} ({}/{})",
-                        workload.id(),
-                        system.kind.name(),
-                        repetition + 1,
-                        settings.repetitions
-                    );
-                    let sample = measure_one(
-                        &runtime, system, workload, &settings, duration, &full, &resume,
-                    );
-                    match series
-                        .iter_mut()
-                        .find(|s| s.workload == workload && s.system == system.kind)
-                    {
-                        Some(s) => s.samples.push(sample),
-                        None => series.push(Series {
-                            workload,
-                            system: system.kind,
-                            samples: vec![sample],
-                        }),
-                    }
-                }
-            }
-        }
-        if !rsa {
-            for system in &running {
-                eprintln!(
-                    "compare: h2load and openssl s_time on {}",
-                    system.kind.name()
-                );
-                let requests = if settings.quick { 5_000 } else { 100_000 };
-                let rps = crosscheck::h2load(system.listen, requests);
-                let cps = crosscheck::s_time(system.listen, duration);
-                crosscheck.push((system.kind, rps, cps));
-            }
+        let workloads: Vec<Workload> = phase
+            .iter()
+            .copied()
+            .filter(|w| settings.workloads.contains(w))
+            .collect();
+        if !workloads.is_empty() {
+            harness.shared_phase(rsa, &workloads, &mut series, &mut crosscheck)?;
         }
     }
-    // Memory per idle connection, on systems started afresh for each repetition: memory a
-    // system's allocator kept from earlier workloads would otherwise hide the growth.
-    let identity = Identity::generate(&work, false)?;
-    let full = load::client_config(&identity.der, false);
-    let resume = load::client_config(&identity.der, true);
-    for repetition in 0..settings.repetitions {
-        for &kind in &settings.systems {
-            eprintln!(
-                "compare: idle-connections on {} ({}/{})",
-                kind.name(),
-                repetition + 1,
-                settings.repetitions
-            );
-            let system = systems::start(kind, &identity, backend, settings.workers, &work, &exe)?;
-            runtime.block_on(load::small_requests(
-                system.listen,
-                std::sync::Arc::clone(&full),
-                4,
-                Duration::from_millis(300),
-            ));
-            let workload = Workload::IdleConnections;
-            let sample = measure_one(
-                &runtime, &system, workload, &settings, duration, &full, &resume,
-            );
-            match series
-                .iter_mut()
-                .find(|s| s.workload == workload && s.system == kind)
-            {
-                Some(s) => s.samples.push(sample),
-                None => series.push(Series {
-                    workload,
-                    system: kind,
-                    samples: vec![sample],
-                }),
-            }
-            if repetition == 0 {
-                peaks.push((kind, system.proxy_usage().peak_rss_kib));
-            }
-        }
+    let mut peaks = Vec::new();
+    if settings.workloads.contains(&Workload::IdleConnections) {
+        harness.idle_phase(&mut series, &mut peaks)?;
     }
+    // The harness borrows the settings, which the results take; its runtime goes with it.
+    let work = harness.work.clone();
+    drop(harness);
     let results = Results {
         versions: settings
             .systems
@@ -352,16 +337,184 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
     Ok(report)
 }
 
+/// What every phase of a run shares.
+struct Harness<'a> {
+    /// This harness, which runs as `tlsaccel` when asked to.
+    exe: PathBuf,
+    backend: std::net::SocketAddr,
+    runtime: tokio::runtime::Runtime,
+    /// Configuration files, certificates and logs of the systems.
+    work: PathBuf,
+    settings: &'a Settings,
+}
+
+impl Harness<'_> {
+    /// Starts every system that runs one of `workloads`.
+    fn start_for(
+        &self,
+        identity: &Identity,
+        workloads: &[Workload],
+    ) -> anyhow::Result<Vec<Running>> {
+        let mut running = Vec::new();
+        for &kind in &self.settings.systems {
+            if workloads.iter().any(|w| w.runs_on(kind)) {
+                eprintln!("compare: starting {} ({})", kind.name(), identity.name);
+                running.push(self.start(kind, identity)?);
+            }
+        }
+        Ok(running)
+    }
+
+    fn start(&self, kind: Kind, identity: &Identity) -> anyhow::Result<Running> {
+        systems::start(
+            kind,
+            identity,
+            self.backend,
+            self.settings.workers,
+            &self.work,
+            &self.exe,
+        )
+    }
+
+    /// Warms a system up (page faults, session caches, lazily made state).
+    fn warm_up(&self, system: &Running, clients: &Clients) {
+        self.runtime.block_on(load::small_requests(
+            system.listen,
+            clients.http(system.kind),
+            4,
+            Duration::from_millis(300),
+        ));
+    }
+
+    /// `workloads` on the ECDSA (`rsa` false) or RSA identity, on systems started once for
+    /// all of them; then, on ECDSA, the cross-check with standard tools.
+    fn shared_phase(
+        &self,
+        rsa: bool,
+        workloads: &[Workload],
+        series: &mut Vec<Series>,
+        crosscheck: &mut Vec<(Kind, Option<f64>, Option<f64>)>,
+    ) -> anyhow::Result<()> {
+        let identity = Identity::generate(&self.work, rsa)?;
+        let clients = Clients::new(&identity);
+        let running = self.start_for(&identity, workloads)?;
+        for system in &running {
+            self.warm_up(system, &clients);
+        }
+        let repetitions = self.settings.repetitions;
+        for &workload in workloads {
+            for repetition in 0..repetitions {
+                // Systems take turns within a repetition, so drift hits them alike.
+                for system in running.iter().filter(|s| workload.runs_on(s.kind)) {
+                    eprintln!(
+                        "compare: {} on {} ({}/{repetitions})",
+                        workload.id(),
+                        system.kind.name(),
+                        repetition + 1,
+                    );
+                    let sample = self.measure(system, workload, &clients);
+                    record(series, workload, system.kind, sample);
+                }
+            }
+        }
+        if !rsa {
+            for system in &running {
+                if let Some(entry) = self.crosscheck(system, workloads) {
+                    crosscheck.push(entry);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `h2load` when the small requests ran, `openssl s_time` when the full ECDSA
+    /// handshakes did (on TLS systems); `None` when neither applies.
+    fn crosscheck(
+        &self,
+        system: &Running,
+        workloads: &[Workload],
+    ) -> Option<(Kind, Option<f64>, Option<f64>)> {
+        let kind = system.kind;
+        let h2load = workloads.contains(&Workload::SmallRequests);
+        let s_time = workloads.contains(&Workload::FullHandshakesEcdsa) && kind.speaks_tls();
+        if !h2load && !s_time {
+            return None;
+        }
+        eprintln!("compare: h2load and openssl s_time on {}", kind.name());
+        let requests = if self.settings.quick { 5_000 } else { 100_000 };
+        let duration = Duration::from_secs_f64(self.settings.run_seconds);
+        let rps = h2load
+            .then(|| crosscheck::h2load(system.listen, kind.speaks_tls(), requests))
+            .flatten();
+        let cps = s_time
+            .then(|| crosscheck::s_time(system.listen, duration))
+            .flatten();
+        Some((kind, rps, cps))
+    }
+
+    /// Memory per idle connection, on systems started afresh for each repetition: memory a
+    /// system's allocator kept from earlier workloads would otherwise hide the growth.
+    fn idle_phase(
+        &self,
+        series: &mut Vec<Series>,
+        peaks: &mut Vec<(Kind, u64)>,
+    ) -> anyhow::Result<()> {
+        let workload = Workload::IdleConnections;
+        let identity = Identity::generate(&self.work, false)?;
+        let clients = Clients::new(&identity);
+        let repetitions = self.settings.repetitions;
+        for repetition in 0..repetitions {
+            for &kind in &self.settings.systems {
+                if !workload.runs_on(kind) {
+                    continue;
+                }
+                eprintln!(
+                    "compare: {} on {} ({}/{repetitions})",
+                    workload.id(),
+                    kind.name(),
+                    repetition + 1,
+                );
+                let system = self.start(kind, &identity)?;
+                self.warm_up(&system, &clients);
+                let sample = self.measure(&system, workload, &clients);
+                record(series, workload, kind, sample);
+                if repetition == 0 {
+                    peaks.push((kind, system.proxy_usage().peak_rss_kib));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn measure(&self, system: &Running, workload: Workload, clients: &Clients) -> Sample {
+        measure_one(&self.runtime, system, workload, self.settings, clients)
+    }
+}
+
+/// Adds `sample` to the series of `workload` on `system`.
+fn record(series: &mut Vec<Series>, workload: Workload, system: Kind, sample: Sample) {
+    match series
+        .iter_mut()
+        .find(|s| s.workload == workload && s.system == system)
+    {
+        Some(s) => s.samples.push(sample),
+        None => series.push(Series {
+            workload,
+            system,
+            samples: vec![sample],
+        }),
+    }
+}
+
 fn measure_one(
     runtime: &tokio::runtime::Runtime,
     system: &Running,
     workload: Workload,
     settings: &Settings,
-    duration: Duration,
-    full: &std::sync::Arc<rustls::ClientConfig>,
-    resume: &std::sync::Arc<rustls::ClientConfig>,
+    clients: &Clients,
 ) -> Sample {
-    use std::sync::Arc;
+    let Clients { full, resume } = clients;
+    let duration = Duration::from_secs_f64(settings.run_seconds);
     let before = system.proxy_usage();
     let sim_before = system.simulator_usage();
     let address = system.listen;
@@ -380,6 +533,7 @@ fn measure_one(
                 (o, None, None)
             }
             Workload::Download1 | Workload::Download64 | Workload::Upload1 | Workload::Upload64 => {
+                let client = clients.http(system.kind);
                 let connections = if matches!(workload, Workload::Download1 | Workload::Upload1) {
                     1
                 } else {
@@ -390,13 +544,19 @@ fn measure_one(
                 } else {
                     load::Direction::Upload
                 };
-                let o =
-                    load::bulk(address, Arc::clone(full), connections, duration, direction).await;
+                let o = load::bulk(address, client, connections, duration, direction).await;
                 let mbps = o.megabytes_per_second();
                 (o, Some(mbps), None)
             }
             Workload::SmallRequests => {
-                let o = load::small_requests(address, Arc::clone(full), 64, duration).await;
+                let client = clients.http(system.kind);
+                let o = load::small_requests(address, client, 64, duration).await;
+                (o, None, None)
+            }
+            Workload::ConnectionPerRequest => {
+                let o =
+                    load::connection_per_request(address, Arc::clone(full), concurrency, duration)
+                        .await;
                 (o, None, None)
             }
             Workload::IdleConnections => {
@@ -474,4 +634,35 @@ fn machine() -> String {
         })
         .map_or(String::new(), |kib| format!(", {} GiB", kib / (1 << 20)));
     format!("{model}, {cores} cores{memory}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_workload_has_an_id_that_parses_back_and_tls_rows_skip_the_floor() {
+        for w in Workload::ALL {
+            assert_eq!(Workload::parse(w.id()), Some(w));
+            assert!(w.runs_on(Kind::TlsaccelCpu));
+        }
+        assert_eq!(Workload::parse("no-such-workload"), None);
+        let floor: Vec<&str> = Workload::ALL
+            .into_iter()
+            .filter(|w| w.runs_on(Kind::PlainTcp))
+            .map(Workload::id)
+            .collect();
+        assert_eq!(
+            floor,
+            [
+                "download-1conn",
+                "download-64conn",
+                "upload-1conn",
+                "upload-64conn",
+                "small-requests"
+            ]
+        );
+        // Every workload of a run is in ALL once, and the ECDSA ones first, in order.
+        assert_eq!(Workload::ALL[..Workload::ECDSA.len()], Workload::ECDSA);
+    }
 }

@@ -1,5 +1,6 @@
-//! The report: `report.md` with every figure, its spread and the same-run ratios, and one
-//! SVG bar chart per workload.
+//! The report: `report.md` with every figure, its spread and the same-run ratios (against
+//! nginx and HAProxy, and for host CPU against the plaintext floor), the targets, and one SVG
+//! bar chart per workload.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,21 +29,54 @@ fn figure(value: f64) -> String {
     }
 }
 
-fn ratio(results: &Results, workload: Workload, a: Kind, b: Kind) -> String {
-    match (find(results, workload, a), find(results, workload, b)) {
-        (Some(x), Some(y)) => {
-            let (x, y) = (x.spread().0, y.spread().0);
-            if y > 0.0 && x.is_finite() {
-                format!("{:.2}", x / y)
-            } else {
-                "–".into()
-            }
-        }
-        _ => "–".into(),
+/// `x / y` when both are measured and `y` is positive.
+fn quotient(x: Option<f64>, y: Option<f64>) -> Option<f64> {
+    let (x, y) = (x?, y?);
+    (x.is_finite() && y > 0.0).then_some(x / y)
+}
+
+/// A ratio as the tables show it, "–" when not measured.
+fn shown(ratio: Option<f64>) -> String {
+    ratio.map_or("–".into(), |r| format!("{r:.2}"))
+}
+
+/// The median headline figure of `workload` on `system`.
+fn median(results: &Results, workload: Workload, system: Kind) -> Option<f64> {
+    Some(find(results, workload, system)?.spread().0)
+}
+
+/// Median headline figure of `a` over `b`'s.
+fn ratio(results: &Results, workload: Workload, a: Kind, b: Kind) -> Option<f64> {
+    quotient(median(results, workload, a), median(results, workload, b))
+}
+
+/// The median proxy CPU cost (see [`cpu_cost`]) of `workload` on `system`.
+fn proxy_cpu(results: &Results, workload: Workload, system: Kind) -> Option<f64> {
+    cpu_cost(find(results, workload, system)?, false)
+}
+
+/// Proxy CPU cost of `a` over `b`'s.
+fn cpu_ratio(results: &Results, workload: Workload, a: Kind, b: Kind) -> Option<f64> {
+    quotient(
+        proxy_cpu(results, workload, a),
+        proxy_cpu(results, workload, b),
+    )
+}
+
+/// The unit of a workload's CPU cost, `None` for rows that have none in the report.
+fn cpu_unit(workload: Workload) -> Option<&'static str> {
+    match workload {
+        Workload::FullHandshakesEcdsa
+        | Workload::FullHandshakesRsa
+        | Workload::ResumedHandshakes => Some("CPU s/1k hs"),
+        Workload::ConnectionPerRequest => Some("CPU s/1k req"),
+        Workload::SmallRequests | Workload::IdleConnections => None,
+        _ => Some("CPU s/GB"),
     }
 }
 
-/// Proxy CPU seconds per GB moved (bulk) or per 1,000 handshakes.
+/// Proxy CPU seconds per GB moved (bulk), per 1,000 handshakes or per 1,000 requests on
+/// fresh connections.
 fn cpu_cost(series: &Series, simulator: bool) -> Option<f64> {
     let pick = |s: &super::Sample| {
         if simulator {
@@ -51,18 +85,14 @@ fn cpu_cost(series: &Series, simulator: bool) -> Option<f64> {
             Some(s.proxy_cpu)
         }
     };
+    let workload = series.workload;
+    cpu_unit(workload)?;
     series.median_of(|s| {
         let cpu = pick(s)?;
-        match series.workload {
-            Workload::Download1 | Workload::Download64 | Workload::Upload1 | Workload::Upload64 => {
-                (s.bytes > 0).then(|| cpu / (s.bytes as f64 / 1e9))
-            }
-            Workload::FullHandshakesEcdsa
-            | Workload::FullHandshakesRsa
-            | Workload::ResumedHandshakes => {
-                (s.operations > 0).then(|| cpu / (s.operations as f64 / 1000.0))
-            }
-            _ => None,
+        if workload.is_bulk() {
+            (s.bytes > 0).then(|| cpu / (s.bytes as f64 / 1e9))
+        } else {
+            (s.operations > 0).then(|| cpu / (s.operations as f64 / 1000.0))
         }
     })
 }
@@ -99,9 +129,26 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
          {} idle connections (on freshly started systems); everything shares the \
          machine's cores.\n\
          * Figures are medians over the repetitions, with min–max in brackets; ratios are \
-         of medians from this run.\n",
+         of medians from this run.",
         s.workers, s.handshake_concurrency, s.idle_connections
     );
+    if systems.contains(&Kind::PlainTcp) {
+        let _ = writeln!(
+            md,
+            "* `haproxy-plain`: HAProxy `mode tcp` with no TLS at all, the same backend and \
+             `nbthread`: the plaintext floor, run on the bulk and keep-alive request rows \
+             only (\"–\" elsewhere)."
+        );
+    }
+    if s.workloads.len() < Workload::ALL.len() {
+        let ids: Vec<&str> = Workload::ALL
+            .iter()
+            .filter(|w| s.workloads.contains(w))
+            .map(|w| w.id())
+            .collect();
+        let _ = writeln!(md, "* Workloads run: only {}.", ids.join(", "));
+    }
+    md.push('\n');
     let _ = writeln!(
         md,
         "Versions: {}\n",
@@ -152,31 +199,14 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
         let _ = write!(
             row,
             " {} | {} | {} |",
-            ratio(results, w, Kind::TlsaccelDevice, Kind::Nginx),
-            ratio(results, w, Kind::TlsaccelDevice, Kind::Haproxy),
-            ratio(results, w, Kind::TlsaccelCpu, Kind::Nginx)
+            shown(ratio(results, w, Kind::TlsaccelDevice, Kind::Nginx)),
+            shown(ratio(results, w, Kind::TlsaccelDevice, Kind::Haproxy)),
+            shown(ratio(results, w, Kind::TlsaccelCpu, Kind::Nginx))
         );
         let _ = writeln!(md, "{row}");
     }
-    if find(results, Workload::SmallRequests, systems[0]).is_some() {
-        let _ = writeln!(
-            md,
-            "\nLatency of the small requests (median of the runs' percentiles):\n"
-        );
-        let _ = writeln!(md, "| system | p50 ms | p99 ms |\n|---|---|---|");
-        for &k in systems {
-            if let Some(series) = find(results, Workload::SmallRequests, k) {
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} |",
-                    k.name(),
-                    series.median_of(|s| s.p50_ms).map_or("–".into(), figure),
-                    series.median_of(|s| s.p99_ms).map_or("–".into(), figure)
-                );
-            }
-        }
-    }
-    if find(results, Workload::ResumedHandshakes, systems[0]).is_some() {
+    latency_section(&mut md, results);
+    if ran(results, Workload::ResumedHandshakes) {
         let _ = writeln!(
             md,
             "\nThe resumption row counts only handshakes that did resume; their share of all \
@@ -198,7 +228,7 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
     }
 
     if !results.crosscheck.is_empty() {
-        let _ = writeln!(md, "\nCross-check with standard tools (one run each): `h2load --h1 -c 64` small requests, and `openssl s_time -new` full handshakes one connection at a time.\n");
+        let _ = writeln!(md, "\nCross-check with standard tools (one run each): `h2load --h1 -c 64` small requests (plain HTTP to `haproxy-plain`), and `openssl s_time -new` full handshakes one connection at a time.\n");
         let _ = writeln!(
             md,
             "| system | h2load requests/s | s_time connections/s |\n|---|---|---|"
@@ -214,63 +244,16 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
         }
     }
 
-    let _ = writeln!(md, "\n## CPU cost of the proxy process(es)\n");
-    let _ = writeln!(
-        md,
-        "CPU seconds (user + system, all threads and worker processes) per GB moved or per \
-         1,000 handshakes; the simulator process's own cost in brackets for `tlsaccel-device`.\n"
-    );
-    let mut header = String::from("| workload |");
-    let mut rule = String::from("|---|");
-    for k in systems {
-        let _ = write!(header, " {} |", k.name());
-        rule.push_str("---|");
-    }
-    header.push_str(" device/nginx |");
-    rule.push_str("---|");
-    let _ = writeln!(md, "{header}\n{rule}");
-    for &w in &workloads {
-        if w == Workload::SmallRequests || w == Workload::IdleConnections {
-            continue;
-        }
-        let unit = if w.unit() == "MB/s" {
-            "CPU s/GB"
-        } else {
-            "CPU s/1k hs"
-        };
-        let mut row = format!("| {} ({unit}) |", w.title());
-        let mut device = None;
-        let mut nginx = None;
-        for &k in systems {
-            let Some(series) = find(results, w, k) else {
-                row.push_str(" – |");
-                continue;
-            };
-            let proxy = cpu_cost(series, false);
-            if k == Kind::TlsaccelDevice {
-                device = proxy;
-            }
-            if k == Kind::Nginx {
-                nginx = proxy;
-            }
-            let sim = cpu_cost(series, true)
-                .map(|v| format!(" (sim {})", figure(v)))
-                .unwrap_or_default();
-            let _ = write!(row, " {}{sim} |", proxy.map_or("–".into(), figure));
-        }
-        let r = match (device, nginx) {
-            (Some(d), Some(n)) if n > 0.0 => format!("{:.2}", d / n),
-            _ => "–".into(),
-        };
-        let _ = writeln!(md, "{row} {r} |");
-    }
+    cpu_section(&mut md, results, &workloads);
+    floor_section(&mut md, results, &workloads);
 
     let _ = writeln!(md, "\n## Memory\n");
     let _ = writeln!(
         md,
         "| system | peak RSS MiB (holding the idle connections) | RSS per idle TLS connection, KiB |\n|---|---|---|"
     );
-    for &k in systems {
+    // The plaintext floor holds no TLS connections.
+    for &k in systems.iter().filter(|k| k.speaks_tls()) {
         let peak = results
             .peak_rss_kib
             .iter()
@@ -282,86 +265,20 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
     }
     let _ = writeln!(
         md,
-        "\nRSS counts user-space memory only; the kernel's socket buffers come on top for \
-         every system alike."
+        "\nThe proxy's RSS holds both legs of each connection (client and backend). RSS \
+         counts user-space memory only; the kernel's socket buffers come on top for every \
+         system alike."
     );
 
     let _ = writeln!(md, "\n## Targets\n");
     let _ = writeln!(md, "| target | measured | met |\n|---|---|---|");
-    let target = |md: &mut String, name: &str, value: Option<f64>, goal: f64, at_least: bool| {
-        let (text, met) = match value {
-            Some(v) if v.is_finite() => (
-                figure(v),
-                if (at_least && v >= goal) || (!at_least && v <= goal) {
-                    "yes"
-                } else {
-                    "no"
-                },
-            ),
+    for target in targets(results) {
+        let (text, met) = match target.measured {
+            Some(v) if v.is_finite() => (figure(v), if target.goal.met(v) { "yes" } else { "no" }),
             _ => ("–".into(), "not measured"),
         };
-        let _ = writeln!(md, "| {name} | {text} | {met} |");
-    };
-    let ratio_of = |w: Workload, a: Kind, b: Kind| -> Option<f64> {
-        let x = find(results, w, a)?.spread().0;
-        let y = find(results, w, b)?.spread().0;
-        (y > 0.0).then_some(x / y)
-    };
-    target(
-        &mut md,
-        "full ECDSA handshakes/s, device ≥ 1.3 × nginx",
-        ratio_of(
-            Workload::FullHandshakesEcdsa,
-            Kind::TlsaccelDevice,
-            Kind::Nginx,
-        ),
-        1.3,
-        true,
-    );
-    target(
-        &mut md,
-        "resumed handshakes/s, device ≥ 1.5 × nginx",
-        ratio_of(
-            Workload::ResumedHandshakes,
-            Kind::TlsaccelDevice,
-            Kind::Nginx,
-        ),
-        1.5,
-        true,
-    );
-    for (w, label) in [
-        (Workload::Download64, "64-connection download"),
-        (Workload::Upload64, "64-connection upload"),
-    ] {
-        for other in [Kind::Nginx, Kind::Haproxy] {
-            target(
-                &mut md,
-                &format!("{label} MB/s, device ≥ 1.0 × {}", other.name()),
-                ratio_of(w, Kind::TlsaccelDevice, other),
-                1.0,
-                true,
-            );
-        }
+        let _ = writeln!(md, "| {} | {text} | {met} |", target.name);
     }
-    let cpu_ratio = |w: Workload| -> Option<f64> {
-        let d = cpu_cost(find(results, w, Kind::TlsaccelDevice)?, false)?;
-        let n = cpu_cost(find(results, w, Kind::Nginx)?, false)?;
-        (n > 0.0).then_some(d / n)
-    };
-    target(
-        &mut md,
-        "proxy CPU per GB (64-connection download), device ≤ 0.35 × nginx",
-        cpu_ratio(Workload::Download64),
-        0.35,
-        false,
-    );
-    target(
-        &mut md,
-        "RSS per idle connection, tlsaccel-device ≤ 4 KiB",
-        find(results, Workload::IdleConnections, Kind::TlsaccelDevice).map(|s| s.spread().0),
-        4.0,
-        false,
-    );
 
     let _ = writeln!(md, "\n## Plots\n");
     for &w in &workloads {
@@ -373,6 +290,272 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
     let path = out.join("report.md");
     std::fs::write(&path, md)?;
     Ok(path)
+}
+
+/// True when any system ran `workload`.
+fn ran(results: &Results, workload: Workload) -> bool {
+    results.series.iter().any(|s| s.workload == workload)
+}
+
+/// Request latencies: keep-alive requests, and requests on a fresh connection each (from
+/// the connect to the response's last byte).
+fn latency_section(md: &mut String, results: &Results) {
+    let rows = [Workload::SmallRequests, Workload::ConnectionPerRequest];
+    let rows: Vec<Workload> = rows.into_iter().filter(|&w| ran(results, w)).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nRequest latency (median of the runs' percentiles); a fresh connection's runs from \
+         the connect to the response's last byte:\n"
+    );
+    let mut header = String::from("| system |");
+    let mut rule = String::from("|---|");
+    for &w in &rows {
+        let name = match w {
+            Workload::SmallRequests => "keep-alive",
+            _ => "fresh connection",
+        };
+        let _ = write!(header, " {name} p50 ms | {name} p99 ms |");
+        rule.push_str("---|---|");
+    }
+    let _ = writeln!(md, "{header}\n{rule}");
+    for &k in &results.settings.systems {
+        if rows.iter().all(|&w| find(results, w, k).is_none()) {
+            continue;
+        }
+        let mut row = format!("| {} |", k.name());
+        for &w in &rows {
+            let (p50, p99) = find(results, w, k).map_or((None, None), |series| {
+                (
+                    series.median_of(|s| s.p50_ms),
+                    series.median_of(|s| s.p99_ms),
+                )
+            });
+            let _ = write!(
+                row,
+                " {} | {} |",
+                p50.map_or("–".into(), figure),
+                p99.map_or("–".into(), figure)
+            );
+        }
+        let _ = writeln!(md, "{row}");
+    }
+}
+
+/// Proxy CPU per GB, per 1,000 handshakes or per 1,000 fresh-connection requests, with the
+/// simulator's own in brackets, and the device over nginx.
+fn cpu_section(md: &mut String, results: &Results, workloads: &[Workload]) {
+    let systems = &results.settings.systems;
+    let _ = writeln!(md, "\n## CPU cost of the proxy process(es)\n");
+    let _ = writeln!(
+        md,
+        "CPU seconds (user + system, all threads and worker processes) per GB moved, per \
+         1,000 handshakes or per 1,000 requests on fresh connections; the simulator \
+         process's own cost in brackets for `tlsaccel-device`.\n"
+    );
+    let mut header = String::from("| workload |");
+    let mut rule = String::from("|---|");
+    for k in systems {
+        let _ = write!(header, " {} |", k.name());
+        rule.push_str("---|");
+    }
+    header.push_str(" device/nginx |");
+    rule.push_str("---|");
+    let _ = writeln!(md, "{header}\n{rule}");
+    for &w in workloads {
+        let Some(unit) = cpu_unit(w) else {
+            continue;
+        };
+        let mut row = format!("| {} ({unit}) |", w.title());
+        for &k in systems {
+            let Some(series) = find(results, w, k) else {
+                row.push_str(" – |");
+                continue;
+            };
+            let sim = cpu_cost(series, true)
+                .map(|v| format!(" (sim {})", figure(v)))
+                .unwrap_or_default();
+            let proxy = cpu_cost(series, false);
+            let _ = write!(row, " {}{sim} |", proxy.map_or("–".into(), figure));
+        }
+        let device_over_nginx = cpu_ratio(results, w, Kind::TlsaccelDevice, Kind::Nginx);
+        let _ = writeln!(md, "{row} {} |", shown(device_over_nginx));
+    }
+}
+
+/// Every TLS system's proxy CPU per GB over the plaintext floor's, for the bulk rows: 1.00
+/// is a host that spends on a TLS connection what a plain relay does, crypto gone from it.
+fn floor_section(md: &mut String, results: &Results, workloads: &[Workload]) {
+    let bulk: Vec<Workload> = workloads
+        .iter()
+        .copied()
+        .filter(|&w| w.is_bulk() && find(results, w, Kind::PlainTcp).is_some())
+        .collect();
+    if bulk.is_empty() {
+        return;
+    }
+    let tls: Vec<Kind> = results
+        .settings
+        .systems
+        .iter()
+        .copied()
+        .filter(|k| k.speaks_tls())
+        .collect();
+    let _ = writeln!(
+        md,
+        "\nProxy CPU per GB over the plaintext floor's (`haproxy-plain`: HAProxy relaying \
+         the same bytes without TLS). 1.00 means crypto has vanished from the host: the \
+         proxy spends on a TLS connection what a plain relay does; what is above 1 is what \
+         TLS still costs the host.\n"
+    );
+    let mut header = String::from("| workload (CPU per GB ÷ floor's) |");
+    let mut rule = String::from("|---|");
+    for k in &tls {
+        let _ = write!(header, " {} |", k.name());
+        rule.push_str("---|");
+    }
+    let _ = writeln!(md, "{header}\n{rule}");
+    for w in bulk {
+        let mut row = format!("| {} |", w.title());
+        for &k in &tls {
+            let _ = write!(
+                row,
+                " {} |",
+                shown(cpu_ratio(results, w, k, Kind::PlainTcp))
+            );
+        }
+        let _ = writeln!(md, "{row}");
+    }
+}
+
+/// What a target asks of its measured figure.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+    Below(f64),
+}
+
+impl Goal {
+    fn met(self, value: f64) -> bool {
+        match self {
+            Goal::AtLeast(goal) => value >= goal,
+            Goal::AtMost(goal) => value <= goal,
+            Goal::Below(goal) => value < goal,
+        }
+    }
+}
+
+/// A row of the targets table.
+#[derive(Debug)]
+struct Target {
+    name: String,
+    measured: Option<f64>,
+    goal: Goal,
+}
+
+impl Target {
+    fn new(name: impl Into<String>, measured: Option<f64>, goal: Goal) -> Self {
+        Self {
+            name: name.into(),
+            measured,
+            goal,
+        }
+    }
+}
+
+/// The project's targets, each with its figure from this run.
+fn targets(results: &Results) -> Vec<Target> {
+    use Kind::{Haproxy, Nginx, PlainTcp, TlsaccelCpu as Cpu, TlsaccelDevice as Device};
+    let r = |w, a, b| ratio(results, w, a, b);
+    let c = |w, a, b| cpu_ratio(results, w, a, b);
+    let bulk64 = [
+        (Workload::Download64, "64-connection download"),
+        (Workload::Upload64, "64-connection upload"),
+    ];
+    let mut t = vec![
+        Target::new(
+            "full ECDSA handshakes/s, device ≥ 1.3 × nginx",
+            r(Workload::FullHandshakesEcdsa, Device, Nginx),
+            Goal::AtLeast(1.3),
+        ),
+        Target::new(
+            "resumed handshakes/s, device ≥ 1.5 × nginx",
+            r(Workload::ResumedHandshakes, Device, Nginx),
+            Goal::AtLeast(1.5),
+        ),
+    ];
+    for (w, label) in bulk64 {
+        for other in [Nginx, Haproxy] {
+            t.push(Target::new(
+                format!("{label} MB/s, device ≥ 1.0 × {}", other.name()),
+                r(w, Device, other),
+                Goal::AtLeast(1.0),
+            ));
+        }
+    }
+    for (w, label) in [
+        (Workload::Download1, "1-connection download"),
+        (Workload::Upload1, "1-connection upload"),
+    ] {
+        t.push(Target::new(
+            format!("{label} MB/s, device ≥ 0.8 × tlsaccel-cpu"),
+            r(w, Device, Cpu),
+            Goal::AtLeast(0.8),
+        ));
+    }
+    t.push(Target::new(
+        "proxy CPU per GB (64-connection download), device ≤ 0.35 × nginx",
+        c(Workload::Download64, Device, Nginx),
+        Goal::AtMost(0.35),
+    ));
+    for (w, label) in bulk64 {
+        t.push(Target::new(
+            format!("proxy CPU per GB ({label}), device ≤ 1.15 × plaintext floor"),
+            c(w, Device, PlainTcp),
+            Goal::AtMost(1.15),
+        ));
+    }
+    for (w, label) in bulk64 {
+        t.push(Target::new(
+            format!("proxy CPU per GB ({label}), device < 1.0 × tlsaccel-cpu"),
+            c(w, Device, Cpu),
+            Goal::Below(1.0),
+        ));
+    }
+    t.push(Target::new(
+        "proxy CPU per 1,000 full RSA-2048 handshakes, device ≤ 0.5 × tlsaccel-cpu",
+        c(Workload::FullHandshakesRsa, Device, Cpu),
+        Goal::AtMost(0.5),
+    ));
+    t.push(Target::new(
+        "proxy CPU per 1,000 full ECDSA P-256 handshakes, device ≤ 0.75 × tlsaccel-cpu",
+        c(Workload::FullHandshakesEcdsa, Device, Cpu),
+        Goal::AtMost(0.75),
+    ));
+    for system in [Device, Cpu] {
+        for other in [Nginx, Haproxy] {
+            t.push(Target::new(
+                format!(
+                    "connection-per-request requests/s, {} ≥ 1.2 × {}",
+                    system.name(),
+                    other.name()
+                ),
+                r(Workload::ConnectionPerRequest, system, other),
+                Goal::AtLeast(1.2),
+            ));
+        }
+    }
+    for system in [Device, Cpu] {
+        t.push(Target::new(
+            format!("RSS per idle connection, {} ≤ 4 KiB", system.name()),
+            median(results, Workload::IdleConnections, system),
+            Goal::AtMost(4.0),
+        ));
+    }
+    t
 }
 
 /// A bar per system (median) with a line from min to max.
@@ -413,6 +596,7 @@ fn plot(results: &Results, workload: Workload, path: &Path) -> anyhow::Result<()
         RGBColor(230, 150, 60),
         RGBColor(60, 120, 190),
         RGBColor(90, 160, 90),
+        RGBColor(140, 140, 140),
     ];
     for (i, (_, median, low, high)) in bars.iter().enumerate() {
         let i = i as i32;
@@ -474,7 +658,8 @@ mod tests {
                 workers: 1,
                 handshake_concurrency: 8,
                 idle_connections: 100,
-                systems: vec![Kind::TlsaccelDevice, Kind::Nginx],
+                systems: vec![Kind::TlsaccelDevice, Kind::Nginx, Kind::PlainTcp],
+                workloads: Workload::ALL.to_vec(),
             },
             started: "now".into(),
             machine: "test".into(),
@@ -504,6 +689,21 @@ mod tests {
                     Kind::Nginx,
                     vec![sample(1000.0, 1.0, 1000, 1_000_000_000)],
                 ),
+                series(
+                    Workload::Download64,
+                    Kind::PlainTcp,
+                    vec![sample(2000.0, 0.25, 2000, 1_000_000_000)],
+                ),
+                series(
+                    Workload::ConnectionPerRequest,
+                    Kind::TlsaccelDevice,
+                    vec![sample(1300.0, 2.6, 1300, 130_000)],
+                ),
+                series(
+                    Workload::ConnectionPerRequest,
+                    Kind::Nginx,
+                    vec![sample(1000.0, 3.0, 1000, 100_000)],
+                ),
             ],
             peak_rss_kib: vec![(Kind::TlsaccelDevice, 10240)],
             crosscheck: Vec::new(),
@@ -516,11 +716,13 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = write(&results(), &dir).expect("report");
         let text = std::fs::read_to_string(path).expect("read");
-        // Median of three, with min–max, and the ratio of medians to nginx.
+        // Median of three, with min–max, and the ratio of medians to nginx; the plaintext
+        // floor runs no handshakes.
         assert!(
-            text.contains("| 2800 (2600–3000) | 2000 (2000–2000) | 1.40 |"),
+            text.contains("| 2800 (2600–3000) | 2000 (2000–2000) | – | 1.40 |"),
             "{text}"
         );
+        assert!(text.contains("* `haproxy-plain`: HAProxy `mode tcp` with no TLS at all"));
         assert!(text.contains("| full ECDSA handshakes/s, device ≥ 1.3 × nginx | 1.40 | yes |"));
         assert!(text.contains("| 64-connection download MB/s, device ≥ 1.0 × nginx | 0.50 | no |"));
         // 0.2 CPU s per GB against 1.0: within the 0.35 target.
@@ -529,6 +731,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("| tlsaccel-device | 10.0 |"));
+        // Neither the latency nor the memory table lists the floor, which ran neither.
+        assert!(!text.contains("\n| haproxy-plain | –"), "{text}");
+        // The floor ratio: 0.2 and 1.0 CPU s per GB against the floor's 0.25.
+        assert!(
+            text.contains("| Bulk download, 64 connections, 1 MiB responses | 0.80 | 4.00 |"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "| proxy CPU per GB (64-connection download), device ≤ 1.15 × plaintext floor | 0.80 | yes |"
+        ));
+        assert!(text.contains(
+            "| proxy CPU per GB (64-connection upload), device ≤ 1.15 × plaintext floor | – | not measured |"
+        ));
+        // A fresh connection per request: CPU per 1,000 requests, and 1.3 × nginx's rate.
+        assert!(
+            text.contains("(full handshake, one 100 B request, close) (CPU s/1k req) | 2.00 | 3.00 | – | 0.67 |"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "| connection-per-request requests/s, tlsaccel-device ≥ 1.2 × nginx | 1.30 | yes |"
+        ));
+        assert!(
+            text.contains("| RSS per idle connection, tlsaccel-cpu ≤ 4 KiB | – | not measured |")
+        );
         assert!(dir.join("download-64conn.svg").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

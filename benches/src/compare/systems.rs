@@ -2,7 +2,9 @@
 //! (the simulator in a separate process, over vfio-user, so the two processes' CPU can be
 //! told apart), tlsaccel on the CPU alone, nginx (stream module) and HAProxy (mode tcp).
 //! All terminate TLS 1.3 with the same certificate and suite and forward the plaintext to
-//! the same backend, with the same number of worker threads or processes.
+//! the same backend, with the same number of worker threads or processes. A fifth system,
+//! HAProxy relaying plain TCP with no TLS at all, is the floor: what moving the bytes costs
+//! a proxy when no crypto is left on the host.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -23,14 +25,17 @@ pub enum Kind {
     TlsaccelCpu,
     Nginx,
     Haproxy,
+    /// HAProxy `mode tcp` without TLS: the plaintext floor.
+    PlainTcp,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::TlsaccelDevice,
         Kind::TlsaccelCpu,
         Kind::Nginx,
         Kind::Haproxy,
+        Kind::PlainTcp,
     ];
 
     /// Its name in reports and on the command line.
@@ -40,7 +45,13 @@ impl Kind {
             Kind::TlsaccelCpu => "tlsaccel-cpu",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
+            Kind::PlainTcp => "haproxy-plain",
         }
+    }
+
+    /// False for the plaintext floor, which clients reach over plain TCP.
+    pub fn speaks_tls(self) -> bool {
+        self != Kind::PlainTcp
     }
 
     /// Parses a name.
@@ -99,7 +110,8 @@ pub fn install_packages(kinds: &[Kind]) -> anyhow::Result<()> {
             need.push("libnginx-mod-stream");
         }
     }
-    if kinds.contains(&Kind::Haproxy) && which("haproxy").is_none() {
+    let haproxy = kinds.contains(&Kind::Haproxy) || kinds.contains(&Kind::PlainTcp);
+    if haproxy && which("haproxy").is_none() {
         need.push("haproxy");
     }
     if which("h2load").is_none() {
@@ -143,8 +155,10 @@ fn which(program: &str) -> Option<PathBuf> {
 pub fn version(kind: Kind) -> String {
     let (program, args): (&str, &[&str]) = match kind {
         Kind::Nginx => ("nginx", &["-v"]),
-        Kind::Haproxy => ("haproxy", &["-v"]),
-        _ => return format!("tlsaccel {}", env!("CARGO_PKG_VERSION")),
+        Kind::Haproxy | Kind::PlainTcp => ("haproxy", &["-v"]),
+        Kind::TlsaccelDevice | Kind::TlsaccelCpu => {
+            return format!("tlsaccel {}", env!("CARGO_PKG_VERSION"))
+        }
     };
     let Some(path) = which(program) else {
         return format!("{program}: not installed");
@@ -346,19 +360,10 @@ pub fn start(
                 simulator: None,
             })
         }
-        Kind::Haproxy => {
-            let maxconn = super::max_connections();
-            let config = format!(
-                "global\n  nbthread {workers}\n  maxconn {maxconn}\n  \
-                 ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256\n  \
-                 ssl-default-bind-options ssl-min-ver TLSv1.3\n\n\
-                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\n\
-                 frontend bench\n  bind {listen} ssl crt {combined} curves X25519\n  default_backend backend\n\n\
-                 backend backend\n  server s1 {backend}\n",
-                combined = identity.combined.display(),
-            );
+        Kind::Haproxy | Kind::PlainTcp => {
+            let tls = (kind == Kind::Haproxy).then_some(identity.combined.as_path());
             let file = dir.join("haproxy.cfg");
-            std::fs::write(&file, config)?;
+            std::fs::write(&file, haproxy_config(listen, backend, workers, tls))?;
             let mut main = Command::new(which("haproxy").context("haproxy is not installed")?)
                 .arg("-f")
                 .arg(&file)
@@ -367,7 +372,7 @@ pub fn start(
                 .stderr(log)
                 .spawn()
                 .context("starting haproxy")?;
-            wait_for_port(listen, &mut main, "haproxy")?;
+            wait_for_port(listen, &mut main, kind.name())?;
             Ok(Running {
                 kind,
                 listen,
@@ -375,5 +380,54 @@ pub fn start(
                 simulator: None,
             })
         }
+    }
+}
+
+/// HAProxy in `mode tcp` from `listen` to `backend` on `workers` threads: terminating TLS 1.3
+/// with the certificate and key in `tls` (one file), or relaying plain TCP when `tls` is
+/// `None` (the floor), otherwise configured alike.
+fn haproxy_config(
+    listen: SocketAddr,
+    backend: SocketAddr,
+    workers: usize,
+    tls: Option<&Path>,
+) -> String {
+    let maxconn = super::max_connections();
+    let (global_tls, bind_tls) = match tls {
+        Some(combined) => (
+            "  ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256\n  \
+             ssl-default-bind-options ssl-min-ver TLSv1.3\n",
+            format!(" ssl crt {} curves X25519", combined.display()),
+        ),
+        None => ("", String::new()),
+    };
+    format!(
+        "global\n  nbthread {workers}\n  maxconn {maxconn}\n{global_tls}\n\
+         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\n\
+         frontend bench\n  bind {listen}{bind_tls}\n  default_backend backend\n\n\
+         backend backend\n  server s1 {backend}\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plaintext_floor_is_haproxy_configured_alike_without_tls() {
+        let listen: SocketAddr = "127.0.0.1:8443".parse().expect("address");
+        let backend: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let tls = haproxy_config(listen, backend, 2, Some(Path::new("/c.pem")));
+        let plain = haproxy_config(listen, backend, 2, None);
+        assert!(tls.contains("bind 127.0.0.1:8443 ssl crt /c.pem curves X25519\n"));
+        assert!(plain.contains("bind 127.0.0.1:8443\n"));
+        assert!(!plain.contains("ssl"), "{plain}");
+        for config in [&tls, &plain] {
+            assert!(config.contains("nbthread 2\n"));
+            assert!(config.contains("mode tcp\n"));
+            assert!(config.contains("server s1 127.0.0.1:8080\n"));
+        }
+        assert_eq!(Kind::parse("haproxy-plain"), Some(Kind::PlainTcp));
+        assert!(!Kind::PlainTcp.speaks_tls() && Kind::Haproxy.speaks_tls());
     }
 }
