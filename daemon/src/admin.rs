@@ -190,6 +190,12 @@ pub fn metrics(shared: &Shared) -> String {
         load(&r.device_refused_good_records),
     );
     e.single(
+        "tlsaccel_record_zero_copy_bytes_total",
+        "counter",
+        "Plaintext bytes the device sealed from DMA memory the backend was read into, sent to the client from DMA memory: no host copy.",
+        load(&r.zero_copy_sealed_bytes),
+    );
+    e.single(
         "tlsaccel_record_device_saturated_total",
         "counter",
         "Record batches done on the CPU because device memory or key slots ran out.",

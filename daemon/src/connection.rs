@@ -135,8 +135,13 @@ async fn refuse(ctx: &pump::Context<'_>, sender: &mut Sender, stream: &mut TcpSt
     for alert in &sealed.alerts {
         ctx.shared.stats.alerts_sent.inc(&format!("{alert:?}"));
     }
+    let bytes: Vec<u8> = sealed
+        .records
+        .into_iter()
+        .flat_map(crate::record::Chunk::into_heap)
+        .collect();
     let _ = tokio::time::timeout(pump::LINGER, async {
-        stream.write_all(&sealed.records).await?;
+        stream.write_all(&bytes).await?;
         stream.shutdown().await
     })
     .await;

@@ -24,9 +24,25 @@ pub const EJECT_AFTER: u32 = 3;
 /// How long a passively ejected server without a health check stays out.
 pub const EJECT_FOR: Duration = Duration::from_secs(10);
 
-/// A byte stream to a backend: plain TCP or TLS.
+/// A byte stream to a backend that is not plain TCP (TLS to the backend).
 pub trait BackendIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> BackendIo for T {}
+
+/// A connection to a backend. Plain TCP is kept as such, so the pump can move bytes between
+/// its socket and DMA memory without a copy.
+pub enum BackendStream {
+    Tcp(TcpStream),
+    Stream(Box<dyn BackendIo>),
+}
+
+impl std::fmt::Debug for BackendStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendStream::Tcp(_) => "BackendStream::Tcp",
+            BackendStream::Stream(_) => "BackendStream::Stream",
+        })
+    }
+}
 
 /// Why no backend could be reached.
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +293,7 @@ impl Pool {
 
     /// Connects to a server, retrying up to `retries` times when a connect fails: on servers
     /// not tried yet while there are any, then on the same ones again after a short pause.
-    pub async fn connect(&self) -> Result<(Lease, Box<dyn BackendIo>), PoolError> {
+    pub async fn connect(&self) -> Result<(Lease, BackendStream), PoolError> {
         let mut tried = Vec::new();
         let mut last = String::from("no server");
         let mut attempts = 0u32;
@@ -319,10 +335,10 @@ impl Pool {
         })
     }
 
-    async fn connect_to(&self, backend: &Backend) -> std::io::Result<Box<dyn BackendIo>> {
+    async fn connect_to(&self, backend: &Backend) -> std::io::Result<BackendStream> {
         let stream = connect_tcp(&backend.address, self.connect_timeout).await?;
         match &self.tls {
-            None => Ok(Box::new(stream)),
+            None => Ok(BackendStream::Tcp(stream)),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(
                     self.connect_timeout,
@@ -330,7 +346,7 @@ impl Pool {
                 )
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-                Ok(Box::new(tls))
+                Ok(BackendStream::Stream(Box::new(tls)))
             }
         }
     }

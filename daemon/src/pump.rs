@@ -15,21 +15,28 @@
 //! * Memory while idle: the client's bytes are read into the receiver's buffer only once
 //!   the socket is readable (and the buffer is dropped when empty); the backend's are read
 //!   into a per-thread scratch buffer and copied out at their exact length.
+//! * No copies on the device path: once a connection's sending direction is on the device,
+//!   a plain-TCP backend is read straight into DMA memory, the device seals from there into
+//!   DMA memory, and the records are written to the client from there.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use rustls::AlertDescription;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use crate::pool::BackendIo;
-use crate::record::{Policy, RecordError};
+use crate::pool::{BackendIo, BackendStream};
+use crate::record::{Chunk, Policy, RecordError};
 use crate::serve::Shared;
 use crate::session::{End, Engines, Inbound, Outgoing, Receiver, Sealed, Sender, READ_CHUNK};
 
@@ -65,6 +72,160 @@ pub struct Context<'a> {
     pub idle_timeout: Duration,
 }
 
+type Job<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Bytes waiting for one peer, as chunks in order, and since when that peer has taken none
+/// of them.
+struct Outbox {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the first chunk already written.
+    at: usize,
+    len: usize,
+    since: Instant,
+}
+
+impl Outbox {
+    fn new(data: Vec<u8>) -> Self {
+        let mut outbox = Self {
+            chunks: VecDeque::new(),
+            at: 0,
+            len: 0,
+            since: Instant::now(),
+        };
+        outbox.push(Chunk::Heap(data));
+        outbox
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, chunk: Chunk) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            self.since = Instant::now();
+        }
+        self.len += chunk.len();
+        match (self.chunks.back_mut(), chunk) {
+            // Small host-memory pieces (alerts, KeyUpdates, CPU records) go out together.
+            (Some(Chunk::Heap(last)), Chunk::Heap(more)) => last.extend_from_slice(&more),
+            (_, chunk) => self.chunks.push_back(chunk),
+        }
+    }
+
+    /// The first chunk and how much of it is already written.
+    fn front(&self) -> Option<(&Chunk, usize)> {
+        self.chunks.front().map(|c| (c, self.at))
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.len -= n;
+        self.at += n;
+        self.since = Instant::now();
+        while let Some(front) = self.chunks.front() {
+            if self.at < front.len() {
+                break;
+            }
+            // Written: a DMA chunk goes back to its pool here.
+            self.at -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    /// True when bytes have waited for their peer for `limit` without it taking any.
+    fn stalled(&self, now: Instant, limit: Duration) -> bool {
+        !self.is_empty() && now.duration_since(self.since) >= limit
+    }
+}
+
+/// Writes (part of) the first chunk of `outbox` to a TCP socket: from host memory, or
+/// straight from DMA memory. Cancel-safe: nothing is written unless it returns.
+async fn write_front(socket: &TcpStream, outbox: &Outbox) -> io::Result<usize> {
+    let Some((chunk, at)) = outbox.front() else {
+        return Ok(0);
+    };
+    loop {
+        socket.writable().await?;
+        let written = match chunk {
+            Chunk::Heap(bytes) => socket.try_write(&bytes[at..]),
+            Chunk::Dma(buffer, range) => socket.try_io(Interest::WRITABLE, || {
+                buffer.write_to_fd(socket.as_fd(), range.start + at, range.len() - at)
+            }),
+        };
+        match written {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The backend's sending side, as the pump reads it.
+enum BackendReader {
+    Tcp(OwnedReadHalf),
+    Stream(ReadHalf<Box<dyn BackendIo>>),
+}
+
+/// The backend's receiving side.
+enum BackendWriter {
+    Tcp(OwnedWriteHalf),
+    Stream(WriteHalf<Box<dyn BackendIo>>),
+}
+
+fn split_backend(backend: BackendStream) -> (BackendReader, BackendWriter) {
+    match backend {
+        BackendStream::Tcp(stream) => {
+            let (r, w) = stream.into_split();
+            (BackendReader::Tcp(r), BackendWriter::Tcp(w))
+        }
+        BackendStream::Stream(stream) => {
+            let (r, w) = tokio::io::split(stream);
+            (BackendReader::Stream(r), BackendWriter::Stream(w))
+        }
+    }
+}
+
+impl BackendReader {
+    /// Reads what the backend has: into a fresh DMA buffer from `dma` when given (and the
+    /// backend is plain TCP), else through the thread's scratch buffer into host memory. An
+    /// empty chunk is the end of stream. Allocates only once the socket is readable; cancel-
+    /// safe.
+    async fn read(&mut self, dma: Option<&tlsaccel_driver::DmaPool>) -> io::Result<Chunk> {
+        match self {
+            BackendReader::Tcp(half) => loop {
+                half.readable().await?;
+                let socket: &TcpStream = half.as_ref();
+                if let Some(Ok(buffer)) = dma.map(|pool| pool.alloc(READ_CHUNK)) {
+                    match socket.try_io(Interest::READABLE, || {
+                        buffer.read_from_fd(socket.as_fd(), 0, READ_CHUNK)
+                    }) {
+                        Ok(0) => return Ok(Chunk::Heap(Vec::new())),
+                        Ok(n) => return Ok(Chunk::Dma(buffer, 0..n)),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let read = SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    half.try_read(&mut scratch[..])
+                        .map(|n| scratch[..n].to_vec())
+                });
+                match read {
+                    Ok(bytes) => return Ok(Chunk::Heap(bytes)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            },
+            BackendReader::Stream(half) => read_backend(half).await.map(Chunk::Heap),
+        }
+    }
+}
+
 /// What a turn did on the backend's write side.
 enum BackendOp {
     Wrote(usize),
@@ -72,64 +233,40 @@ enum BackendOp {
     Shut,
 }
 
-type Job<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+impl BackendWriter {
+    /// Plain TCP takes DMA chunks as they are.
+    fn takes_dma(&self) -> bool {
+        matches!(self, BackendWriter::Tcp(_))
+    }
 
-/// Bytes waiting for one peer, and since when that peer has taken none of them.
-struct Outbox {
-    buf: Vec<u8>,
-    at: usize,
-    since: Instant,
-}
-
-impl Outbox {
-    fn new(data: Vec<u8>) -> Self {
-        Self {
-            buf: data,
-            at: 0,
-            since: Instant::now(),
+    /// Writes from `outbox`, else flushes, else shuts the sending side. Cancel-safe.
+    async fn step(&mut self, outbox: &Outbox, unflushed: bool) -> io::Result<BackendOp> {
+        match self {
+            BackendWriter::Tcp(half) => {
+                if !outbox.is_empty() {
+                    write_front(half.as_ref(), outbox)
+                        .await
+                        .map(BackendOp::Wrote)
+                } else if unflushed {
+                    // A TCP socket has nothing to flush.
+                    Ok(BackendOp::Flushed)
+                } else {
+                    half.shutdown().await.map(|()| BackendOp::Shut)
+                }
+            }
+            BackendWriter::Stream(half) => {
+                if let Some((chunk, at)) = outbox.front() {
+                    let Chunk::Heap(bytes) = chunk else {
+                        return Err(io::Error::other("DMA bytes for a TLS backend"));
+                    };
+                    half.write(&bytes[at..]).await.map(BackendOp::Wrote)
+                } else if unflushed {
+                    half.flush().await.map(|()| BackendOp::Flushed)
+                } else {
+                    half.shutdown().await.map(|()| BackendOp::Shut)
+                }
+            }
         }
-    }
-
-    fn len(&self) -> usize {
-        self.buf.len() - self.at
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn pending(&self) -> &[u8] {
-        &self.buf[self.at..]
-    }
-
-    fn push(&mut self, data: Vec<u8>) {
-        if data.is_empty() {
-            return;
-        }
-        if self.is_empty() {
-            self.buf = data;
-            self.at = 0;
-            self.since = Instant::now();
-        } else {
-            self.buf.drain(..self.at);
-            self.at = 0;
-            self.buf.extend_from_slice(&data);
-        }
-    }
-
-    fn advance(&mut self, n: usize) {
-        self.at += n;
-        self.since = Instant::now();
-        if self.at == self.buf.len() {
-            // Nothing waiting: hold no buffer.
-            self.buf = Vec::new();
-            self.at = 0;
-        }
-    }
-
-    /// True when bytes have waited for their peer for `limit` without it taking any.
-    fn stalled(&self, now: Instant, limit: Duration) -> bool {
-        !self.is_empty() && now.duration_since(self.since) >= limit
     }
 }
 
@@ -163,13 +300,14 @@ pub async fn run(
     receiver: Receiver,
     sender: Sender,
     client: TcpStream,
-    backend: Box<dyn BackendIo>,
+    backend: BackendStream,
     early: Vec<u8>,
 ) -> Result<(), PumpError> {
     let shared = ctx.shared;
     let stats = &shared.stats;
-    let (client_r, mut client_w) = client.into_split();
-    let (mut backend_r, mut backend_w) = tokio::io::split(backend);
+    let (mut backend_r, mut backend_w) = split_backend(backend);
+    // The sending direction's records go to the device: read the backend into DMA memory.
+    let mut sending_on_device = false;
     let mut receiver = Some(receiver);
     let mut sender = Some(sender);
     let mut rx_job: Option<Job<'_, (Receiver, Inbound)>> = None;
@@ -252,7 +390,7 @@ pub async fn run(
         let sending_closed = sender.as_ref().is_some_and(Sender::closed);
         if sending_closed && to_client.is_empty() && !client_shut {
             client_shut = true;
-            let _ = client_w.shutdown().await;
+            let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
         }
         if failure.is_some() && tx_job.is_none() && outgoing.is_empty() && to_client.is_empty() {
             break;
@@ -278,16 +416,21 @@ pub async fn run(
             && to_client.len() + outgoing_bytes < WINDOW;
         let shut_backend =
             failure.is_none() && client_done && to_backend.is_empty() && !backend_shut;
+        let dma = if read_backend_now && sending_on_device && backend_w.takes_dma() {
+            shared.record_device(ctx.queue_number)
+        } else {
+            None
+        };
 
         tokio::select! {
-            r = client_r.readable(), if read_client => {
+            r = client.readable(), if read_client => {
                 if let Err(e) = r {
                     return Err(PumpError::Client(e));
                 }
                 let Some(r) = receiver.as_mut() else { continue };
                 let buf = r.buffer();
                 buf.reserve(READ_CHUNK);
-                match client_r.try_read_buf(buf) {
+                match client.try_read_buf(buf) {
                     Ok(0) => {
                         // End of stream without close_notify: pass the end on, but the data
                         // may have been truncated.
@@ -312,7 +455,7 @@ pub async fn run(
                 if !plaintext.is_empty() {
                     backend_unflushed = true;
                 }
-                to_backend.push(plaintext);
+                to_backend.push(Chunk::Heap(plaintext));
                 if key_update_requested {
                     outgoing.push(Outgoing::KeyUpdate);
                 }
@@ -343,12 +486,15 @@ pub async fn run(
                 if sealed.key_exhausted {
                     shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
                 }
-                to_client.push(sealed.records);
+                sending_on_device = sealed.on_device;
+                for chunk in sealed.records {
+                    to_client.push(chunk);
+                }
                 if let Some(error) = sealed.failed {
                     fail(PumpError::KeyUpdate(error), None, &mut failure, &mut outgoing, &mut linger_until);
                 }
             }
-            r = read_backend(&mut backend_r), if read_backend_now => match r {
+            r = backend_r.read(dma.as_ref().map(|d| d.device.pool())), if read_backend_now => match r {
                 Ok(data) if data.is_empty() => {
                     backend_done = true;
                     outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
@@ -359,22 +505,17 @@ pub async fn run(
                         .bytes_backend_to_client
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     outgoing_bytes += data.len();
-                    match outgoing.last_mut() {
-                        Some(Outgoing::Data(last)) => last.extend_from_slice(&data),
-                        _ => outgoing.push(Outgoing::Data(data)),
+                    match (outgoing.last_mut(), data) {
+                        (Some(Outgoing::Data(Chunk::Heap(last))), Chunk::Heap(more)) => {
+                            last.extend_from_slice(&more)
+                        }
+                        (_, data) => outgoing.push(Outgoing::Data(data)),
                     }
                 }
                 Err(e) => return Err(PumpError::Backend(e)),
             },
-            r = async {
-                if !to_backend.is_empty() {
-                    backend_w.write(to_backend.pending()).await.map(BackendOp::Wrote)
-                } else if backend_unflushed {
-                    backend_w.flush().await.map(|()| BackendOp::Flushed)
-                } else {
-                    backend_w.shutdown().await.map(|()| BackendOp::Shut)
-                }
-            }, if !to_backend.is_empty() || backend_unflushed || shut_backend => match r {
+            r = backend_w.step(&to_backend, backend_unflushed),
+                if !to_backend.is_empty() || backend_unflushed || shut_backend => match r {
                 Ok(BackendOp::Wrote(0)) => {
                     return Err(PumpError::Backend(io::ErrorKind::WriteZero.into()))
                 }
@@ -390,7 +531,7 @@ pub async fn run(
                 }
                 Err(e) => return Err(PumpError::Backend(e)),
             },
-            r = client_w.write(to_client.pending()), if !to_client.is_empty() => match r {
+            r = write_front(&client, &to_client), if !to_client.is_empty() => match r {
                 Ok(0) => return Err(PumpError::Client(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     to_client.advance(n);
@@ -420,7 +561,7 @@ pub async fn run(
     }
     // Flushed what there was to say (or ran out of time): the connection ends.
     if !client_shut {
-        let _ = client_w.shutdown().await;
+        let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
     }
     Err(failure.unwrap_or(PumpError::Idle))
 }

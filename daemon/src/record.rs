@@ -23,7 +23,7 @@ use tlsaccel_driver::abi::{
     tls12_record_len, tls13_record_len, AeadAlgorithm, KeyDirection, RecordProtocol, Status,
     TAG_LEN, TLS_HEADER_LEN, TLS_LEGACY_VERSION, TLS_MAX_PLAINTEXT,
 };
-use tlsaccel_driver::{Device, JobError, JobOp, KeyMaterial, KeySlot};
+use tlsaccel_driver::{Device, DmaBuffer, JobError, JobOp, KeyMaterial, KeySlot};
 use tlsaccel_record::RecordKey;
 
 use crate::batch::RecordQueue;
@@ -126,6 +126,9 @@ pub struct RecordStats {
     /// Records the device refused (bad tag, malformed) that the CPU then opened: device
     /// faults, not the client's.
     pub device_refused_good_records: AtomicU64,
+    /// Plaintext bytes the device sealed straight from DMA memory the backend was read
+    /// into, the records going to the client from DMA memory: no copy by the host.
+    pub zero_copy_sealed_bytes: AtomicU64,
     /// Batches done on the CPU because DMA memory or key slots ran out.
     pub device_saturated: AtomicU64,
     pub key_updates_received: AtomicU64,
@@ -303,6 +306,146 @@ impl Direction {
                 .cpu_sealed_bytes
                 .fetch_add(plaintext.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Seals the application data at `range` of DMA buffer `src`, in
+    /// records of at most 2^14 bytes. On the device the records are sealed from `src` into
+    /// one DMA buffer and never pass through host memory; what the device does not seal (it
+    /// failed, or the direction is on the CPU) is copied out and sealed on the CPU.
+    pub async fn seal_dma(
+        &mut self,
+        src: &DmaBuffer,
+        range: Range<usize>,
+        device: Option<&RecordDevice>,
+        policy: Policy,
+        stats: &RecordStats,
+    ) -> Vec<Chunk> {
+        debug_assert!(self.seal);
+        let end = range.end;
+        let pieces: Vec<Range<usize>> = range
+            .step_by(TLS_MAX_PLAINTEXT)
+            .map(|at| at..(at + TLS_MAX_PLAINTEXT).min(end))
+            .collect();
+        let largest = pieces.iter().map(Range::len).max().unwrap_or(0);
+        let mut chunks = Vec::new();
+        let mut done = 0;
+        if !pieces.is_empty() && self.wants_device(device, policy, largest, stats) {
+            if let Some(device) = device {
+                if let Some((dst, sealed, bytes)) =
+                    self.seal_dma_on_device(src, &pieces, device, stats).await
+                {
+                    if bytes > 0 {
+                        chunks.push(Chunk::Dma(dst, 0..bytes));
+                    }
+                    done = sealed;
+                }
+            }
+        }
+        if done < pieces.len() {
+            let rest = pieces[done].start..end;
+            let mut plain = vec![0; rest.len()];
+            if src.read(rest.start, &mut plain).is_err() {
+                return chunks;
+            }
+            let items: Vec<(u8, &[u8])> = plain
+                .chunks(TLS_MAX_PLAINTEXT)
+                .map(|c| (content::APPLICATION_DATA, c))
+                .collect();
+            let mut out = Vec::with_capacity(plain.len() + items.len() * 64);
+            for &(content_type, plaintext) in &items {
+                self.seal_on_cpu(content_type, plaintext, &mut out);
+                stats.cpu_sealed_records.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .cpu_sealed_bytes
+                    .fetch_add(plaintext.len() as u64, Ordering::Relaxed);
+            }
+            tlsaccel_record::scrub(&mut plain);
+            chunks.push(Chunk::Heap(out));
+        }
+        chunks
+    }
+
+    /// The device half of [`Direction::seal_dma`]: every record into one buffer. Returns it
+    /// with how many records the device sealed and their bytes; `None` when no job ran.
+    async fn seal_dma_on_device(
+        &mut self,
+        src: &DmaBuffer,
+        pieces: &[Range<usize>],
+        device: &RecordDevice,
+        stats: &RecordStats,
+    ) -> Option<(DmaBuffer, usize, usize)> {
+        let slot = self.slot.clone()?;
+        let algorithm = self.material.algorithm;
+        let lens: Vec<usize> = pieces
+            .iter()
+            .map(|p| match self.version {
+                Version::Tls13 => tls13_record_len(p.len(), 0),
+                Version::Tls12 => tls12_record_len(algorithm, p.len()),
+            })
+            .collect();
+        let total: usize = lens.iter().sum();
+        let Ok(dst) = device.device.pool().alloc(total) else {
+            stats.device_saturated.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let mut ops = Vec::with_capacity(pieces.len());
+        let mut at = 0;
+        for (piece, &record_len) in pieces.iter().zip(&lens) {
+            let (Ok(src_span), Ok(dst_span)) =
+                (src.span(piece.start, piece.len()), dst.span(at, record_len))
+            else {
+                return None;
+            };
+            at += record_len;
+            ops.push(match self.version {
+                Version::Tls13 => JobOp::Tls13Seal {
+                    slot: slot.slot_ref(),
+                    content_type: content::APPLICATION_DATA,
+                    padding: 0,
+                    src: src_span,
+                    dst: dst_span,
+                },
+                Version::Tls12 => JobOp::Tls12Seal {
+                    slot: slot.slot_ref(),
+                    algorithm,
+                    content_type: content::APPLICATION_DATA,
+                    src: src_span,
+                    dst: dst_span,
+                },
+            });
+        }
+        // The spans hold both buffers for as long as the device may use them; the batch
+        // needs no buffers of its own.
+        let (results, _) = device.queue.run(ops, Vec::new(), Arc::clone(&slot)).await;
+        let mut sealed = 0;
+        let mut bytes = 0;
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                Ok(output) if output.len as usize == lens[i] => {
+                    self.sequence += 1;
+                    sealed += 1;
+                    bytes += lens[i];
+                    stats.device_sealed_records.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .device_sealed_bytes
+                        .fetch_add(pieces[i].len() as u64, Ordering::Relaxed);
+                }
+                Ok(_) | Err(_) => {
+                    tracing::warn!("device seal failed; direction moves to the CPU");
+                    self.fall_back(stats);
+                    break;
+                }
+            }
+        }
+        if sealed == pieces.len() {
+            // Nothing but sealed records: what goes on the wire needs no zeroing.
+            dst.mark_public();
+        }
+        stats.zero_copy_sealed_bytes.fetch_add(
+            pieces[..sealed].iter().map(Range::len).sum::<usize>() as u64,
+            Ordering::Relaxed,
+        );
+        Some((dst, sealed, bytes))
     }
 
     /// Seals on the device; returns how many items it sealed (the rest are the CPU's).
@@ -612,6 +755,43 @@ impl Direction {
             }),
             Err(status) => Err(record_status(status)
                 .unwrap_or(RecordError::Decode("record refused by the record layer"))),
+        }
+    }
+}
+
+/// Bytes on their way to a peer: in host memory, or in DMA memory a device job wrote (sent
+/// from there, without a copy).
+#[derive(Debug)]
+pub enum Chunk {
+    Heap(Vec<u8>),
+    Dma(DmaBuffer, Range<usize>),
+}
+
+impl Chunk {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Chunk::Heap(bytes) => bytes.len(),
+            Chunk::Dma(_, range) => range.len(),
+        }
+    }
+
+    /// True when it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in host memory (a copy for DMA memory).
+    pub fn into_heap(self) -> Vec<u8> {
+        match self {
+            Chunk::Heap(bytes) => bytes,
+            Chunk::Dma(buffer, range) => {
+                let mut bytes = vec![0; range.len()];
+                if buffer.read(range.start, &mut bytes).is_err() {
+                    bytes.clear();
+                }
+                bytes
+            }
         }
     }
 }

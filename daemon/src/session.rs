@@ -23,7 +23,7 @@ use rustls::server::ServerConnectionData;
 use rustls::AlertDescription;
 
 use crate::record::{
-    self, content, Control, Direction, HandshakeReader, Policy, RecordDevice, RecordError,
+    self, content, Chunk, Control, Direction, HandshakeReader, Policy, RecordDevice, RecordError,
     RecordStats, Version,
 };
 
@@ -128,8 +128,8 @@ impl std::fmt::Debug for Receiver {
 /// Work for the [`Sender`], in order.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// Application data from the backend.
-    Data(Vec<u8>),
+    /// Application data from the backend (in DMA memory when it was read straight into it).
+    Data(Chunk),
     /// Answer the client's KeyUpdate (update_requested) with one of ours.
     KeyUpdate,
     /// An alert; a fatal one or close_notify ends sending.
@@ -140,7 +140,10 @@ pub enum Outgoing {
 #[derive(Debug, Default)]
 pub struct Sealed {
     /// Records for the client, in order.
-    pub records: Vec<u8>,
+    pub records: Vec<Chunk>,
+    /// This direction's records now go to the device: the backend's bytes may be read
+    /// straight into DMA memory.
+    pub on_device: bool,
     /// Alerts sealed, for the metrics.
     pub alerts: Vec<AlertDescription>,
     /// Sending is over (close_notify or a fatal alert went out, or the key ran out).
@@ -149,6 +152,38 @@ pub struct Sealed {
     pub key_exhausted: bool,
     /// A new key could not be derived: the connection must end.
     pub failed: Option<String>,
+}
+
+/// Records being gathered, in order: host-memory records are appended to the last heap
+/// chunk, DMA chunks are kept as they are.
+#[derive(Default)]
+struct Records {
+    chunks: Vec<Chunk>,
+}
+
+impl Records {
+    /// The heap chunk at the end, to append records to.
+    fn heap(&mut self) -> &mut Vec<u8> {
+        if !matches!(self.chunks.last(), Some(Chunk::Heap(_))) {
+            self.chunks.push(Chunk::Heap(Vec::new()));
+        }
+        match self.chunks.last_mut() {
+            Some(Chunk::Heap(bytes)) => bytes,
+            _ => unreachable!("a heap chunk was just pushed"),
+        }
+    }
+
+    fn push(&mut self, chunk: Chunk) {
+        match chunk {
+            Chunk::Heap(bytes) => self.heap().extend_from_slice(&bytes),
+            dma => self.chunks.push(dma),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Chunk> {
+        self.chunks.retain(|c| !c.is_empty());
+        self.chunks
+    }
 }
 
 /// The backend → client half.
@@ -501,40 +536,75 @@ impl Sender {
     /// is dropped.
     pub async fn seal(&mut self, work: Vec<Outgoing>, engines: Engines<'_>) -> Sealed {
         let mut sealed = Sealed::default();
+        let mut out = Records::default();
         for item in work {
             if self.closed {
                 break;
             }
             match item {
-                Outgoing::Data(data) => {
-                    if let Err(error) = self.seal_data(&data, &mut sealed, engines).await {
+                Outgoing::Data(Chunk::Heap(data)) => {
+                    if let Err(error) = self.seal_data(&data, &mut out, &mut sealed, engines).await
+                    {
+                        sealed.failed = Some(error);
+                    }
+                }
+                Outgoing::Data(Chunk::Dma(buffer, range)) => {
+                    if let Err(error) = self
+                        .seal_dma(&buffer, range, &mut out, &mut sealed, engines)
+                        .await
+                    {
                         sealed.failed = Some(error);
                     }
                 }
                 Outgoing::KeyUpdate => {
                     if self.version == Version::Tls13 {
-                        if let Err(error) =
-                            self.update_key(false, &mut sealed.records, engines).await
-                        {
+                        if let Err(error) = self.update_key(false, out.heap(), engines).await {
                             sealed.failed = Some(error);
                         }
                     }
                 }
                 Outgoing::Alert(description) => {
-                    self.seal_alert(description, &mut sealed, engines).await;
+                    self.seal_alert(description, &mut out, &mut sealed, engines)
+                        .await;
                 }
             }
             if sealed.failed.is_some() {
                 self.closed = true;
             }
         }
+        sealed.records = out.finish();
         sealed.closed = self.closed;
+        sealed.on_device = self.tx.on_device();
         sealed
+    }
+
+    /// Checks the key's budget for `count` more records: false when the TLS 1.2 limit is
+    /// reached (close_notify is then sealed); a TLS 1.3 key is updated first when due.
+    async fn make_room(
+        &mut self,
+        count: u64,
+        out: &mut Records,
+        sealed: &mut Sealed,
+        engines: Engines<'_>,
+    ) -> Result<bool, String> {
+        // One record of room is kept for close_notify.
+        if self.tx.sequence() + count + 1 > self.record_limit {
+            tracing::info!("the TLS 1.2 key reached its record limit: closing the connection");
+            sealed.key_exhausted = true;
+            self.seal_alert(AlertDescription::CloseNotify, out, sealed, engines)
+                .await;
+            return Ok(false);
+        }
+        if self.tx.sequence() + count >= self.rekey_after {
+            self.update_key(false, out.heap(), engines).await?;
+        }
+        Ok(true)
     }
 
     async fn seal_data(
         &mut self,
         data: &[u8],
+        out: &mut Records,
         sealed: &mut Sealed,
         engines: Engines<'_>,
     ) -> Result<(), String> {
@@ -542,26 +612,19 @@ impl Sender {
             .chunks(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT)
             .map(|c| (content::APPLICATION_DATA, c))
             .collect();
-        sealed
-            .records
+        out.heap()
             .reserve(data.len() + chunks.len() * (tlsaccel_driver::abi::TAG_LEN + 30));
         for batch in chunks.chunks(RECORDS_PER_BATCH) {
-            let count = batch.len() as u64;
-            // One record of room is kept for close_notify.
-            if self.tx.sequence() + count + 1 > self.record_limit {
-                tracing::info!("the TLS 1.2 key reached its record limit: closing the connection");
-                sealed.key_exhausted = true;
-                self.seal_alert(AlertDescription::CloseNotify, sealed, engines)
-                    .await;
+            if !self
+                .make_room(batch.len() as u64, out, sealed, engines)
+                .await?
+            {
                 return Ok(());
-            }
-            if self.tx.sequence() + count >= self.rekey_after {
-                self.update_key(false, &mut sealed.records, engines).await?;
             }
             self.tx
                 .seal(
                     batch,
-                    &mut sealed.records,
+                    out.heap(),
                     engines.device,
                     engines.policy,
                     engines.stats,
@@ -571,9 +634,36 @@ impl Sender {
         Ok(())
     }
 
+    /// Application data already in DMA memory: sealed from there (see
+    /// [`Direction::seal_dma`]).
+    async fn seal_dma(
+        &mut self,
+        buffer: &tlsaccel_driver::DmaBuffer,
+        range: std::ops::Range<usize>,
+        out: &mut Records,
+        sealed: &mut Sealed,
+        engines: Engines<'_>,
+    ) -> Result<(), String> {
+        let count = range
+            .len()
+            .div_ceil(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT) as u64;
+        if !self.make_room(count, out, sealed, engines).await? {
+            return Ok(());
+        }
+        let chunks = self
+            .tx
+            .seal_dma(buffer, range, engines.device, engines.policy, engines.stats)
+            .await;
+        for chunk in chunks {
+            out.push(chunk);
+        }
+        Ok(())
+    }
+
     async fn seal_alert(
         &mut self,
         description: AlertDescription,
+        out: &mut Records,
         sealed: &mut Sealed,
         engines: Engines<'_>,
     ) {
@@ -583,7 +673,7 @@ impl Sender {
         self.tx
             .seal(
                 &[(content::ALERT, &message)],
-                &mut sealed.records,
+                out.heap(),
                 engines.device,
                 engines.policy,
                 engines.stats,
@@ -753,6 +843,11 @@ mod tests {
         }
     }
 
+    /// Sealed records as one byte string (the CPU path makes host-memory chunks only).
+    fn heap(records: Vec<Chunk>) -> Vec<u8> {
+        records.into_iter().flat_map(Chunk::into_heap).collect()
+    }
+
     fn settings() -> Settings {
         Settings {
             limits: Limits::default(),
@@ -865,13 +960,13 @@ mod tests {
         let sealed = block(p.sender.seal(
             vec![
                 Outgoing::KeyUpdate,
-                Outgoing::Data(b"after the update".to_vec()),
+                Outgoing::Data(Chunk::Heap(b"after the update".to_vec())),
             ],
             cpu(&stats),
         ));
         assert!(!sealed.closed);
         p.client
-            .read_tls(&mut &sealed.records[..])
+            .read_tls(&mut &heap(sealed.records)[..])
             .expect("client reads");
         p.client.process_new_packets().expect("client opens");
         let mut got = Vec::new();
@@ -1026,7 +1121,7 @@ mod tests {
             vec![
                 Outgoing::Alert(AlertDescription::CloseNotify),
                 Outgoing::KeyUpdate,
-                Outgoing::Data(b"late".to_vec()),
+                Outgoing::Data(Chunk::Heap(b"late".to_vec())),
             ],
             cpu(&stats),
         ));
@@ -1034,7 +1129,7 @@ mod tests {
         assert_eq!(sealed.alerts, vec![AlertDescription::CloseNotify]);
         assert_eq!(stats.key_updates_sent.load(Ordering::Relaxed), 0);
         p.client
-            .read_tls(&mut &sealed.records[..])
+            .read_tls(&mut &heap(sealed.records)[..])
             .expect("client reads");
         let state = p.client.process_new_packets().expect("client opens");
         assert!(state.peer_has_closed());
@@ -1058,7 +1153,7 @@ mod tests {
             halves(Version::Tls12, tx, rx, kernel, Vec::new(), 16, settings());
         let stats = RecordStats::default();
         let data = vec![7u8; 20 * tlsaccel_driver::abi::TLS_MAX_PLAINTEXT];
-        let sealed = block(sender.seal(vec![Outgoing::Data(data)], cpu(&stats)));
+        let sealed = block(sender.seal(vec![Outgoing::Data(Chunk::Heap(data))], cpu(&stats)));
         assert!(sealed.key_exhausted && sealed.closed);
         assert_eq!(sealed.alerts, vec![AlertDescription::CloseNotify]);
         let mut client = Direction::new(Version::Tls12, true, &client_tx, client_seq).expect("key");

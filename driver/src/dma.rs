@@ -750,6 +750,7 @@ impl DmaPool {
                 class,
                 dirty: AtomicUsize::new(0),
                 quarantined: AtomicBool::new(false),
+                public: AtomicBool::new(false),
             }),
         })
     }
@@ -776,6 +777,8 @@ struct Allocation {
     dirty: AtomicUsize,
     /// Never handed out again: a device may still write it (see [`DmaBuffer::quarantine`]).
     quarantined: AtomicBool,
+    /// Its contents are public (see [`DmaBuffer::mark_public`]): freed without zeroing.
+    public: AtomicBool,
 }
 
 impl Allocation {
@@ -798,7 +801,11 @@ impl Drop for Allocation {
         if self.quarantined.load(Ordering::Acquire) {
             return;
         }
-        let dirty = *self.dirty.get_mut();
+        let dirty = if *self.public.get_mut() {
+            0
+        } else {
+            *self.dirty.get_mut()
+        };
         if dirty > 0 && self.region.zero(self.offset, dirty).is_err() {
             // Cannot happen (the range was checked at allocation); if it did, the memory
             // stays out of the pool rather than going back with its contents.
@@ -941,6 +948,67 @@ impl DmaBuffer {
         let at = self.bounds(offset, 4)?;
         self.allocation.region.load_u32_acquire(at)
     }
+
+    /// Reads from `fd` (a socket, say) straight into `len` bytes at `offset`: one `read(2)`,
+    /// no copy through host memory. Returns what the kernel returned (0 at end of stream;
+    /// `WouldBlock` on a non-blocking descriptor with nothing to read).
+    ///
+    /// Like [`DmaBuffer::write`], this is for memory the host holds: a buffer not named by a
+    /// job in flight. The kernel writes the bytes; no Rust reference to them is made.
+    pub fn read_from_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        offset: usize,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        let at = self.bounds(offset, len).map_err(std::io::Error::other)?;
+        let ptr = self
+            .allocation
+            .region
+            .check(at, len)
+            .map_err(std::io::Error::other)?;
+        // SAFETY: `check` proved [ptr, ptr + len) lies inside the live mapping this
+        // allocation holds (kept alive by `self`). The slice is of `MaybeUninit`, so no
+        // validity is assumed of the bytes, and it lives only for the syscall, in which only
+        // the kernel writes it.
+        let target =
+            unsafe { std::slice::from_raw_parts_mut(ptr.cast::<std::mem::MaybeUninit<u8>>(), len) };
+        let (filled, _) = rustix::io::read(fd, target)?;
+        // The kernel wrote exactly what it reported: that much is zeroed when freed.
+        self.allocation.mark_dirty(offset + filled.len());
+        Ok(filled.len())
+    }
+
+    /// Declares the contents public: bytes that go to the network as they are (sealed
+    /// records). The pool then gives the memory back without zeroing it, which is
+    /// otherwise done for every byte written.
+    pub fn mark_public(&self) {
+        self.allocation.public.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes `len` bytes at `offset` straight to `fd`: one `write(2)` from DMA memory.
+    /// Returns how many bytes the kernel took.
+    ///
+    /// For memory the device is done with (its job completed): the bytes are what it wrote,
+    /// and the kernel reads them once.
+    pub fn write_to_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        offset: usize,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        let at = self.bounds(offset, len).map_err(std::io::Error::other)?;
+        let ptr = self
+            .allocation
+            .region
+            .check(at, len)
+            .map_err(std::io::Error::other)?;
+        // SAFETY: as in `read_from_fd`: inside the live mapping, for the syscall only; the
+        // protocol gives the memory back to the host at the job's completion, so no one
+        // writes it meanwhile (a device that breaks that rule races only on its own output).
+        let source = unsafe { std::slice::from_raw_parts(ptr.cast_const(), len) };
+        Ok(rustix::io::write(fd, source)?)
+    }
 }
 
 /// A piece of DMA memory named in a descriptor: device address and length, and a hold on the
@@ -1021,6 +1089,45 @@ mod tests {
         let second = pool.alloc(90).unwrap();
         assert_eq!(second.iova(), iova);
         assert_eq!(second.to_vec(0, 90).unwrap(), vec![0; 90]);
+    }
+
+    #[test]
+    fn sockets_read_into_and_write_from_dma_memory_without_a_host_copy() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        let pool = pool(4 << 20);
+        let (mut near, far) = std::os::unix::net::UnixStream::pair().unwrap();
+        near.write_all(b"from the peer").unwrap();
+        let buffer = pool.alloc(4096).unwrap();
+        assert_eq!(buffer.read_from_fd(far.as_fd(), 10, 4000).unwrap(), 13);
+        assert_eq!(buffer.to_vec(10, 13).unwrap(), b"from the peer");
+        assert_eq!(buffer.write_to_fd(far.as_fd(), 10, 13).unwrap(), 13);
+        let mut back = [0u8; 13];
+        near.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"from the peer");
+        assert!(
+            buffer.read_from_fd(far.as_fd(), 4000, 200).is_err(),
+            "out of bounds"
+        );
+        // What the kernel wrote counts as written: it is zeroed when freed.
+        let iova = buffer.iova();
+        drop(buffer);
+        let again = pool.alloc(4096).unwrap();
+        assert_eq!(again.iova(), iova);
+        assert_eq!(again.to_vec(0, 4096).unwrap(), vec![0; 4096]);
+    }
+
+    #[test]
+    fn public_contents_go_back_to_the_pool_as_they_are() {
+        let pool = pool(4 << 20);
+        let sealed = pool.alloc(100).unwrap();
+        sealed.write(0, &[0x5a; 100]).unwrap();
+        sealed.mark_public();
+        let iova = sealed.iova();
+        drop(sealed);
+        let next = pool.alloc(100).unwrap();
+        assert_eq!(next.iova(), iova);
+        assert_eq!(next.to_vec(0, 4).unwrap(), vec![0x5a; 4], "not zeroed");
     }
 
     #[test]
