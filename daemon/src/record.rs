@@ -244,6 +244,7 @@ impl Direction {
             // direction was on it: the slot would fall out of step, so the direction moves
             // to the CPU for good.
             if self.slot.is_some() {
+                tracing::info!("the device queue went out of service; direction moves to the CPU");
                 self.fall_back(stats);
             }
             return false;
@@ -384,7 +385,7 @@ impl Direction {
             })
             .collect();
         let total: usize = lens.iter().sum();
-        let Ok(dst) = device.device.pool().alloc(total) else {
+        let Ok(dst) = device.device.pool().alloc_for_output(total) else {
             stats.device_saturated.fetch_add(1, Ordering::Relaxed);
             return None;
         };

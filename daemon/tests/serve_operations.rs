@@ -415,7 +415,7 @@ fn a_device_that_dies_mid_connection_leaves_the_connection_on_the_cpu_and_comes_
     let after = daemon.metric("tlsaccel_records_total{op=\"open\",engine=\"device\"}");
     assert!(
         after >= before + 64,
-        "records of a new connection went to the device again: {before} -> {after}"
+        "records of a new connection went to the device again: {before} -> {after} (saturated {}, fallbacks {})", daemon.metric("tlsaccel_record_device_saturated_total"), daemon.metric("tlsaccel_record_device_fallbacks_total")
     );
     // Certificate signatures are back on the device too.
     assert!(daemon.metric("tlsaccel_handshake_key_reloads_total") >= 1);

@@ -641,8 +641,10 @@ struct PoolState {
     regions: Vec<(Arc<DmaRegion>, Iova)>,
     /// Bump pointer in the newest region.
     next_offset: usize,
-    /// Free buffers per size class (index = log2(size / SMALLEST_CLASS)).
-    free: Vec<Vec<(usize, usize)>>,
+    /// Free buffers per size class (index = log2(size / SMALLEST_CLASS)): region, offset,
+    /// and how many bytes from the start still hold public bytes (sealed records) that
+    /// were not zeroed when freed.
+    free: Vec<Vec<(usize, usize, usize)>>,
 }
 
 #[derive(Debug)]
@@ -706,6 +708,19 @@ impl DmaPool {
     /// material never waits in free memory, and a device that reports success without
     /// writing `dst` returns zeros, never an earlier owner's bytes.
     pub fn alloc(&self, len: usize) -> Result<DmaBuffer, DmaError> {
+        self.take(len, false)
+    }
+
+    /// A buffer the device overwrites whole before anyone reads it (the output of a seal):
+    /// it may hold an earlier buffer's public bytes (sealed records, which went on the wire
+    /// as they are), never anything else. Saves zeroing memory that is about to be
+    /// overwritten; whatever it still holds is zeroed when it is freed, unless marked public
+    /// again.
+    pub fn alloc_for_output(&self, len: usize) -> Result<DmaBuffer, DmaError> {
+        self.take(len, true)
+    }
+
+    fn take(&self, len: usize, public_ok: bool) -> Result<DmaBuffer, DmaError> {
         let inner = &self.inner;
         let class_size = len.max(SMALLEST_CLASS).next_power_of_two();
         if class_size > inner.region_size {
@@ -716,7 +731,7 @@ impl DmaPool {
         }
         let class = (class_size / SMALLEST_CLASS).trailing_zeros() as usize;
         let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (region_index, offset) = match state.free[class].pop() {
+        let (region_index, offset, stale) = match state.free[class].pop() {
             Some(found) => found,
             None => {
                 let align = class_size.min(4096);
@@ -734,11 +749,17 @@ impl DmaPool {
                     offset = 0;
                 }
                 state.next_offset = offset + class_size;
-                (state.regions.len() - 1, offset)
+                (state.regions.len() - 1, offset, 0)
             }
         };
         let (region, region_iova) = state.regions[region_index].clone();
         drop(state);
+        if stale > 0 && !public_ok {
+            // Public bytes of an earlier owner: zero before anyone relies on zeros (a
+            // completion ring's phase bits, say).
+            region.zero(offset, stale)?;
+        }
+        let stale = if public_ok { stale } else { 0 };
         Ok(DmaBuffer {
             allocation: Arc::new(Allocation {
                 pool: Arc::clone(inner),
@@ -748,7 +769,8 @@ impl DmaPool {
                 offset,
                 len,
                 class,
-                dirty: AtomicUsize::new(0),
+                // Stale public bytes count as written: zeroed on free unless public again.
+                dirty: AtomicUsize::new(stale),
                 quarantined: AtomicBool::new(false),
                 public: AtomicBool::new(false),
             }),
@@ -801,18 +823,17 @@ impl Drop for Allocation {
         if self.quarantined.load(Ordering::Acquire) {
             return;
         }
-        let dirty = if *self.public.get_mut() {
-            0
-        } else {
-            *self.dirty.get_mut()
-        };
+        let written = *self.dirty.get_mut();
+        let public = *self.public.get_mut();
+        let dirty = if public { 0 } else { written };
         if dirty > 0 && self.region.zero(self.offset, dirty).is_err() {
             // Cannot happen (the range was checked at allocation); if it did, the memory
             // stays out of the pool rather than going back with its contents.
             return;
         }
         let mut state = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.free[self.class].push((self.region_index, self.offset));
+        let stale = if public { written } else { 0 };
+        state.free[self.class].push((self.region_index, self.offset, stale));
     }
 }
 
@@ -980,8 +1001,8 @@ impl DmaBuffer {
     }
 
     /// Declares the contents public: bytes that go to the network as they are (sealed
-    /// records). The pool then gives the memory back without zeroing it, which is
-    /// otherwise done for every byte written.
+    /// records). The pool then takes the memory back without zeroing it: only
+    /// [`DmaPool::alloc_for_output`] hands it out as it is; [`DmaPool::alloc`] zeroes it first.
     pub fn mark_public(&self) {
         self.allocation.public.store(true, Ordering::Relaxed);
     }
@@ -1118,16 +1139,32 @@ mod tests {
     }
 
     #[test]
-    fn public_contents_go_back_to_the_pool_as_they_are() {
+    fn public_contents_are_reused_only_as_output_and_zeroed_for_anyone_else() {
         let pool = pool(4 << 20);
-        let sealed = pool.alloc(100).unwrap();
+        let sealed = pool.alloc_for_output(100).unwrap();
         sealed.write(0, &[0x5a; 100]).unwrap();
         sealed.mark_public();
         let iova = sealed.iova();
         drop(sealed);
-        let next = pool.alloc(100).unwrap();
-        assert_eq!(next.iova(), iova);
-        assert_eq!(next.to_vec(0, 4).unwrap(), vec![0x5a; 4], "not zeroed");
+        // Another seal's output may start from the old records...
+        let output = pool.alloc_for_output(100).unwrap();
+        assert_eq!(output.iova(), iova);
+        assert_eq!(output.to_vec(0, 4).unwrap(), vec![0x5a; 4], "not zeroed");
+        // ...and when it is not marked public, everything it held is zeroed on free.
+        drop(output);
+        let plain = pool.alloc(100).unwrap();
+        assert_eq!(plain.iova(), iova);
+        assert_eq!(plain.to_vec(0, 100).unwrap(), vec![0; 100]);
+        // An ordinary buffer never sees public bytes either.
+        plain.write(0, &[0x77; 100]).unwrap();
+        plain.mark_public();
+        drop(plain);
+        let ring = pool.alloc(100).unwrap();
+        assert_eq!(
+            ring.to_vec(0, 100).unwrap(),
+            vec![0; 100],
+            "zeroed before reuse"
+        );
     }
 
     #[test]

@@ -64,7 +64,10 @@ impl Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
             .args(["serve", "--config"])
             .arg(&file)
-            .env("TLSACCEL_LOG", "warn")
+            .env(
+                "TLSACCEL_LOG",
+                std::env::var("TEST_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
