@@ -309,31 +309,39 @@ impl Direction {
         }
     }
 
-    /// Seals the application data at `range` of DMA buffer `src`, in
-    /// records of at most 2^14 bytes. On the device the records are sealed from `src` into
-    /// one DMA buffer and never pass through host memory; what the device does not seal (it
-    /// failed, or the direction is on the CPU) is copied out and sealed on the CPU.
+    /// Seals application data that lies in DMA memory (each source a buffer and a range of
+    /// it), in records of at most 2^14 bytes, in order. On the device every record goes in
+    /// one submission, sealed from the sources into one DMA buffer, never passing through
+    /// host memory; what the device does not seal (it failed, or the direction is on the
+    /// CPU) is copied out and sealed on the CPU.
     pub async fn seal_dma(
         &mut self,
-        src: &DmaBuffer,
-        range: Range<usize>,
+        sources: &[(DmaBuffer, Range<usize>)],
         device: Option<&RecordDevice>,
         policy: Policy,
         stats: &RecordStats,
     ) -> Vec<Chunk> {
         debug_assert!(self.seal);
-        let end = range.end;
-        let pieces: Vec<Range<usize>> = range
-            .step_by(TLS_MAX_PLAINTEXT)
-            .map(|at| at..(at + TLS_MAX_PLAINTEXT).min(end))
+        // (source, range) of every record.
+        let pieces: Vec<(usize, Range<usize>)> = sources
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, range))| {
+                let end = range.end;
+                range
+                    .clone()
+                    .step_by(TLS_MAX_PLAINTEXT)
+                    .map(move |at| (i, at..(at + TLS_MAX_PLAINTEXT).min(end)))
+            })
             .collect();
-        let largest = pieces.iter().map(Range::len).max().unwrap_or(0);
+        let largest = pieces.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
         let mut chunks = Vec::new();
         let mut done = 0;
         if !pieces.is_empty() && self.wants_device(device, policy, largest, stats) {
             if let Some(device) = device {
-                if let Some((dst, sealed, bytes)) =
-                    self.seal_dma_on_device(src, &pieces, device, stats).await
+                if let Some((dst, sealed, bytes)) = self
+                    .seal_dma_on_device(sources, &pieces, device, stats)
+                    .await
                 {
                     if bytes > 0 {
                         chunks.push(Chunk::Dma(dst, 0..bytes));
@@ -343,35 +351,31 @@ impl Direction {
             }
         }
         if done < pieces.len() {
-            let rest = pieces[done].start..end;
-            let mut plain = vec![0; rest.len()];
-            if src.read(rest.start, &mut plain).is_err() {
-                return chunks;
-            }
-            let items: Vec<(u8, &[u8])> = plain
-                .chunks(TLS_MAX_PLAINTEXT)
-                .map(|c| (content::APPLICATION_DATA, c))
-                .collect();
-            let mut out = Vec::with_capacity(plain.len() + items.len() * 64);
-            for &(content_type, plaintext) in &items {
-                self.seal_on_cpu(content_type, plaintext, &mut out);
+            let mut out = Vec::new();
+            for (source, range) in &pieces[done..] {
+                let mut plain = vec![0; range.len()];
+                if sources[*source].0.read(range.start, &mut plain).is_err() {
+                    break;
+                }
+                self.seal_on_cpu(content::APPLICATION_DATA, &plain, &mut out);
                 stats.cpu_sealed_records.fetch_add(1, Ordering::Relaxed);
                 stats
                     .cpu_sealed_bytes
-                    .fetch_add(plaintext.len() as u64, Ordering::Relaxed);
+                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                tlsaccel_record::scrub(&mut plain);
             }
-            tlsaccel_record::scrub(&mut plain);
             chunks.push(Chunk::Heap(out));
         }
         chunks
     }
 
-    /// The device half of [`Direction::seal_dma`]: every record into one buffer. Returns it
-    /// with how many records the device sealed and their bytes; `None` when no job ran.
+    /// The device half of [`Direction::seal_dma`]: every record into one buffer, in one
+    /// submission. Returns it with how many records the device sealed and their bytes;
+    /// `None` when no job ran.
     async fn seal_dma_on_device(
         &mut self,
-        src: &DmaBuffer,
-        pieces: &[Range<usize>],
+        sources: &[(DmaBuffer, Range<usize>)],
+        pieces: &[(usize, Range<usize>)],
         device: &RecordDevice,
         stats: &RecordStats,
     ) -> Option<(DmaBuffer, usize, usize)> {
@@ -379,7 +383,7 @@ impl Direction {
         let algorithm = self.material.algorithm;
         let lens: Vec<usize> = pieces
             .iter()
-            .map(|p| match self.version {
+            .map(|(_, p)| match self.version {
                 Version::Tls13 => tls13_record_len(p.len(), 0),
                 Version::Tls12 => tls12_record_len(algorithm, p.len()),
             })
@@ -391,10 +395,11 @@ impl Direction {
         };
         let mut ops = Vec::with_capacity(pieces.len());
         let mut at = 0;
-        for (piece, &record_len) in pieces.iter().zip(&lens) {
-            let (Ok(src_span), Ok(dst_span)) =
-                (src.span(piece.start, piece.len()), dst.span(at, record_len))
-            else {
+        for ((source, piece), &record_len) in pieces.iter().zip(&lens) {
+            let (Ok(src_span), Ok(dst_span)) = (
+                sources[*source].0.span(piece.start, piece.len()),
+                dst.span(at, record_len),
+            ) else {
                 return None;
             };
             at += record_len;
@@ -429,7 +434,7 @@ impl Direction {
                     stats.device_sealed_records.fetch_add(1, Ordering::Relaxed);
                     stats
                         .device_sealed_bytes
-                        .fetch_add(pieces[i].len() as u64, Ordering::Relaxed);
+                        .fetch_add(pieces[i].1.len() as u64, Ordering::Relaxed);
                 }
                 Ok(_) | Err(_) => {
                     tracing::warn!("device seal failed; direction moves to the CPU");
@@ -443,7 +448,7 @@ impl Direction {
             dst.mark_public();
         }
         stats.zero_copy_sealed_bytes.fetch_add(
-            pieces[..sealed].iter().map(Range::len).sum::<usize>() as u64,
+            pieces[..sealed].iter().map(|(_, r)| r.len()).sum::<usize>() as u64,
             Ordering::Relaxed,
         );
         Some((dst, sealed, bytes))

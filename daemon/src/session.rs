@@ -537,9 +537,24 @@ impl Sender {
     pub async fn seal(&mut self, work: Vec<Outgoing>, engines: Engines<'_>) -> Sealed {
         let mut sealed = Sealed::default();
         let mut out = Records::default();
+        // Data already in DMA memory is gathered, so it reaches the device in one submission.
+        let mut dma: Vec<(tlsaccel_driver::DmaBuffer, std::ops::Range<usize>)> = Vec::new();
         for item in work {
             if self.closed {
                 break;
+            }
+            if let Outgoing::Data(Chunk::Dma(buffer, range)) = item {
+                dma.push((buffer, range));
+                continue;
+            }
+            if !dma.is_empty() {
+                let gathered = std::mem::take(&mut dma);
+                if let Err(error) = self.seal_dma(&gathered, &mut out, &mut sealed, engines).await
+                {
+                    sealed.failed = Some(error);
+                    self.closed = true;
+                    break;
+                }
             }
             match item {
                 Outgoing::Data(Chunk::Heap(data)) => {
@@ -548,14 +563,7 @@ impl Sender {
                         sealed.failed = Some(error);
                     }
                 }
-                Outgoing::Data(Chunk::Dma(buffer, range)) => {
-                    if let Err(error) = self
-                        .seal_dma(&buffer, range, &mut out, &mut sealed, engines)
-                        .await
-                    {
-                        sealed.failed = Some(error);
-                    }
-                }
+                Outgoing::Data(Chunk::Dma(..)) => unreachable!("gathered above"),
                 Outgoing::KeyUpdate => {
                     if self.version == Version::Tls13 {
                         if let Err(error) = self.update_key(false, out.heap(), engines).await {
@@ -569,6 +577,12 @@ impl Sender {
                 }
             }
             if sealed.failed.is_some() {
+                self.closed = true;
+            }
+        }
+        if !dma.is_empty() && !self.closed {
+            if let Err(error) = self.seal_dma(&dma, &mut out, &mut sealed, engines).await {
+                sealed.failed = Some(error);
                 self.closed = true;
             }
         }
@@ -635,27 +649,44 @@ impl Sender {
     }
 
     /// Application data already in DMA memory: sealed from there (see
-    /// [`Direction::seal_dma`]).
+    /// [`Direction::seal_dma`]), at most a batch of records per submission.
     async fn seal_dma(
         &mut self,
-        buffer: &tlsaccel_driver::DmaBuffer,
-        range: std::ops::Range<usize>,
+        sources: &[(tlsaccel_driver::DmaBuffer, std::ops::Range<usize>)],
         out: &mut Records,
         sealed: &mut Sealed,
         engines: Engines<'_>,
     ) -> Result<(), String> {
-        let count = range
-            .len()
-            .div_ceil(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT) as u64;
-        if !self.make_room(count, out, sealed, engines).await? {
-            return Ok(());
-        }
-        let chunks = self
-            .tx
-            .seal_dma(buffer, range, engines.device, engines.policy, engines.stats)
-            .await;
-        for chunk in chunks {
-            out.push(chunk);
+        let max = tlsaccel_driver::abi::TLS_MAX_PLAINTEXT;
+        let mut at = 0;
+        while at < sources.len() {
+            // Sources up to a batch of records.
+            let mut records = 0;
+            let mut end = at;
+            while end < sources.len() {
+                let more = sources[end].1.len().div_ceil(max);
+                if records > 0 && records + more > RECORDS_PER_BATCH {
+                    break;
+                }
+                records += more;
+                end += 1;
+            }
+            if !self.make_room(records as u64, out, sealed, engines).await? {
+                return Ok(());
+            }
+            let chunks = self
+                .tx
+                .seal_dma(
+                    &sources[at..end],
+                    engines.device,
+                    engines.policy,
+                    engines.stats,
+                )
+                .await;
+            for chunk in chunks {
+                out.push(chunk);
+            }
+            at = end;
         }
         Ok(())
     }
