@@ -189,11 +189,20 @@ pub fn metrics(shared: &Shared) -> String {
         "Records the device refused (bad tag, malformed) that the CPU then opened: device faults.",
         load(&r.device_refused_good_records),
     );
-    e.single(
+    e.family(
         "tlsaccel_record_zero_copy_bytes_total",
         "counter",
-        "Plaintext bytes the device sealed from DMA memory the backend was read into, sent to the client from DMA memory: no host copy.",
+        "Plaintext bytes the device sealed or opened in DMA memory a socket was read into, sent on from DMA memory: no host copy.",
+    );
+    e.sample(
+        "tlsaccel_record_zero_copy_bytes_total",
+        &[("op", "seal")],
         load(&r.zero_copy_sealed_bytes),
+    );
+    e.sample(
+        "tlsaccel_record_zero_copy_bytes_total",
+        &[("op", "open")],
+        load(&r.zero_copy_opened_bytes),
     );
     e.single(
         "tlsaccel_record_device_saturated_total",

@@ -417,7 +417,7 @@ pub async fn run(
         let shut_backend =
             failure.is_none() && client_done && to_backend.is_empty() && !backend_shut;
         let dma = if read_backend_now && sending_on_device && backend_w.takes_dma() {
-            shared.record_device(ctx.queue_number)
+            shared.device.as_ref().map(|d| d.pool())
         } else {
             None
         };
@@ -428,9 +428,9 @@ pub async fn run(
                     return Err(PumpError::Client(e));
                 }
                 let Some(r) = receiver.as_mut() else { continue };
-                let buf = r.buffer();
-                buf.reserve(READ_CHUNK);
-                match client.try_read_buf(buf) {
+                // Straight into DMA memory while the receiving direction is on the device.
+                let dma = shared.device.as_ref().map(|d| d.pool());
+                match r.read_from(&client, dma) {
                     Ok(0) => {
                         // End of stream without close_notify: pass the end on, but the data
                         // may have been truncated.
@@ -441,21 +441,29 @@ pub async fn run(
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(PumpError::Client(e)),
                 }
-                if buf.is_empty() {
-                    *buf = Vec::new();
+                if r.buffered() == 0 {
+                    r.release_idle();
                 }
             }
             (r, inbound) = async { rx_job.as_mut().expect("checked").await }, if rx_job.is_some() => {
                 rx_job = None;
                 receiver = Some(r);
-                let Inbound { plaintext, key_update_requested, renegotiations, end } = inbound;
+                let Inbound { plaintext, chunks, key_update_requested, renegotiations, end } = inbound;
+                let bytes = plaintext.len() + chunks.iter().map(Chunk::len).sum::<usize>();
                 stats
                     .bytes_client_to_backend
-                    .fetch_add(plaintext.len() as u64, Ordering::Relaxed);
-                if !plaintext.is_empty() {
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                if bytes > 0 {
                     backend_unflushed = true;
                 }
                 to_backend.push(Chunk::Heap(plaintext));
+                for chunk in chunks {
+                    if backend_w.takes_dma() {
+                        to_backend.push(chunk);
+                    } else {
+                        to_backend.push(Chunk::Heap(chunk.into_heap()));
+                    }
+                }
                 if key_update_requested {
                     outgoing.push(Outgoing::KeyUpdate);
                 }
@@ -494,7 +502,7 @@ pub async fn run(
                     fail(PumpError::KeyUpdate(error), None, &mut failure, &mut outgoing, &mut linger_until);
                 }
             }
-            r = backend_r.read(dma.as_ref().map(|d| d.device.pool())), if read_backend_now => match r {
+            r = backend_r.read(dma), if read_backend_now => match r {
                 Ok(data) if data.is_empty() => {
                     backend_done = true;
                     outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));

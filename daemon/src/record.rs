@@ -129,6 +129,9 @@ pub struct RecordStats {
     /// Plaintext bytes the device sealed straight from DMA memory the backend was read
     /// into, the records going to the client from DMA memory: no copy by the host.
     pub zero_copy_sealed_bytes: AtomicU64,
+    /// Plaintext bytes the device opened from DMA memory the client was read into, going to
+    /// the backend from DMA memory: no copy by the host.
+    pub zero_copy_opened_bytes: AtomicU64,
     /// Batches done on the CPU because DMA memory or key slots ran out.
     pub device_saturated: AtomicU64,
     pub key_updates_received: AtomicU64,
@@ -736,6 +739,156 @@ impl Direction {
                 }
                 Err(error) => {
                     // Not the record's fault: open it (and the rest) on the CPU.
+                    tracing::warn!(%error, "device open failed; direction moves to the CPU");
+                    self.fall_back(stats);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Opens whole records that lie in DMA memory (`src` at `records`, framed by [`frame`]),
+    /// in order. On the device each record is opened from `src` into a DMA buffer of its
+    /// own, and its plaintext stays there ([`Chunk::Dma`]) on its way to the backend; on the
+    /// CPU (the direction is not on the device, or the device failed) a record is copied out
+    /// and opened in host memory. Stops at the first failure, and on the CPU after the first
+    /// record that is not application data, like [`Direction::open`].
+    pub async fn open_dma(
+        &mut self,
+        src: &DmaBuffer,
+        records: &[Range<usize>],
+        device: Option<&RecordDevice>,
+        policy: Policy,
+        stats: &RecordStats,
+    ) -> Vec<Result<(u8, Chunk), RecordError>> {
+        debug_assert!(!self.seal);
+        let largest = records.iter().map(Range::len).max().unwrap_or(0);
+        let mut results = Vec::with_capacity(records.len());
+        if !records.is_empty() && self.wants_device(device, policy, largest, stats) {
+            if let Some(device) = device {
+                self.open_dma_on_device(src, records, device, stats, &mut results)
+                    .await;
+            }
+        }
+        if results.len() < records.len() && !results.is_empty() {
+            let last_data = matches!(results.last(), Some(Ok((content::APPLICATION_DATA, _))));
+            if !last_data {
+                return results;
+            }
+        }
+        while results.len() < records.len() {
+            let record = records[results.len()].clone();
+            let mut copy = vec![0; record.len()];
+            if src.read(record.start, &mut copy).is_err() {
+                results.push(Err(RecordError::Decode("record outside its buffer")));
+                break;
+            }
+            let opened = self.open_on_cpu(&mut copy, 0..record.len()).map(|o| {
+                copy.truncate(o.plain.end);
+                copy.drain(..o.plain.start);
+                (o.content_type, Chunk::Heap(std::mem::take(&mut copy)))
+            });
+            let go_on = matches!(&opened, Ok((content::APPLICATION_DATA, _)));
+            if let Ok((_, plain)) = &opened {
+                stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .cpu_opened_bytes
+                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
+            }
+            results.push(opened);
+            if !go_on {
+                break;
+            }
+        }
+        results
+    }
+
+    async fn open_dma_on_device(
+        &mut self,
+        src: &DmaBuffer,
+        records: &[Range<usize>],
+        device: &RecordDevice,
+        stats: &RecordStats,
+        results: &mut Vec<Result<(u8, Chunk), RecordError>>,
+    ) {
+        let Some(slot) = self.slot.clone() else {
+            return;
+        };
+        let algorithm = self.material.algorithm;
+        let mut outputs = Vec::with_capacity(records.len());
+        let mut ops = Vec::with_capacity(records.len());
+        for record in records {
+            let Ok(dst) = device.device.pool().alloc(record.len()) else {
+                stats.device_saturated.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Ok(src_span) = src.span(record.start, record.len()) else {
+                return;
+            };
+            ops.push(match self.version {
+                Version::Tls13 => JobOp::Tls13Open {
+                    slot: slot.slot_ref(),
+                    src: src_span,
+                    dst: dst.whole(),
+                },
+                Version::Tls12 => JobOp::Tls12Open {
+                    slot: slot.slot_ref(),
+                    algorithm,
+                    src: src_span,
+                    dst: dst.whole(),
+                },
+            });
+            outputs.push(dst);
+        }
+        let (outcomes, _) = device.queue.run(ops, Vec::new(), Arc::clone(&slot)).await;
+        for ((outcome, dst), record) in outcomes.into_iter().zip(outputs).zip(records) {
+            match outcome {
+                Ok(output) => {
+                    let len = output.len as usize;
+                    if len > record.len() {
+                        self.fall_back(stats);
+                        return;
+                    }
+                    self.sequence += 1;
+                    stats.device_opened_records.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .device_opened_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    stats
+                        .zero_copy_opened_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    results.push(Ok((output.content_type, Chunk::Dma(dst, 0..len))));
+                }
+                Err(JobError::Device { status, .. }) if record_status(status).is_some() => {
+                    // As in `open_on_device`: the CPU has the last word on the record.
+                    let mut copy = vec![0; record.len()];
+                    let checked = match src.read(record.start, &mut copy) {
+                        Ok(()) => self.open_on_cpu(&mut copy, 0..record.len()),
+                        Err(_) => Err(RecordError::Decode("record outside its buffer")),
+                    };
+                    let checked = checked.map(|o| {
+                        let plain = copy[o.plain.clone()].to_vec();
+                        (o.content_type, Chunk::Heap(plain))
+                    });
+                    tlsaccel_record::scrub(&mut copy);
+                    if let Ok((_, plain)) = &checked {
+                        stats
+                            .device_refused_good_records
+                            .fetch_add(1, Ordering::Relaxed);
+                        stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .cpu_opened_bytes
+                            .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                        tracing::warn!(
+                            ?status,
+                            "device refused a record the CPU opened; direction moves to the CPU"
+                        );
+                        self.fall_back(stats);
+                    }
+                    results.push(checked);
+                    return;
+                }
+                Err(error) => {
                     tracing::warn!(%error, "device open failed; direction moves to the CPU");
                     self.fall_back(stats);
                     return;

@@ -80,8 +80,11 @@ pub enum End {
 /// What one [`Receiver::step`] produced.
 #[derive(Debug, Default)]
 pub struct Inbound {
-    /// Application data for the backend, in order.
+    /// Application data for the backend, in order, in host memory...
     pub plaintext: Vec<u8>,
+    /// ...or, when the records were opened on the device from DMA memory, the plaintext
+    /// where the device left it (one step gives one or the other).
+    pub chunks: Vec<Chunk>,
     /// The client asked us to update our sending key (TLS 1.3).
     pub key_update_requested: bool,
     /// TLS 1.2 renegotiation attempts to refuse with a `no_renegotiation` warning.
@@ -96,10 +99,49 @@ pub struct Receiver {
     rx: Direction,
     kernel: Kernel,
     buffer: Vec<u8>,
+    /// While the receiving direction is on the device: the client's bytes, read straight
+    /// into DMA memory (the heap buffer is then empty).
+    dma_in: Option<DmaInput>,
     conduct: Conduct,
     /// Records this key may open (TLS 1.2 confidentiality limit; u64::MAX when none).
     record_limit: u64,
     ended: bool,
+}
+
+/// Client bytes in DMA memory: `buffer[start..filled]` is not opened yet.
+struct DmaInput {
+    buffer: tlsaccel_driver::DmaBuffer,
+    start: usize,
+    filled: usize,
+}
+
+/// Size of a DMA input buffer.
+const DMA_INPUT: usize = 64 * 1024;
+/// Least room worth reading into: a maximal TLS 1.2 record.
+const DMA_INPUT_ROOM: usize = 5 + tlsaccel_driver::abi::TLS_MAX_PLAINTEXT + 2048;
+
+impl DmaInput {
+    /// The record starting `at` bytes into the unopened part: its length, `None` while
+    /// it is incomplete, or the framing error.
+    fn frame(&self, at: usize, version: Version) -> Result<Option<usize>, RecordError> {
+        let from = self.start + at;
+        let available = self.filled - from;
+        let mut header = [0u8; 5];
+        if available < header.len() || self.buffer.read(from, &mut header).is_err() {
+            return Ok(None);
+        }
+        match record::frame(&header, version)? {
+            Some(len) => Ok(Some(len)),
+            None => {
+                let total = 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+                Ok((available >= total).then_some(total))
+            }
+        }
+    }
+
+    fn unopened(&self) -> usize {
+        self.filled - self.start
+    }
 }
 
 /// What the client has sent besides data, held against its [`Limits`].
@@ -279,6 +321,7 @@ fn halves(
         rx,
         kernel: Arc::clone(&kernel),
         buffer,
+        dma_in: None,
         conduct: Conduct {
             version,
             handshake: HandshakeReader::default(),
@@ -311,13 +354,98 @@ impl Receiver {
 
     /// Bytes held that are not yet opened.
     pub fn buffered(&self) -> usize {
-        self.buffer.len()
+        self.buffer.len() + self.dma_in.as_ref().map_or(0, DmaInput::unopened)
     }
 
     /// True when the buffer holds a whole record (or a header that is already an error):
     /// [`Receiver::step`] has work.
     pub fn has_work(&self) -> bool {
-        !self.ended && !matches!(record::frame(&self.buffer, self.version), Ok(None))
+        if self.ended {
+            return false;
+        }
+        match &self.dma_in {
+            Some(input) => !matches!(input.frame(0, self.version), Ok(None)),
+            None => !matches!(record::frame(&self.buffer, self.version), Ok(None)),
+        }
+    }
+
+    /// Reads what `socket` has (one non-blocking read): straight into DMA memory from `dma`
+    /// while the receiving direction is on the device, else into the heap buffer. Returns
+    /// the bytes read (0 at end of stream); `WouldBlock` when there were none after all.
+    pub fn read_from(
+        &mut self,
+        socket: &tokio::net::TcpStream,
+        dma: Option<&tlsaccel_driver::DmaPool>,
+    ) -> std::io::Result<usize> {
+        use std::os::fd::AsFd;
+        if let Some(pool) = dma.filter(|_| self.rx.on_device()) {
+            if self.make_dma_room(pool) {
+                let input = self.dma_in.as_mut().expect("made above");
+                let room = DMA_INPUT - input.filled;
+                let n = socket.try_io(tokio::io::Interest::READABLE, || {
+                    input
+                        .buffer
+                        .read_from_fd(socket.as_fd(), input.filled, room)
+                })?;
+                input.filled += n;
+                return Ok(n);
+            }
+        }
+        if let Some(input) = self.dma_in.take() {
+            // Back to host memory (the direction left the device): the unopened bytes move.
+            let mut bytes = vec![0; input.unopened()];
+            let _ = input.buffer.read(input.start, &mut bytes);
+            input.buffer.mark_public();
+            self.buffer = bytes;
+        }
+        self.buffer.reserve(READ_CHUNK);
+        socket.try_read_buf(&mut self.buffer)
+    }
+
+    /// Drops an empty heap buffer's memory (the connection is going idle).
+    pub fn release_idle(&mut self) {
+        if self.buffer.is_empty() {
+            self.buffer = Vec::new();
+        }
+    }
+
+    /// Makes sure the DMA input has room for a maximal record, moving what is unopened
+    /// (a partial record) into a fresh buffer when it has not. False when no DMA memory is
+    /// to be had.
+    fn make_dma_room(&mut self, pool: &tlsaccel_driver::DmaPool) -> bool {
+        if self
+            .dma_in
+            .as_ref()
+            .is_some_and(|input| DMA_INPUT - input.filled >= DMA_INPUT_ROOM)
+        {
+            return true;
+        }
+        let Ok(fresh) = pool.alloc(DMA_INPUT) else {
+            return false;
+        };
+        let mut carried = match self.dma_in.take() {
+            Some(old) => {
+                let mut bytes = vec![0; old.unopened()];
+                let _ = old.buffer.read(old.start, &mut bytes);
+                // Bytes from the wire: nothing to zero.
+                old.buffer.mark_public();
+                bytes
+            }
+            None => std::mem::take(&mut self.buffer),
+        };
+        if fresh.write(0, &carried).is_err() {
+            self.buffer = carried;
+            return false;
+        }
+        let filled = carried.len();
+        carried.clear();
+        self.buffer = Vec::new();
+        self.dma_in = Some(DmaInput {
+            buffer: fresh,
+            start: 0,
+            filled,
+        });
+        true
     }
 
     /// True once the client's side has ended (close_notify or an error).
@@ -330,6 +458,13 @@ impl Receiver {
     pub async fn step(&mut self, engines: Engines<'_>) -> Inbound {
         let mut inbound = Inbound::default();
         if self.ended {
+            return inbound;
+        }
+        if self.dma_in.is_some() {
+            self.step_dma(&mut inbound, engines).await;
+            if self.ended {
+                self.release();
+            }
             return inbound;
         }
         let mut ranges = Vec::new();
@@ -428,15 +563,140 @@ impl Receiver {
         inbound
     }
 
+    /// [`Receiver::step`] on records in DMA memory.
+    async fn step_dma(&mut self, inbound: &mut Inbound, engines: Engines<'_>) {
+        let Some(input) = self.dma_in.as_ref() else {
+            return;
+        };
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        let mut framing_error = None;
+        while ranges.len() < RECORDS_PER_BATCH {
+            match input.frame(at, self.version) {
+                Ok(Some(len)) => {
+                    ranges.push(input.start + at..input.start + at + len);
+                    at += len;
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    framing_error = Some(error);
+                    break;
+                }
+            }
+        }
+        let room = self.record_limit.saturating_sub(self.rx.sequence());
+        if (ranges.len() as u64) > room {
+            ranges.truncate(room as usize);
+            framing_error = None;
+            if ranges.is_empty() {
+                self.end(inbound, End::KeyExhausted);
+                return;
+            }
+        }
+        let results = if ranges.is_empty() {
+            Vec::new()
+        } else {
+            self.rx
+                .open_dma(
+                    &input.buffer,
+                    &ranges,
+                    engines.device,
+                    engines.policy,
+                    engines.stats,
+                )
+                .await
+        };
+        let opened_all = results.len() == ranges.len();
+        let mut consumed = None;
+        for (range, result) in ranges.iter().zip(results) {
+            consumed = Some(range.end);
+            let (content_type, plain) = match result {
+                Ok(opened) => opened,
+                Err(error) => {
+                    self.end(inbound, End::Error(error));
+                    break;
+                }
+            };
+            let (control, data) = if content_type == content::APPLICATION_DATA {
+                let checked = self.conduct.data(plain.len(), engines.stats).map(|()| None);
+                (checked, Some(plain))
+            } else {
+                // A control message: a few bytes, read out of DMA memory.
+                let bytes = plain.into_heap();
+                (
+                    self.conduct.interpret(content_type, &bytes, engines.stats),
+                    None,
+                )
+            };
+            match control {
+                Ok(None) => {
+                    if let Some(chunk) = data.filter(|c| !c.is_empty()) {
+                        inbound.chunks.push(chunk);
+                    }
+                }
+                Ok(Some(control)) => {
+                    if !self.on_control(control, inbound, engines.stats) {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    self.end(inbound, End::Error(error));
+                    break;
+                }
+            }
+        }
+        if inbound.end.is_none() && opened_all {
+            if let Some(error) = framing_error {
+                self.end(inbound, End::Error(error));
+            }
+        }
+        if let (Some(end), Some(input)) = (consumed, self.dma_in.as_mut()) {
+            input.start = end;
+            if input.start == input.filled {
+                // All opened: the buffer held only bytes from the wire.
+                if let Some(done) = self.dma_in.take() {
+                    done.buffer.mark_public();
+                }
+            }
+        }
+    }
+
+    /// Acts on a control message; false when the batch stops here.
+    fn on_control(&mut self, control: Control, inbound: &mut Inbound, stats: &RecordStats) -> bool {
+        match control {
+            Control::KeyUpdate { update_requested } => {
+                if let Err(error) = self.update_key(stats) {
+                    self.end(inbound, End::Error(error));
+                    return false;
+                }
+                inbound.key_update_requested |= update_requested;
+                // Records after this one were opened (if at all) under the old key: they
+                // are framed again under the new one.
+                false
+            }
+            Control::Renegotiation => {
+                inbound.renegotiations += 1;
+                true
+            }
+            Control::CloseNotify => {
+                self.end(inbound, End::PeerClosed);
+                false
+            }
+            Control::Ignored => true,
+        }
+    }
+
     fn end(&mut self, inbound: &mut Inbound, end: End) {
         self.ended = true;
         inbound.end = Some(end);
     }
 
-    /// Frees the buffer (its bytes were plaintext in place: scrubbed first).
+    /// Frees the buffers (the heap one held plaintext in place: scrubbed first; the DMA one
+    /// is zeroed by its pool).
     fn release(&mut self) {
         tlsaccel_record::scrub(&mut self.buffer);
         self.buffer = Vec::new();
+        self.dma_in = None;
     }
 
     /// Moves to the client's next traffic secret (its KeyUpdate).
@@ -454,6 +714,21 @@ impl Receiver {
 }
 
 impl Conduct {
+    /// An application-data record of `len` bytes: empty ones are limited.
+    fn data(&mut self, len: usize, stats: &RecordStats) -> Result<(), RecordError> {
+        if len == 0 {
+            self.empty_in_a_row += 1;
+            if self.empty_in_a_row > self.limits.empty_records {
+                stats.peer_limits.inc("empty_records");
+                return Err(RecordError::Limit("too many empty records in a row"));
+            }
+        } else {
+            self.empty_in_a_row = 0;
+            self.key_updates_in_a_row = 0;
+        }
+        Ok(())
+    }
+
     /// Classifies one opened record and holds the peer to its limits: `None` for
     /// application data.
     fn interpret(
@@ -468,19 +743,7 @@ impl Conduct {
             ));
         }
         match content_type {
-            content::APPLICATION_DATA => {
-                if plain.is_empty() {
-                    self.empty_in_a_row += 1;
-                    if self.empty_in_a_row > self.limits.empty_records {
-                        stats.peer_limits.inc("empty_records");
-                        return Err(RecordError::Limit("too many empty records in a row"));
-                    }
-                } else {
-                    self.empty_in_a_row = 0;
-                    self.key_updates_in_a_row = 0;
-                }
-                Ok(None)
-            }
+            content::APPLICATION_DATA => self.data(plain.len(), stats).map(|()| None),
             content::ALERT => {
                 let control = record::read_alert(self.version, plain)?;
                 if control == Control::Ignored {
@@ -549,7 +812,9 @@ impl Sender {
             }
             if !dma.is_empty() {
                 let gathered = std::mem::take(&mut dma);
-                if let Err(error) = self.seal_dma(&gathered, &mut out, &mut sealed, engines).await
+                if let Err(error) = self
+                    .seal_dma(&gathered, &mut out, &mut sealed, engines)
+                    .await
                 {
                     sealed.failed = Some(error);
                     self.closed = true;
