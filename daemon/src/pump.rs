@@ -42,6 +42,8 @@ use crate::session::{End, Engines, Inbound, Outgoing, Receiver, Sealed, Sender, 
 
 /// Most bytes waiting for one side before the other side is no longer read.
 pub const WINDOW: usize = 256 * 1024;
+/// Most DMA chunks written with one `writev(2)`.
+const MAX_WRITEV: usize = 64;
 /// Longest a failing connection may take to deliver its last alert.
 pub const LINGER: Duration = Duration::from_secs(2);
 
@@ -154,8 +156,26 @@ async fn write_front(socket: &TcpStream, outbox: &Outbox) -> io::Result<usize> {
         socket.writable().await?;
         let written = match chunk {
             Chunk::Heap(bytes) => socket.try_write(&bytes[at..]),
-            Chunk::Dma(buffer, range) => socket.try_io(Interest::WRITABLE, || {
-                buffer.write_to_fd(socket.as_fd(), range.start + at, range.len() - at)
+            Chunk::Dma(..) => socket.try_io(Interest::WRITABLE, || {
+                // Every DMA chunk in a row, in one writev.
+                let parts: Vec<(&tlsaccel_driver::DmaBuffer, std::ops::Range<usize>)> = outbox
+                    .chunks
+                    .iter()
+                    .take(MAX_WRITEV)
+                    .map_while(|c| match c {
+                        Chunk::Dma(buffer, range) => Some((buffer, range.clone())),
+                        Chunk::Heap(_) => None,
+                    })
+                    .enumerate()
+                    .map(|(i, (buffer, range))| {
+                        if i == 0 {
+                            (buffer, range.start + at..range.end)
+                        } else {
+                            (buffer, range)
+                        }
+                    })
+                    .collect();
+                tlsaccel_driver::DmaBuffer::write_all_to_fd(socket.as_fd(), &parts)
             }),
         };
         match written {

@@ -1000,6 +1000,31 @@ impl DmaBuffer {
         Ok(filled.len())
     }
 
+    /// Writes several ranges of DMA buffers to `fd` with one `writev(2)`, in order; returns
+    /// how many bytes the kernel took. Same rules as [`DmaBuffer::write_to_fd`].
+    pub fn write_all_to_fd(
+        fd: BorrowedFd<'_>,
+        parts: &[(&DmaBuffer, std::ops::Range<usize>)],
+    ) -> std::io::Result<usize> {
+        let mut slices = Vec::with_capacity(parts.len());
+        for (buffer, range) in parts {
+            let at = buffer
+                .bounds(range.start, range.len())
+                .map_err(std::io::Error::other)?;
+            let ptr = buffer
+                .allocation
+                .region
+                .check(at, range.len())
+                .map_err(std::io::Error::other)?;
+            // SAFETY: as in `write_to_fd`: each range is inside its buffer's live mapping
+            // (the buffers are borrowed for the call), read by the kernel during the syscall.
+            slices.push(std::io::IoSlice::new(unsafe {
+                std::slice::from_raw_parts(ptr.cast_const(), range.len())
+            }));
+        }
+        Ok(rustix::io::writev(fd, &slices)?)
+    }
+
     /// Declares the contents public: bytes that go to the network as they are (sealed
     /// records). The pool then takes the memory back without zeroing it: only
     /// [`DmaPool::alloc_for_output`] hands it out as it is; [`DmaPool::alloc`] zeroes it first.
