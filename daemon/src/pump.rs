@@ -153,7 +153,8 @@ async fn write_front(socket: &TcpStream, outbox: &Outbox) -> io::Result<usize> {
         return Ok(0);
     };
     loop {
-        socket.writable().await?;
+        // The socket's own waker slot, not a waiter list: cheap to poll and drop each turn.
+        std::future::poll_fn(|cx| socket.poll_write_ready(cx)).await?;
         let written = match chunk {
             Chunk::Heap(bytes) => socket.try_write(&bytes[at..]),
             Chunk::Dma(..) => socket.try_io(Interest::WRITABLE, || {
@@ -218,7 +219,7 @@ impl BackendReader {
     async fn read(&mut self, dma: Option<&tlsaccel_driver::DmaPool>) -> io::Result<Chunk> {
         match self {
             BackendReader::Tcp(half) => loop {
-                half.readable().await?;
+                std::future::poll_fn(|cx| half.as_ref().poll_read_ready(cx)).await?;
                 let socket: &TcpStream = half.as_ref();
                 if let Some(Ok(buffer)) = dma.map(|pool| pool.alloc(READ_CHUNK)) {
                     match socket.try_io(Interest::READABLE, || {
@@ -443,7 +444,7 @@ pub async fn run(
         };
 
         tokio::select! {
-            r = client.readable(), if read_client => {
+            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if read_client => {
                 if let Err(e) = r {
                     return Err(PumpError::Client(e));
                 }
