@@ -160,7 +160,6 @@ impl Shared {
         }
         *head = (*head + granted) & queue.mask();
         queue.doorbells.sq_head.store(*head, Ordering::Relaxed);
-        drop(head);
         scratch
             .tally
             .add(Counter::DescriptorsFetched, u64::from(granted));
@@ -182,6 +181,10 @@ impl Shared {
             };
             scratch.work.push(work);
         }
+        // Acceptance (key grants and their sequence numbers, key-table operations) happens
+        // in submission order (§4.4): the next burst of this queue is not accepted by another
+        // engine until this one's is. Running the jobs is concurrent.
+        drop(head);
         if pending > granted {
             self.work.notify();
         }

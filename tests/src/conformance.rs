@@ -56,6 +56,10 @@ pub const CASES: &[(&str, CaseFn)] = &[
     ),
     ("ring_wraps_many_times", ring_wraps_many_times),
     (
+        "records_of_one_key_keep_submission_order",
+        records_of_one_key_keep_submission_order,
+    ),
+    (
         "full_ring_applies_backpressure",
         full_ring_applies_backpressure,
     ),
@@ -131,6 +135,7 @@ macro_rules! conformance_suite {
             tls13_records_interoperate_with_rustls,
             tls12_records_interoperate_with_rustls,
             ring_wraps_many_times,
+            records_of_one_key_keep_submission_order,
             full_ring_applies_backpressure,
             concurrent_submitters_on_several_queues,
             out_of_order_completions_reach_their_callers,
@@ -670,6 +675,86 @@ pub fn ring_wraps_many_times(device: &Arc<Device>) -> Result<Outcome> {
     ensure!(stats.unknown_cookies == 0 && stats.bad_completions == 0);
     Ok(Outcome::Passed(format!(
         "{completed} jobs through an 8-entry ring"
+    )))
+}
+
+/// A key slot numbers its records in submission order (§4.4), however many engines fetch
+/// the queue's bursts: long runs of TLS 1.3 seals under one key, each opened on the CPU at
+/// the sequence number of its place in the submission.
+pub fn records_of_one_key_keep_submission_order(device: &Arc<Device>) -> Result<Outcome> {
+    if !device
+        .info()
+        .capabilities
+        .contains(Capabilities::TLS13_RECORD)
+    {
+        return Ok(Outcome::Skipped("the device lacks TLS 1.3 records".into()));
+    }
+    const JOBS: usize = 240;
+    const ROUNDS: usize = 8;
+    let (key, iv) = ([0x42u8; 16], [7u8; 12]);
+    let algorithm = AeadAlgorithm::AES_128_GCM;
+    let material = KeyMaterial::new(
+        algorithm,
+        RecordProtocol::TLS13,
+        KeyDirection::SEAL,
+        &key,
+        iv,
+        0,
+    )?;
+    let slot = device.load_key(&material)?;
+    let cpu = tlsaccel_record::RecordKey::new(
+        algorithm,
+        RecordProtocol::TLS13,
+        KeyDirection::OPEN,
+        &key,
+        iv,
+    )
+    .map_err(|s| anyhow!("CPU key: {s}"))?;
+    let record_len = tlsaccel_driver::abi::tls13_record_len(8, 0);
+    let mut pair = queue(device, 256)?;
+    let mut out_of_order = 0;
+    for round in 0..ROUNDS {
+        let src = device.pool().alloc(JOBS * 8)?;
+        let dst = device.pool().alloc(JOBS * record_len)?;
+        let mut jobs = Vec::with_capacity(JOBS);
+        for i in 0..JOBS {
+            let number = (round * JOBS + i) as u64;
+            src.write(i * 8, &number.to_le_bytes())?;
+            jobs.push(Job {
+                user_data: number,
+                op: JobOp::Tls13Seal {
+                    slot: slot.slot_ref(),
+                    content_type: 23,
+                    padding: 0,
+                    src: src.span(i * 8, 8)?,
+                    dst: dst.span(i * record_len, record_len)?,
+                },
+            });
+        }
+        let mut failed = Vec::new();
+        pair.run(&jobs, TIMEOUT, |done| {
+            if done.result.is_err() {
+                failed.push(done.user_data);
+            }
+        })?;
+        ensure!(failed.is_empty(), "seals failed: {failed:?}");
+        for i in 0..JOBS {
+            let number = (round * JOBS + i) as u64;
+            let mut record = dst.to_vec(i * record_len, record_len)?;
+            match tlsaccel_record::tls13_open(&cpu, number, &mut record, record_len) {
+                Ok(o) if record[o.start..o.start + o.len] == number.to_le_bytes() => {}
+                _ => out_of_order += 1,
+            }
+        }
+    }
+    ensure!(
+        out_of_order == 0,
+        "{out_of_order} of {} records were numbered out of submission order",
+        JOBS * ROUNDS
+    );
+    Ok(Outcome::Passed(format!(
+        "{} records under one key, each at its submission's sequence number",
+        JOBS * ROUNDS
     )))
 }
 

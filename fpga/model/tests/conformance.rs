@@ -12,12 +12,13 @@ use tlsaccel_tests::conformance::{Outcome, CASES};
 
 /// The cases that run on the RTL. The others hold or break the device through the model's
 /// fault injection ([`NEED_MODEL_FAULTS`]) or need a simulator-only engine.
-const ON_RTL: [&str; 10] = [
+const ON_RTL: [&str; 11] = [
     "identity_and_capabilities",
     "nop_jobs_complete_with_their_cookies",
     "wycheproof_aes_gcm",
     "tls13_records_interoperate_with_rustls",
     "ring_wraps_many_times",
+    "records_of_one_key_keep_submission_order",
     "concurrent_submitters_on_several_queues",
     "out_of_order_completions_reach_their_callers",
     "hostile_descriptors_get_error_completions",
