@@ -706,34 +706,17 @@ impl Direction {
                     }));
                 }
                 Err(JobError::Device { status, .. }) if record_status(status).is_some() => {
-                    // A device error is not a client error: the CPU has the last word on the
-                    // record (at the same sequence number) before the connection is failed.
-                    // It works on a copy: a record that fails leaves the buffer as it was.
-                    let mut copy = buf[record.clone()].to_vec();
-                    let checked = self.open_on_cpu(&mut copy, 0..record.len());
-                    let checked = checked.map(|o| {
-                        let at = record.start + o.plain.start;
-                        buf[at..at + o.plain.len()].copy_from_slice(&copy[o.plain.clone()]);
-                        Opened {
-                            content_type: o.content_type,
-                            plain: at..at + o.plain.len(),
-                        }
-                    });
-                    tlsaccel_record::scrub(&mut copy);
-                    if let Ok(o) = &checked {
-                        stats
-                            .device_refused_good_records
-                            .fetch_add(1, Ordering::Relaxed);
-                        stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .cpu_opened_bytes
-                            .fetch_add(o.plain.len() as u64, Ordering::Relaxed);
-                        tracing::warn!(
-                            ?status,
-                            "device refused a record the CPU opened; direction moves to the CPU"
-                        );
-                        self.fall_back(stats);
-                    }
+                    let checked = self
+                        .recheck_refused(buf[record.clone()].to_vec(), status, stats)
+                        .map(|(content_type, plain)| {
+                            // The plaintext goes where its record was, as on the device.
+                            let at = record.start;
+                            buf[at..at + plain.len()].copy_from_slice(&plain);
+                            Opened {
+                                content_type,
+                                plain: at..at + plain.len(),
+                            }
+                        });
                     results.push(checked);
                     return;
                 }
@@ -860,31 +843,13 @@ impl Direction {
                     results.push(Ok((output.content_type, Chunk::Dma(dst, 0..len))));
                 }
                 Err(JobError::Device { status, .. }) if record_status(status).is_some() => {
-                    // As in `open_on_device`: the CPU has the last word on the record.
                     let mut copy = vec![0; record.len()];
                     let checked = match src.read(record.start, &mut copy) {
-                        Ok(()) => self.open_on_cpu(&mut copy, 0..record.len()),
+                        Ok(()) => self
+                            .recheck_refused(copy, status, stats)
+                            .map(|(content_type, plain)| (content_type, Chunk::Heap(plain))),
                         Err(_) => Err(RecordError::Decode("record outside its buffer")),
                     };
-                    let checked = checked.map(|o| {
-                        let plain = copy[o.plain.clone()].to_vec();
-                        (o.content_type, Chunk::Heap(plain))
-                    });
-                    tlsaccel_record::scrub(&mut copy);
-                    if let Ok((_, plain)) = &checked {
-                        stats
-                            .device_refused_good_records
-                            .fetch_add(1, Ordering::Relaxed);
-                        stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .cpu_opened_bytes
-                            .fetch_add(plain.len() as u64, Ordering::Relaxed);
-                        tracing::warn!(
-                            ?status,
-                            "device refused a record the CPU opened; direction moves to the CPU"
-                        );
-                        self.fall_back(stats);
-                    }
                     results.push(checked);
                     return;
                 }
@@ -895,6 +860,38 @@ impl Direction {
                 }
             }
         }
+    }
+
+    /// A record the device refused (bad tag, malformed): a device error is not a client
+    /// error, so the CPU has the last word on it, at the same sequence number, before the
+    /// connection is failed. `record` is a copy, scrubbed here. When the CPU opens it, the
+    /// device fault is counted and the direction moves to the CPU.
+    fn recheck_refused(
+        &mut self,
+        mut record: Vec<u8>,
+        status: Status,
+        stats: &RecordStats,
+    ) -> Result<(u8, Vec<u8>), RecordError> {
+        let len = record.len();
+        let checked = self
+            .open_on_cpu(&mut record, 0..len)
+            .map(|o| (o.content_type, record[o.plain].to_vec()));
+        tlsaccel_record::scrub(&mut record);
+        if let Ok((_, plain)) = &checked {
+            stats
+                .device_refused_good_records
+                .fetch_add(1, Ordering::Relaxed);
+            stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
+            stats
+                .cpu_opened_bytes
+                .fetch_add(plain.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                ?status,
+                "device refused a record the CPU opened; direction moves to the CPU"
+            );
+            self.fall_back(stats);
+        }
+        checked
     }
 
     /// Opens the record at `buf[record]` in place.

@@ -15,6 +15,7 @@
 //! it to the sender as [`Outgoing`] work. Crypto calls are `async` only because a device may
 //! run them; without a device every call completes at its first poll.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -468,33 +469,14 @@ impl Receiver {
             }
             return inbound;
         }
-        let mut ranges = Vec::new();
-        let mut at = 0;
-        let mut framing_error = None;
-        while ranges.len() < RECORDS_PER_BATCH {
-            match record::frame(&self.buffer[at..], self.version) {
-                Ok(Some(len)) => {
-                    ranges.push(at..at + len);
-                    at += len;
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    framing_error = Some(error);
-                    break;
-                }
-            }
-        }
-        // A key near its limit opens no more records (TLS 1.2).
-        let room = self.record_limit.saturating_sub(self.rx.sequence());
-        if (ranges.len() as u64) > room {
-            ranges.truncate(room as usize);
-            framing_error = None;
-            if ranges.is_empty() {
-                self.ended = true;
-                inbound.end = Some(End::KeyExhausted);
-                return inbound;
-            }
-        }
+        let version = self.version;
+        let buffer = &self.buffer;
+        let Some((ranges, framing_error)) =
+            self.frame_batch(|at| record::frame(&buffer[at..], version))
+        else {
+            self.end(&mut inbound, End::KeyExhausted);
+            return inbound;
+        };
         let results = if ranges.is_empty() {
             Vec::new()
         } else {
@@ -564,18 +546,21 @@ impl Receiver {
         inbound
     }
 
-    /// [`Receiver::step`] on records in DMA memory.
-    async fn step_dma(&mut self, inbound: &mut Inbound, engines: Engines<'_>) {
-        let Some(input) = self.dma_in.as_ref() else {
-            return;
-        };
+    /// Frames up to [`RECORDS_PER_BATCH`] whole records, `frame_at(offset)` giving the
+    /// length of the one at `offset` from the first unopened byte. Returns their ranges and
+    /// the framing error that stopped the batch, if any (it counts only after the records
+    /// before it); `None` when the key has reached its record limit (TLS 1.2).
+    fn frame_batch(
+        &self,
+        frame_at: impl Fn(usize) -> Result<Option<usize>, RecordError>,
+    ) -> Option<(Vec<Range<usize>>, Option<RecordError>)> {
         let mut ranges = Vec::new();
         let mut at = 0;
         let mut framing_error = None;
         while ranges.len() < RECORDS_PER_BATCH {
-            match input.frame(at, self.version) {
+            match frame_at(at) {
                 Ok(Some(len)) => {
-                    ranges.push(input.start + at..input.start + at + len);
+                    ranges.push(at..at + len);
                     at += len;
                 }
                 Ok(None) => break,
@@ -585,15 +570,32 @@ impl Receiver {
                 }
             }
         }
+        // A key near its limit opens no more records.
         let room = self.record_limit.saturating_sub(self.rx.sequence());
         if (ranges.len() as u64) > room {
+            if room == 0 {
+                return None;
+            }
             ranges.truncate(room as usize);
             framing_error = None;
-            if ranges.is_empty() {
-                self.end(inbound, End::KeyExhausted);
-                return;
-            }
         }
+        Some((ranges, framing_error))
+    }
+
+    /// [`Receiver::step`] on records in DMA memory.
+    async fn step_dma(&mut self, inbound: &mut Inbound, engines: Engines<'_>) {
+        let Some(input) = self.dma_in.as_ref() else {
+            return;
+        };
+        let version = self.version;
+        let Some((ranges, framing_error)) = self.frame_batch(|at| input.frame(at, version)) else {
+            self.end(inbound, End::KeyExhausted);
+            return;
+        };
+        let ranges: Vec<Range<usize>> = ranges
+            .into_iter()
+            .map(|r| input.start + r.start..input.start + r.end)
+            .collect();
         let results = if ranges.is_empty() {
             Vec::new()
         } else {

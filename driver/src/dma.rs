@@ -970,6 +970,16 @@ impl DmaBuffer {
         self.allocation.region.load_u32_acquire(at)
     }
 
+    /// The host address of `len` bytes at `offset`, checked against the buffer and its
+    /// mapping (`DmaRegion::check`), for a syscall to read or write.
+    fn host_range(&self, offset: usize, len: usize) -> std::io::Result<*mut u8> {
+        let at = self.bounds(offset, len).map_err(std::io::Error::other)?;
+        self.allocation
+            .region
+            .check(at, len)
+            .map_err(std::io::Error::other)
+    }
+
     /// Reads from `fd` (a socket, say) straight into `len` bytes at `offset`: one `read(2)`,
     /// no copy through host memory. Returns what the kernel returned (0 at end of stream;
     /// `WouldBlock` on a non-blocking descriptor with nothing to read).
@@ -982,12 +992,7 @@ impl DmaBuffer {
         offset: usize,
         len: usize,
     ) -> std::io::Result<usize> {
-        let at = self.bounds(offset, len).map_err(std::io::Error::other)?;
-        let ptr = self
-            .allocation
-            .region
-            .check(at, len)
-            .map_err(std::io::Error::other)?;
+        let ptr = self.host_range(offset, len)?;
         // SAFETY: `check` proved [ptr, ptr + len) lies inside the live mapping this
         // allocation holds (kept alive by `self`). The slice is of `MaybeUninit`, so no
         // validity is assumed of the bytes, and it lives only for the syscall, in which only
@@ -1008,14 +1013,7 @@ impl DmaBuffer {
     ) -> std::io::Result<usize> {
         let mut slices = Vec::with_capacity(parts.len());
         for (buffer, range) in parts {
-            let at = buffer
-                .bounds(range.start, range.len())
-                .map_err(std::io::Error::other)?;
-            let ptr = buffer
-                .allocation
-                .region
-                .check(at, range.len())
-                .map_err(std::io::Error::other)?;
+            let ptr = buffer.host_range(range.start, range.len())?;
             // SAFETY: as in `write_to_fd`: each range is inside its buffer's live mapping
             // (the buffers are borrowed for the call), read by the kernel during the syscall.
             slices.push(std::io::IoSlice::new(unsafe {
@@ -1043,12 +1041,7 @@ impl DmaBuffer {
         offset: usize,
         len: usize,
     ) -> std::io::Result<usize> {
-        let at = self.bounds(offset, len).map_err(std::io::Error::other)?;
-        let ptr = self
-            .allocation
-            .region
-            .check(at, len)
-            .map_err(std::io::Error::other)?;
+        let ptr = self.host_range(offset, len)?;
         // SAFETY: as in `read_from_fd`: inside the live mapping, for the syscall only; the
         // protocol gives the memory back to the host at the job's completion, so no one
         // writes it meanwhile (a device that breaks that rule races only on its own output).
