@@ -742,6 +742,29 @@ pool = "web"
     }
 
     #[test]
+    fn peer_limits_default_to_rustls_and_are_checked() {
+        let config = parse(GOOD).unwrap();
+        let limits = &config.peer_limits;
+        assert_eq!(
+            (
+                *limits.key_updates_without_data.get_ref(),
+                *limits.warning_alerts.get_ref(),
+                *limits.empty_records.get_ref(),
+                *limits.renegotiation_requests.get_ref(),
+            ),
+            (32, 4, 32, 1)
+        );
+        assert_eq!(*config.offload.batch_latency_us.get_ref(), 0);
+        let none = format!("{GOOD}\n[peer_limits]\nkey_updates_without_data = 0\n");
+        assert!(parse(&none)
+            .unwrap_err()
+            .to_string()
+            .contains("peer_limits.key_updates_without_data: 0 is outside 1..=1024"));
+        let typo = format!("{GOOD}\n[peer_limits]\nwarning_alert = 2\n");
+        assert!(matches!(parse(&typo), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
     fn load_checks_certificate_files() {
         let dir = std::env::temp_dir().join(format!("tlsaccel-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
