@@ -12,14 +12,16 @@
 //!   the BAR0 access of the ordinary register map and writes the result, then the sequence
 //!   number into the response;
 //! * from [`DATA_OFFSET`]: rings and buffers. The device sees shared-memory offset `o` at IOVA
-//!   `iova_base + o`.
+//!   `iova_base + o`, but only inside windows the host has mapped through the mailbox
+//!   ([`OP_MAP`], [`OP_UNMAP`]): the mailbox is this mode's IOMMU, so a window the host
+//!   unmaps faults the device's next access to it, as it would behind a real IOMMU.
 //!
 //! Interrupt vector *q* of the ivshmem device is queue *q*'s completion interrupt.
 
 /// `"TLSI"` as a little-endian `u32`: the header's magic.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"TLSI");
 /// Version of this layout.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Header: magic (u32).
 pub const HDR_MAGIC: usize = 0x00;
@@ -57,6 +59,16 @@ pub const OP_WRITE32: u32 = 2;
 pub const OP_READ64: u32 = 3;
 /// Write a 64-bit register.
 pub const OP_WRITE64: u32 = 4;
+/// Let the device reach a window of the data area: offset = its IOVA, value = its length.
+/// The result is 0, or all-ones when refused (outside the data area, empty, or overlapping a
+/// window already mapped).
+pub const OP_MAP: u32 = 5;
+/// Take a window back: offset = its IOVA, value = its length, exactly as mapped. The device
+/// answers once the accesses to it that were under way are done; later ones are DMA faults.
+/// The result is 0, or all-ones when no such window is mapped.
+pub const OP_UNMAP: u32 = 6;
+/// The result of a mailbox request the device refused.
+pub const REFUSED: u64 = u64::MAX;
 
 /// The device-peer vector the host rings after posting a mailbox request.
 pub const MAILBOX_VECTOR: u16 = 0;

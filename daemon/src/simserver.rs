@@ -74,16 +74,9 @@ impl IvshmemServer {
         }
         let memory = Arc::new(DmaRegion::new(memory_size).map_err(SimServerError::Memory)?);
         let vectors = config.queues;
+        // The device reaches no shared memory until a guest maps windows of the data area
+        // through the mailbox (device-spec §11).
         let device = Arc::new(Device::new(config).map_err(SimServerError::Device)?);
-        device
-            .iommu()
-            .map(
-                shm::IOVA_BASE,
-                memory_size as u64,
-                Arc::clone(&memory) as Arc<dyn HostMemory>,
-                0,
-            )
-            .map_err(|e| SimServerError::Memory(tlsaccel_driver::DmaError::Map(Box::new(e))))?;
         write_header(&memory, vectors).map_err(SimServerError::Memory)?;
         let doorbells = eventfds(vectors)?;
         let listener = listen(path)?;
@@ -168,6 +161,8 @@ impl IvshmemServer {
                 Some(Arc::clone(vector) as Arc<dyn InterruptSink>),
             );
         }
+        // Windows an earlier guest mapped are not this guest's.
+        self.device.iommu().clear();
         tracing::info!(id, "ivshmem guest connected");
 
         let done = AtomicBool::new(false);
@@ -186,6 +181,7 @@ impl IvshmemServer {
             tlsaccel_driver::abi::regs::DEVICE_CONTROL,
             tlsaccel_driver::abi::DeviceControl::RESET.bits(),
         );
+        self.device.iommu().clear();
         Ok(())
     }
 
@@ -210,6 +206,32 @@ impl IvshmemServer {
             // coalesced with an earlier one).
             if let Some(sequence) = self.answer(answered) {
                 answered = sequence;
+            }
+        }
+    }
+
+    /// Lets the device reach `len` bytes of the data area at `iova` (mailbox `OP_MAP`).
+    fn map_window(&self, iova: u64, len: u64) -> u64 {
+        let data = shm::IOVA_BASE + shm::DATA_OFFSET..shm::IOVA_BASE + self.memory.len() as u64;
+        let inside = iova >= data.start && iova.checked_add(len).is_some_and(|end| end <= data.end);
+        if !inside {
+            tracing::warn!(
+                iova,
+                len,
+                "ivshmem guest mapped a window outside the data area"
+            );
+            return shm::REFUSED;
+        }
+        let memory = Arc::clone(&self.memory) as Arc<dyn HostMemory>;
+        match self
+            .device
+            .iommu()
+            .map(iova, len, memory, iova - shm::IOVA_BASE)
+        {
+            Ok(()) => 0,
+            Err(error) => {
+                tracing::warn!(%error, "ivshmem guest mapped a window the device refused");
+                shm::REFUSED
             }
         }
     }
@@ -244,7 +266,15 @@ impl IvshmemServer {
                 d.bar_write64(offset, value);
                 0
             }
-            _ => u64::MAX,
+            shm::OP_MAP => self.map_window(offset, value),
+            shm::OP_UNMAP => match d.iommu().unmap(offset, value) {
+                Ok(()) => 0,
+                Err(error) => {
+                    tracing::warn!(%error, "ivshmem guest unmapped a window it had not mapped");
+                    shm::REFUSED
+                }
+            },
+            _ => shm::REFUSED,
         };
         m.write(shm::MBOX_RESULT, &result.to_le_bytes()).ok()?;
         m.store_u32_release(shm::MBOX_RESPONSE_SEQ, sequence).ok()?;
@@ -599,6 +629,7 @@ impl vfio_user::ServerBackend for VfioUserBackend {
             tlsaccel_driver::abi::regs::DEVICE_CONTROL,
             tlsaccel_driver::abi::DeviceControl::RESET.bits(),
         );
+        self.device.iommu().clear();
         Ok(())
     }
 
@@ -732,5 +763,58 @@ mod tests {
                 Some(fd.into()),
             )
             .unwrap();
+    }
+
+    /// Posts one mailbox request into the server's shared memory and has it answered, as a
+    /// guest's request and doorbell would.
+    fn request(server: &IvshmemServer, op: u32, offset: u64, value: u64) -> u64 {
+        let m = &server.memory;
+        let answered = m.load_u32_acquire(shm::MBOX_RESPONSE_SEQ).unwrap();
+        m.write(shm::MBOX_OP, &op.to_le_bytes()).unwrap();
+        m.write(shm::MBOX_OFFSET, &offset.to_le_bytes()).unwrap();
+        m.write(shm::MBOX_VALUE, &value.to_le_bytes()).unwrap();
+        m.store_u32_release(shm::MBOX_REQUEST_SEQ, answered + 1)
+            .unwrap();
+        assert_eq!(server.answer(answered), Some(answered + 1));
+        let mut raw = [0u8; 8];
+        m.read(shm::MBOX_RESULT, &mut raw).unwrap();
+        u64::from_le_bytes(raw)
+    }
+
+    #[test]
+    fn shared_memory_is_reachable_only_through_windows_the_guest_mapped() {
+        let dir = std::env::temp_dir().join(format!("tlsaccel-ivshmem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = IvshmemServer::bind(&dir.join("sock"), 1 << 20, DeviceConfig::default())
+            .expect("server");
+        let data = shm::IOVA_BASE + shm::DATA_OFFSET;
+        let iommu = server.device().iommu();
+        // Nothing is reachable before a map: not the data area, not the header and mailbox.
+        assert!(iommu.translate(data, 4096).is_err());
+        assert!(iommu.translate(shm::IOVA_BASE, 64).is_err());
+
+        assert_eq!(request(&server, shm::OP_MAP, data, 8192), 0);
+        assert!(iommu.translate(data, 8192).is_ok());
+        assert!(iommu.translate(data + 8192, 1).is_err(), "only the window");
+        // Refused: the header, past the end, empty, overlapping, overflowing.
+        for (iova, len) in [
+            (shm::IOVA_BASE, 4096),
+            (shm::IOVA_BASE + (1 << 20) - 4096, 8192),
+            (data + 16384, 0),
+            (data + 4096, 8192),
+            (u64::MAX - 10, 100),
+        ] {
+            assert_eq!(
+                request(&server, shm::OP_MAP, iova, len),
+                shm::REFUSED,
+                "map {iova:#x}+{len}"
+            );
+        }
+        // Unmapping takes exactly what was mapped; the device then faults on it.
+        assert_eq!(request(&server, shm::OP_UNMAP, data, 4096), shm::REFUSED);
+        assert_eq!(request(&server, shm::OP_UNMAP, data, 8192), 0);
+        assert!(iommu.translate(data, 4096).is_err());
+        assert_eq!(request(&server, shm::OP_UNMAP, data, 8192), shm::REFUSED);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

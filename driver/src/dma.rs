@@ -174,6 +174,11 @@ impl DmaRegion {
         }
     }
 
+    /// True when this region is the window at `offset` of the mapping `map`.
+    pub fn is_window_of(&self, map: &Arc<MmapRaw>, offset: usize) -> bool {
+        Arc::ptr_eq(&self.map, map) && self.offset == offset
+    }
+
     /// A window of `len` bytes at `offset` inside this region, sharing its mapping.
     pub fn subregion(&self, offset: usize, len: usize) -> Result<Self, DmaError> {
         match offset.checked_add(len) {
@@ -604,6 +609,11 @@ pub trait RegionSource: Send + Sync + fmt::Debug {
     fn region(&self, index: usize, size: usize) -> Result<(Arc<DmaRegion>, Iova), DmaError>;
     /// Region `index` is no longer used (the pool is going away).
     fn release(&self, index: usize, region: &Arc<DmaRegion>, iova: Iova);
+    /// How many regions of `size` bytes the source can give, or `None` when it has no fixed
+    /// bound (fresh memory).
+    fn capacity(&self, _size: usize) -> Option<usize> {
+        None
+    }
 }
 
 /// The usual source: fresh memfd regions mapped for the device at

@@ -507,16 +507,13 @@ const MAILBOX_TIMEOUT: Duration = Duration::from_secs(5);
 /// The simulator behind QEMU's ivshmem-doorbell device (shared-memory mode).
 #[derive(Debug)]
 pub struct IvshmemTransport {
-    pci: VfioPci,
-    regs: Bar,
+    /// Held open: the BAR mappings and interrupts live as long as the function is open.
+    _pci: VfioPci,
     memory: Bar,
-    header: DmaRegion,
-    device_peer: u32,
+    mailbox: Arc<Mailbox>,
     data: (u64, u64),
     iova_base: u64,
-    sequence: Mutex<u32>,
     vectors: Vec<Arc<EventFd>>,
-    lost: AtomicBool,
 }
 
 impl IvshmemTransport {
@@ -560,23 +557,43 @@ impl IvshmemTransport {
         let vectors = make_vectors(wanted)?;
         pci.enable_msix(&vectors)?;
         regs.write32(shm::IVSHMEM_INTR_MASK, 0xffff_ffff);
-        Ok(Self {
-            device_peer: word(shm::HDR_DEVICE_PEER),
-            data: (data_offset, data_size),
-            iova_base: quad(shm::HDR_IOVA_BASE),
-            sequence: Mutex::new(word(shm::MBOX_RESPONSE_SEQ)),
-            pci,
+        let (device_peer, answered) = (word(shm::HDR_DEVICE_PEER), word(shm::MBOX_RESPONSE_SEQ));
+        let iova_base = quad(shm::HDR_IOVA_BASE);
+        let mailbox = Arc::new(Mailbox {
+            name: format!("vfio:{}", pci.address()),
+            device_peer,
+            sequence: Mutex::new(answered),
             regs,
-            memory,
             header,
-            vectors,
             lost: AtomicBool::new(false),
+        });
+        Ok(Self {
+            data: (data_offset, data_size),
+            iova_base,
+            _pci: pci,
+            memory,
+            mailbox,
+            vectors,
         })
     }
+}
 
-    /// One register access through the mailbox. A device that does not answer is lost: this
-    /// and every later access returns all-ones, as a PCIe read of a missing device does.
-    fn mailbox(&self, op: u32, offset: u64, value: u64) -> u64 {
+/// The register mailbox of shared-memory mode: every BAR0 access, and the IOMMU's map and
+/// unmap, go through it one request at a time.
+#[derive(Debug)]
+struct Mailbox {
+    name: String,
+    regs: Bar,
+    header: DmaRegion,
+    device_peer: u32,
+    sequence: Mutex<u32>,
+    lost: AtomicBool,
+}
+
+impl Mailbox {
+    /// One request. A device that does not answer is lost: this and every later request
+    /// returns all-ones, as a PCIe read of a missing device does.
+    fn request(&self, op: u32, offset: u64, value: u64) -> u64 {
         if self.lost.load(Ordering::Acquire) {
             return u64::MAX;
         }
@@ -610,7 +627,7 @@ impl IvshmemTransport {
             spins += 1;
             if spins % 256 == 0 {
                 if start.elapsed() > MAILBOX_TIMEOUT {
-                    tracing::error!(device = %self.name(), "register mailbox timed out; device lost");
+                    tracing::error!(device = %self.name, "register mailbox timed out; device lost");
                     self.lost.store(true, Ordering::Release);
                     return u64::MAX;
                 }
@@ -620,12 +637,51 @@ impl IvshmemTransport {
             }
         }
     }
+
+    /// Lets the device reach `len` bytes at `iova` (which the caller checked lie in the data
+    /// area).
+    fn map(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
+        match self.request(shm::OP_MAP, iova.0, len as u64) {
+            0 => Ok(()),
+            _ => Err(DmaError::Map(
+                format!(
+                    "{}: the device refused to map {len} bytes at {iova} (or is lost)",
+                    self.name
+                )
+                .into(),
+            )),
+        }
+    }
+
+    /// Takes the window at `iova` back; returns once the device has let go of it.
+    fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
+        match self.request(shm::OP_UNMAP, iova.0, len as u64) {
+            0 => Ok(()),
+            _ => Err(DmaError::Map(
+                format!(
+                    "{}: the device refused to unmap {len} bytes at {iova} (or is lost)",
+                    self.name
+                )
+                .into(),
+            )),
+        }
+    }
 }
 
-/// DMA regions carved from the shared BAR's data area.
+/// Where `len` bytes at `iova` lie in the data area `(offset, size)` of shared memory seen at
+/// `iova_base`, or `None` outside it.
+fn data_window(data: (u64, u64), iova_base: u64, iova: Iova, len: usize) -> Option<u64> {
+    let offset = iova.0.checked_sub(iova_base)?;
+    let end = offset.checked_add(len as u64)?;
+    (len > 0 && offset >= data.0 && end <= data.0 + data.1).then_some(offset)
+}
+
+/// DMA regions carved from the shared BAR's data area, each mapped for the device through
+/// the mailbox while the pool has it.
 #[derive(Debug)]
 struct BarWindows {
     memory: Bar,
+    mailbox: Arc<Mailbox>,
     data: (u64, u64),
     iova_base: u64,
 }
@@ -641,37 +697,64 @@ impl RegionSource for BarWindows {
                 limit: len as usize,
             })?;
         let region = DmaRegion::window(Arc::clone(self.memory.mapping()), offset as usize, size)?;
-        Ok((Arc::new(region), Iova(self.iova_base + offset)))
+        let iova = Iova(self.iova_base + offset);
+        self.mailbox.map(iova, size)?;
+        Ok((Arc::new(region), iova))
     }
 
-    fn release(&self, _index: usize, _region: &Arc<DmaRegion>, _iova: Iova) {}
+    fn release(&self, _index: usize, region: &Arc<DmaRegion>, iova: Iova) {
+        if let Err(error) = self.mailbox.unmap(iova, region.len()) {
+            tracing::warn!(%iova, %error, "could not unmap a shared-memory window");
+        }
+    }
+
+    fn capacity(&self, size: usize) -> Option<usize> {
+        Some((self.data.1 / size.max(1) as u64) as usize)
+    }
 }
 
 impl DmaMapper for IvshmemTransport {
-    // Shared-memory mode needs no IOMMU mapping: the device reaches the BAR's memory itself.
-    fn map(&self, _region: &Arc<DmaRegion>, _iova: Iova) -> Result<(), DmaError> {
-        Ok(())
+    // The device reaches only windows of the BAR's data area: `region` must be the window of
+    // shared memory that the device sees at `iova`.
+    fn map(&self, region: &Arc<DmaRegion>, iova: Iova) -> Result<(), DmaError> {
+        let offset =
+            data_window(self.data, self.iova_base, iova, region.len()).ok_or_else(|| {
+                DmaError::Map(
+                    format!(
+                        "{iova} is outside the shared memory's data area; in shared-memory mode \
+                     the device reaches nothing else"
+                    )
+                    .into(),
+                )
+            })?;
+        if !region.is_window_of(self.memory.mapping(), offset as usize) {
+            return Err(DmaError::Map(
+                "in shared-memory mode only windows of the shared memory can be mapped".into(),
+            ));
+        }
+        self.mailbox.map(iova, region.len())
     }
-    fn unmap(&self, _iova: Iova, _len: usize) -> Result<(), DmaError> {
-        Ok(())
+    fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
+        self.mailbox.unmap(iova, len)
     }
 }
 
 impl Transport for IvshmemTransport {
     fn name(&self) -> String {
-        format!("vfio:{}", self.pci.address())
+        self.mailbox.name.clone()
     }
     fn read32(&self, offset: u64) -> u32 {
-        self.mailbox(shm::OP_READ32, offset, 0) as u32
+        self.mailbox.request(shm::OP_READ32, offset, 0) as u32
     }
     fn write32(&self, offset: u64, value: u32) {
-        self.mailbox(shm::OP_WRITE32, offset, u64::from(value));
+        self.mailbox
+            .request(shm::OP_WRITE32, offset, u64::from(value));
     }
     fn read64(&self, offset: u64) -> u64 {
-        self.mailbox(shm::OP_READ64, offset, 0)
+        self.mailbox.request(shm::OP_READ64, offset, 0)
     }
     fn write64(&self, offset: u64, value: u64) {
-        self.mailbox(shm::OP_WRITE64, offset, value);
+        self.mailbox.request(shm::OP_WRITE64, offset, value);
     }
     fn interrupt(&self, vector: u32) -> Result<Arc<EventFd>, TransportError> {
         self.vectors
@@ -680,11 +763,12 @@ impl Transport for IvshmemTransport {
             .ok_or(TransportError::NoSuchVector(vector))
     }
     fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+        self.mailbox.lost.load(Ordering::Acquire)
     }
     fn region_source(&self) -> Option<Arc<dyn RegionSource>> {
         Some(Arc::new(BarWindows {
             memory: self.memory.clone(),
+            mailbox: Arc::clone(&self.mailbox),
             data: self.data,
             iova_base: self.iova_base,
         }))
@@ -694,7 +778,7 @@ impl Transport for IvshmemTransport {
             tlsaccel_abi::regs::DEVICE_CONTROL,
             tlsaccel_abi::DeviceControl::RESET.bits(),
         );
-        if self.lost.load(Ordering::Acquire) {
+        if self.is_lost() {
             return Err(TransportError::Lost(self.name()));
         }
         Ok(())

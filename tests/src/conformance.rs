@@ -1447,20 +1447,28 @@ pub fn unmap_under_a_held_job_faults_it(device: &Arc<Device>) -> Result<Outcome>
         Err(skip) => return Ok(skip),
     };
     let transport = device.transport();
-    if transport.region_source().is_some() {
-        return Ok(Outcome::Skipped(
-            "the device reaches only its own memory here (shared-memory mode, device-spec §11): \
-             there is no DMA mapping to remove"
-                .into(),
-        ));
-    }
     let mut pair = queue(device, 16)?;
     let slot = raw_slot(device, AeadAlgorithm::AES_128_GCM)?;
     let src = buffer_with(device, &[0x22; 64], 64)?;
-    // A page in a mapping of its own, which the test removes under the job.
-    let page = Arc::new(DmaRegion::new(4096)?);
-    let iova = Iova(UNMAP_TEST_IOVA);
-    transport.map(&page, iova)?;
+    // A page in a mapping of its own, which the test removes under the job. A device that
+    // reaches only its own memory (shared-memory mode, device-spec §11) gets the last page
+    // of it, which the DMA pool fills last; any other gets a fresh page at a far IOVA.
+    let (page, iova) = match transport.region_source() {
+        Some(source) => {
+            let last = source
+                .capacity(4096)
+                .and_then(|pages| pages.checked_sub(1))
+                .ok_or_else(|| anyhow!("the device's own memory has no page to spare"))?;
+            source.region(last, 4096)?
+        }
+        None => {
+            let page = Arc::new(DmaRegion::new(4096)?);
+            let iova = Iova(UNMAP_TEST_IOVA);
+            transport.map(&page, iova)?;
+            (page, iova)
+        }
+    };
+    page.write(0, &[0; 64 + TAG_LEN])?;
     let mut descriptor = Descriptor {
         opcode: Opcode::AEAD_SEAL.0,
         key_slot: slot.index().into(),
