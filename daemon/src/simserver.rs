@@ -20,8 +20,8 @@ use std::time::Duration;
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tlsaccel_driver::abi::ivshmem as shm;
-use tlsaccel_driver::dma::DmaRegion;
 use tlsaccel_driver::transport::EventFd;
+use tlsaccel_shm::{SharedRegion, ShmError};
 use tlsaccel_sim::{Device, DeviceConfig, HostMemory, InterruptSink};
 
 /// Errors of the simulator server.
@@ -30,7 +30,7 @@ pub enum SimServerError {
     #[error("shared memory size {0} must be a power of two of at least 1 MiB")]
     MemorySize(usize),
     #[error("cannot create the shared memory")]
-    Memory(#[source] tlsaccel_driver::DmaError),
+    Memory(#[source] ShmError),
     #[error("cannot start the simulated device")]
     Device(#[source] tlsaccel_sim::ConfigError),
     #[error("cannot listen on {path}")]
@@ -55,7 +55,7 @@ const DEVICE_PEER: u16 = 0;
 pub struct IvshmemServer {
     listener: UnixListener,
     path: PathBuf,
-    memory: Arc<DmaRegion>,
+    memory: Arc<SharedRegion>,
     device: Arc<Device>,
     vectors: u32,
     doorbells: Vec<Arc<EventFd>>,
@@ -72,7 +72,7 @@ impl IvshmemServer {
         if !memory_size.is_power_of_two() || memory_size < (1 << 20) {
             return Err(SimServerError::MemorySize(memory_size));
         }
-        let memory = Arc::new(DmaRegion::new(memory_size).map_err(SimServerError::Memory)?);
+        let memory = Arc::new(SharedRegion::new(memory_size).map_err(SimServerError::Memory)?);
         let vectors = config.queues;
         // The device reaches no shared memory until a guest maps windows of the data area
         // through the mailbox (device-spec §11).
@@ -305,7 +305,7 @@ fn listen(path: &Path) -> Result<UnixListener, SimServerError> {
     })
 }
 
-fn write_header(memory: &DmaRegion, vectors: u32) -> Result<(), tlsaccel_driver::DmaError> {
+fn write_header(memory: &SharedRegion, vectors: u32) -> Result<(), ShmError> {
     let size = memory.len() as u64;
     memory.write(shm::HDR_VERSION, &shm::VERSION.to_le_bytes())?;
     memory.write(shm::HDR_DEVICE_PEER, &u32::from(DEVICE_PEER).to_le_bytes())?;
@@ -397,7 +397,7 @@ impl VfioUserServer {
             // BAR0's doorbell pages are memory the client maps and writes directly; the
             // device polls them there. The rest of BAR0 goes through messages.
             let bar0_size = regs_bar0_size(self.config.queues);
-            let bar0 = DmaRegion::new(bar0_size as usize).map_err(SimServerError::Memory)?;
+            let bar0 = SharedRegion::new(bar0_size as usize).map_err(SimServerError::Memory)?;
             let doorbell_bytes =
                 u64::from(self.config.queues) * tlsaccel_driver::abi::regs::DOORBELL_STRIDE;
             let doorbells = bar0
@@ -601,7 +601,7 @@ impl vfio_user::ServerBackend for VfioUserBackend {
         // `from_fd_at` refuses memory the client could truncate under the device's mapping
         // (not sealed against shrinking) or that is smaller than the range: either would let
         // the client crash this process with SIGBUS. The refusal is the error reply.
-        let region = DmaRegion::from_fd_at(fd.into(), offset, len)
+        let region = SharedRegion::from_fd_at(fd.into(), offset, len)
             .map_err(|e| invalid(&format!("DMA map refused: {e}")))?;
         self.device
             .iommu()
@@ -625,11 +625,11 @@ impl vfio_user::ServerBackend for VfioUserBackend {
     }
 
     fn reset(&mut self) -> std::io::Result<()> {
+        // A function reset leaves the IOMMU alone: the client's mappings stay.
         self.device.bar_write32(
             tlsaccel_driver::abi::regs::DEVICE_CONTROL,
             tlsaccel_driver::abi::DeviceControl::RESET.bits(),
         );
-        self.device.iommu().clear();
         Ok(())
     }
 
@@ -751,7 +751,7 @@ mod tests {
             .unmap(0x1_0000_0000, 1 << 15)
             .unwrap();
         // And memory from the driver's own regions (sealed memfds) is accepted as it is.
-        let region = DmaRegion::new(1 << 20).unwrap();
+        let region = SharedRegion::new(1 << 20).unwrap();
         let (fd, _) = region.fd().unwrap();
         let fd: OwnedFd = fd.try_clone_to_owned().unwrap();
         backend

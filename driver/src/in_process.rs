@@ -101,38 +101,6 @@ impl Transport for InProcess {
     }
 }
 
-impl tlsaccel_sim::HostMemory for DmaRegion {
-    fn size(&self) -> u64 {
-        self.len() as u64
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        DmaRegion::read(self, offset, buf).map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        DmaRegion::write(self, offset, data).map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-
-    fn read_u32_acquire(&self, offset: u64) -> Result<u32, tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        self.load_u32_acquire(offset)
-            .map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-
-    fn write_u32_release(
-        &self,
-        offset: u64,
-        value: u32,
-    ) -> Result<(), tlsaccel_sim::HostMemoryError> {
-        let offset = usize::try_from(offset).map_err(|_| tlsaccel_sim::HostMemoryError)?;
-        self.store_u32_release(offset, value)
-            .map_err(|_| tlsaccel_sim::HostMemoryError)
-    }
-}
-
 impl SimOptions {
     /// The simulator configuration these options describe.
     pub fn config(&self) -> DeviceConfig {

@@ -13,8 +13,10 @@
 //! * [`ModelFaults`] tells the reference model to misbehave, for tests of the host side,
 //!   through its BAR0 fault-injection window (any transport; refused on hardware).
 //!
-//! This is the only crate of the workspace with `unsafe`: in [`dma`], [`mmio`], [`vfio`] and
-//! the eventfd/`AsyncFd` glue.
+//! Its `unsafe` is in [`dma`] (socket I/O straight into DMA buffers), [`mmio`], [`vfio`] and
+//! the eventfd/`AsyncFd` glue; the shared mappings themselves are `tlsaccel-shm`'s, re-exported
+//! as [`dma::DmaRegion`]. Elsewhere in the workspace only `tlsaccel-shm` and the RTL model's
+//! FFI have `unsafe`.
 
 mod asynchronous;
 mod device;

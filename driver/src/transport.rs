@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::dma::{DmaError, DmaMapper};
+use crate::dma::DmaMapper;
 
 /// Errors of a transport.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +37,7 @@ pub enum TransportError {
     #[error("cannot map the device's doorbell pages")]
     DoorbellMap(#[source] std::io::Error),
     #[error("the doorbell memory the vfio-user server sent is unsafe to map")]
-    DoorbellMemory(#[source] DmaError),
+    DoorbellMemory(#[source] crate::dma::ShmError),
 }
 
 /// A way to reach one device.

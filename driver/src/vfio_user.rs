@@ -494,7 +494,7 @@ mod tests {
         assert!(
             matches!(
                 &error,
-                TransportError::DoorbellMemory(DmaError::SharedMemoryNotSealed { .. })
+                TransportError::DoorbellMemory(crate::dma::ShmError::SharedMemoryNotSealed { .. })
             ),
             "{error}"
         );
@@ -510,7 +510,7 @@ mod tests {
         assert!(
             matches!(
                 &error,
-                TransportError::DoorbellMemory(DmaError::SharedMemoryTooSmall { .. })
+                TransportError::DoorbellMemory(crate::dma::ShmError::SharedMemoryTooSmall { .. })
             ),
             "{error}"
         );

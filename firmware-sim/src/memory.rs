@@ -384,6 +384,35 @@ impl HeapMemory {
     }
 }
 
+/// Memory another process shares with the device (a vfio-user client's DMA regions, an
+/// ivshmem guest's shared memory), or the host's own DMA pool in-process.
+impl HostMemory for tlsaccel_shm::SharedRegion {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), HostMemoryError> {
+        let offset = usize::try_from(offset).map_err(|_| HostMemoryError)?;
+        tlsaccel_shm::SharedRegion::read(self, offset, buf).map_err(|_| HostMemoryError)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), HostMemoryError> {
+        let offset = usize::try_from(offset).map_err(|_| HostMemoryError)?;
+        tlsaccel_shm::SharedRegion::write(self, offset, data).map_err(|_| HostMemoryError)
+    }
+
+    fn read_u32_acquire(&self, offset: u64) -> Result<u32, HostMemoryError> {
+        let offset = usize::try_from(offset).map_err(|_| HostMemoryError)?;
+        self.load_u32_acquire(offset).map_err(|_| HostMemoryError)
+    }
+
+    fn write_u32_release(&self, offset: u64, value: u32) -> Result<(), HostMemoryError> {
+        let offset = usize::try_from(offset).map_err(|_| HostMemoryError)?;
+        self.store_u32_release(offset, value)
+            .map_err(|_| HostMemoryError)
+    }
+}
+
 impl HostMemory for HeapMemory {
     fn size(&self) -> u64 {
         self.with(|b| b.len() as u64)
