@@ -11,7 +11,8 @@
 //! * [`QueuePair`] is the synchronous ring API: fill descriptors, ring the doorbell once per
 //!   burst, find completions by phase tag in memory. [`AsyncQueue`] puts it behind tokio.
 //! * [`ModelFaults`] tells the reference model to misbehave, for tests of the host side,
-//!   through its BAR0 fault-injection window (any transport; refused on hardware).
+//!   through its BAR0 fault-injection window (any transport), or a test bench's
+//!   [`TestbenchFaults`] (the RTL's); refused on hardware.
 //!
 //! Its `unsafe` is in [`dma`] (socket I/O straight into DMA buffers), [`mmio`], [`vfio`] and
 //! the eventfd/`AsyncFd` glue; the shared mappings themselves are `tlsaccel-shm`'s, re-exported
@@ -35,7 +36,7 @@ pub use asynchronous::{AsyncQueue, AsyncQueueError};
 pub use device::{Device, DeviceError, DeviceInfo, DeviceOptions, KeyMaterial, KeySlot, SlotRef};
 pub use dma::{DmaBuffer, DmaError, DmaPool, DmaSpan, Iova};
 pub use events::DeviceEvents;
-pub use model_faults::{ModelFaults, ModelFaultsError};
+pub use model_faults::{ModelFaults, ModelFaultsError, TestbenchFaults};
 pub use queue::{
     Job, JobCompletion, JobError, JobOp, JobOutput, QueueConfig, QueueError, QueuePair, QueueStats,
 };

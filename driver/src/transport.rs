@@ -69,6 +69,15 @@ pub trait Transport: DmaMapper {
     fn is_lost(&self) -> bool {
         false
     }
+    /// The test bench's fault injection, for a device that has no fault-injection window of
+    /// its own (the RTL under Verilator). `None` (the default) for hardware, and for the
+    /// simulator, whose faults go through its registers. [`ModelFaults`] uses it when the
+    /// device lacks `CAPABILITIES.MODEL_FAULTS`.
+    ///
+    /// [`ModelFaults`]: crate::ModelFaults
+    fn testbench_faults(&self) -> Option<&dyn crate::model_faults::TestbenchFaults> {
+        None
+    }
     /// The simulator behind this transport, when it is in-process (for `tlsaccel devices`
     /// and tests that look at the model itself; fault injection goes through registers,
     /// `ModelFaults`, on every transport). Only with the `sim` feature.

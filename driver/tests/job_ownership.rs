@@ -297,7 +297,7 @@ fn a_device_that_answers_after_a_timeout_writes_nothing_anyone_else_holds() {
     let slot_index = slot.index();
     let dst = device.pool().alloc(record_len).unwrap();
     let dst_iova = dst.iova();
-    faults.inject(ModelFault::Stall);
+    faults.inject(ModelFault::Stall).unwrap();
     let result = seal(
         &mut stalled,
         &slot,
@@ -324,7 +324,7 @@ fn a_device_that_answers_after_a_timeout_writes_nothing_anyone_else_holds() {
     assert!(others.iter().all(|b| b.iova() != dst_iova));
 
     // The device lets go: the held job is dropped (its queue was disabled), nothing written.
-    faults.inject(ModelFault::Resume);
+    faults.inject(ModelFault::Resume).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !stalled.release_held() {
         assert!(

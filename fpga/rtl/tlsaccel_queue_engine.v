@@ -16,6 +16,14 @@
 // in the last beat). A read error on the ring stops the queue with RING_NOT_MAPPED; a tail
 // doorbell outside the ring stops it with BAD_DOORBELL. A queue disabled mid-job loses the
 // job, as the spec allows.
+//
+// Built with TLSACCEL_MODEL_FAULTS defined (the Verilator test bench, fpga/model, and the
+// formal check; never a synthesized design), the engine has a test-bench hold: while
+// `model_hold` is set, a fetched descriptor waits in S_EXEC, before it completes or goes to
+// the record engine (no DMA to its buffers, no completion), and `model_held` says one does.
+// That is the reference model's STALL (docs/device-spec.md §9): the engine stays inside the
+// queue (q_busy), and a job whose queue was disabled meanwhile is dropped when the hold
+// lifts. Without the define the hold is a constant 0 and costs nothing.
 
 `default_nettype none
 
@@ -82,6 +90,12 @@ module tlsaccel_queue_engine #(
     input  wire                      e_sequence_advanced,
     input  wire                      e_rejected,
 
+`ifdef TLSACCEL_MODEL_FAULTS
+    // Test bench only (see the top of the file).
+    input  wire                      model_hold,
+    output wire                      model_held,
+`endif
+
     // Counters
     output reg  [63:0]               jobs_ok,
     output reg  [63:0]               jobs_failed,
@@ -124,6 +138,15 @@ module tlsaccel_queue_engine #(
     wire         us_tick = prescale == CYCLES_PER_US[$clog2(CYCLES_PER_US)-1:0] - 1'b1;
 
     assign idle = state == S_IDLE;
+
+    // The test-bench hold of a fetched descriptor (a ring read error is not a job: the queue
+    // stops at once).
+`ifdef TLSACCEL_MODEL_FAULTS
+    wire hold = model_hold && !fault;
+    assign model_held = state == S_EXEC && hold;
+`else
+    wire hold = 1'b0;
+`endif
     assign q_busy = idle ? {NUM_QUEUES{1'b0}} : {{(NUM_QUEUES-1){1'b0}}, 1'b1} << cur;
 
     genvar g;
@@ -282,6 +305,9 @@ module tlsaccel_queue_engine #(
                         q_fail_code[32*cur +: 32] <= TLSA_QERR_RING_NOT_MAPPED;
                         state <= S_IDLE;
                         cur <= cur + 1'b1;
+                    end else if (hold) begin
+                        // Held (test bench only): still inside the queue, even once it is
+                        // disabled; the checks below run when the hold lifts.
                     end else if (!q_enabled[cur]) begin
                         state <= S_IDLE;
                         cur <= cur + 1'b1;
@@ -362,10 +388,11 @@ module tlsaccel_queue_engine #(
 
 `ifdef FORMAL
     // Ring and phase invariants, proved by fpga/formal/run (yosys-smtbmc) for every bus,
-    // doorbell and engine behaviour within the bound: the bus, the doorbells and the record
-    // engine are free inputs. The host keeps each ring's size fixed (a power of two, 2-8
-    // here), its CQ head inside the ring and, as the register block does, the ring bases
-    // while the queue is enabled; everything else is unconstrained.
+    // doorbell and engine behaviour within the bound: the bus, the doorbells, the record
+    // engine and the test-bench hold (fpga/formal/run builds with it) are free inputs. The
+    // host keeps each ring's size fixed (a power of two, 2-8 here), its CQ head inside the
+    // ring and, as the register block does, the ring bases while the queue is enabled;
+    // everything else is unconstrained.
     //
     // A shadow count of completions posted per queue, modulo twice the ring size: the
     // device's SQ head and CQ tail must be that count modulo the size, and the CQ phase 1
@@ -424,6 +451,13 @@ module tlsaccel_queue_engine #(
             // not been given yet, and only once per fetched descriptor.
             if (state == S_AW && m_awvalid)
                 assert (m_awaddr == cq_base + {28'd0, cq_tail[cur], 4'd0});
+            // A completion write starts only for a queue still enabled: a job of a queue
+            // disabled meanwhile (held, or in the record engine) is dropped (§3.1).
+            if (state == S_AW && $past(state) != S_AW) assert ($past(q_enabled[cur]));
+`ifdef TLSACCEL_MODEL_FAULTS
+            // The test-bench hold is free here: a held job makes no access to host memory.
+            if (model_held) assert (!m_arvalid && !m_rready && !m_awvalid && !m_wvalid);
+`endif
         end
     end
 `endif

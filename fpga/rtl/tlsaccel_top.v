@@ -94,6 +94,13 @@ module tlsaccel_top #(
     output wire        dma_reset,
     // One-cycle pulse per interrupt message, vector = queue (for the shell's MSI-X)
     output wire [NUM_QUEUES-1:0] irq,
+`ifdef TLSACCEL_MODEL_FAULTS
+    // Test bench only, never on a card (tlsaccel_queue_engine.v): `model_hold` holds a
+    // fetched job before it runs, as the reference model's STALL does; `model_held` says
+    // one is held.
+    input  wire        model_hold,
+    output wire        model_held,
+`endif
     output wire        idle
 );
     wire [64*NUM_QUEUES-1:0] q_sq_base, q_cq_base;
@@ -167,7 +174,11 @@ module tlsaccel_top #(
         .e_cmd_valid(e_cmd_valid), .e_cmd_ready(e_cmd_ready), .e_cmd_desc(e_cmd_desc),
         .e_done(e_done), .e_status(e_status), .e_len(e_len), .e_info(e_info),
         .e_sequence_advanced(e_sequence_advanced), .e_rejected(e_rejected),
-        .descriptors_fetched(descriptors_fetched), .interrupts(interrupts), .idle(queues_idle)
+        .descriptors_fetched(descriptors_fetched), .interrupts(interrupts),
+`ifdef TLSACCEL_MODEL_FAULTS
+        .model_hold(model_hold), .model_held(model_held),
+`endif
+        .idle(queues_idle)
     );
 
     tlsaccel_record_engine #(.NUM_KEY_SLOTS(NUM_KEY_SLOTS)) records (

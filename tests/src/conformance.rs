@@ -3,9 +3,10 @@
 //! `#[test]` functions for one backend, and [`CASES`] lets a non-test runner (the guest test)
 //! iterate them.
 //!
-//! Cases that need the device to misbehave on command use the reference model's
-//! fault-injection registers ([`ModelFaults`], device-spec §9), which reach the simulator over
-//! every transport; on a device without them (hardware, the RTL) they say so with
+//! Cases that need the device to misbehave on command use [`ModelFaults`] (device-spec §9):
+//! the reference model's fault-injection registers, which reach the simulator over every
+//! transport, or on the RTL its test bench, which shows some of the faults. A case whose
+//! faults the device cannot show (hardware; the RTL, for some) says so with
 //! [`Outcome::Skipped`].
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use tlsaccel_driver::abi::regs::{self, Counter};
 use tlsaccel_driver::abi::{
-    AeadAlgorithm, Capabilities, Descriptor, KeyDirection, ModelFault as Fault, Opcode,
+    AeadAlgorithm, Capabilities, Descriptor, FaultCode, KeyDirection, ModelFault as Fault, Opcode,
     QueueStatus, RecordProtocol, Status, NONCE_LEN, TAG_LEN,
 };
 use tlsaccel_driver::dma::DmaRegion;
@@ -218,28 +219,39 @@ fn simulator(device: &Arc<Device>) -> Option<&tlsaccel_sim::Device> {
     device.transport().simulator()
 }
 
-/// The device's fault-injection window, or the skip a case reports on a device without one.
-fn model_faults(device: &Arc<Device>) -> std::result::Result<ModelFaults, Outcome> {
+/// The device's fault injection with every fault in `needs`, or the skip a case reports on
+/// a device without it.
+fn model_faults(
+    device: &Arc<Device>,
+    needs: &[FaultCode],
+) -> std::result::Result<ModelFaults, Outcome> {
     ModelFaults::new(device)
+        .and_then(|faults| faults.require(needs).map(|()| faults))
         .map_err(|error| Outcome::Skipped(format!("needs fault injection: {error}")))
 }
 
 /// Lifts an injected stall when dropped, so that a case that fails half-way does not leave
-/// the device holding jobs.
+/// the device holding jobs. Needs STALL and RESUME.
 struct StallGuard<'a>(&'a ModelFaults);
 
 impl<'a> StallGuard<'a> {
-    fn stall(faults: &'a ModelFaults) -> Self {
-        faults.inject(Fault::Stall);
-        Self(faults)
+    fn stall(faults: &'a ModelFaults) -> Result<Self> {
+        faults.inject(Fault::Stall)?;
+        Ok(Self(faults))
     }
 }
 
 impl Drop for StallGuard<'_> {
     fn drop(&mut self) {
-        self.0.inject(Fault::Resume);
+        // The case checked RESUME was available; a drop cannot fail the case, so say it.
+        if let Err(error) = self.0.inject(Fault::Resume) {
+            eprintln!("the stall was not lifted: {error}");
+        }
     }
 }
+
+/// What a case that holds jobs with a stall needs.
+const STALL: &[FaultCode] = &[FaultCode::STALL, FaultCode::RESUME];
 
 /// Waits until `done` holds, or fails with `what`.
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
@@ -761,7 +773,7 @@ pub fn records_of_one_key_keep_submission_order(device: &Arc<Device>) -> Result<
 /// A full ring takes no more jobs (and drops none); once completions are taken, the rest go
 /// through.
 pub fn full_ring_applies_backpressure(device: &Arc<Device>) -> Result<Outcome> {
-    let faults = match model_faults(device) {
+    let faults = match model_faults(device, STALL) {
         Ok(faults) => faults,
         Err(skip) => return Ok(skip),
     };
@@ -772,7 +784,7 @@ pub fn full_ring_applies_backpressure(device: &Arc<Device>) -> Result<Outcome> {
             op: JobOp::Nop,
         })
         .collect();
-    let stall = StallGuard::stall(&faults);
+    let stall = StallGuard::stall(&faults)?;
     let first = pair.submit(&jobs)?;
     let second = pair.submit(&jobs[first..])?;
     drop(stall);
@@ -1122,7 +1134,13 @@ pub fn hostile_descriptors_get_error_completions(device: &Arc<Device>) -> Result
 
 /// Completions the driver did not ask for, or with impossible lengths, are caught.
 pub fn bogus_completions_are_detected(device: &Arc<Device>) -> Result<Outcome> {
-    let faults = match model_faults(device) {
+    let faults = match model_faults(
+        device,
+        &[
+            FaultCode::BOGUS_COMPLETION,
+            FaultCode::OVERSIZE_NEXT_RESULT_LENGTH,
+        ],
+    ) {
         Ok(faults) => faults,
         Err(skip) => return Ok(skip),
     };
@@ -1131,8 +1149,8 @@ pub fn bogus_completions_are_detected(device: &Arc<Device>) -> Result<Outcome> {
         queue: pair.index(),
         cookie: 0xdead_beef_0000_0003,
         result_len: 5,
-    });
-    faults.inject(Fault::OversizeNextResultLength);
+    })?;
+    faults.inject(Fault::OversizeNextResultLength)?;
     let mut results = Vec::new();
     pair.run(
         &[
@@ -1172,7 +1190,7 @@ pub fn bogus_completions_are_detected(device: &Arc<Device>) -> Result<Outcome> {
 
 /// A seal with a corrupted tag (injected) fails to open on the device.
 pub fn corrupted_tag_fails_authentication(device: &Arc<Device>) -> Result<Outcome> {
-    let faults = match model_faults(device) {
+    let faults = match model_faults(device, &[FaultCode::CORRUPT_NEXT_TAG]) {
         Ok(faults) => faults,
         Err(skip) => return Ok(skip),
     };
@@ -1198,7 +1216,7 @@ pub fn corrupted_tag_fails_authentication(device: &Arc<Device>) -> Result<Outcom
     run_one(&mut pair, seal.clone())?.map_err(|e| anyhow!("clean seal: {e}"))?;
     run_one(&mut pair, open.clone())?.map_err(|e| anyhow!("clean open: {e}"))?;
     ensure!(reopened.to_vec(0, 14)? == b"attack at dawn");
-    faults.inject(Fault::CorruptNextTag);
+    faults.inject(Fault::CorruptNextTag)?;
     run_one(&mut pair, seal)?.map_err(|e| anyhow!("seal: {e}"))?;
     ensure!(status_of(run_one(&mut pair, open)?) == Some(Status::AUTH_FAILED));
     Ok(Outcome::Passed("corrupted tag caught".into()))
@@ -1278,12 +1296,12 @@ pub fn async_queue_with_coalesced_interrupts(device: &Arc<Device>) -> Result<Out
 /// A completion the device never writes fails its job with `TimedOut`; the queue is then
 /// marked broken rather than trusted.
 pub fn lost_completion_times_out(device: &Arc<Device>) -> Result<Outcome> {
-    let faults = match model_faults(device) {
+    let faults = match model_faults(device, &[FaultCode::DROP_NEXT_COMPLETION]) {
         Ok(faults) => faults,
         Err(skip) => return Ok(skip),
     };
     let mut pair = queue(device, 16)?;
-    faults.inject(Fault::DropNextCompletion);
+    faults.inject(Fault::DropNextCompletion)?;
     let mut result = None;
     pair.run(
         &[Job {
@@ -1313,14 +1331,14 @@ pub fn lost_completion_times_out(device: &Arc<Device>) -> Result<Outcome> {
 /// A device reset fails the jobs in flight with `DeviceLost`, invalidates key slots, and the
 /// device serves new queues afterwards.
 pub fn reset_fails_jobs_in_flight(device: &Arc<Device>) -> Result<Outcome> {
-    let faults = match model_faults(device) {
+    let faults = match model_faults(device, &[FaultCode::STALL, FaultCode::FATAL]) {
         Ok(faults) => faults,
         Err(skip) => return Ok(skip),
     };
     let mut pair = queue(device, 16)?;
     let slot = raw_slot(device, AeadAlgorithm::AES_128_GCM)?;
     // The reset lifts the stall; no guard, which would resume the next incarnation.
-    faults.inject(Fault::Stall);
+    faults.inject(Fault::Stall)?;
     ensure!(
         pair.submit(&[
             Job {
@@ -1333,7 +1351,7 @@ pub fn reset_fails_jobs_in_flight(device: &Arc<Device>) -> Result<Outcome> {
             }
         ])? == 2
     );
-    faults.inject(Fault::Fatal);
+    faults.inject(Fault::Fatal)?;
     ensure!(device
         .status()
         .contains(tlsaccel_driver::abi::DeviceStatus::FATAL));
@@ -1366,7 +1384,7 @@ pub fn reset_fails_jobs_in_flight(device: &Arc<Device>) -> Result<Outcome> {
 /// and posts no completion (device-spec §3.1): the host may reuse the memory once ENABLED
 /// reads 0, and not before.
 pub fn disabled_queue_is_held_until_the_engine_lets_go(device: &Arc<Device>) -> Result<Outcome> {
-    let faults = match model_faults(device) {
+    let faults = match model_faults(device, STALL) {
         Ok(faults) => faults,
         Err(skip) => return Ok(skip),
     };
@@ -1383,7 +1401,7 @@ pub fn disabled_queue_is_held_until_the_engine_lets_go(device: &Arc<Device>) -> 
     };
     let completed_before = device.counter(Counter::JobsOk) + device.counter(Counter::JobsFailed);
 
-    let stall = StallGuard::stall(&faults);
+    let stall = StallGuard::stall(&faults)?;
     ensure!(
         pair.submit(&[Job {
             user_data: 1,
@@ -1442,7 +1460,7 @@ const UNMAP_TEST_IOVA: u64 = 0x2_0000_0000;
 /// not yet run): the job fails with `DMA_FAULT` and the memory is never written, because the
 /// device's IOMMU checks the mapping at every access, not only at translation.
 pub fn unmap_under_a_held_job_faults_it(device: &Arc<Device>) -> Result<Outcome> {
-    let faults = match model_faults(device) {
+    let faults = match model_faults(device, STALL) {
         Ok(faults) => faults,
         Err(skip) => return Ok(skip),
     };
@@ -1479,7 +1497,7 @@ pub fn unmap_under_a_held_job_faults_it(device: &Arc<Device>) -> Result<Outcome>
         ..Descriptor::default()
     };
     descriptor.param = [5; 12];
-    let stall = StallGuard::stall(&faults);
+    let stall = StallGuard::stall(&faults)?;
     ensure!(
         pair.submit(&[Job {
             user_data: 1,

@@ -3,6 +3,12 @@
 // memory (the queue engine's 64-bit one, the record engine's 128-bit one) are served
 // through callbacks into Rust, which looks them up in the regions the driver mapped; reads
 // may wait a set latency first, as behind PCIe.
+//
+// Test-bench faults (the reference model's faults of docs/device-spec.md §9 that a bench can
+// show from outside the device): the queue engine's hold input (STALL), the next completion
+// write swallowed (answered OKAY, memory untouched), the record engine's next read burst
+// answered SLVERR, and the fatal input with a code. A reset of the engines (the reset input,
+// or RESET written to DEVICE_CONTROL) clears them, as a reset clears the model's faults.
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -44,9 +50,22 @@ struct Rtl {
         bool wr_error = false;
         bool b_pending = false;
         int b_resp = 0;
+        // Test-bench faults on this burst: its writes are dropped; its reads answer SLVERR.
+        bool wr_drop = false;
+        bool rd_error = false;
     };
     Port q;
     Port e;
+    // Test-bench faults still to happen: the next completion write (queue engine) is
+    // dropped; the next read burst of the record engine fails.
+    bool drop_next_completion = false;
+    bool fail_next_engine_read = false;
+    // The fatal input: as the shell drives it (`tlsa_rtl_set_fatal`), or injected until the
+    // next reset.
+    bool fatal = false;
+    uint32_t fatal_code = 0;
+    bool injected_fatal = false;
+    uint32_t injected_fatal_code = 0;
 };
 
 constexpr int kLimit = 256;
@@ -66,7 +85,9 @@ void load_read_beat(Rtl* r) {
 void load_engine_beat(Rtl* r) {
     auto* m = r->model.get();
     uint8_t bytes[16] = {0};
-    const int ok = r->read(r->memory, r->e.rd_address + 16ull * r->e.rd_beat, bytes, 16);
+    const int ok = r->e.rd_error
+        ? -1
+        : r->read(r->memory, r->e.rd_address + 16ull * r->e.rd_beat, bytes, 16);
     std::memcpy(m->e_rdata.data(), bytes, 16);
     m->e_rresp = ok == 0 ? 0 : 2;
     m->e_rlast = (r->e.rd_beat + 1 == r->e.rd_beats) ? 1 : 0;
@@ -84,6 +105,8 @@ void engine_port(Rtl* r, bool ar, uint64_t araddr, uint32_t arlen, bool rd, bool
         e.rd_address = araddr;
         e.rd_beats = arlen + 1;
         e.rd_beat = 0;
+        e.rd_error = r->fail_next_engine_read;
+        r->fail_next_engine_read = false;
         e.rd_wait = r->read_latency;
         if (e.rd_wait == 0) load_engine_beat(r);
     } else if (e.rd_busy && e.rd_wait > 0) {
@@ -131,6 +154,21 @@ void engine_port(Rtl* r, bool ar, uint64_t araddr, uint32_t arlen, bool rd, bool
     m->e_wready = e.wr_address ? 1 : 0;
     m->e_bvalid = e.b_pending ? 1 : 0;
     m->e_bresp = e.b_resp;
+}
+
+void drive_fatal(Rtl* r) {
+    auto* m = r->model.get();
+    m->fatal = (r->fatal || r->injected_fatal) ? 1 : 0;
+    m->fatal_code = r->injected_fatal ? r->injected_fatal_code : r->fatal_code;
+}
+
+// A reset lifts every test-bench fault (held jobs are dropped by the engines' reset).
+void clear_faults(Rtl* r) {
+    r->model->model_hold = 0;
+    r->drop_next_completion = false;
+    r->fail_next_engine_read = false;
+    r->injected_fatal = false;
+    drive_fatal(r);
 }
 
 void tick(Rtl* r) {
@@ -192,12 +230,15 @@ void tick(Rtl* r) {
         r->q.wr_base = awaddr;
         r->q.wr_beat = 0;
         r->q.wr_error = false;
+        // The queue engine writes nothing but completions, one burst each.
+        r->q.wr_drop = r->drop_next_completion;
+        r->drop_next_completion = false;
     }
     if (w) {
         uint8_t bytes[8];
         std::memcpy(bytes, &wdata, 8);
         // Bytes in address order, so the completion's status word lands last.
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < 8 && !r->q.wr_drop; i++) {
             if ((wstrb >> i) & 1) {
                 if (r->write(r->memory, r->q.wr_base + 8ull * r->q.wr_beat + i, &bytes[i], 1) != 0) {
                     r->q.wr_error = true;
@@ -220,6 +261,7 @@ void tick(Rtl* r) {
         m->m_rlast = 0;
         m->e_rvalid = 0;
         m->e_rlast = 0;
+        clear_faults(r);
     }
     const bool live = !m->dma_reset;
     engine_port(r, live && e_ar, e_araddr, e_arlen, live && e_rd, live && e_aw, e_awaddr,
@@ -267,6 +309,7 @@ void* tlsa_rtl_new(void* memory, tlsa_mem_read_fn read, tlsa_mem_write_fn write,
     m->s_wstrb = 0xf;
     m->fatal = 0;
     m->fatal_code = 0;
+    m->model_hold = 0;
     m->m_arready = 1;
     m->m_rvalid = 0;
     m->m_awready = 1;
@@ -356,8 +399,31 @@ void tlsa_rtl_set_read_latency(void* handle, uint32_t cycles) {
 }
 
 void tlsa_rtl_set_fatal(void* handle, uint32_t fatal, uint32_t code) {
-    auto* m = static_cast<Rtl*>(handle)->model.get();
-    m->fatal = fatal ? 1 : 0;
-    m->fatal_code = code;
+    auto* r = static_cast<Rtl*>(handle);
+    r->fatal = fatal != 0;
+    r->fatal_code = code;
+    drive_fatal(r);
+}
+
+// Test-bench faults (see the top of the file); each lasts until it happens or a reset.
+void tlsa_rtl_set_hold(void* handle, uint32_t hold) {
+    static_cast<Rtl*>(handle)->model->model_hold = hold ? 1 : 0;
+}
+
+uint32_t tlsa_rtl_held(void* handle) { return static_cast<Rtl*>(handle)->model->model_held; }
+
+void tlsa_rtl_drop_next_completion(void* handle) {
+    static_cast<Rtl*>(handle)->drop_next_completion = true;
+}
+
+void tlsa_rtl_fail_next_engine_read(void* handle) {
+    static_cast<Rtl*>(handle)->fail_next_engine_read = true;
+}
+
+void tlsa_rtl_inject_fatal(void* handle, uint32_t code) {
+    auto* r = static_cast<Rtl*>(handle);
+    r->injected_fatal = true;
+    r->injected_fatal_code = code;
+    drive_fatal(r);
 }
 }

@@ -12,6 +12,16 @@
 //! ChaCha20-Poly1305, TLS 1.2 records and the public-key engines are not in the RTL (its
 //! CAPABILITIES register says so; fpga/README.md).
 //!
+//! The RTL has no fault-injection window (CAPABILITIES.MODEL_FAULTS is clear, as on a card);
+//! the test bench injects some of the reference model's faults (device-spec §9) from outside
+//! the device instead, through [`Transport::testbench_faults`], so `ModelFaults` works here:
+//! STALL and RESUME (the queue engine's test-bench hold input, built into the model only),
+//! DROP_NEXT_COMPLETION (the next completion write is answered OKAY and not written),
+//! DMA_FAULT_NEXT_JOB (the record engine's next read burst answers SLVERR: the next job that
+//! reads host memory fails with `DMA_FAULT`) and FATAL (the fatal input, with FATAL_CODE
+//! INJECTED). A reset lifts them all. The others (a corrupted tag, an oversize result length,
+//! a bogus completion) would need the device itself to misbehave and are refused.
+//!
 //! This crate's `unsafe` is the FFI to the C++ shim (`csrc/shim.cpp`) and its callbacks,
 //! each with a SAFETY comment; the model handle is only touched under a mutex.
 
@@ -21,9 +31,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use tlsaccel_driver::abi::{FatalCode, FaultCode, ModelFault};
 use tlsaccel_driver::dma::{DmaError, DmaMapper, DmaRegion};
 use tlsaccel_driver::transport::{EventFd, Transport, TransportError};
-use tlsaccel_driver::Iova;
+use tlsaccel_driver::{Iova, TestbenchFaults};
 
 /// Why the model cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +77,11 @@ mod ffi {
         pub(crate) fn tlsa_rtl_read(handle: *mut c_void, address: u32, data: *mut u32) -> i32;
         pub(crate) fn tlsa_rtl_set_fatal(handle: *mut c_void, fatal: u32, code: u32);
         pub(crate) fn tlsa_rtl_set_read_latency(handle: *mut c_void, cycles: u32);
+        pub(crate) fn tlsa_rtl_set_hold(handle: *mut c_void, hold: u32);
+        pub(crate) fn tlsa_rtl_held(handle: *mut c_void) -> u32;
+        pub(crate) fn tlsa_rtl_drop_next_completion(handle: *mut c_void);
+        pub(crate) fn tlsa_rtl_fail_next_engine_read(handle: *mut c_void);
+        pub(crate) fn tlsa_rtl_inject_fatal(handle: *mut c_void, code: u32);
     }
 }
 
@@ -349,6 +365,101 @@ impl RtlDevice {
         };
         let _ = (&handle, fatal, code);
     }
+
+    /// Drives the queue engine's test-bench hold (the model's STALL while set): a fetched
+    /// descriptor waits before it completes or reaches the record engine. A reset clears it.
+    pub fn set_hold(&self, hold: bool) {
+        let handle = self.lock();
+        #[cfg(rtl_model)]
+        // SAFETY: as in `read`.
+        unsafe {
+            ffi::tlsa_rtl_set_hold(handle.0.as_ptr(), u32::from(hold))
+        };
+        let _ = (&handle, hold);
+    }
+
+    /// Jobs the queue engine holds under [`set_hold`](Self::set_hold): 0 or 1 (it takes one
+    /// job at a time).
+    pub fn held_jobs(&self) -> u32 {
+        let handle = self.lock();
+        #[cfg(rtl_model)]
+        // SAFETY: as in `read`.
+        return unsafe { ffi::tlsa_rtl_held(handle.0.as_ptr()) };
+        #[cfg(not(rtl_model))]
+        {
+            let _ = &handle;
+            0
+        }
+    }
+
+    /// Swallows the queue engine's next completion write: answered OKAY, never written to
+    /// host memory (until a reset).
+    pub fn drop_next_completion(&self) {
+        let handle = self.lock();
+        #[cfg(rtl_model)]
+        // SAFETY: as in `read`.
+        unsafe {
+            ffi::tlsa_rtl_drop_next_completion(handle.0.as_ptr())
+        };
+        let _ = &handle;
+    }
+
+    /// Answers the record engine's next read burst with SLVERR, as an IOMMU refusal would
+    /// be (until a reset).
+    pub fn fail_next_engine_read(&self) {
+        let handle = self.lock();
+        #[cfg(rtl_model)]
+        // SAFETY: as in `read`.
+        unsafe {
+            ffi::tlsa_rtl_fail_next_engine_read(handle.0.as_ptr())
+        };
+        let _ = &handle;
+    }
+
+    /// Drives the fatal input with `code` until the next reset (the engines' reset input or
+    /// RESET in DEVICE_CONTROL), over what [`set_fatal`](Self::set_fatal) drives.
+    pub fn inject_fatal(&self, code: u32) {
+        let handle = self.lock();
+        #[cfg(rtl_model)]
+        // SAFETY: as in `read`.
+        unsafe {
+            ffi::tlsa_rtl_inject_fatal(handle.0.as_ptr(), code)
+        };
+        let _ = (&handle, code);
+    }
+}
+
+/// The faults the test bench shows from outside the device (this crate's docs).
+impl TestbenchFaults for RtlDevice {
+    fn supports(&self, code: FaultCode) -> bool {
+        [
+            FaultCode::STALL,
+            FaultCode::RESUME,
+            FaultCode::DROP_NEXT_COMPLETION,
+            FaultCode::DMA_FAULT_NEXT_JOB,
+            FaultCode::FATAL,
+        ]
+        .contains(&code)
+    }
+
+    fn inject(&self, fault: &ModelFault) -> bool {
+        match fault {
+            ModelFault::Stall => self.set_hold(true),
+            ModelFault::Resume => self.set_hold(false),
+            ModelFault::DropNextCompletion => self.drop_next_completion(),
+            ModelFault::DmaFaultNextJob => self.fail_next_engine_read(),
+            ModelFault::Fatal => self.inject_fatal(FatalCode::INJECTED.0),
+            ModelFault::CorruptNextTag
+            | ModelFault::OversizeNextResultLength
+            | ModelFault::BogusCompletion { .. }
+            | ModelFault::CorruptNextOpenTag => return false,
+        }
+        true
+    }
+
+    fn held_jobs(&self) -> u32 {
+        RtlDevice::held_jobs(self)
+    }
 }
 
 /// # Safety
@@ -540,5 +651,9 @@ impl Transport for RtlTransport {
 
     fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    fn testbench_faults(&self) -> Option<&dyn TestbenchFaults> {
+        Some(self.device.as_ref())
     }
 }
