@@ -135,6 +135,12 @@ pub fn metrics(shared: &Shared) -> String {
             );
         }
         e.single(
+            "tlsaccel_handshakes_waiting_for_device",
+            "gauge",
+            "Handshakes paused on their fiber until the device answers (no thread waits).",
+            load(&h.waiting),
+        );
+        e.single(
             "tlsaccel_handshake_key_reloads_total",
             "counter",
             "Certificate keys loaded into the device again after it was reset.",

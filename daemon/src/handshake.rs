@@ -31,7 +31,7 @@ use rustls::sign::{Signer, SigningKey};
 use rustls::{NamedGroup, SignatureAlgorithm, SignatureScheme};
 use tlsaccel_driver::abi::{HashAlgorithm, PrivateKeyType, RsaPadding};
 use tlsaccel_driver::{
-    Device, DmaBuffer, Job, JobError, JobOp, KeySlot, QueueConfig, QueuePair, SlotRef,
+    AsyncQueue, Device, DmaBuffer, Job, JobError, JobOp, KeySlot, QueueConfig, QueuePair, SlotRef,
 };
 
 /// How long a handshake thread waits for the device before doing the work on the CPU.
@@ -55,6 +55,8 @@ pub struct HandshakeStats {
     pub failed_midway: AtomicU64,
     /// Certificate keys loaded into the device again after it was reset.
     pub key_reloads: AtomicU64,
+    /// Handshakes paused on their fiber until the device answers.
+    pub waiting: AtomicU64,
 }
 
 /// One public-key job and where its answer goes.
@@ -145,6 +147,10 @@ pub struct PkeEngine {
     in_service: AtomicBool,
     shared: Arc<Shared>,
     submitter: Option<std::thread::JoinHandle<()>>,
+    /// The public-key queue of handshakes that run on a fiber (`tls::handshake`): their
+    /// operations are awaited by the connection's task, so no thread waits for the device.
+    /// Made on first use inside the runtime, replaced when broken.
+    fiber_queue: Mutex<Option<Arc<AsyncQueue>>>,
     stats: Arc<HandshakeStats>,
 }
 
@@ -183,6 +189,7 @@ impl PkeEngine {
             in_service: AtomicBool::new(true),
             shared,
             submitter: Some(submitter),
+            fiber_queue: Mutex::new(None),
             stats: Arc::new(HandshakeStats::default()),
         }))
     }
@@ -214,10 +221,16 @@ impl PkeEngine {
     }
 
     /// Queues `ops` together, so they reach the ring in this order (usually under one
-    /// doorbell), and waits for all of them.
+    /// doorbell), and waits for all of them: on a fiber by pausing it (no thread waits),
+    /// elsewhere by blocking this thread.
     fn run_in_order(&self, ops: Vec<PkeOp>) -> Vec<Result<Vec<u8>, JobError>> {
         if !self.in_service() {
             return ops.iter().map(|_| Err(JobError::DeviceLost)).collect();
+        }
+        if tlsaccel_fiber::in_fiber() {
+            if let Some(queue) = self.fiber_queue() {
+                return self.run_on_fiber(&queue, ops);
+            }
         }
         let mut answers = Vec::with_capacity(ops.len());
         {
@@ -240,6 +253,89 @@ impl PkeEngine {
                 })
                 .collect()
         })
+    }
+}
+
+impl PkeEngine {
+    /// The fiber queue, made (in the runtime of the calling task) when there is none or the
+    /// last one broke. `None` when no queue can be had: the thread then blocks as elsewhere.
+    fn fiber_queue(&self) -> Option<Arc<AsyncQueue>> {
+        let mut slot = self.fiber_queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = slot.as_ref().filter(|queue| !queue.is_broken()) {
+            return Some(Arc::clone(queue));
+        }
+        // The queue's completions are reaped by a task of the current runtime.
+        tokio::runtime::Handle::try_current().ok()?;
+        let pair = match self.device.queue(pke_queue_config()) {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::debug!(%error, "no public-key queue for fibers; handshakes block");
+                return None;
+            }
+        };
+        let queue = Arc::new(AsyncQueue::new(pair, REQUEST_TIMEOUT).ok()?);
+        *slot = Some(Arc::clone(&queue));
+        Some(queue)
+    }
+
+    /// Runs `ops` in order on `queue` while the calling fiber is paused.
+    fn run_on_fiber(
+        &self,
+        queue: &Arc<AsyncQueue>,
+        ops: Vec<PkeOp>,
+    ) -> Vec<Result<Vec<u8>, JobError>> {
+        let count = ops.len();
+        let mut jobs = Vec::with_capacity(count);
+        let mut outputs = Vec::with_capacity(count);
+        for op in ops {
+            match prepare(&self.device, op, 0) {
+                // The job's spans hold its input and output memory until the device is done.
+                Ok((job, _input, output)) => {
+                    jobs.push(job.op);
+                    outputs.push(output);
+                }
+                Err(error) => return (0..count).map(|_| Err(error)).collect(),
+            }
+        }
+        let queue = Arc::clone(queue);
+        let work = async move {
+            let results = queue.run_batch(&jobs).await;
+            results
+                .into_iter()
+                .zip(outputs)
+                .map(|(result, output)| {
+                    let answer = result.and_then(|out| {
+                        output
+                            .to_vec(0, out.len as usize)
+                            .map_err(|_| JobError::BadCompletion("output outside its buffer"))
+                    });
+                    let _ = output.zeroize();
+                    answer
+                })
+                .collect::<Vec<_>>()
+        };
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waited = Decrement(&self.stats.waiting);
+        #[allow(unsafe_code)]
+        // SAFETY: called from rustls' signer or key exchange (through `run` / `run_in_order`),
+        // which hold nothing bound to the thread across this call: this function's locals are
+        // moved into `work` or are `Send` (the gauge guard's `&AtomicU64`), and rustls'
+        // handshake keeps only its own `Send` state on the fiber's stack.
+        let waited = unsafe { tlsaccel_fiber::suspend_until(work) };
+        match waited {
+            Ok(results) => results,
+            // Not on a fiber after all (checked by the caller): the work is dropped unrun.
+            Err(_) => (0..count).map(|_| Err(JobError::DeviceLost)).collect(),
+        }
+    }
+}
+
+/// Takes one off a gauge when dropped (also when a paused handshake is dropped).
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

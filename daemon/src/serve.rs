@@ -181,7 +181,7 @@ impl Server {
             None => rustls::crypto::aws_lc_rs::default_provider(),
         };
         let provider = Arc::new(provider);
-        let state = build_state(&config, &base, &provider)?;
+        let state = build_state(&config, &base, &provider, pke.is_some())?;
         let shared = Arc::new(Shared {
             device: device.map(|(d, _)| d),
             pke,
@@ -249,7 +249,12 @@ impl Server {
                     listener.name.get_ref()
                 );
             }
-            build_state(&config, base, &self.shared.provider)
+            build_state(
+                &config,
+                base,
+                &self.shared.provider,
+                self.shared.pke.is_some(),
+            )
         })();
         match result {
             Ok(state) => {
@@ -300,6 +305,7 @@ fn build_state(
     config: &Config,
     base: &Path,
     provider: &Arc<rustls::crypto::CryptoProvider>,
+    offloaded: bool,
 ) -> anyhow::Result<State> {
     let mut pools = HashMap::new();
     for pool in &config.pools {
@@ -307,7 +313,7 @@ fn build_state(
     }
     let mut listeners = HashMap::new();
     for listener in &config.listeners {
-        let tls = ListenerTls::new(listener, base, provider)
+        let tls = ListenerTls::new(listener, base, provider, offloaded)
             .with_context(|| format!("listener {}", listener.name.get_ref()))?;
         let keepalive = *listener.tcp_keepalive_s.get_ref();
         listeners.insert(

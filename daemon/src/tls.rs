@@ -2,9 +2,11 @@
 //!
 //! A listener's `ServerConfig` picks its certificate by SNI (exact name, then `*.` wildcard,
 //! then the default). The handshake runs rustls' unbuffered server API on the connection's
-//! task: socket I/O is async, and each `process_tls_records` call — where signatures and key
-//! exchanges happen, on the device when there is one — runs through `block_in_place`, so a
-//! handshake waiting on the device never stalls other connections. Once rustls reports
+//! task: socket I/O is async, and [`Handshake::advance`], the sans-I/O step that drives
+//! rustls until it needs the network, runs on a fiber (`tlsaccel-fiber`) when handshakes
+//! are offloaded: a signature or key exchange on the device pauses the fiber while the task
+//! awaits the device's answer, so no thread waits for the device and no other connection
+//! waits for this one. Once rustls reports
 //! `WriteTraffic` (the session tickets are written by then), the connection is turned into a
 //! `KernelConnection` plus traffic secrets for the record layer.
 
@@ -128,14 +130,19 @@ impl ResolvesServerCert for Capture {
 pub struct ListenerTls {
     config: Arc<ServerConfig>,
     resolver: Arc<SniResolver>,
+    /// Handshakes run on fibers: the provider's signatures and key exchanges may wait for a
+    /// device.
+    fibers: bool,
 }
 
 impl ListenerTls {
     /// Builds the `ServerConfig` of `listener`.
+    /// `offloaded`: the provider's signatures and key exchanges go to a device.
     pub fn new(
         listener: &config::Listener,
         base: &Path,
         provider: &Arc<CryptoProvider>,
+        offloaded: bool,
     ) -> anyhow::Result<Self> {
         let mut provider = (**provider).clone();
         if !listener.cipher_suites.get_ref().is_empty() {
@@ -176,6 +183,7 @@ impl ListenerTls {
         Ok(Self {
             config: Arc::new(config),
             resolver,
+            fibers: offloaded,
         })
     }
 
@@ -328,77 +336,140 @@ async fn send_pending_alert(
     }
 }
 
+/// The sans-I/O part of a handshake: rustls' connection and the bytes on their way in and
+/// out.
+struct Handshake {
+    conn: UnbufferedServerConnection,
+    incoming: Vec<u8>,
+    outgoing: Vec<u8>,
+    /// Bytes of `outgoing` waiting to be written.
+    pending: usize,
+    early_plaintext: Vec<u8>,
+}
+
+/// What a handshake needs from the network next.
+enum Next {
+    /// Write `outgoing[..pending]`.
+    Transmit,
+    /// Read more of the client's bytes into `incoming`.
+    Input,
+    /// The handshake is complete.
+    Done,
+}
+
+impl Handshake {
+    /// Drives rustls until it needs the network: encodes what it produces, collects early
+    /// plaintext, and stops at data to transmit, a need for input, or the end. Signatures
+    /// and key exchanges happen in here.
+    fn advance(&mut self) -> Result<Next, HandshakeError> {
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.incoming);
+            let state = state.map_err(|error| HandshakeError::Tls { error, alert: None })?;
+            let next = match state {
+                ConnectionState::EncodeTlsData(mut encode) => loop {
+                    match encode.encode(&mut self.outgoing[self.pending..]) {
+                        Ok(n) => {
+                            self.pending += n;
+                            break None;
+                        }
+                        Err(EncodeError::InsufficientSize(size)) => {
+                            self.outgoing.resize(self.pending + size.required_size, 0);
+                        }
+                        Err(other) => return Err(HandshakeError::Encode(other.to_string())),
+                    }
+                },
+                ConnectionState::TransmitTlsData(transmit) => {
+                    // rustls only needs to know the bytes are taken; the caller writes them
+                    // before anything else happens on this connection.
+                    transmit.done();
+                    Some(Next::Transmit)
+                }
+                ConnectionState::BlockedHandshake => Some(Next::Input),
+                ConnectionState::ReadTraffic(mut read) => {
+                    while let Some(record) = read.next_record() {
+                        let record =
+                            record.map_err(|error| HandshakeError::Tls { error, alert: None })?;
+                        self.early_plaintext.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                ConnectionState::WriteTraffic(_) => Some(Next::Done),
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    return Err(HandshakeError::Closed)
+                }
+                // Early data is not accepted (max_early_data_size = 0); anything else is new.
+                _ => return Err(HandshakeError::Closed),
+            };
+            self.incoming.drain(..discard);
+            if let Some(next) = next {
+                return Ok(next);
+            }
+        }
+    }
+}
+
 /// Runs the server side of a handshake on `stream`.
 pub async fn handshake(
     stream: &mut TcpStream,
     listener: &ListenerTls,
 ) -> Result<Established, HandshakeError> {
     let (config, server_name) = listener.for_connection();
-    let mut conn = UnbufferedServerConnection::new(config)?;
-    let mut incoming: Vec<u8> = Vec::with_capacity(4096);
-    let mut outgoing: Vec<u8> = vec![0; 4096];
-    let mut pending = 0;
-    let mut early_plaintext = Vec::new();
+    let mut hs = Box::new(Handshake {
+        conn: UnbufferedServerConnection::new(config)?,
+        incoming: Vec::with_capacity(4096),
+        outgoing: vec![0; 4096],
+        pending: 0,
+        early_plaintext: Vec::new(),
+    });
     loop {
-        // Runs on this worker: the device-backed provider hands the worker's other tasks to
-        // another thread only while it actually waits for the device
-        // (`handshake::PkeEngine`), and the CPU provider blocks no longer than nginx would.
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut incoming);
-        let mut need_input = false;
-        let mut done = false;
-        let state = match state {
-            Ok(state) => state,
-            Err(error) => {
+        let next = if listener.fibers {
+            let (back, next) = tlsaccel_fiber::run(move || {
+                let next = hs.advance();
+                (hs, next)
+            })
+            .await;
+            hs = back;
+            next
+        } else {
+            // On the CPU rustls blocks no longer than nginx would.
+            hs.advance()
+        };
+        match next {
+            Ok(Next::Transmit) => {
+                stream.write_all(&hs.outgoing[..hs.pending]).await?;
+                hs.pending = 0;
+            }
+            Ok(Next::Input) => {
+                if hs.incoming.len() >= MAX_HANDSHAKE_BYTES {
+                    return Err(HandshakeError::TooLarge);
+                }
+                hs.incoming.reserve(4096);
+                if stream.read_buf(&mut hs.incoming).await? == 0 {
+                    return Err(HandshakeError::Closed);
+                }
+            }
+            Ok(Next::Done) => break,
+            Err(HandshakeError::Tls { error, .. }) => {
                 // rustls queued the alert for this error: it goes out before the close.
-                let alert = send_pending_alert(&mut conn, stream, &outgoing[..pending]).await;
+                let Handshake {
+                    conn,
+                    outgoing,
+                    pending,
+                    ..
+                } = &mut *hs;
+                let alert = send_pending_alert(conn, stream, &outgoing[..*pending]).await;
                 return Err(HandshakeError::Tls { error, alert });
             }
-        };
-        match state {
-            ConnectionState::EncodeTlsData(mut encode) => loop {
-                match encode.encode(&mut outgoing[pending..]) {
-                    Ok(n) => {
-                        pending += n;
-                        break;
-                    }
-                    Err(EncodeError::InsufficientSize(size)) => {
-                        outgoing.resize(pending + size.required_size, 0);
-                    }
-                    Err(other) => return Err(HandshakeError::Encode(other.to_string())),
-                }
-            },
-            ConnectionState::TransmitTlsData(transmit) => {
-                stream.write_all(&outgoing[..pending]).await?;
-                pending = 0;
-                transmit.done();
-            }
-            ConnectionState::BlockedHandshake => need_input = true,
-            ConnectionState::ReadTraffic(mut read) => {
-                while let Some(record) = read.next_record() {
-                    early_plaintext.extend_from_slice(record?.payload);
-                }
-            }
-            ConnectionState::WriteTraffic(_) => done = true,
-            ConnectionState::PeerClosed | ConnectionState::Closed => {
-                return Err(HandshakeError::Closed)
-            }
-            // Early data is not accepted (max_early_data_size = 0); anything else is new.
-            _ => return Err(HandshakeError::Closed),
-        }
-        incoming.drain(..discard);
-        if done {
-            break;
-        }
-        if need_input {
-            if incoming.len() >= MAX_HANDSHAKE_BYTES {
-                return Err(HandshakeError::TooLarge);
-            }
-            incoming.reserve(4096);
-            if stream.read_buf(&mut incoming).await? == 0 {
-                return Err(HandshakeError::Closed);
-            }
+            Err(other) => return Err(other),
         }
     }
+    let Handshake {
+        conn,
+        incoming,
+        early_plaintext,
+        ..
+    } = *hs;
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => Version::Tls13,
         _ => Version::Tls12,

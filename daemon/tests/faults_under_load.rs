@@ -8,53 +8,21 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{client_config, config, echo_server, runtime, Daemon, Scratch};
+use support::{
+    client_config, config, control, echo_server, runtime, start_simulator, wait_until, Daemon,
+    Scratch,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 256;
 /// What each connection writes before reading it back, per round.
 const CHUNK: usize = 8 * 1024;
-
-fn start_simulator(socket: &Path, control: &Path) -> Child {
-    let _ = std::fs::remove_file(socket);
-    let _ = std::fs::remove_file(control);
-    let child = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
-        .args(["sim", "--exit-with-parent", "--vfio-user"])
-        .arg(socket)
-        .arg("--control")
-        .arg(control)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("simulator");
-    wait_until("the simulator's sockets", Duration::from_secs(10), || {
-        socket.exists() && control.exists()
-    });
-    child
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn control(path: &Path, command: &str) {
-    let answer = tlsaccel::simcontrol::send(path, command).expect("control socket");
-    // Every device function the server holds, the daemon's among them (idle ones wait for
-    // their client).
-    assert!(
-        answer.starts_with("ok ") && answer != "ok 0",
-        "{command}: {answer}"
-    );
-}
 
 /// One streaming connection: writes chunks and reads each back until told to stop, hashing
 /// both sides. Returns whether everything came back intact, and the bytes moved.

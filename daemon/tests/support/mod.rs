@@ -425,3 +425,41 @@ impl Drop for OpensslClient {
         let _ = self.child.wait();
     }
 }
+
+/// Starts `tlsaccel sim` serving vfio-user at `socket`, with its control socket at `control`.
+pub fn start_simulator(socket: &Path, control: &Path) -> Child {
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(control);
+    let child = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
+        .args(["sim", "--exit-with-parent", "--vfio-user"])
+        .arg(socket)
+        .arg("--control")
+        .arg(control)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("simulator");
+    wait_until("the simulator's sockets", Duration::from_secs(10), || {
+        socket.exists() && control.exists()
+    });
+    child
+}
+
+/// Polls `check` until it holds; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a command to the simulator's control socket; it must reach the device functions.
+pub fn control(path: &Path, command: &str) {
+    let answer = tlsaccel::simcontrol::send(path, command).expect("control socket");
+    // Every device function the server holds, the daemon's among them (idle ones wait for
+    // their client).
+    assert!(
+        answer.starts_with("ok ") && answer != "ok 0",
+        "{command}: {answer}"
+    );
+}
