@@ -120,7 +120,8 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
          * L4 TLS termination to the same plain HTTP/1.1 backend (this harness, own thread): \
          nginx `stream` with `ssl`, HAProxy `mode tcp` with `ssl`, tlsaccel `serve`.\n\
          * {} worker thread(s) or process(es) each (`worker_processes`, `nbthread`, \
-         `worker_threads`). tlsaccel also runs handshake crypto on blocking threads.\n\
+         `worker_threads`). tlsaccel-device's handshakes pause on fibers while the device works \
+         (no extra threads); tlsaccel-cpu's run on the worker.\n\
          * `tlsaccel-device`: the simulated device in a separate process over vfio-user \
          (its CPU is reported apart); handshakes on the device, and each connection \
          direction from its first record of 1 KiB or more (`cpu_below_bytes = 1024`). \
