@@ -641,25 +641,20 @@ impl Mailbox {
     /// Lets the device reach `len` bytes at `iova` (which the caller checked lie in the data
     /// area).
     fn map(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
-        match self.request(shm::OP_MAP, iova.0, len as u64) {
-            0 => Ok(()),
-            _ => Err(DmaError::Map(
-                format!(
-                    "{}: the device refused to map {len} bytes at {iova} (or is lost)",
-                    self.name
-                )
-                .into(),
-            )),
-        }
+        self.window(shm::OP_MAP, "map", iova, len)
     }
 
     /// Takes the window at `iova` back; returns once the device has let go of it.
     fn unmap(&self, iova: Iova, len: usize) -> Result<(), DmaError> {
-        match self.request(shm::OP_UNMAP, iova.0, len as u64) {
+        self.window(shm::OP_UNMAP, "unmap", iova, len)
+    }
+
+    fn window(&self, op: u32, what: &str, iova: Iova, len: usize) -> Result<(), DmaError> {
+        match self.request(op, iova.0, len as u64) {
             0 => Ok(()),
             _ => Err(DmaError::Map(
                 format!(
-                    "{}: the device refused to unmap {len} bytes at {iova} (or is lost)",
+                    "{}: the device refused to {what} {len} bytes at {iova} (or is lost)",
                     self.name
                 )
                 .into(),
@@ -788,6 +783,27 @@ impl Transport for IvshmemTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_memory_windows_must_lie_in_the_data_area() {
+        // Data area at offset 0x10000, 1 MiB, seen at IOVA 0x1_0000_0000 + offset.
+        let (data, base) = ((0x10000, 1 << 20), 0x1_0000_0000);
+        let at = |iova: u64, len| data_window(data, base, Iova(iova), len);
+        assert_eq!(at(base + 0x10000, 4096), Some(0x10000));
+        assert_eq!(
+            at(base + 0x10000 + (1 << 20) - 4096, 4096),
+            Some(0x10000 + (1 << 20) - 4096)
+        );
+        assert_eq!(at(base, 4096), None, "the header");
+        assert_eq!(
+            at(base + 0x10000 + (1 << 20) - 4096, 8192),
+            None,
+            "past the end"
+        );
+        assert_eq!(at(base + 0x10000, 0), None, "empty");
+        assert_eq!(at(base - 4096, 4096), None, "below the shared memory");
+        assert_eq!(at(u64::MAX - 10, 100), None, "overflow");
+    }
 
     #[test]
     fn pci_addresses_are_checked() {
