@@ -327,6 +327,9 @@ async fn send_pending_alert(
     })
     .await;
     // A plaintext alert record: type 21, two bytes of body.
+    if matches!(sent, Ok(Ok(()))) {
+        linger(stream).await;
+    }
     let alert = &out[start..];
     match (sent, alert) {
         (Ok(Ok(())), [21, 3, _, 0, 2, _, description, ..]) => {
@@ -334,6 +337,29 @@ async fn send_pending_alert(
         }
         _ => None,
     }
+}
+
+/// How long, and for how many bytes, a failed handshake's socket keeps reading after its
+/// alert and FIN.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// A lingering close, as nginx's `lingering_close`: reads and discards what the client still
+/// sends (the records it sent behind its last flight) until it closes, for a short time. A
+/// socket closed with unread bytes answers with a reset, and a reset can make the client's
+/// kernel drop the alert it has not read yet.
+async fn linger(stream: &mut TcpStream) {
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// The sans-I/O part of a handshake: rustls' connection and the bytes on their way in and
@@ -344,7 +370,30 @@ struct Handshake {
     outgoing: Vec<u8>,
     /// Bytes of `outgoing` waiting to be written.
     pending: usize,
+    /// Bytes at the start of `incoming` offered to rustls so far (whole records).
+    offered: usize,
     early_plaintext: Vec<u8>,
+}
+
+/// How much of `buf` to offer rustls when it has been offered `offered` bytes and wants
+/// more: up to the end of the next record, or all of `buf` when that record is not complete
+/// yet (rustls then asks for more again). `buf` starts at a record boundary (rustls discards
+/// whole records); `offered` may end inside an incomplete record.
+fn offer_more(buf: &[u8], offered: usize) -> usize {
+    let mut at = 0;
+    loop {
+        let Some(header) = buf.get(at..at + 5) else {
+            return buf.len();
+        };
+        let end = at + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if end > buf.len() {
+            return buf.len();
+        }
+        if end > offered {
+            return end;
+        }
+        at = end;
+    }
 }
 
 /// What a handshake needs from the network next.
@@ -361,10 +410,17 @@ impl Handshake {
     /// Drives rustls until it needs the network: encodes what it produces, collects early
     /// plaintext, and stops at data to transmit, a need for input, or the end. Signatures
     /// and key exchanges happen in here.
+    ///
+    /// rustls is offered the client's records one at a time (`offered`), so the handshake
+    /// ends at the client's Finished: records the client sent behind it stay in `incoming`
+    /// for the record session and its limits, instead of being read by rustls as traffic
+    /// during the handshake.
     fn advance(&mut self) -> Result<Next, HandshakeError> {
         loop {
+            let offered = self.offered;
             let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
+                self.conn.process_tls_records(&mut self.incoming[..offered]);
+            self.offered = offered - discard;
             let state = state.map_err(|error| HandshakeError::Tls { error, alert: None })?;
             let next = match state {
                 ConnectionState::EncodeTlsData(mut encode) => loop {
@@ -385,7 +441,16 @@ impl Handshake {
                     transmit.done();
                     Some(Next::Transmit)
                 }
-                ConnectionState::BlockedHandshake => Some(Next::Input),
+                ConnectionState::BlockedHandshake => {
+                    // rustls wants more: the next record if one is here, else the network.
+                    let more = offer_more(&self.incoming, offered);
+                    if more > offered {
+                        self.offered = more - discard;
+                        None
+                    } else {
+                        Some(Next::Input)
+                    }
+                }
                 ConnectionState::ReadTraffic(mut read) => {
                     while let Some(record) = read.next_record() {
                         let record =
@@ -420,6 +485,7 @@ pub async fn handshake(
         incoming: Vec::with_capacity(4096),
         outgoing: vec![0; 4096],
         pending: 0,
+        offered: 0,
         early_plaintext: Vec::new(),
     });
     loop {
@@ -492,4 +558,29 @@ pub async fn handshake(
         leftover: incoming,
         early_plaintext,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offer_more;
+
+    #[test]
+    fn the_handshake_is_offered_one_record_at_a_time() {
+        // Two records of 3 and 2 bytes, then 4 bytes of a third (its header says 10).
+        let mut buf = vec![22, 3, 3, 0, 3, 1, 2, 3, 23, 3, 3, 0, 2, 9, 9];
+        buf.extend_from_slice(&[23, 3, 3, 0, 10, 1, 2, 3, 4]);
+        assert_eq!(offer_more(&buf, 0), 8, "the first record");
+        assert_eq!(offer_more(&buf, 8), 15, "then the second");
+        assert_eq!(
+            offer_more(&buf, 15),
+            buf.len(),
+            "an incomplete record: all there is"
+        );
+        assert_eq!(offer_more(&buf, buf.len()), buf.len(), "nothing more");
+        // Offered part of a record that has since arrived whole: up to its end.
+        buf.extend_from_slice(&[5, 6, 7, 8, 9, 10, 0xff]);
+        assert_eq!(offer_more(&buf, 20), 30);
+        assert_eq!(offer_more(&[22, 3], 0), 2, "a partial header");
+        assert_eq!(offer_more(&[], 0), 0);
+    }
 }
