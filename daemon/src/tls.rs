@@ -2,7 +2,7 @@
 //!
 //! A listener's `ServerConfig` picks its certificate by SNI (exact name, then `*.` wildcard,
 //! then the default). The handshake runs rustls' unbuffered server API on the connection's
-//! task: socket I/O is async, and [`Handshake::advance`], the sans-I/O step that drives
+//! task: socket I/O is async, and `Handshake::advance`, the sans-I/O step that drives
 //! rustls until it needs the network, runs on a fiber (`tlsaccel-fiber`) when handshakes
 //! are offloaded: a signature or key exchange on the device pauses the fiber while the task
 //! awaits the device's answer, so no thread waits for the device and no other connection
