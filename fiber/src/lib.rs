@@ -85,25 +85,41 @@ where
     }
 }
 
+// A fiber may resume on another thread than the one it paused on. Within one function
+// activation the compiler may compute a thread-local's address once and reuse it, so code
+// that spans a pause must not touch a thread-local directly: it would reach the old thread's.
+// Every access to `CURRENT` therefore goes through these two functions, which are never
+// inlined, so each call finds the thread-local of the thread that makes it.
+
+#[inline(never)]
+fn current() -> *const Yielder<(), Pending> {
+    CURRENT.with(Cell::get)
+}
+
+#[inline(never)]
+fn set_current(yielder: *const Yielder<(), Pending>) {
+    CURRENT.with(|current| current.set(yielder));
+}
+
 /// Marks this thread as running a fiber until dropped (also when the fiber unwinds).
 struct Inside;
 
 impl Inside {
     fn enter(yielder: &Yielder<(), Pending>) -> Self {
-        CURRENT.with(|current| current.set(yielder));
+        set_current(yielder);
         Inside
     }
 }
 
 impl Drop for Inside {
     fn drop(&mut self) {
-        CURRENT.with(|current| current.set(std::ptr::null()));
+        set_current(std::ptr::null());
     }
 }
 
 /// True when the calling code runs on a fiber (inside [`run`]).
 pub fn in_fiber() -> bool {
-    CURRENT.with(|current| !current.get().is_null())
+    !current().is_null()
 }
 
 /// Pauses the calling fiber until `work` completes and returns its output; outside a fiber,
@@ -112,7 +128,9 @@ pub fn in_fiber() -> bool {
 /// # Safety
 /// The caller, and every function on the fiber's stack above it, must hold nothing bound to
 /// the current thread across this call: no `MutexGuard` or other `!Send` value, no reference
-/// into a thread-local. The fiber may resume on another thread of the runtime. (rustls,
+/// into a thread-local, and no thread-local access in the same function activation on both
+/// sides of the call (the compiler may reuse the first access's address). The fiber may
+/// resume on another thread of the runtime. (rustls,
 /// which calls the signer and key exchange that use this, keeps only its own `Send` state on
 /// the stack.)
 pub unsafe fn suspend_until<F>(work: F) -> Result<F::Output, F>
@@ -120,7 +138,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let yielder = CURRENT.with(Cell::get);
+    let yielder = current();
     if yielder.is_null() {
         return Err(work);
     }
@@ -130,7 +148,7 @@ where
         let output = work.await;
         *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(output);
     });
-    CURRENT.with(|current| current.set(std::ptr::null()));
+    set_current(std::ptr::null());
     // SAFETY: CURRENT is non-null only while this thread runs the body of the fiber whose
     // yielder it names: `Inside` sets it when the body starts and clears it when the body
     // ends or unwinds, and this function clears it before suspending and sets it again after
@@ -138,7 +156,7 @@ where
     // `suspend` requires.
     unsafe { (*yielder).suspend(pending) };
     // Resumed, perhaps on another thread: it runs this fiber now.
-    CURRENT.with(|current| current.set(yielder));
+    set_current(yielder);
     let output = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     // `run` resumes a fiber only after polling its work to completion; a fiber dropped while
     // waiting is unwound from inside `suspend` and never gets here.
