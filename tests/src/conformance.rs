@@ -253,8 +253,8 @@ impl Drop for StallGuard<'_> {
 /// What a case that holds jobs with a stall needs.
 const STALL: &[FaultCode] = &[FaultCode::STALL, FaultCode::RESUME];
 
-/// Waits until `done` holds, or fails with `what`.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+/// Waits until `done` holds (polled every 200 µs, for up to 10 s), or fails with `what`.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
     let deadline = std::time::Instant::now() + TIMEOUT;
     while !done() {
         ensure!(std::time::Instant::now() < deadline, "{what}");

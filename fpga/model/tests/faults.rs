@@ -4,7 +4,7 @@
 //! the dropped completion are exercised by the conformance cases (`conformance.rs`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tlsaccel_driver::abi::regs::{self, Counter};
 use tlsaccel_driver::abi::{
@@ -34,14 +34,6 @@ fn run_one(pair: &mut tlsaccel_driver::QueuePair, op: JobOp) -> Option<Status> {
     })
     .expect("the queue runs");
     status
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_micros(200));
-    }
 }
 
 #[test]
@@ -134,9 +126,10 @@ fn a_reset_lifts_the_stall_and_an_injected_fatal() {
         })
         .collect();
     assert_eq!(pair.submit(&nops).expect("submit"), 3);
-    wait_until("the queue engine never held the job", || {
+    tlsaccel_tests::conformance::wait_until("the queue engine never held the job", || {
         faults.held_jobs() == 1
-    });
+    })
+    .expect("held");
     // The queue engine takes one job at a time: the others wait in the ring.
     assert_eq!(faults.held_jobs(), 1);
     faults.inject(ModelFault::Fatal).expect("bench");
