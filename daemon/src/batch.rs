@@ -90,9 +90,42 @@ impl RecordQueue {
         self.queue.is_broken()
     }
 
+    /// True when `other` hands its jobs to the same batcher (jobs handed to one batcher
+    /// reach the device in order).
+    pub fn same_as(&self, other: &RecordQueue) -> bool {
+        self.requests.same_channel(&other.requests)
+    }
+
     /// The batcher's counters.
     pub fn stats(&self) -> &Arc<BatchStats> {
         &self.stats
+    }
+
+    /// Hands `ops` (as [`RecordQueue::run`]) to the batcher now, behind everything this
+    /// connection handed over before, and returns the wait for their results. `None` when
+    /// the batcher's queue is full or gone: nothing was handed over, and the caller waits
+    /// for what it has in flight and uses [`RecordQueue::run`].
+    pub fn enqueue(
+        &self,
+        ops: Vec<JobOp>,
+        buffers: Vec<DmaBuffer>,
+        slot: Arc<KeySlot>,
+    ) -> Option<impl std::future::Future<Output = BatchResult> + Send + 'static> {
+        let count = ops.len();
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            ops,
+            buffers,
+            slot,
+            queued: Instant::now(),
+            reply,
+        };
+        self.requests.try_send(request).ok()?;
+        Some(async move {
+            answer
+                .await
+                .unwrap_or_else(|_| (vec![Err(JobError::DeviceLost); count], Vec::new()))
+        })
     }
 
     /// Runs `ops` (whose spans lie in `buffers`, naming `slot`) in submission order within
@@ -155,11 +188,15 @@ async fn batcher(
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
         stats.in_flight.fetch_add(jobs as u64, Ordering::Relaxed);
-        let queue = queue.clone();
+        // Submitted here, in the order the requests came: a connection may have several
+        // batches for one key slot in flight, and the device numbers its records in the
+        // order it finds them on the ring. Only the wait for the answers runs apart.
+        let ops: Vec<JobOp> = batch.iter().flat_map(|r| r.ops.iter().cloned()).collect();
+        let submitted = queue.submit_batch(&ops).await;
+        drop(ops);
         let stats = Arc::clone(&stats);
         tokio::spawn(async move {
-            let ops: Vec<JobOp> = batch.iter().flat_map(|r| r.ops.iter().cloned()).collect();
-            let mut results = queue.run_batch(&ops).await.into_iter();
+            let mut results = submitted.results().await.into_iter();
             stats.in_flight.fetch_sub(jobs as u64, Ordering::Relaxed);
             for request in batch {
                 let mine: Vec<_> = results.by_ref().take(request.ops.len()).collect();

@@ -72,6 +72,10 @@ pub enum Command {
         /// Engine threads.
         #[arg(long, default_value_t = 2)]
         engines: usize,
+        /// Microseconds an engine polls for doorbells after work before it sleeps (0: sleep
+        /// at once; spinning buys latency with CPU the device's host may need).
+        #[arg(long, default_value_t = 50)]
+        idle_spin_us: u64,
         /// Also listen for fault-injection commands on this socket (the reference model's
         /// control socket, device-spec §9: `stall`, `resume`, `drop-completion`,
         /// `corrupt-tag`, `dma-fault`, `oversize-length`, `fatal`, `reset`, one per line).
@@ -124,6 +128,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             memory_mib,
             queues,
             engines,
+            idle_spin_us,
             control,
         } => {
             if exit_with_parent {
@@ -134,6 +139,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = tlsaccel_sim::DeviceConfig {
                 queues,
                 engines,
+                idle_spin: std::time::Duration::from_micros(idle_spin_us),
                 ..tlsaccel_sim::DeviceConfig::default()
             };
             let memory = memory_mib

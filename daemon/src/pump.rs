@@ -18,6 +18,9 @@
 //! * No copies on the device path: once a connection's sending direction is on the device,
 //!   a plain-TCP backend is read straight into DMA memory, the device seals from there into
 //!   DMA memory, and the records are written to the client from there.
+//! * No waiting on the device path: each such read is handed to the device as it comes
+//!   ([`Sender::pipeline`]), up to `MAX_PIPELINE` batches in flight, and their answers are
+//!   taken oldest first; anything else the sender must do waits until none is in flight.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -36,7 +39,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::pool::{BackendIo, BackendStream};
-use crate::record::{Chunk, Policy, RecordError};
+use crate::record::{Chunk, PendingSeal, Policy, RecordError};
 use crate::serve::Shared;
 use crate::session::{End, Engines, Inbound, Outgoing, Receiver, Sealed, Sender, READ_CHUNK};
 
@@ -44,6 +47,10 @@ use crate::session::{End, Engines, Inbound, Outgoing, Receiver, Sealed, Sender, 
 pub const WINDOW: usize = 256 * 1024;
 /// Most DMA chunks written with one `writev(2)`.
 const MAX_WRITEV: usize = 64;
+/// Most batches of one connection's sending direction on the device at once.
+const MAX_PIPELINE: usize = 8;
+/// Most DMA buffers a busy connection keeps for its next backend reads.
+const SPARE_BUFFERS: usize = WINDOW / READ_CHUNK;
 /// Longest a failing connection may take to deliver its last alert.
 pub const LINGER: Duration = Duration::from_secs(2);
 
@@ -216,18 +223,30 @@ impl BackendReader {
     /// backend is plain TCP), else through the thread's scratch buffer into host memory. An
     /// empty chunk is the end of stream. Allocates only once the socket is readable; cancel-
     /// safe.
-    async fn read(&mut self, dma: Option<&tlsaccel_driver::DmaPool>) -> io::Result<Chunk> {
+    ///
+    /// A DMA read takes a buffer from `spare` (this connection's own, done with) before it
+    /// allocates, and puts it back when the read finds nothing after all.
+    async fn read(
+        &mut self,
+        dma: Option<&tlsaccel_driver::DmaPool>,
+        spare: &mut Vec<tlsaccel_driver::DmaBuffer>,
+    ) -> io::Result<Chunk> {
         match self {
             BackendReader::Tcp(half) => loop {
                 std::future::poll_fn(|cx| half.as_ref().poll_read_ready(cx)).await?;
                 let socket: &TcpStream = half.as_ref();
-                if let Some(Ok(buffer)) = dma.map(|pool| pool.alloc(READ_CHUNK)) {
+                let buffer =
+                    dma.and_then(|pool| spare.pop().map(Ok).or(Some(pool.alloc(READ_CHUNK))));
+                if let Some(Ok(buffer)) = buffer {
                     match socket.try_io(Interest::READABLE, || {
                         buffer.read_from_fd(socket.as_fd(), 0, READ_CHUNK)
                     }) {
                         Ok(0) => return Ok(Chunk::Heap(Vec::new())),
                         Ok(n) => return Ok(Chunk::Dma(buffer, 0..n)),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            spare.push(buffer);
+                            continue;
+                        }
                         Err(e) => return Err(e),
                     }
                 }
@@ -333,7 +352,17 @@ pub async fn run(
     let mut sender = Some(sender);
     let mut rx_job: Option<Job<'_, (Receiver, Inbound)>> = None;
     let mut tx_job: Option<Job<'_, (Sender, Sealed)>> = None;
+    // Batches of the backend's bytes on the device, oldest first, and the queue they went
+    // to: while the sending direction is on the device, each read is handed over as it
+    // comes, without waiting for the batches before it.
+    let mut tx_pipe: VecDeque<PendingSeal> = VecDeque::new();
+    let mut tx_pipe_bytes = 0usize;
+    let mut pipe_queue: Option<crate::batch::RecordQueue> = None;
     let mut outgoing: Vec<Outgoing> = Vec::new();
+    // DMA buffers the backend's bytes were sealed from, kept for its next reads while the
+    // connection is busy: reusing its own buffer spares zeroing one per read.
+    let mut spare: Vec<tlsaccel_driver::DmaBuffer> = Vec::new();
+    let mut moved_since_tick = false;
     let mut outgoing_bytes = 0usize;
     stats
         .bytes_client_to_backend
@@ -372,6 +401,37 @@ pub async fn run(
         *linger_until = Some(Instant::now() + LINGER);
     };
 
+    // What the sender produced: records for the client, buffers to reuse, the end.
+    macro_rules! absorb {
+        ($sealed:expr) => {{
+            let sealed: Sealed = $sealed;
+            for alert in &sealed.alerts {
+                stats.alerts_sent.inc(&format!("{alert:?}"));
+            }
+            if sealed.key_exhausted {
+                shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
+            }
+            sending_on_device = sealed.on_device;
+            for buffer in sealed.spent {
+                if spare.len() < SPARE_BUFFERS && buffer.len() == READ_CHUNK {
+                    spare.extend(buffer.reusable());
+                }
+            }
+            for chunk in sealed.records {
+                to_client.push(chunk);
+            }
+            if let Some(error) = sealed.failed {
+                fail(
+                    PumpError::KeyUpdate(error),
+                    None,
+                    &mut failure,
+                    &mut outgoing,
+                    &mut linger_until,
+                );
+            }
+        }};
+    }
+
     loop {
         // Start the crypto that has work.
         if rx_job.is_none() && failure.is_none() && to_backend.len() < WINDOW {
@@ -390,7 +450,68 @@ pub async fn run(
                 }));
             }
         }
-        if tx_job.is_none() && !outgoing.is_empty() && to_client.len() < WINDOW {
+        // The fast path: data already in DMA memory goes to the device as it comes.
+        while tx_job.is_none()
+            && failure.is_none()
+            && sending_on_device
+            && tx_pipe.len() < MAX_PIPELINE
+            && to_client.len() + tx_pipe_bytes < WINDOW
+            && matches!(outgoing.first(), Some(Outgoing::Data(Chunk::Dma(..))))
+        {
+            let Some((s, device)) = sender.as_mut().zip(shared.record_device(ctx.queue_number))
+            else {
+                break;
+            };
+            if pipe_queue
+                .as_ref()
+                .is_some_and(|q| !tx_pipe.is_empty() && !q.same_as(&device.queue))
+            {
+                // The queue was replaced: what is in flight on the old one finishes first.
+                break;
+            }
+            let mut batch = Vec::new();
+            let mut records = 0;
+            let mut bytes = 0;
+            while let Some(Outgoing::Data(Chunk::Dma(_, range))) = outgoing.first() {
+                let more = range
+                    .len()
+                    .div_ceil(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT);
+                if records > 0 && records + more > crate::session::RECORDS_PER_BATCH {
+                    break;
+                }
+                records += more;
+                bytes += range.len();
+                if let Outgoing::Data(Chunk::Dma(buffer, range)) = outgoing.remove(0) {
+                    batch.push((buffer, range));
+                }
+            }
+            let engines = Engines {
+                device: Some(&device),
+                policy: ctx.policy,
+                stats: &shared.records,
+            };
+            match s.pipeline(batch, engines) {
+                Ok(pending) => {
+                    outgoing_bytes -= bytes;
+                    tx_pipe_bytes += bytes;
+                    tx_pipe.push_back(pending);
+                    pipe_queue = Some(device.queue.clone());
+                }
+                Err(batch) => {
+                    // Not now (a key update is due, the batcher is full...): the general
+                    // path takes it once the pipeline is empty.
+                    for (i, (buffer, range)) in batch.into_iter().enumerate() {
+                        outgoing.insert(i, Outgoing::Data(Chunk::Dma(buffer, range)));
+                    }
+                    break;
+                }
+            }
+        }
+        if tx_job.is_none()
+            && tx_pipe.is_empty()
+            && !outgoing.is_empty()
+            && to_client.len() < WINDOW
+        {
             if let Some(mut s) = sender.take() {
                 let work = std::mem::take(&mut outgoing);
                 outgoing_bytes = 0;
@@ -413,7 +534,12 @@ pub async fn run(
             client_shut = true;
             let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
         }
-        if failure.is_some() && tx_job.is_none() && outgoing.is_empty() && to_client.is_empty() {
+        if failure.is_some()
+            && tx_job.is_none()
+            && tx_pipe.is_empty()
+            && outgoing.is_empty()
+            && to_client.is_empty()
+        {
             break;
         }
         if failure.is_none()
@@ -423,6 +549,7 @@ pub async fn run(
             && to_client.is_empty()
             && rx_job.is_none()
             && tx_job.is_none()
+            && tx_pipe.is_empty()
         {
             return Ok(());
         }
@@ -434,7 +561,7 @@ pub async fn run(
         let read_backend_now = failure.is_none()
             && !backend_done
             && !sending_closed
-            && to_client.len() + outgoing_bytes < WINDOW;
+            && to_client.len() + outgoing_bytes + tx_pipe_bytes < WINDOW;
         let shut_backend =
             failure.is_none() && client_done && to_backend.is_empty() && !backend_shut;
         let dma = if read_backend_now && sending_on_device && backend_w.takes_dma() {
@@ -509,27 +636,24 @@ pub async fn run(
             (s, sealed) = async { tx_job.as_mut().expect("checked").await }, if tx_job.is_some() => {
                 tx_job = None;
                 sender = Some(s);
-                for alert in &sealed.alerts {
-                    stats.alerts_sent.inc(&format!("{alert:?}"));
-                }
-                if sealed.key_exhausted {
-                    shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
-                }
-                sending_on_device = sealed.on_device;
-                for chunk in sealed.records {
-                    to_client.push(chunk);
-                }
-                if let Some(error) = sealed.failed {
-                    fail(PumpError::KeyUpdate(error), None, &mut failure, &mut outgoing, &mut linger_until);
-                }
+                absorb!(sealed);
             }
-            r = backend_r.read(dma), if read_backend_now => match r {
+            (results, _) = async { tx_pipe.front_mut().expect("checked").answer.as_mut().await },
+                if !tx_pipe.is_empty() => {
+                let Some(pending) = tx_pipe.pop_front() else { continue };
+                let Some(s) = sender.as_mut() else { continue };
+                let sealed = s.finish(pending.work, results, &shared.records);
+                tx_pipe_bytes = tx_pipe.iter().map(|p| p.bytes()).sum();
+                absorb!(sealed);
+            }
+            r = backend_r.read(dma, &mut spare), if read_backend_now => match r {
                 Ok(data) if data.is_empty() => {
                     backend_done = true;
                     outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
                 }
                 Ok(data) => {
                     last_progress = Instant::now();
+                    moved_since_tick = true;
                     stats
                         .bytes_backend_to_client
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -570,6 +694,10 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 let now = Instant::now();
+                if !std::mem::take(&mut moved_since_tick) {
+                    // Quiet for a tick: this connection keeps no DMA memory while idle.
+                    spare.clear();
+                }
                 if linger_until.is_some_and(|t| now >= t) {
                     break;
                 }

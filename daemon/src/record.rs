@@ -26,7 +26,7 @@ use tlsaccel_driver::abi::{
 use tlsaccel_driver::{Device, DmaBuffer, JobError, JobOp, KeyMaterial, KeySlot};
 use tlsaccel_record::RecordKey;
 
-use crate::batch::RecordQueue;
+use crate::batch::{BatchResult, RecordQueue};
 
 /// TLS content types.
 pub mod content {
@@ -166,6 +166,8 @@ pub struct Direction {
     slot: Option<Arc<KeySlot>>,
     /// The device failed this direction once; it stays on the CPU.
     device_off: bool,
+    /// Records handed to the device and not yet answered (pipelined seals).
+    in_flight: u64,
 }
 
 impl std::fmt::Debug for Direction {
@@ -220,6 +222,7 @@ impl Direction {
             sequence,
             slot: None,
             device_off: false,
+            in_flight: 0,
         })
     }
 
@@ -316,75 +319,66 @@ impl Direction {
     /// it), in records of at most 2^14 bytes, in order. On the device every record goes in
     /// one submission, sealed from the sources into one DMA buffer, never passing through
     /// host memory; what the device does not seal (it failed, or the direction is on the
-    /// CPU) is copied out and sealed on the CPU.
+    /// CPU) is copied out and sealed on the CPU. Returns the records and the sources' buffers.
     pub async fn seal_dma(
         &mut self,
-        sources: &[(DmaBuffer, Range<usize>)],
+        sources: Vec<(DmaBuffer, Range<usize>)>,
         device: Option<&RecordDevice>,
         policy: Policy,
         stats: &RecordStats,
-    ) -> Vec<Chunk> {
-        debug_assert!(self.seal);
-        // (source, range) of every record.
-        let pieces: Vec<(usize, Range<usize>)> = sources
-            .iter()
-            .enumerate()
-            .flat_map(|(i, (_, range))| {
-                let end = range.end;
-                range
-                    .clone()
-                    .step_by(TLS_MAX_PLAINTEXT)
-                    .map(move |at| (i, at..(at + TLS_MAX_PLAINTEXT).min(end)))
-            })
-            .collect();
-        let largest = pieces.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-        let mut chunks = Vec::new();
-        let mut done = 0;
-        if !pieces.is_empty() && self.wants_device(device, policy, largest, stats) {
+    ) -> (Vec<Chunk>, Vec<DmaBuffer>) {
+        debug_assert!(self.seal && self.in_flight == 0);
+        let work = DmaSeal::new(sources);
+        let largest = work.pieces.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+        if !work.pieces.is_empty() && self.wants_device(device, policy, largest, stats) {
             if let Some(device) = device {
-                if let Some((dst, sealed, bytes)) = self
-                    .seal_dma_on_device(sources, &pieces, device, stats)
-                    .await
-                {
-                    if bytes > 0 {
-                        chunks.push(Chunk::Dma(dst, 0..bytes));
+                match self.submit_dma_seal(work, device, stats, false) {
+                    Ok(pending) => {
+                        let results = pending.answer.await.0;
+                        return self.finish_dma_seal(pending.work, results, stats);
                     }
-                    done = sealed;
+                    Err(work) => return self.finish_dma_seal(work, Vec::new(), stats),
                 }
             }
         }
-        if done < pieces.len() {
-            let mut out = Vec::new();
-            for (source, range) in &pieces[done..] {
-                let mut plain = vec![0; range.len()];
-                if sources[*source].0.read(range.start, &mut plain).is_err() {
-                    break;
-                }
-                self.seal_on_cpu(content::APPLICATION_DATA, &plain, &mut out);
-                stats.cpu_sealed_records.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .cpu_sealed_bytes
-                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
-                tlsaccel_record::scrub(&mut plain);
-            }
-            chunks.push(Chunk::Heap(out));
-        }
-        chunks
+        self.finish_dma_seal(work, Vec::new(), stats)
     }
 
-    /// The device half of [`Direction::seal_dma`]: every record into one buffer, in one
-    /// submission. Returns it with how many records the device sealed and their bytes;
-    /// `None` when no job ran.
-    async fn seal_dma_on_device(
+    /// Records of application data in DMA memory, handed to the device without waiting for
+    /// the answer, behind the direction's batches already in flight: the device numbers a
+    /// slot's records in the order it finds them. Only for a direction on the device with
+    /// `device` the queue of its batches in flight. The answer goes to
+    /// [`Direction::finish_dma_seal`], in the order of submission. Gives the sources back
+    /// when nothing was submitted (no slot, no DMA memory, or the batcher is full).
+    pub fn pipeline_dma_seal(
         &mut self,
-        sources: &[(DmaBuffer, Range<usize>)],
-        pieces: &[(usize, Range<usize>)],
+        sources: Vec<(DmaBuffer, Range<usize>)>,
         device: &RecordDevice,
         stats: &RecordStats,
-    ) -> Option<(DmaBuffer, usize, usize)> {
-        let slot = self.slot.clone()?;
+    ) -> Result<PendingSeal, Vec<(DmaBuffer, Range<usize>)>> {
+        debug_assert!(self.seal);
+        self.submit_dma_seal(DmaSeal::new(sources), device, stats, true)
+            .map_err(|work| work.sources)
+    }
+
+    /// Records this direction has on the device, not yet answered.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+
+    fn submit_dma_seal(
+        &mut self,
+        work: DmaSeal,
+        device: &RecordDevice,
+        stats: &RecordStats,
+        pipelined: bool,
+    ) -> Result<PendingSeal, DmaSeal> {
+        let Some(slot) = self.slot.clone() else {
+            return Err(work);
+        };
         let algorithm = self.material.algorithm;
-        let lens: Vec<usize> = pieces
+        let lens: Vec<usize> = work
+            .pieces
             .iter()
             .map(|(_, p)| match self.version {
                 Version::Tls13 => tls13_record_len(p.len(), 0),
@@ -394,16 +388,16 @@ impl Direction {
         let total: usize = lens.iter().sum();
         let Ok(dst) = device.device.pool().alloc_for_output(total) else {
             stats.device_saturated.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Err(work);
         };
-        let mut ops = Vec::with_capacity(pieces.len());
+        let mut ops = Vec::with_capacity(work.pieces.len());
         let mut at = 0;
-        for ((source, piece), &record_len) in pieces.iter().zip(&lens) {
+        for ((source, piece), &record_len) in work.pieces.iter().zip(&lens) {
             let (Ok(src_span), Ok(dst_span)) = (
-                sources[*source].0.span(piece.start, piece.len()),
+                work.sources[*source].0.span(piece.start, piece.len()),
                 dst.span(at, record_len),
             ) else {
-                return None;
+                return Err(work);
             };
             at += record_len;
             ops.push(match self.version {
@@ -425,36 +419,98 @@ impl Direction {
         }
         // The spans hold both buffers for as long as the device may use them; the batch
         // needs no buffers of its own.
-        let (results, _) = device.queue.run(ops, Vec::new(), Arc::clone(&slot)).await;
-        let mut sealed = 0;
-        let mut bytes = 0;
-        for (i, result) in results.iter().enumerate() {
-            match result {
-                Ok(output) if output.len as usize == lens[i] => {
-                    self.sequence += 1;
-                    sealed += 1;
-                    bytes += lens[i];
-                    stats.device_sealed_records.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .device_sealed_bytes
-                        .fetch_add(pieces[i].1.len() as u64, Ordering::Relaxed);
-                }
-                Ok(_) | Err(_) => {
-                    tracing::warn!("device seal failed; direction moves to the CPU");
-                    self.fall_back(stats);
-                    break;
+        let answer: Answer = if pipelined {
+            match device.queue.enqueue(ops, Vec::new(), slot) {
+                Some(answer) => Box::pin(answer),
+                None => return Err(work),
+            }
+        } else {
+            let queue = device.queue.clone();
+            Box::pin(async move { queue.run(ops, Vec::new(), slot).await })
+        };
+        self.in_flight += work.pieces.len() as u64;
+        Ok(PendingSeal {
+            answer,
+            work: DmaWork {
+                seal: work,
+                dst: Some(dst),
+                lens,
+            },
+        })
+    }
+
+    /// Takes the device's answer for a batch from [`Direction::pipeline_dma_seal`] (or none,
+    /// for work that never reached it) and gives the records, in order, with the sources'
+    /// buffers. What the device did not seal is sealed on the CPU at the right numbers: a
+    /// failed record moves the direction to the CPU, and every batch still in flight behind
+    /// it is then sealed again on the CPU, whatever the device answers for it, so no
+    /// number is used twice on the wire.
+    pub fn finish_dma_seal(
+        &mut self,
+        work: impl Into<DmaWork>,
+        results: Vec<Result<tlsaccel_driver::JobOutput, JobError>>,
+        stats: &RecordStats,
+    ) -> (Vec<Chunk>, Vec<DmaBuffer>) {
+        let DmaWork { seal, dst, lens } = work.into();
+        let DmaSeal { sources, pieces } = seal;
+        let mut chunks = Vec::new();
+        let mut done = 0;
+        if let Some(dst) = dst {
+            self.in_flight -= pieces.len() as u64;
+            // After a fall-back the device's answers for batches behind it count for nothing.
+            let answered = if self.slot.is_some() {
+                results.as_slice()
+            } else {
+                &[]
+            };
+            let mut bytes = 0;
+            for (i, result) in answered.iter().enumerate().take(pieces.len()) {
+                match result {
+                    Ok(output) if output.len as usize == lens[i] => {
+                        self.sequence += 1;
+                        done += 1;
+                        bytes += lens[i];
+                        stats.device_sealed_records.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .device_sealed_bytes
+                            .fetch_add(pieces[i].1.len() as u64, Ordering::Relaxed);
+                    }
+                    Ok(_) | Err(_) => {
+                        tracing::warn!("device seal failed; direction moves to the CPU");
+                        self.fall_back(stats);
+                        break;
+                    }
                 }
             }
+            if done == pieces.len() {
+                // Nothing but sealed records: what goes on the wire needs no zeroing.
+                dst.mark_public();
+            }
+            stats.zero_copy_sealed_bytes.fetch_add(
+                pieces[..done].iter().map(|(_, r)| r.len()).sum::<usize>() as u64,
+                Ordering::Relaxed,
+            );
+            if bytes > 0 {
+                chunks.push(Chunk::Dma(dst, 0..bytes));
+            }
         }
-        if sealed == pieces.len() {
-            // Nothing but sealed records: what goes on the wire needs no zeroing.
-            dst.mark_public();
+        if done < pieces.len() {
+            let mut out = Vec::new();
+            for (source, range) in &pieces[done..] {
+                let mut plain = vec![0; range.len()];
+                if sources[*source].0.read(range.start, &mut plain).is_err() {
+                    break;
+                }
+                self.seal_on_cpu(content::APPLICATION_DATA, &plain, &mut out);
+                stats.cpu_sealed_records.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .cpu_sealed_bytes
+                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                tlsaccel_record::scrub(&mut plain);
+            }
+            chunks.push(Chunk::Heap(out));
         }
-        stats.zero_copy_sealed_bytes.fetch_add(
-            pieces[..sealed].iter().map(|(_, r)| r.len()).sum::<usize>() as u64,
-            Ordering::Relaxed,
-        );
-        Some((dst, sealed, bytes))
+        (chunks, sources.into_iter().map(|(b, _)| b).collect())
     }
 
     /// Seals on the device; returns how many items it sealed (the rest are the CPU's).
@@ -915,6 +971,82 @@ impl Direction {
     }
 }
 
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
+
+/// Application data in DMA memory to be sealed: the sources and every record's piece of
+/// them (source index, range).
+struct DmaSeal {
+    sources: Vec<(DmaBuffer, Range<usize>)>,
+    pieces: Vec<(usize, Range<usize>)>,
+}
+
+impl DmaSeal {
+    fn new(sources: Vec<(DmaBuffer, Range<usize>)>) -> Self {
+        let pieces = sources
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (_, range))| {
+                let end = range.end;
+                range
+                    .clone()
+                    .step_by(TLS_MAX_PLAINTEXT)
+                    .map(move |at| (i, at..(at + TLS_MAX_PLAINTEXT).min(end)))
+            })
+            .collect();
+        Self { sources, pieces }
+    }
+}
+
+/// A seal handed to the device: the sources, where the records go, and their lengths.
+pub struct DmaWork {
+    seal: DmaSeal,
+    /// `None` for work that never reached the device.
+    dst: Option<DmaBuffer>,
+    lens: Vec<usize>,
+}
+
+impl std::fmt::Debug for DmaWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaWork")
+            .field("records", &self.seal.pieces.len())
+            .field("on_device", &self.dst.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<DmaSeal> for DmaWork {
+    fn from(seal: DmaSeal) -> Self {
+        // Never handed to the device: no output, every record for the CPU.
+        Self {
+            seal,
+            dst: None,
+            lens: Vec::new(),
+        }
+    }
+}
+
+/// A batch of records on the device ([`Direction::pipeline_dma_seal`]): await `answer`,
+/// then give it to [`Direction::finish_dma_seal`] with `work`.
+pub struct PendingSeal {
+    pub answer: Answer,
+    pub work: DmaWork,
+}
+
+impl PendingSeal {
+    /// Plaintext bytes in the batch.
+    pub fn bytes(&self) -> usize {
+        self.work.seal.pieces.iter().map(|(_, r)| r.len()).sum()
+    }
+}
+
+impl std::fmt::Debug for PendingSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingSeal")
+            .field("records", &self.work.lens.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Bytes on their way to a peer: in host memory, or in DMA memory a device job wrote (sent
 /// from there, without a copy).
 #[derive(Debug)]
@@ -1117,6 +1249,7 @@ pub fn key_update_message(update_requested: bool) -> [u8; 5] {
 mod tests {
     use super::*;
     use rustls::crypto::cipher::{AeadKey, Iv};
+    use tlsaccel_driver::abi::ModelFault;
 
     fn secrets(chacha: bool) -> ConnectionTrafficSecrets {
         let key = AeadKey::from([7u8; 32]);
@@ -1409,5 +1542,133 @@ mod tests {
             let result = open_all(&mut open, bad, Some(&rd), &stats).await;
             assert_eq!(result, vec![Err(RecordError::BadRecordMac)]);
         });
+    }
+
+    /// `count` sources of DMA memory, each `len` bytes of a pattern that differs per source.
+    fn dma_sources(
+        rd: &RecordDevice,
+        count: usize,
+        len: usize,
+        first: u8,
+    ) -> Vec<(DmaBuffer, Range<usize>)> {
+        (0..count)
+            .map(|i| {
+                let buffer = rd.device.pool().alloc(len).expect("dma");
+                let bytes: Vec<u8> = (0..len)
+                    .map(|j| first.wrapping_add((i * 31 + j) as u8))
+                    .collect();
+                buffer.write(0, &bytes).expect("write");
+                (buffer, 0..len)
+            })
+            .collect()
+    }
+
+    fn plaintext_of(sources: &[(DmaBuffer, Range<usize>)]) -> Vec<u8> {
+        sources
+            .iter()
+            .flat_map(|(b, r)| b.to_vec(r.start, r.len()).expect("read"))
+            .collect()
+    }
+
+    fn wire_of(chunks: Vec<Chunk>) -> Vec<u8> {
+        chunks.into_iter().flat_map(Chunk::into_heap).collect()
+    }
+
+    /// Seals three batches with all of them on the device at once (held by a stalled
+    /// device), with `fault` injected before the device runs them; the wire must open on
+    /// the CPU to exactly the plaintext, in order, whatever the device did.
+    fn pipelined_batches_with(fault: Option<ModelFault>) -> RecordStats {
+        let all = RecordStats::default();
+        let stats = &all;
+        on_the_simulator(|device, rd| async move {
+            let s = secrets(false);
+            let mut seal = Direction::new(Version::Tls13, true, &s, 9).expect("seal");
+            let mut open = Direction::new(Version::Tls13, false, &s, 9).expect("open");
+            let policy = Policy { cpu_below: 0 };
+            // The first batch moves the direction onto the device.
+            let first = dma_sources(&rd, 1, 20_000, 1);
+            let mut expected = plaintext_of(&first);
+            let (chunks, _) = seal.seal_dma(first, Some(&rd), policy, stats).await;
+            assert!(seal.on_device());
+            let mut wire = wire_of(chunks);
+
+            let faults = tlsaccel_driver::ModelFaults::new(&device).expect("faults");
+            faults.inject(ModelFault::Stall).expect("stall");
+            let mut pending = Vec::new();
+            for (i, (count, len)) in [(2, 30_000), (1, 16_384), (3, 5_000)]
+                .into_iter()
+                .enumerate()
+            {
+                let sources = dma_sources(&rd, count, len, 50 * i as u8);
+                expected.extend(plaintext_of(&sources));
+                pending.push(
+                    seal.pipeline_dma_seal(sources, &rd, stats)
+                        .expect("handed over"),
+                );
+            }
+            assert_eq!(seal.in_flight(), 4 + 1 + 3);
+            if let Some(fault) = fault {
+                faults.inject(fault).expect("fault");
+            }
+            faults.inject(ModelFault::Resume).expect("resume");
+            for p in pending {
+                let (results, _) = p.answer.await;
+                let was_on_device = seal.on_device();
+                let device_before = stats.device_sealed_records.load(Ordering::Relaxed);
+                let (chunks, spent) = seal.finish_dma_seal(p.work, results, stats);
+                assert!(!spent.is_empty());
+                if !was_on_device {
+                    // Behind a failure, the device's answers count for nothing.
+                    assert_eq!(
+                        stats.device_sealed_records.load(Ordering::Relaxed),
+                        device_before,
+                        "a device record used after the direction fell back"
+                    );
+                }
+                wire.extend(wire_of(chunks));
+            }
+            assert_eq!(seal.in_flight(), 0);
+            let opened = open_all(&mut open, wire, None, stats).await;
+            let plain: Vec<u8> = opened
+                .into_iter()
+                .flat_map(|r| {
+                    let (content_type, bytes) = r.expect("every record opens on the CPU");
+                    assert_eq!(content_type, content::APPLICATION_DATA);
+                    bytes
+                })
+                .collect();
+            assert_eq!(plain, expected);
+            assert_eq!(seal.sequence(), open.sequence());
+        });
+        all
+    }
+
+    #[test]
+    fn pipelined_seals_reach_the_wire_in_order_with_their_numbers() {
+        let stats = pipelined_batches_with(None);
+        assert_eq!(stats.cpu_sealed_records.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.device_fallbacks.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_failure_in_a_pipelined_batch_reseals_it_and_everything_behind_it_on_the_cpu() {
+        for fault in [
+            ModelFault::DmaFaultNextJob,
+            ModelFault::OversizeNextResultLength,
+        ] {
+            let stats = pipelined_batches_with(Some(fault));
+            assert_eq!(
+                stats.device_fallbacks.load(Ordering::Relaxed),
+                1,
+                "{fault:?}"
+            );
+            // A record of the first or second batch failed (which one the model's fault
+            // hits is its business): from there on, including the third batch the device
+            // answered for, everything went out sealed by the CPU.
+            let cpu = stats.cpu_sealed_records.load(Ordering::Relaxed);
+            let device = stats.device_sealed_records.load(Ordering::Relaxed);
+            assert!(cpu >= 4, "{fault:?}: {cpu} records resealed");
+            assert_eq!(cpu + device, 2 + 8, "{fault:?}");
+        }
     }
 }

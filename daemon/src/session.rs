@@ -196,6 +196,9 @@ pub struct Sealed {
     pub key_exhausted: bool,
     /// A new key could not be derived: the connection must end.
     pub failed: Option<String>,
+    /// The DMA buffers the data was sealed from, done with: the pump may read the
+    /// backend's next bytes into them ([`tlsaccel_driver::DmaBuffer::reusable`]).
+    pub spent: Vec<tlsaccel_driver::DmaBuffer>,
 }
 
 /// Records being gathered, in order: host-memory records are appended to the last heap
@@ -816,7 +819,7 @@ impl Sender {
             if !dma.is_empty() {
                 let gathered = std::mem::take(&mut dma);
                 if let Err(error) = self
-                    .seal_dma(&gathered, &mut out, &mut sealed, engines)
+                    .seal_dma(gathered, &mut out, &mut sealed, engines)
                     .await
                 {
                     sealed.failed = Some(error);
@@ -849,7 +852,7 @@ impl Sender {
             }
         }
         if !dma.is_empty() && !self.closed {
-            if let Err(error) = self.seal_dma(&dma, &mut out, &mut sealed, engines).await {
+            if let Err(error) = self.seal_dma(dma, &mut out, &mut sealed, engines).await {
                 sealed.failed = Some(error);
                 self.closed = true;
             }
@@ -920,43 +923,99 @@ impl Sender {
     /// [`Direction::seal_dma`]), at most a batch of records per submission.
     async fn seal_dma(
         &mut self,
-        sources: &[(tlsaccel_driver::DmaBuffer, std::ops::Range<usize>)],
+        sources: Vec<(tlsaccel_driver::DmaBuffer, std::ops::Range<usize>)>,
         out: &mut Records,
         sealed: &mut Sealed,
         engines: Engines<'_>,
     ) -> Result<(), String> {
-        let max = tlsaccel_driver::abi::TLS_MAX_PLAINTEXT;
-        let mut at = 0;
-        while at < sources.len() {
+        let mut sources = sources.into_iter().peekable();
+        while sources.peek().is_some() {
             // Sources up to a batch of records.
             let mut records = 0;
-            let mut end = at;
-            while end < sources.len() {
-                let more = sources[end].1.len().div_ceil(max);
+            let mut batch = Vec::new();
+            while let Some((_, range)) = sources.peek() {
+                let more = range
+                    .len()
+                    .div_ceil(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT);
                 if records > 0 && records + more > RECORDS_PER_BATCH {
                     break;
                 }
                 records += more;
-                end += 1;
+                batch.extend(sources.next());
             }
             if !self.make_room(records as u64, out, sealed, engines).await? {
+                sealed.spent.extend(batch.into_iter().map(|(b, _)| b));
+                sealed.spent.extend(sources.map(|(b, _)| b));
                 return Ok(());
             }
-            let chunks = self
+            let (chunks, spent) = self
                 .tx
-                .seal_dma(
-                    &sources[at..end],
-                    engines.device,
-                    engines.policy,
-                    engines.stats,
-                )
+                .seal_dma(batch, engines.device, engines.policy, engines.stats)
                 .await;
             for chunk in chunks {
                 out.push(chunk);
             }
-            at = end;
+            sealed.spent.extend(spent);
         }
         Ok(())
+    }
+
+    /// Hands application data in DMA memory (at most [`RECORDS_PER_BATCH`] records) to the
+    /// device without waiting for it, behind what is already in flight, when nothing else
+    /// needs doing first: the direction is on the device and open, and neither a key update
+    /// nor the TLS 1.2 record limit falls within these records. Otherwise gives the data
+    /// back; the caller then waits for what is in flight and uses [`Sender::seal`].
+    pub fn pipeline(
+        &mut self,
+        data: Vec<(tlsaccel_driver::DmaBuffer, std::ops::Range<usize>)>,
+        engines: Engines<'_>,
+    ) -> Result<record::PendingSeal, Vec<(tlsaccel_driver::DmaBuffer, std::ops::Range<usize>)>>
+    {
+        let records: u64 = data
+            .iter()
+            .map(|(_, r)| r.len().div_ceil(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT) as u64)
+            .sum();
+        let next = self.tx.sequence() + self.tx.in_flight();
+        let Some(device) = engines.device else {
+            return Err(data);
+        };
+        if self.closed
+            || !self.tx.on_device()
+            || records == 0
+            || records > RECORDS_PER_BATCH as u64
+            || next + records + 1 > self.record_limit
+            || next + records >= self.rekey_after
+        {
+            return Err(data);
+        }
+        self.tx.pipeline_dma_seal(data, device, engines.stats)
+    }
+
+    /// Records handed to the device by [`Sender::pipeline`] and not yet finished.
+    pub fn in_flight(&self) -> u64 {
+        self.tx.in_flight()
+    }
+
+    /// Takes the device's answer to a [`Sender::pipeline`] batch, in the order they were
+    /// handed over: the records for the client (sealed on the CPU where the device failed,
+    /// see [`Direction::finish_dma_seal`]) and the buffers they were sealed from.
+    pub fn finish(
+        &mut self,
+        work: record::DmaWork,
+        results: Vec<Result<tlsaccel_driver::JobOutput, tlsaccel_driver::JobError>>,
+        stats: &RecordStats,
+    ) -> Sealed {
+        let (records, spent) = self.tx.finish_dma_seal(work, results, stats);
+        let mut out = Records::default();
+        for chunk in records {
+            out.push(chunk);
+        }
+        Sealed {
+            records: out.finish(),
+            on_device: self.tx.on_device(),
+            spent,
+            ..Sealed::default()
+        }
     }
 
     async fn seal_alert(

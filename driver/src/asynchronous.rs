@@ -123,6 +123,19 @@ impl AsyncQueue {
     /// Submits `ops` with as few doorbells as ring space allows and waits for all of them.
     /// Results come back in the order of `ops`.
     pub async fn run_batch(&self, ops: &[JobOp]) -> Vec<Result<JobOutput, JobError>> {
+        self.submit_batch(ops).await.results().await
+    }
+
+    /// Submits `ops` (waiting for ring room when it is full) and returns once all of them
+    /// are on the ring, without waiting for their results. Jobs that one caller submits
+    /// through successive calls reach the device in the order of the calls, so a caller
+    /// can keep several batches for one key slot in flight; the device numbers records in
+    /// that order.
+    ///
+    /// Cancel safety: if this future is dropped part-way, the jobs already submitted stay
+    /// with the queue (it holds their memory and slots until the device answers or lets
+    /// go), and their waiters are forgotten.
+    pub async fn submit_batch(&self, ops: &[JobOp]) -> Submitted {
         let mut receivers = Vec::with_capacity(ops.len());
         let mut jobs = Vec::with_capacity(ops.len());
         {
@@ -138,12 +151,9 @@ impl AsyncQueue {
                 });
             }
         }
-        // Cancel safety: if this future is dropped, the jobs already submitted stay with the
-        // queue (it holds their memory and slots until the device answers or lets go), and
-        // the waiters of every job are forgotten rather than left in the table.
-        let _forget = ForgetWaiters {
-            shared: &self.shared,
-            jobs: &jobs,
+        let forget = ForgetWaiters {
+            shared: Arc::clone(&self.shared),
+            ids: jobs.iter().map(|j| j.user_data).collect(),
         };
         let mut next = 0;
         while next < jobs.len() {
@@ -169,11 +179,10 @@ impl AsyncQueue {
                 }
             }
         }
-        let mut results = Vec::with_capacity(receivers.len());
-        for rx in receivers {
-            results.push(rx.await.unwrap_or(Err(JobError::DeviceLost)));
+        Submitted {
+            receivers,
+            _forget: forget,
         }
-        results
     }
 
     /// The queue pair's counters.
@@ -188,17 +197,37 @@ impl AsyncQueue {
     }
 }
 
-/// Removes a batch's waiters when its future finishes or is dropped.
-struct ForgetWaiters<'a> {
-    shared: &'a Shared,
-    jobs: &'a [Job],
+/// A batch on the ring: its results, in the order of its jobs, once the device answers.
+#[derive(Debug)]
+pub struct Submitted {
+    receivers: Vec<oneshot::Receiver<Result<JobOutput, JobError>>>,
+    _forget: ForgetWaiters,
 }
 
-impl Drop for ForgetWaiters<'_> {
+impl Submitted {
+    /// Waits for every job's result (a job the queue gave up on fails; nothing hangs past
+    /// the queue's timeout).
+    pub async fn results(self) -> Vec<Result<JobOutput, JobError>> {
+        let mut results = Vec::with_capacity(self.receivers.len());
+        for rx in self.receivers {
+            results.push(rx.await.unwrap_or(Err(JobError::DeviceLost)));
+        }
+        results
+    }
+}
+
+/// Removes a batch's waiters when its results are in or it is dropped.
+#[derive(Debug)]
+struct ForgetWaiters {
+    shared: Arc<Shared>,
+    ids: Vec<u64>,
+}
+
+impl Drop for ForgetWaiters {
     fn drop(&mut self) {
         let mut waiters = self.shared.waiters();
-        for job in self.jobs {
-            waiters.remove(&job.user_data);
+        for id in &self.ids {
+            waiters.remove(id);
         }
     }
 }

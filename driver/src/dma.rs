@@ -342,6 +342,20 @@ impl DmaBuffer {
         self.allocation.quarantined.store(true, Ordering::Release);
     }
 
+    /// The buffer back for another use by its owner, contents as they are, when nothing but
+    /// this handle names its memory: no [`DmaSpan`] of it exists (no job holds it, and none
+    /// can be made without this handle) and it was never quarantined. Otherwise the buffer
+    /// is dropped (and its memory goes back to the pool once the device lets go of it).
+    ///
+    /// For an owner that reuses its own buffers (a connection reading its next bytes into
+    /// the buffer its last ones were sealed from) instead of paying for zeroing on every
+    /// free; what the buffer holds is still zeroed when it is finally dropped.
+    pub fn reusable(self) -> Option<Self> {
+        let sole =
+            Arc::strong_count(&self.allocation) == 1 && Arc::weak_count(&self.allocation) == 0;
+        (sole && !self.allocation.quarantined.load(Ordering::Acquire)).then_some(self)
+    }
+
     /// The buffer's device address. Whoever learns it may hand it to the device (a ring
     /// base, a raw descriptor), so the whole buffer counts as written from then on and is
     /// zeroed when freed.
@@ -605,6 +619,37 @@ mod tests {
         let second = pool.alloc(90).unwrap();
         assert_eq!(second.iova(), iova);
         assert_eq!(second.to_vec(0, 90).unwrap(), vec![0; 90]);
+    }
+
+    #[test]
+    fn only_a_buffer_nothing_else_names_is_reusable() {
+        let pool = pool(4 << 20);
+        let buffer = pool.alloc(100).unwrap();
+        buffer.write(0, &[0xaa; 100]).unwrap();
+        let iova = buffer.iova();
+        // A span (a job) still names it: not reusable, and its memory is not freed either.
+        let span = buffer.span(0, 10).unwrap();
+        assert!(buffer.reusable().is_none());
+        assert_ne!(pool.alloc(100).unwrap().iova(), iova, "held by the span");
+        drop(span);
+        // Nothing else names it: back with its contents, for the same owner.
+        let buffer = pool.alloc(100).unwrap();
+        buffer.write(0, &[0xbb; 100]).unwrap();
+        let iova = buffer.iova();
+        let buffer = buffer.reusable().expect("sole owner");
+        assert_eq!(buffer.iova(), iova);
+        assert_eq!(buffer.to_vec(0, 100).unwrap(), vec![0xbb; 100]);
+        // Quarantined memory is never reused, not even by its owner.
+        buffer.quarantine();
+        assert!(buffer.reusable().is_none());
+        // A reused buffer's contents are still zeroed when it is finally freed.
+        let buffer = pool.alloc(100).unwrap();
+        buffer.write(0, &[0xcc; 100]).unwrap();
+        let iova = buffer.iova();
+        drop(buffer.reusable().expect("sole owner"));
+        let next = pool.alloc(100).unwrap();
+        assert_eq!(next.iova(), iova);
+        assert_eq!(next.to_vec(0, 100).unwrap(), vec![0; 100]);
     }
 
     #[test]

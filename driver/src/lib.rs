@@ -32,7 +32,7 @@ pub mod transport;
 pub mod vfio;
 pub mod vfio_user;
 
-pub use asynchronous::{AsyncQueue, AsyncQueueError};
+pub use asynchronous::{AsyncQueue, AsyncQueueError, Submitted};
 pub use device::{Device, DeviceError, DeviceInfo, DeviceOptions, KeyMaterial, KeySlot, SlotRef};
 pub use dma::{DmaBuffer, DmaError, DmaPool, DmaSpan, Iova};
 pub use events::DeviceEvents;
