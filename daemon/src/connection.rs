@@ -16,17 +16,58 @@ use crate::session::{self, Engines, Outgoing, Sender, Settings};
 use crate::tls;
 
 /// Serves one accepted connection to its end.
-pub async fn serve(
+///
+/// Everything before the record session (handshake, routing, the backend connect) has large,
+/// short-lived futures and state: it runs in a future of its own on the heap, so what stays
+/// for the connection's life (this task) holds little beside the pump. (A plain `async fn`
+/// would also keep its arguments' storage next to the pump's.)
+#[allow(clippy::manual_async_fn)] // see above: the async block uses its captures in place
+pub fn serve(
     mut stream: TcpStream,
     listener: Arc<ListenerState>,
     state: Arc<State>,
     shared: &Arc<Shared>,
-) {
-    // The handshake's and the backend connect's futures are large and short-lived: they
-    // live on the heap for their moment, so an established connection's task stays small.
+) -> impl std::future::Future<Output = ()> + Send + '_ {
+    async move {
+        let Some(Proxied {
+            ctx,
+            receiver,
+            sender,
+            backend,
+            early,
+            lease,
+        }) = Box::pin(establish(&mut stream, &listener, &state, shared)).await
+        else {
+            return;
+        };
+        if let Err(error) = pump::run(ctx, receiver, sender, stream, backend, early).await {
+            tracing::info!(%error, "connection ended with an error");
+        }
+        drop(lease);
+    }
+}
+
+/// A connection ready for its record session.
+struct Proxied<'a> {
+    ctx: pump::Context<'a>,
+    receiver: session::Receiver,
+    sender: Sender,
+    backend: crate::pool::BackendStream,
+    early: Vec<u8>,
+    lease: crate::pool::Lease,
+}
+
+/// Handshake, route and backend connect; `None` when the connection ended there (after
+/// an alert where one is due).
+async fn establish<'a>(
+    stream: &mut TcpStream,
+    listener: &ListenerState,
+    state: &State,
+    shared: &'a Arc<Shared>,
+) -> Option<Proxied<'a>> {
     let mut established = match Box::pin(tokio::time::timeout(
         listener.handshake_timeout,
-        tls::handshake(&mut stream, &listener.tls),
+        tls::handshake(stream, &listener.tls),
     ))
     .await
     {
@@ -37,12 +78,12 @@ pub async fn serve(
                 shared.stats.alerts_sent.inc(&format!("{alert:?}"));
             }
             tracing::info!(%error, "handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             shared.stats.handshake_failures.inc("timeout");
             tracing::info!("handshake timed out");
-            return;
+            return None;
         }
     };
     let kind = if established.resumed {
@@ -69,8 +110,8 @@ pub async fn serve(
         .as_deref()
         .map(|a| String::from_utf8_lossy(a).into_owned());
     let pool = crate::route::route(
-        &state,
-        &listener,
+        state,
+        listener,
         established.server_name.as_deref(),
         alpn.as_deref(),
     );
@@ -83,7 +124,7 @@ pub async fn serve(
         Ok(halves) => halves,
         Err(error) => {
             tracing::error!(%error, "record layer set-up failed");
-            return;
+            return None;
         }
     };
     let ctx = pump::Context {
@@ -95,10 +136,10 @@ pub async fn serve(
     let Some(pool) = pool else {
         shared.stats.unrouted.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("no route and no default pool");
-        Box::pin(refuse(&ctx, &mut sender, &mut stream)).await;
-        return;
+        refuse(&ctx, &mut sender, stream).await;
+        return None;
     };
-    let (lease, backend) = match Box::pin(pool.connect()).await {
+    let (lease, backend) = match pool.connect().await {
         Ok(connected) => connected,
         Err(error) => {
             shared
@@ -106,15 +147,19 @@ pub async fn serve(
                 .backend_unavailable
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "no backend");
-            Box::pin(refuse(&ctx, &mut sender, &mut stream)).await;
-            return;
+            refuse(&ctx, &mut sender, stream).await;
+            return None;
         }
     };
     tracing::debug!(backend = %lease.backend().address, "backend connected");
-    if let Err(error) = pump::run(ctx, receiver, sender, stream, backend, early).await {
-        tracing::info!(%error, "connection ended with an error");
-    }
-    drop(lease);
+    Some(Proxied {
+        ctx,
+        receiver,
+        sender,
+        backend,
+        early,
+        lease,
+    })
 }
 
 /// Tells a client nobody can serve it: an `internal_error` alert, written within the

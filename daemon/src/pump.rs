@@ -335,14 +335,18 @@ fn read_backend<'a, R: AsyncRead + Unpin + ?Sized>(
 
 /// Proxies between the client (through the session) and the backend until both sides have
 /// closed, an error, or a timeout. `early` is plaintext the handshake already decrypted.
-pub async fn run(
-    ctx: Context<'_>,
+///
+/// Everything the loop keeps is set up here, outside the future, and moved into it as it
+/// is: an `async fn` would store its arguments and the locals made from them side by side
+/// for the connection's whole life.
+pub fn run<'a>(
+    ctx: Context<'a>,
     receiver: Receiver,
     sender: Sender,
     client: TcpStream,
     backend: BackendStream,
     early: Vec<u8>,
-) -> Result<(), PumpError> {
+) -> impl Future<Output = Result<(), PumpError>> + Send + 'a {
     let shared = ctx.shared;
     let stats = &shared.stats;
     let (mut backend_r, mut backend_w) = split_backend(backend);
@@ -350,8 +354,8 @@ pub async fn run(
     let mut sending_on_device = false;
     let mut receiver = Some(receiver);
     let mut sender = Some(sender);
-    let mut rx_job: Option<Job<'_, (Receiver, Inbound)>> = None;
-    let mut tx_job: Option<Job<'_, (Sender, Sealed)>> = None;
+    let mut rx_job: Option<Job<'a, (Receiver, Inbound)>> = None;
+    let mut tx_job: Option<Job<'a, (Sender, Sealed)>> = None;
     // Batches of the backend's bytes on the device, oldest first, and the queue they went
     // to: while the sending direction is on the device, each read is handed over as it
     // comes, without waiting for the batches before it.
@@ -362,7 +366,6 @@ pub async fn run(
     // DMA buffers the backend's bytes were sealed from, kept for its next reads while the
     // connection is busy: reusing its own buffer spares zeroing one per read.
     let mut spare: Vec<tlsaccel_driver::DmaBuffer> = Vec::new();
-    let mut moved_since_tick = false;
     let mut outgoing_bytes = 0usize;
     stats
         .bytes_client_to_backend
@@ -401,324 +404,332 @@ pub async fn run(
         *linger_until = Some(Instant::now() + LINGER);
     };
 
-    // What the sender produced: records for the client, buffers to reuse, the end.
-    macro_rules! absorb {
-        ($sealed:expr) => {{
-            let sealed: Sealed = $sealed;
-            for alert in &sealed.alerts {
-                stats.alerts_sent.inc(&format!("{alert:?}"));
-            }
-            if sealed.key_exhausted {
-                shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
-            }
-            sending_on_device = sealed.on_device;
-            for buffer in sealed.spent {
-                if spare.len() < SPARE_BUFFERS && buffer.len() == READ_CHUNK {
-                    spare.extend(buffer.reusable());
+    async move {
+        // What the sender produced: records for the client, buffers to reuse, the end.
+        macro_rules! absorb {
+            ($sealed:expr) => {{
+                let sealed: Sealed = $sealed;
+                for alert in &sealed.alerts {
+                    stats.alerts_sent.inc(&format!("{alert:?}"));
+                }
+                if sealed.key_exhausted {
+                    shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
+                }
+                sending_on_device = sealed.on_device;
+                for buffer in sealed.spent {
+                    if spare.len() < SPARE_BUFFERS && buffer.len() == READ_CHUNK {
+                        spare.extend(buffer.reusable());
+                    }
+                }
+                for chunk in sealed.records {
+                    to_client.push(chunk);
+                }
+                if let Some(error) = sealed.failed {
+                    fail(
+                        PumpError::KeyUpdate(error),
+                        None,
+                        &mut failure,
+                        &mut outgoing,
+                        &mut linger_until,
+                    );
+                }
+            }};
+        }
+
+        loop {
+            // Start the crypto that has work.
+            if rx_job.is_none() && failure.is_none() && to_backend.len() < WINDOW {
+                if let Some(mut r) = receiver.take_if(|r| r.has_work()) {
+                    let device = shared.record_device(ctx.queue_number);
+                    let policy = ctx.policy;
+                    let records = &shared.records;
+                    rx_job = Some(Box::pin(async move {
+                        let engines = Engines {
+                            device: device.as_ref(),
+                            policy,
+                            stats: records,
+                        };
+                        let inbound = r.step(engines).await;
+                        (r, inbound)
+                    }));
                 }
             }
-            for chunk in sealed.records {
-                to_client.push(chunk);
-            }
-            if let Some(error) = sealed.failed {
-                fail(
-                    PumpError::KeyUpdate(error),
-                    None,
-                    &mut failure,
-                    &mut outgoing,
-                    &mut linger_until,
-                );
-            }
-        }};
-    }
-
-    loop {
-        // Start the crypto that has work.
-        if rx_job.is_none() && failure.is_none() && to_backend.len() < WINDOW {
-            if let Some(mut r) = receiver.take_if(|r| r.has_work()) {
-                let device = shared.record_device(ctx.queue_number);
-                let policy = ctx.policy;
-                let records = &shared.records;
-                rx_job = Some(Box::pin(async move {
-                    let engines = Engines {
-                        device: device.as_ref(),
-                        policy,
-                        stats: records,
-                    };
-                    let inbound = r.step(engines).await;
-                    (r, inbound)
-                }));
-            }
-        }
-        // The fast path: data already in DMA memory goes to the device as it comes.
-        while tx_job.is_none()
-            && failure.is_none()
-            && sending_on_device
-            && tx_pipe.len() < MAX_PIPELINE
-            && to_client.len() + tx_pipe_bytes < WINDOW
-            && matches!(outgoing.first(), Some(Outgoing::Data(Chunk::Dma(..))))
-        {
-            let Some((s, device)) = sender.as_mut().zip(shared.record_device(ctx.queue_number))
-            else {
-                break;
-            };
-            if pipe_queue
-                .as_ref()
-                .is_some_and(|q| !tx_pipe.is_empty() && !q.same_as(&device.queue))
+            // The fast path: data already in DMA memory goes to the device as it comes.
+            while tx_job.is_none()
+                && failure.is_none()
+                && sending_on_device
+                && tx_pipe.len() < MAX_PIPELINE
+                && to_client.len() + tx_pipe_bytes < WINDOW
+                && matches!(outgoing.first(), Some(Outgoing::Data(Chunk::Dma(..))))
             {
-                // The queue was replaced: what is in flight on the old one finishes first.
+                let Some((s, device)) = sender.as_mut().zip(shared.record_device(ctx.queue_number))
+                else {
+                    break;
+                };
+                if pipe_queue
+                    .as_ref()
+                    .is_some_and(|q| !tx_pipe.is_empty() && !q.same_as(&device.queue))
+                {
+                    // The queue was replaced: what is in flight on the old one finishes first.
+                    break;
+                }
+                let mut batch = Vec::new();
+                let mut records = 0;
+                let mut bytes = 0;
+                while let Some(Outgoing::Data(Chunk::Dma(_, range))) = outgoing.first() {
+                    let more = range
+                        .len()
+                        .div_ceil(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT);
+                    if records > 0 && records + more > crate::session::RECORDS_PER_BATCH {
+                        break;
+                    }
+                    records += more;
+                    bytes += range.len();
+                    if let Outgoing::Data(Chunk::Dma(buffer, range)) = outgoing.remove(0) {
+                        batch.push((buffer, range));
+                    }
+                }
+                let engines = Engines {
+                    device: Some(&device),
+                    policy: ctx.policy,
+                    stats: &shared.records,
+                };
+                match s.pipeline(batch, engines) {
+                    Ok(pending) => {
+                        outgoing_bytes -= bytes;
+                        tx_pipe_bytes += bytes;
+                        tx_pipe.push_back(pending);
+                        pipe_queue = Some(device.queue.clone());
+                    }
+                    Err(batch) => {
+                        // Not now (a key update is due, the batcher is full...): the general
+                        // path takes it once the pipeline is empty.
+                        for (i, (buffer, range)) in batch.into_iter().enumerate() {
+                            outgoing.insert(i, Outgoing::Data(Chunk::Dma(buffer, range)));
+                        }
+                        break;
+                    }
+                }
+            }
+            if tx_job.is_none()
+                && tx_pipe.is_empty()
+                && !outgoing.is_empty()
+                && to_client.len() < WINDOW
+            {
+                if let Some(mut s) = sender.take() {
+                    let work = std::mem::take(&mut outgoing);
+                    outgoing_bytes = 0;
+                    let device = shared.record_device(ctx.queue_number);
+                    let policy = ctx.policy;
+                    let records = &shared.records;
+                    tx_job = Some(Box::pin(async move {
+                        let engines = Engines {
+                            device: device.as_ref(),
+                            policy,
+                            stats: records,
+                        };
+                        let sealed = s.seal(work, engines).await;
+                        (s, sealed)
+                    }));
+                }
+            }
+            let sending_closed = sender.as_ref().is_some_and(Sender::closed);
+            if sending_closed && to_client.is_empty() && !client_shut {
+                client_shut = true;
+                let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
+            }
+            if failure.is_some()
+                && tx_job.is_none()
+                && tx_pipe.is_empty()
+                && outgoing.is_empty()
+                && to_client.is_empty()
+            {
                 break;
             }
-            let mut batch = Vec::new();
-            let mut records = 0;
-            let mut bytes = 0;
-            while let Some(Outgoing::Data(Chunk::Dma(_, range))) = outgoing.first() {
-                let more = range
-                    .len()
-                    .div_ceil(tlsaccel_driver::abi::TLS_MAX_PLAINTEXT);
-                if records > 0 && records + more > crate::session::RECORDS_PER_BATCH {
-                    break;
-                }
-                records += more;
-                bytes += range.len();
-                if let Outgoing::Data(Chunk::Dma(buffer, range)) = outgoing.remove(0) {
-                    batch.push((buffer, range));
-                }
+            if failure.is_none()
+                && client_done
+                && backend_shut
+                && sending_closed
+                && to_client.is_empty()
+                && rx_job.is_none()
+                && tx_job.is_none()
+                && tx_pipe.is_empty()
+            {
+                return Ok(());
             }
-            let engines = Engines {
-                device: Some(&device),
-                policy: ctx.policy,
-                stats: &shared.records,
+
+            let read_client = failure.is_none()
+                && !client_done
+                && to_backend.len() < WINDOW
+                && receiver.as_ref().is_some_and(|r| !r.has_work());
+            let read_backend_now = failure.is_none()
+                && !backend_done
+                && !sending_closed
+                && to_client.len() + outgoing_bytes + tx_pipe_bytes < WINDOW;
+            let shut_backend =
+                failure.is_none() && client_done && to_backend.is_empty() && !backend_shut;
+            let dma = if read_backend_now && sending_on_device && backend_w.takes_dma() {
+                shared.device.as_ref().map(|d| d.pool())
+            } else {
+                None
             };
-            match s.pipeline(batch, engines) {
-                Ok(pending) => {
-                    outgoing_bytes -= bytes;
-                    tx_pipe_bytes += bytes;
-                    tx_pipe.push_back(pending);
-                    pipe_queue = Some(device.queue.clone());
-                }
-                Err(batch) => {
-                    // Not now (a key update is due, the batcher is full...): the general
-                    // path takes it once the pipeline is empty.
-                    for (i, (buffer, range)) in batch.into_iter().enumerate() {
-                        outgoing.insert(i, Outgoing::Data(Chunk::Dma(buffer, range)));
-                    }
-                    break;
-                }
-            }
-        }
-        if tx_job.is_none()
-            && tx_pipe.is_empty()
-            && !outgoing.is_empty()
-            && to_client.len() < WINDOW
-        {
-            if let Some(mut s) = sender.take() {
-                let work = std::mem::take(&mut outgoing);
-                outgoing_bytes = 0;
-                let device = shared.record_device(ctx.queue_number);
-                let policy = ctx.policy;
-                let records = &shared.records;
-                tx_job = Some(Box::pin(async move {
-                    let engines = Engines {
-                        device: device.as_ref(),
-                        policy,
-                        stats: records,
-                    };
-                    let sealed = s.seal(work, engines).await;
-                    (s, sealed)
-                }));
-            }
-        }
-        let sending_closed = sender.as_ref().is_some_and(Sender::closed);
-        if sending_closed && to_client.is_empty() && !client_shut {
-            client_shut = true;
-            let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
-        }
-        if failure.is_some()
-            && tx_job.is_none()
-            && tx_pipe.is_empty()
-            && outgoing.is_empty()
-            && to_client.is_empty()
-        {
-            break;
-        }
-        if failure.is_none()
-            && client_done
-            && backend_shut
-            && sending_closed
-            && to_client.is_empty()
-            && rx_job.is_none()
-            && tx_job.is_none()
-            && tx_pipe.is_empty()
-        {
-            return Ok(());
-        }
 
-        let read_client = failure.is_none()
-            && !client_done
-            && to_backend.len() < WINDOW
-            && receiver.as_ref().is_some_and(|r| !r.has_work());
-        let read_backend_now = failure.is_none()
-            && !backend_done
-            && !sending_closed
-            && to_client.len() + outgoing_bytes + tx_pipe_bytes < WINDOW;
-        let shut_backend =
-            failure.is_none() && client_done && to_backend.is_empty() && !backend_shut;
-        let dma = if read_backend_now && sending_on_device && backend_w.takes_dma() {
-            shared.device.as_ref().map(|d| d.pool())
-        } else {
-            None
-        };
-
-        tokio::select! {
-            r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if read_client => {
-                if let Err(e) = r {
-                    return Err(PumpError::Client(e));
-                }
-                let Some(r) = receiver.as_mut() else { continue };
-                // Straight into DMA memory while the receiving direction is on the device.
-                let dma = shared.device.as_ref().map(|d| d.pool());
-                match r.read_from(&client, dma) {
-                    Ok(0) => {
-                        // End of stream without close_notify: pass the end on, but the data
-                        // may have been truncated.
-                        tracing::debug!("client closed without close_notify");
-                        client_done = true;
+            tokio::select! {
+                r = std::future::poll_fn(|cx| client.poll_read_ready(cx)), if read_client => {
+                    if let Err(e) = r {
+                        return Err(PumpError::Client(e));
                     }
-                    Ok(_) => last_progress = Instant::now(),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(PumpError::Client(e)),
-                }
-                if r.buffered() == 0 {
-                    r.release_idle();
-                }
-            }
-            (r, inbound) = async { rx_job.as_mut().expect("checked").await }, if rx_job.is_some() => {
-                rx_job = None;
-                receiver = Some(r);
-                let Inbound { plaintext, chunks, key_update_requested, renegotiations, end } = inbound;
-                let bytes = plaintext.len() + chunks.iter().map(Chunk::len).sum::<usize>();
-                stats
-                    .bytes_client_to_backend
-                    .fetch_add(bytes as u64, Ordering::Relaxed);
-                if bytes > 0 {
-                    backend_unflushed = true;
-                }
-                to_backend.push(Chunk::Heap(plaintext));
-                for chunk in chunks {
-                    if backend_w.takes_dma() {
-                        to_backend.push(chunk);
-                    } else {
-                        to_backend.push(Chunk::Heap(chunk.into_heap()));
+                    let Some(r) = receiver.as_mut() else { continue };
+                    // Straight into DMA memory while the receiving direction is on the device.
+                    let dma = shared.device.as_ref().map(|d| d.pool());
+                    match r.read_from(&client, dma) {
+                        Ok(0) => {
+                            // End of stream without close_notify: pass the end on, but the data
+                            // may have been truncated.
+                            tracing::debug!("client closed without close_notify");
+                            client_done = true;
+                        }
+                        Ok(_) => last_progress = Instant::now(),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(PumpError::Client(e)),
+                    }
+                    if r.buffered() == 0 {
+                        r.release_idle();
                     }
                 }
-                if key_update_requested {
-                    outgoing.push(Outgoing::KeyUpdate);
+                (r, inbound) = async { rx_job.as_mut().expect("checked").await }, if rx_job.is_some() => {
+                    rx_job = None;
+                    receiver = Some(r);
+                    let Inbound { plaintext, chunks, key_update_requested, renegotiations, end } = inbound;
+                    let bytes = plaintext.len() + chunks.iter().map(Chunk::len).sum::<usize>();
+                    stats
+                        .bytes_client_to_backend
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                    if bytes > 0 {
+                        backend_unflushed = true;
+                    }
+                    to_backend.push(Chunk::Heap(plaintext));
+                    for chunk in chunks {
+                        if backend_w.takes_dma() {
+                            to_backend.push(chunk);
+                        } else {
+                            to_backend.push(Chunk::Heap(chunk.into_heap()));
+                        }
+                    }
+                    if key_update_requested {
+                        outgoing.push(Outgoing::KeyUpdate);
+                    }
+                    for _ in 0..renegotiations {
+                        stats.renegotiations_refused.fetch_add(1, Ordering::Relaxed);
+                        outgoing.push(Outgoing::Alert(AlertDescription::NoRenegotiation));
+                    }
+                    match end {
+                        None => {}
+                        Some(End::PeerClosed) => client_done = true,
+                        Some(End::KeyExhausted) => {
+                            shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
+                            client_done = true;
+                            outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
+                        }
+                        Some(End::Error(error)) => {
+                            let alert = error.alert();
+                            fail(PumpError::Record(error), alert, &mut failure, &mut outgoing, &mut linger_until);
+                        }
+                    }
                 }
-                for _ in 0..renegotiations {
-                    stats.renegotiations_refused.fetch_add(1, Ordering::Relaxed);
-                    outgoing.push(Outgoing::Alert(AlertDescription::NoRenegotiation));
+                (s, sealed) = async { tx_job.as_mut().expect("checked").await }, if tx_job.is_some() => {
+                    tx_job = None;
+                    sender = Some(s);
+                    absorb!(sealed);
                 }
-                match end {
-                    None => {}
-                    Some(End::PeerClosed) => client_done = true,
-                    Some(End::KeyExhausted) => {
-                        shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
-                        client_done = true;
+                (results, _) = async { tx_pipe.front_mut().expect("checked").answer.as_mut().await },
+                    if !tx_pipe.is_empty() => {
+                    let Some(pending) = tx_pipe.pop_front() else { continue };
+                    let Some(s) = sender.as_mut() else { continue };
+                    let sealed = s.finish(pending.work, results, &shared.records);
+                    tx_pipe_bytes = tx_pipe.iter().map(|p| p.bytes()).sum();
+                    absorb!(sealed);
+                }
+                r = backend_r.read(dma, &mut spare), if read_backend_now => match r {
+                    Ok(data) if data.is_empty() => {
+                        backend_done = true;
                         outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
                     }
-                    Some(End::Error(error)) => {
-                        let alert = error.alert();
-                        fail(PumpError::Record(error), alert, &mut failure, &mut outgoing, &mut linger_until);
-                    }
-                }
-            }
-            (s, sealed) = async { tx_job.as_mut().expect("checked").await }, if tx_job.is_some() => {
-                tx_job = None;
-                sender = Some(s);
-                absorb!(sealed);
-            }
-            (results, _) = async { tx_pipe.front_mut().expect("checked").answer.as_mut().await },
-                if !tx_pipe.is_empty() => {
-                let Some(pending) = tx_pipe.pop_front() else { continue };
-                let Some(s) = sender.as_mut() else { continue };
-                let sealed = s.finish(pending.work, results, &shared.records);
-                tx_pipe_bytes = tx_pipe.iter().map(|p| p.bytes()).sum();
-                absorb!(sealed);
-            }
-            r = backend_r.read(dma, &mut spare), if read_backend_now => match r {
-                Ok(data) if data.is_empty() => {
-                    backend_done = true;
-                    outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
-                }
-                Ok(data) => {
-                    last_progress = Instant::now();
-                    moved_since_tick = true;
-                    stats
-                        .bytes_backend_to_client
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    outgoing_bytes += data.len();
-                    match (outgoing.last_mut(), data) {
-                        (Some(Outgoing::Data(Chunk::Heap(last))), Chunk::Heap(more)) => {
-                            last.extend_from_slice(&more)
+                    Ok(data) => {
+                        last_progress = Instant::now();
+                        stats
+                            .bytes_backend_to_client
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        outgoing_bytes += data.len();
+                        match (outgoing.last_mut(), data) {
+                            (Some(Outgoing::Data(Chunk::Heap(last))), Chunk::Heap(more)) => {
+                                last.extend_from_slice(&more)
+                            }
+                            (_, data) => outgoing.push(Outgoing::Data(data)),
                         }
-                        (_, data) => outgoing.push(Outgoing::Data(data)),
                     }
-                }
-                Err(e) => return Err(PumpError::Backend(e)),
-            },
-            r = backend_w.step(&to_backend, backend_unflushed),
-                if !to_backend.is_empty() || backend_unflushed || shut_backend => match r {
-                Ok(BackendOp::Wrote(0)) => {
-                    return Err(PumpError::Backend(io::ErrorKind::WriteZero.into()))
-                }
-                Ok(BackendOp::Wrote(n)) => {
-                    to_backend.advance(n);
-                    last_progress = Instant::now();
-                }
-                Ok(BackendOp::Flushed) => backend_unflushed = false,
-                Ok(BackendOp::Shut) => backend_shut = true,
-                Err(e) if shut_backend && to_backend.is_empty() && !backend_unflushed => {
-                    tracing::debug!(error = %e, "backend shutdown failed");
-                    backend_shut = true;
-                }
-                Err(e) => return Err(PumpError::Backend(e)),
-            },
-            r = write_front(&client, &to_client), if !to_client.is_empty() => match r {
-                Ok(0) => return Err(PumpError::Client(io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    to_client.advance(n);
-                    last_progress = Instant::now();
-                }
-                Err(e) => return Err(PumpError::Client(e)),
-            },
-            _ = tick.tick() => {
-                let now = Instant::now();
-                if !std::mem::take(&mut moved_since_tick) {
-                    // Quiet for a tick: this connection keeps no DMA memory while idle.
-                    spare.clear();
-                }
-                if linger_until.is_some_and(|t| now >= t) {
-                    break;
-                }
-                if to_client.stalled(now, idle) {
-                    stats.client_write_stalls.fetch_add(1, Ordering::Relaxed);
-                    return Err(PumpError::WriteStalled("client"));
-                }
-                if to_backend.stalled(now, idle) {
-                    stats.backend_write_stalls.fetch_add(1, Ordering::Relaxed);
-                    return Err(PumpError::WriteStalled("backend"));
-                }
-                if failure.is_none() && now.duration_since(last_progress) >= idle {
-                    stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-                    fail(PumpError::Idle, Some(AlertDescription::CloseNotify), &mut failure, &mut outgoing, &mut linger_until);
+                    Err(e) => return Err(PumpError::Backend(e)),
+                },
+                r = backend_w.step(&to_backend, backend_unflushed),
+                    if !to_backend.is_empty() || backend_unflushed || shut_backend => match r {
+                    Ok(BackendOp::Wrote(0)) => {
+                        return Err(PumpError::Backend(io::ErrorKind::WriteZero.into()))
+                    }
+                    Ok(BackendOp::Wrote(n)) => {
+                        to_backend.advance(n);
+                        last_progress = Instant::now();
+                    }
+                    Ok(BackendOp::Flushed) => backend_unflushed = false,
+                    Ok(BackendOp::Shut) => backend_shut = true,
+                    Err(e) if shut_backend && to_backend.is_empty() && !backend_unflushed => {
+                        tracing::debug!(error = %e, "backend shutdown failed");
+                        backend_shut = true;
+                    }
+                    Err(e) => return Err(PumpError::Backend(e)),
+                },
+                r = write_front(&client, &to_client), if !to_client.is_empty() => match r {
+                    Ok(0) => return Err(PumpError::Client(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        to_client.advance(n);
+                        last_progress = Instant::now();
+                    }
+                    Err(e) => return Err(PumpError::Client(e)),
+                },
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(last_progress) >= tick.period() {
+                        // Quiet for a tick: this connection keeps no DMA memory and no key
+                        // contexts while idle.
+                        spare.clear();
+                        if let Some(r) = receiver.as_mut() {
+                            r.quiet();
+                        }
+                        if let Some(s) = sender.as_mut() {
+                            s.quiet();
+                        }
+                    }
+                    if linger_until.is_some_and(|t| now >= t) {
+                        break;
+                    }
+                    if to_client.stalled(now, idle) {
+                        stats.client_write_stalls.fetch_add(1, Ordering::Relaxed);
+                        return Err(PumpError::WriteStalled("client"));
+                    }
+                    if to_backend.stalled(now, idle) {
+                        stats.backend_write_stalls.fetch_add(1, Ordering::Relaxed);
+                        return Err(PumpError::WriteStalled("backend"));
+                    }
+                    if failure.is_none() && now.duration_since(last_progress) >= idle {
+                        stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                        fail(PumpError::Idle, Some(AlertDescription::CloseNotify), &mut failure, &mut outgoing, &mut linger_until);
+                    }
                 }
             }
         }
+        // Flushed what there was to say (or ran out of time): the connection ends.
+        if !client_shut {
+            let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
+        }
+        Err(failure.unwrap_or(PumpError::Idle))
     }
-    // Flushed what there was to say (or ran out of time): the connection ends.
-    if !client_shut {
-        let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
-    }
-    Err(failure.unwrap_or(PumpError::Idle))
 }

@@ -161,7 +161,9 @@ pub struct Direction {
     version: Version,
     seal: bool,
     material: KeyMaterial,
-    cpu: RecordKey,
+    /// The CPU's key context (some 600 bytes in aws-lc), made from `material` when a
+    /// record needs it and dropped while the connection is quiet ([`Direction::release_idle`]).
+    cpu: Option<RecordKey>,
     sequence: u64,
     slot: Option<Arc<KeySlot>>,
     /// The device failed this direction once; it stays on the CPU.
@@ -212,17 +214,41 @@ impl Direction {
         let material =
             KeyMaterial::new(algorithm, version.protocol(), direction, key, iv, sequence)
                 .map_err(|e| RecordError::Secrets(e.to_string()))?;
-        let cpu = RecordKey::new(algorithm, version.protocol(), direction, key, iv)
+        // Checked now; the context itself is made when the first record needs it: an idle
+        // connection holds none.
+        RecordKey::new(algorithm, version.protocol(), direction, key, iv)
             .map_err(|s| RecordError::Secrets(format!("key refused: {s}")))?;
         Ok(Self {
             version,
             seal,
             material,
-            cpu,
+            cpu: None,
             sequence,
             slot: None,
             device_off: false,
             in_flight: 0,
+        })
+    }
+
+    /// Drops the CPU's key context while the connection is quiet; the next record on the
+    /// CPU makes it again from the key material.
+    pub fn release_idle(&mut self) {
+        self.cpu = None;
+    }
+
+    /// The CPU's key context, made again if it was released.
+    fn cpu_key(&mut self) -> &RecordKey {
+        let material = &self.material;
+        self.cpu.get_or_insert_with(|| {
+            RecordKey::new(
+                material.algorithm,
+                material.protocol,
+                material.direction,
+                material.key(),
+                material.iv(),
+            )
+            // The same material made a context when the direction was created.
+            .expect("key material accepted before")
         })
     }
 
@@ -606,22 +632,16 @@ impl Direction {
         out.resize(at + record_len, 0);
         let buf = &mut out[at..];
         buf[prefix..prefix + plaintext.len()].copy_from_slice(plaintext);
-        let sealed = match self.version {
-            Version::Tls13 => tlsaccel_record::tls13_seal(
-                &self.cpu,
-                self.sequence,
-                content_type,
-                0,
-                buf,
-                plaintext.len(),
-            ),
-            Version::Tls12 => tlsaccel_record::tls12_seal(
-                &self.cpu,
-                self.sequence,
-                content_type,
-                buf,
-                plaintext.len(),
-            ),
+        let sequence = self.sequence;
+        let version = self.version;
+        let key = self.cpu_key();
+        let sealed = match version {
+            Version::Tls13 => {
+                tlsaccel_record::tls13_seal(key, sequence, content_type, 0, buf, plaintext.len())
+            }
+            Version::Tls12 => {
+                tlsaccel_record::tls12_seal(key, sequence, content_type, buf, plaintext.len())
+            }
         };
         // The buffer was sized for exactly this record, so sealing cannot fail.
         debug_assert!(matches!(sealed, Ok(o) if o.len == record_len));
@@ -955,9 +975,12 @@ impl Direction {
         let base = record.start;
         let bytes = &mut buf[record];
         let len = bytes.len();
-        let opened = match self.version {
-            Version::Tls13 => tlsaccel_record::tls13_open(&self.cpu, self.sequence, bytes, len),
-            Version::Tls12 => tlsaccel_record::tls12_open(&self.cpu, self.sequence, bytes, len),
+        let sequence = self.sequence;
+        let version = self.version;
+        let key = self.cpu_key();
+        let opened = match version {
+            Version::Tls13 => tlsaccel_record::tls13_open(key, sequence, bytes, len),
+            Version::Tls12 => tlsaccel_record::tls12_open(key, sequence, bytes, len),
         };
         self.sequence += 1;
         match opened {

@@ -407,6 +407,13 @@ impl Receiver {
         socket.try_read_buf(&mut self.buffer)
     }
 
+    /// The connection has been quiet for a while: drops what is made again on demand (the
+    /// CPU's key context, an empty buffer).
+    pub fn quiet(&mut self) {
+        self.rx.release_idle();
+        self.release_idle();
+    }
+
     /// Drops an empty heap buffer's memory (the connection is going idle).
     pub fn release_idle(&mut self) {
         if self.buffer.is_empty() {
@@ -989,6 +996,12 @@ impl Sender {
             return Err(data);
         }
         self.tx.pipeline_dma_seal(data, device, engines.stats)
+    }
+
+    /// The connection has been quiet for a while: drops the CPU's key context (made again
+    /// for the next record).
+    pub fn quiet(&mut self) {
+        self.tx.release_idle();
     }
 
     /// Records handed to the device by [`Sender::pipeline`] and not yet finished.

@@ -688,6 +688,16 @@ impl std::fmt::Debug for KeyMaterial {
 }
 
 impl KeyMaterial {
+    /// The key bytes, for the host's own copy of the key (a CPU context made from it).
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The static IV.
+    pub fn iv(&self) -> [u8; NONCE_LEN] {
+        *self.iv
+    }
+
     /// Key material for a TLS record slot (or a raw AEAD slot with `RecordProtocol::RAW`,
     /// `KeyDirection::ANY` and any IV).
     pub fn new(
