@@ -41,7 +41,9 @@ use tokio::net::TcpStream;
 use crate::pool::{BackendIo, BackendStream};
 use crate::record::{Chunk, PendingSeal, Policy, RecordError};
 use crate::serve::Shared;
-use crate::session::{End, Engines, Inbound, Outgoing, Receiver, Sealed, Sender, READ_CHUNK};
+use crate::session::{
+    End, Engines, Inbound, Outgoing, PendingInbound, Receiver, Sealed, Sender, READ_CHUNK,
+};
 
 /// Most bytes waiting for one side before the other side is no longer read.
 pub const WINDOW: usize = 256 * 1024;
@@ -360,6 +362,10 @@ pub fn run<'a>(
     // to: while the sending direction is on the device, each read is handed over as it
     // comes, without waiting for the batches before it.
     let mut tx_pipe: VecDeque<PendingSeal> = VecDeque::new();
+    // The same for the client's records (opens).
+    let mut rx_pipe: VecDeque<PendingInbound> = VecDeque::new();
+    let mut rx_pipe_bytes = 0usize;
+    let mut rx_queue: Option<crate::batch::RecordQueue> = None;
     let mut tx_pipe_bytes = 0usize;
     let mut pipe_queue: Option<crate::batch::RecordQueue> = None;
     let mut outgoing: Vec<Outgoing> = Vec::new();
@@ -436,9 +442,98 @@ pub fn run<'a>(
             }};
         }
 
+        // What the receiver produced: plaintext for the backend, answers, the end.
+        macro_rules! absorb_inbound {
+            ($inbound:expr) => {{
+                let inbound: Inbound = $inbound;
+                let Inbound {
+                    plaintext,
+                    chunks,
+                    key_update_requested,
+                    renegotiations,
+                    end,
+                } = inbound;
+                let bytes = plaintext.len() + chunks.iter().map(Chunk::len).sum::<usize>();
+                stats
+                    .bytes_client_to_backend
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                if bytes > 0 {
+                    backend_unflushed = true;
+                }
+                to_backend.push(Chunk::Heap(plaintext));
+                for chunk in chunks {
+                    if backend_w.takes_dma() {
+                        to_backend.push(chunk);
+                    } else {
+                        to_backend.push(Chunk::Heap(chunk.into_heap()));
+                    }
+                }
+                if key_update_requested {
+                    outgoing.push(Outgoing::KeyUpdate);
+                }
+                for _ in 0..renegotiations {
+                    stats.renegotiations_refused.fetch_add(1, Ordering::Relaxed);
+                    outgoing.push(Outgoing::Alert(AlertDescription::NoRenegotiation));
+                }
+                match end {
+                    None => {}
+                    Some(End::PeerClosed) => client_done = true,
+                    Some(End::KeyExhausted) => {
+                        shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
+                        client_done = true;
+                        outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
+                    }
+                    Some(End::Error(error)) => {
+                        let alert = error.alert();
+                        fail(
+                            PumpError::Record(error),
+                            alert,
+                            &mut failure,
+                            &mut outgoing,
+                            &mut linger_until,
+                        );
+                    }
+                }
+            }};
+        }
+
         loop {
-            // Start the crypto that has work.
-            if rx_job.is_none() && failure.is_none() && to_backend.len() < WINDOW {
+            // Start the crypto that has work. The client's records in DMA memory go to the
+            // device as they come, while the receiving direction is on it.
+            while rx_job.is_none()
+                && failure.is_none()
+                && rx_pipe.len() < MAX_PIPELINE
+                && to_backend.len() + rx_pipe_bytes < WINDOW
+            {
+                let Some((r, device)) = receiver
+                    .as_mut()
+                    .zip(shared.record_device(ctx.queue_number))
+                else {
+                    break;
+                };
+                if rx_queue
+                    .as_ref()
+                    .is_some_and(|q| !rx_pipe.is_empty() && !q.same_as(&device.queue))
+                {
+                    break;
+                }
+                let engines = Engines {
+                    device: Some(&device),
+                    policy: ctx.policy,
+                    stats: &shared.records,
+                };
+                let Some(batch) = r.pipeline(engines) else {
+                    break;
+                };
+                rx_pipe_bytes += batch.bytes();
+                rx_pipe.push_back(batch);
+                rx_queue = Some(device.queue.clone());
+            }
+            if rx_job.is_none()
+                && rx_pipe.is_empty()
+                && failure.is_none()
+                && to_backend.len() < WINDOW
+            {
                 if let Some(mut r) = receiver.take_if(|r| r.has_work()) {
                     let device = shared.record_device(ctx.queue_number);
                     let policy = ctx.policy;
@@ -541,6 +636,7 @@ pub fn run<'a>(
             if failure.is_some()
                 && tx_job.is_none()
                 && tx_pipe.is_empty()
+                && rx_pipe.is_empty()
                 && outgoing.is_empty()
                 && to_client.is_empty()
             {
@@ -552,6 +648,7 @@ pub fn run<'a>(
                 && sending_closed
                 && to_client.is_empty()
                 && rx_job.is_none()
+                && rx_pipe.is_empty()
                 && tx_job.is_none()
                 && tx_pipe.is_empty()
             {
@@ -561,13 +658,22 @@ pub fn run<'a>(
             let read_client = failure.is_none()
                 && !client_done
                 && to_backend.len() < WINDOW
-                && receiver.as_ref().is_some_and(|r| !r.has_work());
+                && receiver
+                    .as_ref()
+                    .is_some_and(|r| !r.has_work() && r.can_read());
             let read_backend_now = failure.is_none()
                 && !backend_done
                 && !sending_closed
                 && to_client.len() + outgoing_bytes + tx_pipe_bytes < WINDOW;
-            let shut_backend =
-                failure.is_none() && client_done && to_backend.is_empty() && !backend_shut;
+            // The client's end reaches the backend only after everything it sent before:
+            // its FIN can be read while its last records are still on the device.
+            let shut_backend = failure.is_none()
+                && client_done
+                && to_backend.is_empty()
+                && !backend_shut
+                && rx_job.is_none()
+                && rx_pipe.is_empty()
+                && receiver.as_ref().is_none_or(|r| !r.has_work());
             let dma = if read_backend_now && sending_on_device && backend_w.takes_dma() {
                 shared.device.as_ref().map(|d| d.pool())
             } else {
@@ -600,42 +706,19 @@ pub fn run<'a>(
                 (r, inbound) = async { rx_job.as_mut().expect("checked").await }, if rx_job.is_some() => {
                     rx_job = None;
                     receiver = Some(r);
-                    let Inbound { plaintext, chunks, key_update_requested, renegotiations, end } = inbound;
-                    let bytes = plaintext.len() + chunks.iter().map(Chunk::len).sum::<usize>();
-                    stats
-                        .bytes_client_to_backend
-                        .fetch_add(bytes as u64, Ordering::Relaxed);
-                    if bytes > 0 {
-                        backend_unflushed = true;
+                    absorb_inbound!(inbound);
+                }
+                (results, _) = async { rx_pipe.front_mut().expect("checked").answer().as_mut().await },
+                    if !rx_pipe.is_empty() => {
+                    let Some(batch) = rx_pipe.pop_front() else { continue };
+                    rx_pipe_bytes = rx_pipe.iter().map(PendingInbound::bytes).sum();
+                    if rx_pipe.is_empty() {
+                        // Hold no queue between batches: a replaced one must be free to go.
+                        rx_queue = None;
                     }
-                    to_backend.push(Chunk::Heap(plaintext));
-                    for chunk in chunks {
-                        if backend_w.takes_dma() {
-                            to_backend.push(chunk);
-                        } else {
-                            to_backend.push(Chunk::Heap(chunk.into_heap()));
-                        }
-                    }
-                    if key_update_requested {
-                        outgoing.push(Outgoing::KeyUpdate);
-                    }
-                    for _ in 0..renegotiations {
-                        stats.renegotiations_refused.fetch_add(1, Ordering::Relaxed);
-                        outgoing.push(Outgoing::Alert(AlertDescription::NoRenegotiation));
-                    }
-                    match end {
-                        None => {}
-                        Some(End::PeerClosed) => client_done = true,
-                        Some(End::KeyExhausted) => {
-                            shared.records.key_exhausted.fetch_add(1, Ordering::Relaxed);
-                            client_done = true;
-                            outgoing.push(Outgoing::Alert(AlertDescription::CloseNotify));
-                        }
-                        Some(End::Error(error)) => {
-                            let alert = error.alert();
-                            fail(PumpError::Record(error), alert, &mut failure, &mut outgoing, &mut linger_until);
-                        }
-                    }
+                    let Some(r) = receiver.as_mut() else { continue };
+                    let inbound = r.finish(batch, results, &shared.records);
+                    absorb_inbound!(inbound);
                 }
                 (s, sealed) = async { tx_job.as_mut().expect("checked").await }, if tx_job.is_some() => {
                     tx_job = None;
@@ -648,6 +731,9 @@ pub fn run<'a>(
                     let Some(s) = sender.as_mut() else { continue };
                     let sealed = s.finish(pending.work, results, &shared.records);
                     tx_pipe_bytes = tx_pipe.iter().map(|p| p.bytes()).sum();
+                if tx_pipe.is_empty() {
+                    pipe_queue = None;
+                }
                     absorb!(sealed);
                 }
                 r = backend_r.read(dma, &mut spare), if read_backend_now => match r {

@@ -168,9 +168,14 @@ pub struct Direction {
     slot: Option<Arc<KeySlot>>,
     /// The device failed this direction once; it stays on the CPU.
     device_off: bool,
-    /// Records handed to the device and not yet answered (pipelined seals).
+    /// Records handed to the device and not yet answered (pipelined batches).
     in_flight: u64,
+    /// Tells this direction's batches from those of the key it replaced.
+    id: u64,
 }
+
+/// Numbers each [`Direction`] made.
+static DIRECTIONS: AtomicU64 = AtomicU64::new(0);
 
 impl std::fmt::Debug for Direction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -227,6 +232,7 @@ impl Direction {
             slot: None,
             device_off: false,
             in_flight: 0,
+            id: DIRECTIONS.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -820,70 +826,51 @@ impl Direction {
         policy: Policy,
         stats: &RecordStats,
     ) -> Vec<Result<(u8, Chunk), RecordError>> {
-        debug_assert!(!self.seal);
+        debug_assert!(!self.seal && self.in_flight == 0);
         let largest = records.iter().map(Range::len).max().unwrap_or(0);
-        let mut results = Vec::with_capacity(records.len());
         if !records.is_empty() && self.wants_device(device, policy, largest, stats) {
             if let Some(device) = device {
-                self.open_dma_on_device(src, records, device, stats, &mut results)
-                    .await;
+                if let Some(pending) = self.submit_dma_open(src, records, device, stats, false) {
+                    let results = pending.answer.await.0;
+                    return self.finish_dma_open(src, pending.work, results, stats);
+                }
             }
         }
-        if results.len() < records.len() && !results.is_empty() {
-            let last_data = matches!(results.last(), Some(Ok((content::APPLICATION_DATA, _))));
-            if !last_data {
-                return results;
-            }
-        }
-        while results.len() < records.len() {
-            let record = records[results.len()].clone();
-            let mut copy = vec![0; record.len()];
-            if src.read(record.start, &mut copy).is_err() {
-                results.push(Err(RecordError::Decode("record outside its buffer")));
-                break;
-            }
-            let opened = self.open_on_cpu(&mut copy, 0..record.len()).map(|o| {
-                copy.truncate(o.plain.end);
-                copy.drain(..o.plain.start);
-                (o.content_type, Chunk::Heap(std::mem::take(&mut copy)))
-            });
-            let go_on = matches!(&opened, Ok((content::APPLICATION_DATA, _)));
-            if let Ok((_, plain)) = &opened {
-                stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .cpu_opened_bytes
-                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
-            }
-            results.push(opened);
-            if !go_on {
-                break;
-            }
-        }
-        results
+        self.finish_dma_open(src, DmaOpen::cpu(records), Vec::new(), stats)
     }
 
-    async fn open_dma_on_device(
+    /// Records in DMA memory handed to the device to open without waiting for the answer,
+    /// behind the direction's batches in flight (see [`Direction::pipeline_dma_seal`]).
+    /// `None` when nothing was submitted (no slot, no DMA memory, the batcher is full).
+    pub fn pipeline_dma_open(
         &mut self,
         src: &DmaBuffer,
         records: &[Range<usize>],
         device: &RecordDevice,
         stats: &RecordStats,
-        results: &mut Vec<Result<(u8, Chunk), RecordError>>,
-    ) {
-        let Some(slot) = self.slot.clone() else {
-            return;
-        };
+    ) -> Option<PendingOpen> {
+        debug_assert!(!self.seal);
+        self.submit_dma_open(src, records, device, stats, true)
+    }
+
+    fn submit_dma_open(
+        &mut self,
+        src: &DmaBuffer,
+        records: &[Range<usize>],
+        device: &RecordDevice,
+        stats: &RecordStats,
+        pipelined: bool,
+    ) -> Option<PendingOpen> {
+        let slot = self.slot.clone()?;
         let algorithm = self.material.algorithm;
         let mut outputs = Vec::with_capacity(records.len());
         let mut ops = Vec::with_capacity(records.len());
         for record in records {
             let Ok(dst) = device.device.pool().alloc(record.len()) else {
                 stats.device_saturated.fetch_add(1, Ordering::Relaxed);
-                return;
+                return None;
             };
-            let Ok(src_span) = src.span(record.start, record.len()) else {
-                return;
-            };
+            let src_span = src.span(record.start, record.len()).ok()?;
             ops.push(match self.version {
                 Version::Tls13 => JobOp::Tls13Open {
                     slot: slot.slot_ref(),
@@ -899,8 +886,107 @@ impl Direction {
             });
             outputs.push(dst);
         }
-        let (outcomes, _) = device.queue.run(ops, Vec::new(), Arc::clone(&slot)).await;
-        for ((outcome, dst), record) in outcomes.into_iter().zip(outputs).zip(records) {
+        let answer: Answer = if pipelined {
+            Box::pin(device.queue.enqueue(ops, Vec::new(), slot)?)
+        } else {
+            let queue = device.queue.clone();
+            Box::pin(async move { queue.run(ops, Vec::new(), slot).await })
+        };
+        self.in_flight += records.len() as u64;
+        Some(PendingOpen {
+            answer,
+            work: DmaOpen {
+                records: records.to_vec(),
+                outputs: Some(outputs),
+                direction: self.id,
+            },
+        })
+    }
+
+    /// Takes the device's answer for a batch of opens (or none, for work that never reached
+    /// it) and gives each record's content type and plaintext, in order, stopping at the
+    /// first failure and, on the CPU, after the first record that is not application data.
+    /// A device failure moves the direction to the CPU, which opens that record and the rest
+    /// of the batch; batches in flight behind it are then opened on the CPU too, whatever
+    /// the device answers for them.
+    pub fn finish_dma_open(
+        &mut self,
+        src: &DmaBuffer,
+        work: DmaOpen,
+        results: Vec<Result<tlsaccel_driver::JobOutput, JobError>>,
+        stats: &RecordStats,
+    ) -> Vec<Result<(u8, Chunk), RecordError>> {
+        let DmaOpen {
+            records,
+            outputs,
+            direction,
+        } = work;
+        debug_assert!(outputs.is_none() || direction == self.id);
+        let mut opened = Vec::with_capacity(records.len());
+        if let Some(outputs) = outputs {
+            self.in_flight -= records.len() as u64;
+            let answered = if self.slot.is_some() {
+                results
+            } else {
+                Vec::new()
+            };
+            self.take_device_opens(src, &records, outputs, answered, stats, &mut opened);
+            if opened.len() < records.len() && !opened.is_empty() {
+                // The device stopped part-way: what it opened before a control record
+                // stands; the CPU goes on only after data.
+                let last_data = matches!(opened.last(), Some(Ok((content::APPLICATION_DATA, _))));
+                if !last_data {
+                    return opened;
+                }
+            }
+        }
+        while opened.len() < records.len() {
+            let record = records[opened.len()].clone();
+            let mut copy = vec![0; record.len()];
+            if src.read(record.start, &mut copy).is_err() {
+                opened.push(Err(RecordError::Decode("record outside its buffer")));
+                break;
+            }
+            let result = self.open_on_cpu(&mut copy, 0..record.len()).map(|o| {
+                copy.truncate(o.plain.end);
+                copy.drain(..o.plain.start);
+                (o.content_type, Chunk::Heap(std::mem::take(&mut copy)))
+            });
+            let go_on = matches!(&result, Ok((content::APPLICATION_DATA, _)));
+            if let Ok((_, plain)) = &result {
+                stats.cpu_opened_records.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .cpu_opened_bytes
+                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
+            }
+            opened.push(result);
+            if !go_on {
+                break;
+            }
+        }
+        opened
+    }
+
+    /// Drops a batch of opens whose answer no longer counts (its records are framed and
+    /// opened again): only the count of records in flight changes.
+    pub fn forget_dma_open(&mut self, work: DmaOpen) {
+        // A batch of the key this one replaced (a KeyUpdate) was never counted here.
+        if work.outputs.is_some() && work.direction == self.id {
+            self.in_flight -= work.records.len() as u64;
+        }
+    }
+
+    /// The device's answers, in order, up to the first that is not a good record.
+    fn take_device_opens(
+        &mut self,
+        src: &DmaBuffer,
+        records: &[Range<usize>],
+        outputs: Vec<DmaBuffer>,
+        results: Vec<Result<tlsaccel_driver::JobOutput, JobError>>,
+        stats: &RecordStats,
+        opened: &mut Vec<Result<(u8, Chunk), RecordError>>,
+    ) {
+        for ((outcome, dst), record) in results.into_iter().zip(outputs).zip(records) {
             match outcome {
                 Ok(output) => {
                     let len = output.len as usize;
@@ -916,7 +1002,7 @@ impl Direction {
                     stats
                         .zero_copy_opened_bytes
                         .fetch_add(len as u64, Ordering::Relaxed);
-                    results.push(Ok((output.content_type, Chunk::Dma(dst, 0..len))));
+                    opened.push(Ok((output.content_type, Chunk::Dma(dst, 0..len))));
                 }
                 Err(JobError::Device { status, .. }) if record_status(status).is_some() => {
                     let mut copy = vec![0; record.len()];
@@ -926,7 +1012,7 @@ impl Direction {
                             .map(|(content_type, plain)| (content_type, Chunk::Heap(plain))),
                         Err(_) => Err(RecordError::Decode("record outside its buffer")),
                     };
-                    results.push(checked);
+                    opened.push(checked);
                     return;
                 }
                 Err(error) => {
@@ -994,7 +1080,8 @@ impl Direction {
     }
 }
 
-type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
+/// The device's answer to a batch handed over without waiting.
+pub type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
 
 /// Application data in DMA memory to be sealed: the sources and every record's piece of
 /// them (source index, range).
@@ -1066,6 +1153,69 @@ impl std::fmt::Debug for PendingSeal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingSeal")
             .field("records", &self.work.lens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Records in DMA memory to open, and the device's output buffer for each (`None` for
+/// work that never reached the device).
+pub struct DmaOpen {
+    records: Vec<Range<usize>>,
+    outputs: Option<Vec<DmaBuffer>>,
+    /// The [`Direction`] that handed it over.
+    direction: u64,
+}
+
+impl DmaOpen {
+    fn cpu(records: &[Range<usize>]) -> Self {
+        Self {
+            records: records.to_vec(),
+            outputs: None,
+            direction: u64::MAX,
+        }
+    }
+
+    /// Where the records lie in their buffer.
+    pub fn records(&self) -> &[Range<usize>] {
+        &self.records
+    }
+
+    /// The records' ciphertext bytes.
+    pub fn bytes(&self) -> usize {
+        self.records.iter().map(Range::len).sum()
+    }
+
+    /// Records in the batch.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// True for a batch of no records.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+impl std::fmt::Debug for DmaOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaOpen")
+            .field("records", &self.records.len())
+            .field("on_device", &self.outputs.is_some())
+            .finish()
+    }
+}
+
+/// A batch of opens on the device ([`Direction::pipeline_dma_open`]): await `answer`, then
+/// give it to [`Direction::finish_dma_open`] with `work`.
+pub struct PendingOpen {
+    pub answer: Answer,
+    pub work: DmaOpen,
+}
+
+impl std::fmt::Debug for PendingOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingOpen")
+            .field("work", &self.work)
             .finish_non_exhaustive()
     }
 }
@@ -1692,6 +1842,108 @@ mod tests {
             let device = stats.device_sealed_records.load(Ordering::Relaxed);
             assert!(cpu >= 4, "{fault:?}: {cpu} records resealed");
             assert_eq!(cpu + device, 2 + 8, "{fault:?}");
+        }
+    }
+
+    /// Opens three batches of records in DMA memory with all of them on the device at once
+    /// (held by a stalled device), `fault` injected before the device runs them; every
+    /// record must come out with its plaintext, in order, whatever the device did.
+    fn pipelined_opens_with(fault: Option<ModelFault>) -> RecordStats {
+        let all = RecordStats::default();
+        let stats = &all;
+        on_the_simulator(|device, rd| async move {
+            let s = secrets(false);
+            let mut seal = Direction::new(Version::Tls13, true, &s, 3).expect("seal");
+            let mut open = Direction::new(Version::Tls13, false, &s, 3).expect("open");
+            let policy = Policy { cpu_below: 0 };
+            let payloads: Vec<Vec<u8>> = (0..10usize)
+                .map(|i| (0..(1000 + i * 1500)).map(|j| (i * 7 + j) as u8).collect())
+                .collect();
+            let items: Vec<(u8, &[u8])> = payloads.iter().map(|p| (23, p.as_slice())).collect();
+            let mut wire = Vec::new();
+            seal.seal(&items, &mut wire, None, policy, stats).await;
+            let src = rd.device.pool().alloc(wire.len()).expect("dma");
+            src.write(0, &wire).expect("write");
+            let mut ranges = Vec::new();
+            let mut at = 0;
+            while let Some(len) = frame(&wire[at..], Version::Tls13).expect("framed") {
+                ranges.push(at..at + len);
+                at += len;
+            }
+            // The first record moves the direction onto the device.
+            let mut plain = Vec::new();
+            for result in open
+                .open_dma(&src, &ranges[..1], Some(&rd), policy, stats)
+                .await
+            {
+                plain.extend(result.expect("opens").1.into_heap());
+            }
+            assert!(open.on_device());
+            let faults = tlsaccel_driver::ModelFaults::new(&device).expect("faults");
+            faults.inject(ModelFault::Stall).expect("stall");
+            let pending: Vec<PendingOpen> = [1..4, 4..5, 5..10]
+                .into_iter()
+                .map(|batch| {
+                    open.pipeline_dma_open(&src, &ranges[batch], &rd, stats)
+                        .expect("handed over")
+                })
+                .collect();
+            assert_eq!(open.in_flight(), 9);
+            if let Some(fault) = fault {
+                faults.inject(fault).expect("fault");
+            }
+            faults.inject(ModelFault::Resume).expect("resume");
+            for p in pending {
+                let (results, _) = p.answer.await;
+                let was_on_device = open.on_device();
+                let device_before = stats.device_opened_records.load(Ordering::Relaxed);
+                let count = p.work.len();
+                let opened = open.finish_dma_open(&src, p.work, results, stats);
+                assert_eq!(opened.len(), count, "every record of the batch");
+                if !was_on_device {
+                    assert_eq!(
+                        stats.device_opened_records.load(Ordering::Relaxed),
+                        device_before,
+                        "a device record used after the direction fell back"
+                    );
+                }
+                for result in opened {
+                    let (content_type, chunk) = result.expect("every record opens");
+                    assert_eq!(content_type, content::APPLICATION_DATA);
+                    plain.extend(chunk.into_heap());
+                }
+            }
+            assert_eq!(open.in_flight(), 0);
+            assert_eq!(plain, payloads.concat());
+            assert_eq!(open.sequence(), seal.sequence());
+        });
+        all
+    }
+
+    #[test]
+    fn pipelined_opens_come_out_in_order() {
+        let stats = pipelined_opens_with(None);
+        assert_eq!(stats.cpu_opened_records.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.device_opened_records.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn a_failure_in_a_pipelined_open_reopens_it_and_everything_behind_it_on_the_cpu() {
+        for fault in [
+            ModelFault::DmaFaultNextJob,
+            ModelFault::OversizeNextResultLength,
+            ModelFault::CorruptNextOpenTag,
+        ] {
+            let stats = pipelined_opens_with(Some(fault));
+            assert_eq!(
+                stats.device_fallbacks.load(Ordering::Relaxed),
+                1,
+                "{fault:?}"
+            );
+            let cpu = stats.cpu_opened_records.load(Ordering::Relaxed);
+            let device = stats.device_opened_records.load(Ordering::Relaxed);
+            assert!(cpu >= 5, "{fault:?}: {cpu} records opened again");
+            assert_eq!(cpu + device, 10, "{fault:?}");
         }
     }
 }

@@ -107,6 +107,9 @@ pub struct Receiver {
     /// Records this key may open (TLS 1.2 confidentiality limit; u64::MAX when none).
     record_limit: u64,
     ended: bool,
+    /// Bumped whenever pipelined batches in flight stop counting (a control record, a
+    /// device failure, the end): their answers are dropped and their records framed again.
+    epoch: u64,
 }
 
 /// Client bytes in DMA memory: `buffer[start..filled]` is not opened yet.
@@ -114,6 +117,9 @@ struct DmaInput {
     buffer: tlsaccel_driver::DmaBuffer,
     start: usize,
     filled: usize,
+    /// `buffer[start..submitted]` is on the device in pipelined batches
+    /// ([`Receiver::pipeline`]); equal to `start` when none is in flight.
+    submitted: usize,
 }
 
 /// Size of a DMA input buffer: large, so the partial record carried over to the next one
@@ -143,6 +149,10 @@ impl DmaInput {
 
     fn unopened(&self) -> usize {
         self.filled - self.start
+    }
+
+    fn in_flight(&self) -> bool {
+        self.submitted != self.start
     }
 }
 
@@ -230,6 +240,27 @@ impl Records {
     fn finish(mut self) -> Vec<Chunk> {
         self.chunks.retain(|c| !c.is_empty());
         self.chunks
+    }
+}
+
+/// A batch of the client's records on the device ([`Receiver::pipeline`]): await its
+/// answer, then hand it to [`Receiver::finish`].
+#[derive(Debug)]
+pub struct PendingInbound {
+    pending: record::PendingOpen,
+    /// The receiver's epoch when it was handed over: a batch from before a rewind is stale.
+    epoch: u64,
+}
+
+impl PendingInbound {
+    /// The device's answer.
+    pub fn answer(&mut self) -> &mut record::Answer {
+        &mut self.pending.answer
+    }
+
+    /// Ciphertext bytes in the batch.
+    pub fn bytes(&self) -> usize {
+        self.pending.work.bytes()
     }
 }
 
@@ -338,6 +369,7 @@ fn halves(
         },
         record_limit,
         ended: false,
+        epoch: 0,
     };
     let sender = Sender {
         version,
@@ -369,7 +401,10 @@ impl Receiver {
             return false;
         }
         match &self.dma_in {
-            Some(input) => !matches!(input.frame(0, self.version), Ok(None)),
+            Some(input) => !matches!(
+                input.frame(input.submitted - input.start, self.version),
+                Ok(None)
+            ),
             None => !matches!(record::frame(&self.buffer, self.version), Ok(None)),
         }
     }
@@ -383,6 +418,10 @@ impl Receiver {
         dma: Option<&tlsaccel_driver::DmaPool>,
     ) -> std::io::Result<usize> {
         use std::os::fd::AsFd;
+        if !self.can_read() {
+            // Records in flight lie in the DMA input, which is full: it cannot move yet.
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
         if let Some(pool) = dma.filter(|_| self.rx.on_device()) {
             if self.make_dma_room(pool) {
                 let input = self.dma_in.as_mut().expect("made above");
@@ -412,6 +451,14 @@ impl Receiver {
     pub fn quiet(&mut self) {
         self.rx.release_idle();
         self.release_idle();
+    }
+
+    /// False while the DMA input has no room for another record and records in it are on
+    /// the device: nothing is read until their answers are in.
+    pub fn can_read(&self) -> bool {
+        self.dma_in
+            .as_ref()
+            .is_none_or(|input| !input.in_flight() || DMA_INPUT - input.filled >= DMA_INPUT_ROOM)
     }
 
     /// Drops an empty heap buffer's memory (the connection is going idle).
@@ -456,6 +503,7 @@ impl Receiver {
             buffer: fresh,
             start: 0,
             filled,
+            submitted: 0,
         });
         true
     }
@@ -620,6 +668,25 @@ impl Receiver {
                 .await
         };
         let opened_all = results.len() == ranges.len();
+        self.take_opened(&ranges, results, inbound, engines.stats);
+        if inbound.end.is_none() && opened_all {
+            if let Some(error) = framing_error {
+                self.end(inbound, End::Error(error));
+            }
+        }
+    }
+
+    /// Interprets opened records (at `ranges` of the DMA input) in order and moves the
+    /// input past them; returns true when every one of `ranges` was taken (no failure, no
+    /// record that stops the batch).
+    fn take_opened(
+        &mut self,
+        ranges: &[Range<usize>],
+        results: Vec<Result<(u8, Chunk), RecordError>>,
+        inbound: &mut Inbound,
+        stats: &RecordStats,
+    ) -> bool {
+        let mut taken = 0;
         let mut consumed = None;
         for (range, result) in ranges.iter().zip(results) {
             consumed = Some(range.end);
@@ -631,15 +698,12 @@ impl Receiver {
                 }
             };
             let (control, data) = if content_type == content::APPLICATION_DATA {
-                let checked = self.conduct.data(plain.len(), engines.stats).map(|()| None);
+                let checked = self.conduct.data(plain.len(), stats).map(|()| None);
                 (checked, Some(plain))
             } else {
                 // A control message: a few bytes, read out of DMA memory.
                 let bytes = plain.into_heap();
-                (
-                    self.conduct.interpret(content_type, &bytes, engines.stats),
-                    None,
-                )
+                (self.conduct.interpret(content_type, &bytes, stats), None)
             };
             match control {
                 Ok(None) => {
@@ -648,7 +712,7 @@ impl Receiver {
                     }
                 }
                 Ok(Some(control)) => {
-                    if !self.on_control(control, inbound, engines.stats) {
+                    if !self.on_control(control, inbound, stats) {
                         break;
                     }
                 }
@@ -657,14 +721,11 @@ impl Receiver {
                     break;
                 }
             }
-        }
-        if inbound.end.is_none() && opened_all {
-            if let Some(error) = framing_error {
-                self.end(inbound, End::Error(error));
-            }
+            taken += 1;
         }
         if let (Some(end), Some(input)) = (consumed, self.dma_in.as_mut()) {
             input.start = end;
+            input.submitted = input.submitted.max(end);
             if input.start == input.filled {
                 // All opened: the buffer held only bytes from the wire.
                 if let Some(done) = self.dma_in.take() {
@@ -672,6 +733,84 @@ impl Receiver {
                 }
             }
         }
+        taken == ranges.len()
+    }
+
+    /// Hands the client's next whole records in DMA memory (up to [`RECORDS_PER_BATCH`]) to
+    /// the device without waiting, behind the batches already in flight, while the
+    /// receiving direction is on the device. `None` when there is nothing to hand over or
+    /// it cannot go now (a framing error or the TLS 1.2 record limit is next: the ordinary
+    /// [`Receiver::step`] deals with those once nothing is in flight).
+    pub fn pipeline(&mut self, engines: Engines<'_>) -> Option<PendingInbound> {
+        if self.ended || !self.rx.on_device() {
+            return None;
+        }
+        let device = engines.device?;
+        let input = self.dma_in.as_ref()?;
+        let version = self.version;
+        let mut ranges = Vec::new();
+        let mut at = input.submitted - input.start;
+        while ranges.len() < RECORDS_PER_BATCH {
+            match input.frame(at, version) {
+                Ok(Some(len)) => {
+                    ranges.push(input.start + at..input.start + at + len);
+                    at += len;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let room = self
+            .record_limit
+            .saturating_sub(self.rx.sequence() + self.rx.in_flight());
+        ranges.truncate(usize::try_from(room).unwrap_or(usize::MAX));
+        let end = ranges.last()?.end;
+        let pending = self
+            .rx
+            .pipeline_dma_open(&input.buffer, &ranges, device, engines.stats)?;
+        if let Some(input) = self.dma_in.as_mut() {
+            input.submitted = end;
+        }
+        Some(PendingInbound {
+            pending,
+            epoch: self.epoch,
+        })
+    }
+
+    /// Takes the device's answer to a [`Receiver::pipeline`] batch, in the order they were
+    /// handed over, like [`Receiver::step`]. When a batch stops early (a KeyUpdate, the
+    /// client's close_notify, a failure) or the device failed, the batches behind it no
+    /// longer count: their answers are dropped when they come, and their records are framed
+    /// and opened again.
+    pub fn finish(
+        &mut self,
+        batch: PendingInbound,
+        results: Vec<Result<tlsaccel_driver::JobOutput, tlsaccel_driver::JobError>>,
+        stats: &RecordStats,
+    ) -> Inbound {
+        let mut inbound = Inbound::default();
+        let PendingInbound { pending, epoch } = batch;
+        let work = pending.work;
+        let Some(input) = self
+            .dma_in
+            .as_ref()
+            .filter(|_| epoch == self.epoch && !self.ended)
+        else {
+            self.rx.forget_dma_open(work);
+            return inbound;
+        };
+        let ranges = work.records().to_vec();
+        let opened = self.rx.finish_dma_open(&input.buffer, work, results, stats);
+        let took_all = self.take_opened(&ranges, opened, &mut inbound, stats);
+        if !took_all || !self.rx.on_device() || self.ended {
+            self.epoch += 1;
+            if let Some(input) = self.dma_in.as_mut() {
+                input.submitted = input.start;
+            }
+        }
+        if self.ended {
+            self.release();
+        }
+        inbound
     }
 
     /// Acts on a control message; false when the batch stops here.
@@ -1097,6 +1236,7 @@ mod tests {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use rustls::server::UnbufferedServerConnection;
     use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
+    use tlsaccel_driver::abi::ModelFault;
 
     fn block<F: std::future::Future>(future: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
@@ -1541,5 +1681,132 @@ mod tests {
                 _ => None,
             }
         }
+    }
+
+    /// Reads `len` bytes from `socket` into the receiver (DMA memory once its direction is
+    /// on the device).
+    async fn take_in(
+        receiver: &mut Receiver,
+        socket: &tokio::net::TcpStream,
+        pool: &tlsaccel_driver::DmaPool,
+        mut len: usize,
+    ) {
+        while len > 0 {
+            socket.readable().await.expect("readable");
+            match receiver.read_from(socket, Some(pool)) {
+                Ok(0) => panic!("end of stream"),
+                Ok(n) => len -= n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    fn plain_of(inbound: Inbound) -> Vec<u8> {
+        let mut bytes = inbound.plaintext;
+        for chunk in inbound.chunks {
+            bytes.extend(chunk.into_heap());
+        }
+        bytes
+    }
+
+    #[test]
+    fn pipelined_opens_behind_a_key_update_are_opened_again_under_the_new_key() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let device = tlsaccel_driver::Device::open("sim").expect("simulator");
+            let pair_of_rings = device
+                .queue(tlsaccel_driver::QueueConfig {
+                    interrupts: true,
+                    ..tlsaccel_driver::QueueConfig::default()
+                })
+                .expect("queue");
+            let queue =
+                tlsaccel_driver::AsyncQueue::new(pair_of_rings, std::time::Duration::from_secs(2))
+                    .expect("async queue");
+            let rd = RecordDevice {
+                device: Arc::clone(&device),
+                queue: crate::batch::RecordQueue::start(queue, 32, std::time::Duration::ZERO),
+            };
+            let stats = RecordStats::default();
+            let engines = Engines {
+                device: Some(&rd),
+                policy: Policy { cpu_below: 0 },
+                stats: &stats,
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let mut client_socket = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .expect("connect");
+            let (socket, _) = listener.accept().await.expect("accept");
+            let pool = device.pool();
+            let mut p = pair(&rustls::version::TLS13, false, settings());
+            let mut expected = Vec::new();
+            let mut got = Vec::new();
+
+            // The first record moves the receiving direction onto the device.
+            let message = vec![1u8; 2000];
+            let wire = client_sends(&mut p.client, std::slice::from_ref(&message));
+            expected.extend_from_slice(&message);
+            client_socket.write_all(&wire).await.expect("send");
+            take_in(&mut p.receiver, &socket, pool, wire.len()).await;
+            got.extend(plain_of(p.receiver.step(engines).await));
+            assert!(p.receiver.rx.on_device());
+
+            // Two batches on a stalled device: data, a KeyUpdate and data under the new
+            // key in the first; more under the new key in the second.
+            let faults = tlsaccel_driver::ModelFaults::new(&device).expect("faults");
+            faults.inject(ModelFault::Stall).expect("stall");
+            let mut wire = client_sends(&mut p.client, &[vec![2u8; 3000]]);
+            p.client.refresh_traffic_keys().expect("key update");
+            wire.extend(client_sends(&mut p.client, &[vec![3u8; 4000]]));
+            client_socket.write_all(&wire).await.expect("send");
+            take_in(&mut p.receiver, &socket, pool, wire.len()).await;
+            let first = p.receiver.pipeline(engines).expect("first batch");
+            let wire = client_sends(&mut p.client, &[vec![4u8; 5000]]);
+            client_socket.write_all(&wire).await.expect("send");
+            take_in(&mut p.receiver, &socket, pool, wire.len()).await;
+            let second = p.receiver.pipeline(engines).expect("second batch");
+            for n in [2usize, 3, 4] {
+                expected.extend(vec![n as u8; [0, 0, 3000, 4000, 5000][n]]);
+            }
+            faults.inject(ModelFault::Resume).expect("resume");
+
+            let mut key_updates = 0;
+            for mut batch in [first, second] {
+                let (results, _) = batch.answer().as_mut().await;
+                let inbound = p.receiver.finish(batch, results, &stats);
+                assert!(inbound.end.is_none(), "{:?}", inbound.end);
+                key_updates += usize::from(inbound.key_update_requested);
+                got.extend(plain_of(inbound));
+            }
+            assert_eq!(key_updates, 1);
+            // What was opened under the old key counts for nothing: framed again.
+            assert!(p.receiver.has_work());
+            while p.receiver.has_work() {
+                match p.receiver.pipeline(engines) {
+                    Some(mut batch) => {
+                        let (results, _) = batch.answer().as_mut().await;
+                        let inbound = p.receiver.finish(batch, results, &stats);
+                        assert!(inbound.end.is_none());
+                        got.extend(plain_of(inbound));
+                    }
+                    None => {
+                        let inbound = p.receiver.step(engines).await;
+                        assert!(inbound.end.is_none());
+                        got.extend(plain_of(inbound));
+                    }
+                }
+            }
+            assert_eq!(got, expected);
+            assert_eq!(p.receiver.rx.in_flight(), 0);
+        });
     }
 }

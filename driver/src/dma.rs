@@ -80,6 +80,12 @@ pub trait RegionSource: Send + Sync + fmt::Debug {
     fn capacity(&self, _size: usize) -> Option<usize> {
         None
     }
+    /// True when every region is new memory the kernel gave zero-filled (a fresh memfd):
+    /// the pool then need not zero it, and its pages count towards the process's memory
+    /// only once used.
+    fn fresh(&self) -> bool {
+        false
+    }
 }
 
 /// The usual source: fresh memfd regions mapped for the device at
@@ -107,6 +113,10 @@ impl RegionSource for MappedMemfd {
         if let Err(error) = self.mapper.unmap(iova, region.len()) {
             tracing::warn!(%iova, %error, "could not unmap DMA region");
         }
+    }
+
+    fn fresh(&self) -> bool {
+        true
     }
 }
 
@@ -219,8 +229,11 @@ impl DmaPool {
                     let index = state.regions.len();
                     let (region, iova) = inner.source.region(index, inner.region_size)?;
                     // A region may be a window of memory with a past (a BAR another driver
-                    // instance used): zero it once, so every buffer starts zeroed.
-                    region.zero(0, region.len())?;
+                    // instance used): zero it once, so every buffer starts zeroed. A fresh
+                    // memfd is zero already, and touching it would make all of it resident.
+                    if !inner.source.fresh() {
+                        region.zero(0, region.len())?;
+                    }
                     state.regions.push((region, iova));
                     offset = 0;
                 }
