@@ -47,6 +47,25 @@ pub struct RecordQueue {
     queue: AsyncQueue,
 }
 
+impl Request {
+    /// A request for the batcher and the receiving end of its answer.
+    fn new(
+        ops: Vec<JobOp>,
+        buffers: Vec<DmaBuffer>,
+        slot: Arc<KeySlot>,
+    ) -> (Self, oneshot::Receiver<BatchResult>) {
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            ops,
+            buffers,
+            slot,
+            queued: Instant::now(),
+            reply,
+        };
+        (request, answer)
+    }
+}
+
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Request")
@@ -112,14 +131,7 @@ impl RecordQueue {
         slot: Arc<KeySlot>,
     ) -> Option<impl std::future::Future<Output = BatchResult> + Send + 'static> {
         let count = ops.len();
-        let (reply, answer) = oneshot::channel();
-        let request = Request {
-            ops,
-            buffers,
-            slot,
-            queued: Instant::now(),
-            reply,
-        };
+        let (request, answer) = Request::new(ops, buffers, slot);
         self.requests.try_send(request).ok()?;
         Some(async move {
             answer
@@ -137,14 +149,7 @@ impl RecordQueue {
         slot: Arc<KeySlot>,
     ) -> BatchResult {
         let count = ops.len();
-        let (reply, answer) = oneshot::channel();
-        let request = Request {
-            ops,
-            buffers,
-            slot,
-            queued: Instant::now(),
-            reply,
-        };
+        let (request, answer) = Request::new(ops, buffers, slot);
         match self.requests.send(request).await {
             Ok(()) => match answer.await {
                 Ok(result) => result,

@@ -335,6 +335,16 @@ fn read_backend<'a, R: AsyncRead + Unpin + ?Sized>(
     })
 }
 
+/// True when batches are in flight on a queue other than `device`'s (it was replaced): they
+/// finish before anything goes to the new one, so a slot's records stay in order.
+fn queue_replaced(
+    in_flight_on: Option<&crate::batch::RecordQueue>,
+    in_flight: bool,
+    device: &crate::record::RecordDevice,
+) -> bool {
+    in_flight && in_flight_on.is_some_and(|q| !q.same_as(&device.queue))
+}
+
 /// Proxies between the client (through the session) and the backend until both sides have
 /// closed, an error, or a timeout. `early` is plaintext the handshake already decrypted.
 ///
@@ -511,10 +521,7 @@ pub fn run<'a>(
                 else {
                     break;
                 };
-                if rx_queue
-                    .as_ref()
-                    .is_some_and(|q| !rx_pipe.is_empty() && !q.same_as(&device.queue))
-                {
+                if queue_replaced(rx_queue.as_ref(), !rx_pipe.is_empty(), &device) {
                     break;
                 }
                 let engines = Engines {
@@ -561,11 +568,7 @@ pub fn run<'a>(
                 else {
                     break;
                 };
-                if pipe_queue
-                    .as_ref()
-                    .is_some_and(|q| !tx_pipe.is_empty() && !q.same_as(&device.queue))
-                {
-                    // The queue was replaced: what is in flight on the old one finishes first.
+                if queue_replaced(pipe_queue.as_ref(), !tx_pipe.is_empty(), &device) {
                     break;
                 }
                 let mut batch = Vec::new();
