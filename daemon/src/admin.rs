@@ -333,7 +333,68 @@ pub fn metrics(shared: &Shared) -> String {
     );
     device_metrics(shared, &mut e);
     backend_metrics(shared, &mut e);
+    resumption_metrics(shared, &mut e);
     e.finish()
+}
+
+fn resumption_metrics(shared: &Shared, e: &mut Exposition) {
+    let t = &shared.resumption.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    e.single(
+        "tlsaccel_tickets_issued_total",
+        "counter",
+        "Session tickets sealed.",
+        load(&t.issued),
+    );
+    e.single(
+        "tlsaccel_ticket_seal_failures_total",
+        "counter",
+        "Session tickets that could not be sealed (an empty ticket was sent).",
+        load(&t.seal_failures),
+    );
+    e.family(
+        "tlsaccel_tickets_accepted_total",
+        "counter",
+        "Session tickets that opened, by key (current or previous) and origin (this node or another).",
+    );
+    for (age, other, value) in t.accepted() {
+        let origin = if other { "other_node" } else { "this_node" };
+        e.sample(
+            "tlsaccel_tickets_accepted_total",
+            &[("key", age.label()), ("origin", origin)],
+            value,
+        );
+    }
+    e.family(
+        "tlsaccel_tickets_rejected_total",
+        "counter",
+        "Session tickets refused (the client got a full handshake), by reason.",
+    );
+    for (reason, value) in t.rejected() {
+        e.sample(
+            "tlsaccel_tickets_rejected_total",
+            &[("reason", reason.label())],
+            value,
+        );
+    }
+    e.single(
+        "tlsaccel_ticket_key_rotations_total",
+        "counter",
+        "New sealing keys taken (random rotation or a changed key file).",
+        load(&t.rotations),
+    );
+    e.single(
+        "tlsaccel_ticket_key_file_errors_total",
+        "counter",
+        "Key file checks that failed (the keys loaded before stayed in use).",
+        load(&t.key_file_errors),
+    );
+    e.single(
+        "tlsaccel_ticket_keys",
+        "gauge",
+        "Keys in the ticket key ring (the sealing key and those that still open tickets).",
+        shared.resumption.key_info().len() as u64,
+    );
 }
 
 fn device_metrics(shared: &Shared, e: &mut Exposition) {
@@ -508,6 +569,26 @@ fn backend_metrics(shared: &Shared, e: &mut Exposition) {
     }
 }
 
+/// The resumption part of `/status`: the key ring's ids and ages, never key bytes.
+fn resumption_status(shared: &Shared) -> serde_json::Value {
+    let keys: Vec<_> = shared
+        .resumption
+        .key_info()
+        .into_iter()
+        .map(|k| {
+            if k.current {
+                serde_json::json!({"id": k.id, "current": true, "age_seconds": k.seconds})
+            } else {
+                serde_json::json!({"id": k.id, "current": false, "dropped_in_seconds": k.seconds})
+            }
+        })
+        .collect();
+    serde_json::json!({
+        "node": shared.resumption.node(),
+        "ticket_keys": keys,
+    })
+}
+
 /// The daemon's state as JSON.
 pub fn status(shared: &Shared) -> String {
     let state = shared.state();
@@ -562,6 +643,7 @@ pub fn status(shared: &Shared) -> String {
         "listeners": listeners,
         "device": device,
         "pools": pools,
+        "resumption": resumption_status(shared),
     });
     let mut text = body.to_string();
     text.push('\n');

@@ -64,6 +64,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Metrics and status endpoint.
     pub admin: Option<Admin>,
+    /// Session resumption: ticket keys and the session cache.
+    #[serde(default)]
+    pub resumption: Resumption,
 }
 
 /// A TLS listener.
@@ -256,6 +259,97 @@ pub struct Route {
     pub pool: Spanned<String>,
 }
 
+/// Where session-ticket keys come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketKeySource {
+    /// Made in this process and rotated every `rotate_every_s`: sessions resume on this node
+    /// (across reloads, not across restarts).
+    Random,
+    /// Read from `key_files` (nginx or HAProxy format) and re-read when they change: every
+    /// node given the same files resumes every other node's tickets.
+    File,
+}
+
+/// Session resumption.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resumption {
+    /// Send session tickets (TLS 1.3 NewSessionTicket; TLS 1.2 to clients that ask).
+    /// Without them, sessions resume through the session cache only.
+    #[serde(default = "default_true")]
+    pub tickets: Spanned<bool>,
+    #[serde(default = "default_ticket_keys")]
+    pub ticket_keys: Spanned<TicketKeySource>,
+    /// Key files, relative to this file (`ticket_keys = "file"`).
+    #[serde(default = "no_files")]
+    pub key_files: Spanned<Vec<PathBuf>>,
+    #[serde(default = "default_key_file_format")]
+    pub key_file_format: Spanned<crate::cluster::KeyFileFormat>,
+    /// How often the key files are checked for changes.
+    #[serde(default = "default_key_file_check")]
+    pub key_file_check_ms: Spanned<u64>,
+    /// The lifetime announced with each ticket, and how long a key that stopped sealing
+    /// still opens tickets.
+    #[serde(default = "default_ticket_lifetime")]
+    pub ticket_lifetime_s: Spanned<u32>,
+    /// How long a key that stopped sealing still opens tickets (default: the ticket
+    /// lifetime). Tickets under older keys get a full handshake.
+    pub retired_key_window_s: Option<Spanned<u32>>,
+    /// How often a random key is replaced.
+    #[serde(default = "default_rotate_every")]
+    pub rotate_every_s: Spanned<u32>,
+    /// Sessions kept for resumption by session ID (TLS 1.2, and TLS 1.3 when tickets are
+    /// off); 0 keeps none.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: Spanned<u32>,
+    /// This node's name in the tickets it seals (metrics tell sessions from other nodes);
+    /// default: the host name.
+    pub node: Option<Spanned<String>>,
+}
+
+impl Default for Resumption {
+    fn default() -> Self {
+        Self {
+            tickets: default_true(),
+            ticket_keys: default_ticket_keys(),
+            key_files: spanned(Vec::new()),
+            key_file_format: default_key_file_format(),
+            key_file_check_ms: default_key_file_check(),
+            ticket_lifetime_s: default_ticket_lifetime(),
+            retired_key_window_s: None,
+            rotate_every_s: default_rotate_every(),
+            cache_size: default_cache_size(),
+            node: None,
+        }
+    }
+}
+
+fn no_files() -> Spanned<Vec<PathBuf>> {
+    spanned(Vec::new())
+}
+fn default_true() -> Spanned<bool> {
+    spanned(true)
+}
+fn default_ticket_keys() -> Spanned<TicketKeySource> {
+    spanned(TicketKeySource::Random)
+}
+fn default_key_file_format() -> Spanned<crate::cluster::KeyFileFormat> {
+    spanned(crate::cluster::KeyFileFormat::Nginx)
+}
+fn default_key_file_check() -> Spanned<u64> {
+    spanned(1_000)
+}
+fn default_ticket_lifetime() -> Spanned<u32> {
+    spanned(7_200)
+}
+fn default_rotate_every() -> Spanned<u32> {
+    spanned(3_600)
+}
+fn default_cache_size() -> Spanned<u32> {
+    spanned(20_000)
+}
+
 /// The admin endpoint (plain HTTP; bind it to loopback or a management network).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -425,6 +519,16 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        for (i, path) in config.resumption.key_files.get_ref().iter().enumerate() {
+            let full = base.join(path);
+            if let Err(e) = std::fs::read(&full) {
+                return Err(checker.invalid(
+                    &config.resumption.key_files,
+                    format!("resumption.key_files[{i}]"),
+                    format!("cannot read {}: {e}", full.display()),
+                ));
             }
         }
         Ok(config)
@@ -627,6 +731,73 @@ impl Config {
         if let Some(admin) = &self.admin {
             c.socket_address(&admin.address, "admin.address")?;
         }
+        self.check_resumption(c)
+    }
+
+    fn check_resumption(&self, c: &Checker<'_>) -> Result<(), ConfigError> {
+        let r = &self.resumption;
+        // RFC 8446 §4.6.1: a ticket lifetime of more than 7 days is not allowed.
+        c.range(
+            &r.ticket_lifetime_s,
+            "resumption.ticket_lifetime_s",
+            1,
+            604_800,
+        )?;
+        c.range(&r.rotate_every_s, "resumption.rotate_every_s", 1, 604_800)?;
+        if let Some(window) = &r.retired_key_window_s {
+            c.range(window, "resumption.retired_key_window_s", 0, 604_800)?;
+        }
+        c.range(
+            &r.key_file_check_ms,
+            "resumption.key_file_check_ms",
+            100,
+            3_600_000,
+        )?;
+        c.range(&r.cache_size, "resumption.cache_size", 0, 10_000_000)?;
+        let files = r.key_files.get_ref();
+        match *r.ticket_keys.get_ref() {
+            TicketKeySource::File if files.is_empty() => {
+                return Err(c.invalid(
+                    &r.ticket_keys,
+                    "resumption.key_files",
+                    "ticket_keys = \"file\" needs key_files",
+                ));
+            }
+            TicketKeySource::File
+                if *r.key_file_format.get_ref() == crate::cluster::KeyFileFormat::Haproxy
+                    && files.len() != 1 =>
+            {
+                return Err(c.invalid(
+                    &r.key_files,
+                    "resumption.key_files",
+                    "the haproxy format keeps every key in one file",
+                ));
+            }
+            TicketKeySource::Random if !files.is_empty() => {
+                return Err(c.invalid(
+                    &r.key_files,
+                    "resumption.key_files",
+                    "key_files are read only with ticket_keys = \"file\"",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(node) = &r.node {
+            let name = node.get_ref();
+            if name.is_empty()
+                || name.len() > crate::cluster::MAX_ORIGIN_LEN
+                || !name.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(c.invalid(
+                    node,
+                    "resumption.node",
+                    format!(
+                        "1 to {} printable characters without spaces",
+                        crate::cluster::MAX_ORIGIN_LEN
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -785,6 +956,43 @@ pool = "web"
             Err(ConfigError::Read { .. })
         ));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn resumption_settings_are_checked() {
+        let with = |section: &str| parse(&format!("{GOOD}\n[resumption]\n{section}\n"));
+        let config = parse(GOOD).unwrap();
+        assert_eq!(
+            *config.resumption.ticket_keys.get_ref(),
+            TicketKeySource::Random
+        );
+        assert_eq!(*config.resumption.ticket_lifetime_s.get_ref(), 7_200);
+        let error = with("ticket_keys = \"file\"").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "tlsaccel.toml:21: resumption.key_files: ticket_keys = \"file\" needs key_files"
+        );
+        let error = with("key_files = [\"t.key\"]").unwrap_err().to_string();
+        assert!(
+            error.contains("only with ticket_keys = \"file\""),
+            "{error}"
+        );
+        let error = with(
+            "ticket_keys = \"file\"\nkey_file_format = \"haproxy\"\nkey_files = [\"a\", \"b\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("one file"), "{error}");
+        let error = with("ticket_lifetime_s = 604801").unwrap_err().to_string();
+        assert!(error.contains("resumption.ticket_lifetime_s"), "{error}");
+        let error = with("node = \"has space\"").unwrap_err().to_string();
+        assert!(error.contains("resumption.node"), "{error}");
+        assert!(matches!(
+            with("key_file_format = \"apache\""),
+            Err(ConfigError::Syntax { .. })
+        ));
+        let ok = with("ticket_keys = \"file\"\nkey_files = [\"t.key\"]\nretired_key_window_s = 0");
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod batch;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod demo;

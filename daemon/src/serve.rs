@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::sync::Semaphore;
 
+use crate::cluster::Resumption;
 use crate::config::Config;
 use crate::handshake::{device_provider, PkeEngine};
 use crate::metrics::LabelledCounter;
@@ -94,6 +95,8 @@ pub struct Shared {
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// The device's record queues and its recovery manager.
     pub offload: Option<Arc<Offload>>,
+    /// Ticket keys and the session cache, kept across reloads.
+    pub resumption: Arc<Resumption>,
     pub records: RecordStats,
     pub stats: ServerStats,
     state: RwLock<Arc<State>>,
@@ -181,12 +184,19 @@ impl Server {
             None => rustls::crypto::aws_lc_rs::default_provider(),
         };
         let provider = Arc::new(provider);
-        let state = build_state(&config, &base, &provider, pke.is_some())?;
+        let resumption = Resumption::new(crate::cluster::Settings::from_config(
+            &config.resumption,
+            &base,
+        ))
+        .context("session resumption")?;
+        resumption.spawn_maintenance();
+        let state = build_state(&config, &base, &provider, pke.is_some(), &resumption)?;
         let shared = Arc::new(Shared {
             device: device.map(|(d, _)| d),
             pke,
             provider,
             offload,
+            resumption,
             records: RecordStats::default(),
             stats: ServerStats::default(),
             state: RwLock::new(Arc::new(state)),
@@ -249,12 +259,21 @@ impl Server {
                     listener.name.get_ref()
                 );
             }
-            build_state(
+            let state = build_state(
                 &config,
                 base,
                 &self.shared.provider,
                 self.shared.pke.is_some(),
-            )
+                &self.shared.resumption,
+            )?;
+            self.shared
+                .resumption
+                .reconfigure(crate::cluster::Settings::from_config(
+                    &config.resumption,
+                    base,
+                ))
+                .context("session resumption")?;
+            Ok(state)
         })();
         match result {
             Ok(state) => {
@@ -306,6 +325,7 @@ fn build_state(
     base: &Path,
     provider: &Arc<rustls::crypto::CryptoProvider>,
     offloaded: bool,
+    resumption: &Arc<Resumption>,
 ) -> anyhow::Result<State> {
     let mut pools = HashMap::new();
     for pool in &config.pools {
@@ -313,7 +333,7 @@ fn build_state(
     }
     let mut listeners = HashMap::new();
     for listener in &config.listeners {
-        let tls = ListenerTls::new(listener, base, provider, offloaded)
+        let tls = ListenerTls::new(listener, base, provider, offloaded, resumption)
             .with_context(|| format!("listener {}", listener.name.get_ref()))?;
         let keepalive = *listener.tcp_keepalive_s.get_ref();
         listeners.insert(

@@ -143,6 +143,7 @@ impl ListenerTls {
         base: &Path,
         provider: &Arc<CryptoProvider>,
         offloaded: bool,
+        resumption: &Arc<crate::cluster::Resumption>,
     ) -> anyhow::Result<Self> {
         let mut provider = (**provider).clone();
         if !listener.cipher_suites.get_ref().is_empty() {
@@ -180,6 +181,8 @@ impl ListenerTls {
             .map(|p| p.as_bytes().to_vec())
             .collect();
         config.max_early_data_size = 0;
+        config.ticketer = resumption.ticketer();
+        config.session_storage = resumption.session_storage();
         Ok(Self {
             config: Arc::new(config),
             resolver,

@@ -1,0 +1,522 @@
+//! Session resumption that outlives a reload and reaches across nodes: the ticket key ring
+//! ([`ticket_keys`]), key files in nginx's and HAProxy's formats ([`key_file`]), and the
+//! session cache. One [`Resumption`] serves every listener of the process and survives
+//! reloads; a reload changes its settings, not its keys.
+//!
+//! Key sources (`[resumption] ticket_keys`):
+//! * `random` (the default): a random key per `rotate_every_s`, made in this process;
+//! * `file`: keys from the operator's files, checked every `key_file_check_ms` and taken
+//!   when their contents change, with no reload. A file that stops parsing is logged and
+//!   counted, and the keys already loaded stay.
+//!
+//! A key that stops sealing (rotation, a new file) keeps opening tickets for
+//! `ticket_lifetime_s`, then is dropped. docs/cluster.md has the threat model.
+
+pub mod key_file;
+pub mod ticket_keys;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use rustls::server::{ProducesTickets, StoresServerSessions};
+use zeroize::Zeroizing;
+
+use crate::config::{self, TicketKeySource};
+pub use key_file::KeyFileFormat;
+use key_file::KeySet;
+pub use ticket_keys::{KeyAge, KeyInfo, KeyRing, Rejected, TicketKey, MAX_ORIGIN_LEN};
+
+/// Resumption settings, from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub tickets: bool,
+    pub source: TicketKeySource,
+    /// Absolute paths.
+    pub files: Vec<PathBuf>,
+    pub format: KeyFileFormat,
+    pub check_every: Duration,
+    pub lifetime_s: u32,
+    /// How long a key that stopped sealing still opens tickets.
+    pub window: Duration,
+    pub rotate_every: Duration,
+    pub cache_size: usize,
+    pub node: String,
+}
+
+impl Settings {
+    /// The settings of `[resumption]`; relative key file paths are taken from `base`.
+    pub fn from_config(r: &config::Resumption, base: &Path) -> Self {
+        Self {
+            tickets: *r.tickets.get_ref(),
+            source: *r.ticket_keys.get_ref(),
+            files: r.key_files.get_ref().iter().map(|f| base.join(f)).collect(),
+            format: *r.key_file_format.get_ref(),
+            check_every: Duration::from_millis(*r.key_file_check_ms.get_ref()),
+            lifetime_s: *r.ticket_lifetime_s.get_ref(),
+            window: Duration::from_secs(u64::from(
+                *r.retired_key_window_s
+                    .as_ref()
+                    .unwrap_or(&r.ticket_lifetime_s)
+                    .get_ref(),
+            )),
+            rotate_every: Duration::from_secs(u64::from(*r.rotate_every_s.get_ref())),
+            cache_size: *r.cache_size.get_ref() as usize,
+            node: r
+                .node
+                .as_ref()
+                .map(|n| n.get_ref().clone())
+                .unwrap_or_else(host_name),
+        }
+    }
+}
+
+/// The host name (what `[resumption] node` defaults to), cut to what a ticket carries.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = name
+        .trim()
+        .chars()
+        .filter(char::is_ascii_graphic)
+        .take(MAX_ORIGIN_LEN)
+        .collect();
+    if name.is_empty() {
+        "tlsaccel".into()
+    } else {
+        name
+    }
+}
+
+/// Counters of ticket use.
+#[derive(Debug, Default)]
+pub struct TicketStats {
+    pub issued: AtomicU64,
+    pub seal_failures: AtomicU64,
+    /// By key age (current, previous) and origin (this node, another node).
+    accepted: [[AtomicU64; 2]; 2],
+    /// By [`Rejected`] reason.
+    rejected: [AtomicU64; 3],
+    pub rotations: AtomicU64,
+    pub key_file_errors: AtomicU64,
+}
+
+impl TicketStats {
+    /// `(key age, from another node, count)` of accepted tickets.
+    pub fn accepted(&self) -> Vec<(KeyAge, bool, u64)> {
+        let mut out = Vec::new();
+        for (a, age) in [KeyAge::Current, KeyAge::Previous].into_iter().enumerate() {
+            for (o, other) in [false, true].into_iter().enumerate() {
+                out.push((age, other, self.accepted[a][o].load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
+
+    /// `(reason, count)` of refused tickets.
+    pub fn rejected(&self) -> Vec<(Rejected, u64)> {
+        [Rejected::Malformed, Rejected::UnknownKey, Rejected::BadTag]
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (r, self.rejected[i].load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn count_open(&self, result: &Result<ticket_keys::Opened, Rejected>, node: &[u8]) {
+        match result {
+            Ok(opened) => {
+                let a = usize::from(opened.age == KeyAge::Previous);
+                let o = usize::from(opened.origin != node);
+                self.accepted[a][o].fetch_add(1, Ordering::Relaxed);
+            }
+            Err(reason) => {
+                let i = match reason {
+                    Rejected::Malformed => 0,
+                    Rejected::UnknownKey => 1,
+                    Rejected::BadTag => 2,
+                };
+                self.rejected[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The process's resumption state: key ring, session cache, counters.
+#[derive(Debug)]
+pub struct Resumption {
+    settings: RwLock<Arc<Settings>>,
+    ring: RwLock<KeyRing>,
+    /// SHA-256 of the key files' contents last loaded.
+    loaded_files: Mutex<Option<Vec<u8>>>,
+    cache: RwLock<(usize, Arc<dyn StoresServerSessions>)>,
+    pub stats: TicketStats,
+}
+
+fn cache_of(size: usize) -> Arc<dyn StoresServerSessions> {
+    if size == 0 {
+        Arc::new(rustls::server::NoServerSessionStorage {})
+    } else {
+        rustls::server::ServerSessionMemoryCache::new(size)
+    }
+}
+
+/// Reads and parses the key files of `settings`; returns their digest and keys.
+fn read_keys(settings: &Settings) -> anyhow::Result<(Vec<u8>, KeySet)> {
+    use anyhow::Context as _;
+    let mut contents = Vec::with_capacity(settings.files.len());
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for file in &settings.files {
+        let bytes = Zeroizing::new(
+            std::fs::read(file).with_context(|| format!("reading {}", file.display()))?,
+        );
+        digest.update(&(bytes.len() as u64).to_be_bytes());
+        digest.update(&bytes);
+        contents.push(bytes);
+    }
+    let set = match settings.format {
+        KeyFileFormat::Nginx => key_file::nginx_set(&contents).map_err(|(i, e)| {
+            anyhow::anyhow!("ticket key file {}: {e}", settings.files[i].display())
+        })?,
+        KeyFileFormat::Haproxy => key_file::parse_haproxy(&contents[0])
+            .map_err(|e| anyhow::anyhow!("ticket key file {}: {e}", settings.files[0].display()))?,
+    };
+    Ok((digest.finish().as_ref().to_vec(), set))
+}
+
+impl Resumption {
+    /// Sets up resumption with its first keys. Fails when a key file cannot be used.
+    pub fn new(settings: Settings) -> anyhow::Result<Arc<Self>> {
+        let cache = cache_of(settings.cache_size);
+        let this = Arc::new(Self {
+            cache: RwLock::new((settings.cache_size, cache)),
+            settings: RwLock::new(Arc::new(settings)),
+            ring: RwLock::new(KeyRing::default()),
+            loaded_files: Mutex::new(None),
+            stats: TicketStats::default(),
+        });
+        this.refresh(Instant::now(), true)?;
+        Ok(this)
+    }
+
+    /// Takes new settings (a reload). Key files are read now, and a file that cannot be used
+    /// fails the reload with the old settings kept. The keys already in the ring stay (a
+    /// source that changes retires them as rotation does), and the session cache stays
+    /// unless its size changed.
+    pub fn reconfigure(&self, settings: Settings) -> anyhow::Result<()> {
+        if settings.source == TicketKeySource::File {
+            read_keys(&settings)?;
+        }
+        {
+            let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            if cache.0 != settings.cache_size {
+                *cache = (settings.cache_size, cache_of(settings.cache_size));
+            }
+        }
+        let changed_source = self.settings().source != settings.source;
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        *self.loaded_files.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.refresh(Instant::now(), changed_source)
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.ring.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ring_mut(&self) -> std::sync::RwLockWriteGuard<'_, KeyRing> {
+        self.ring.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings the ring up to date at `now`: rotates a random key that is due (or when
+    /// `new_random` asks), takes key files that changed, drops keys past their window. A
+    /// key file that fails is an error (logged and counted by [`Self::maintain`]).
+    fn refresh(&self, now: Instant, new_random: bool) -> anyhow::Result<()> {
+        let settings = self.settings();
+        let window = settings.window;
+        let result = match settings.source {
+            TicketKeySource::Random => {
+                let due = self.ring().current_since().is_none_or(|since| {
+                    now.saturating_duration_since(since) >= settings.rotate_every
+                });
+                if due || new_random {
+                    let key = TicketKey::random()?;
+                    let mut ring = self.ring_mut();
+                    ring.install(key, now, window);
+                    ring.set_listed(Vec::new(), now, window);
+                    self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            TicketKeySource::File => self.take_files(&settings, now, window),
+        };
+        self.ring_mut().expire(now);
+        result
+    }
+
+    fn take_files(
+        &self,
+        settings: &Settings,
+        now: Instant,
+        window: Duration,
+    ) -> anyhow::Result<()> {
+        let (digest, set) = read_keys(settings)?;
+        let mut loaded = self.loaded_files.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.as_deref() == Some(digest.as_slice()) {
+            return Ok(());
+        }
+        let mut ring = self.ring_mut();
+        let before = ring.current_id();
+        ring.install(set.sealing, now, window);
+        ring.set_listed(set.others, now, window);
+        if ring.current_id() != before {
+            self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(ring);
+        tracing::info!(
+            files = settings.files.len(),
+            "session ticket keys loaded from their files"
+        );
+        *loaded = Some(digest);
+        Ok(())
+    }
+
+    /// One maintenance pass (what the background task runs).
+    pub fn maintain(&self, now: Instant) {
+        if let Err(error) = self.refresh(now, false) {
+            self.stats.key_file_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                error = format!("{error:#}"),
+                "ticket keys not refreshed; the keys loaded before stay in use"
+            );
+        }
+    }
+
+    /// Runs [`Self::maintain`] in the background until `self` is dropped.
+    pub fn spawn_maintenance(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let every = match weak.upgrade() {
+                    Some(this) => {
+                        let s = this.settings();
+                        match s.source {
+                            TicketKeySource::File => s.check_every,
+                            TicketKeySource::Random => Duration::from_secs(1),
+                        }
+                    }
+                    None => return,
+                };
+                tokio::time::sleep(every).await;
+                let Some(this) = weak.upgrade() else { return };
+                this.maintain(Instant::now());
+            }
+        })
+    }
+
+    /// The ticketer every listener's `ServerConfig` uses.
+    pub fn ticketer(self: &Arc<Self>) -> Arc<dyn ProducesTickets> {
+        Arc::new(Ticketer(Arc::clone(self)))
+    }
+
+    /// The session cache every listener's `ServerConfig` uses: it follows the cache a
+    /// reload installs.
+    pub fn session_storage(self: &Arc<Self>) -> Arc<dyn StoresServerSessions> {
+        Arc::new(Sessions(Arc::clone(self)))
+    }
+
+    fn cache(&self) -> Arc<dyn StoresServerSessions> {
+        Arc::clone(&self.cache.read().unwrap_or_else(|e| e.into_inner()).1)
+    }
+
+    /// The keys in the ring (ids and ages only).
+    pub fn key_info(&self) -> Vec<KeyInfo> {
+        self.ring().info(Instant::now())
+    }
+
+    /// This node's name in its tickets.
+    pub fn node(&self) -> String {
+        self.settings().node.clone()
+    }
+}
+
+/// rustls' view of the session cache.
+#[derive(Debug)]
+struct Sessions(Arc<Resumption>);
+
+impl StoresServerSessions for Sessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.0.cache().put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.cache().get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.cache().take(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        self.0.cache().can_cache()
+    }
+}
+
+/// rustls' view of the ring.
+#[derive(Debug)]
+struct Ticketer(Arc<Resumption>);
+
+impl ProducesTickets for Ticketer {
+    fn enabled(&self) -> bool {
+        self.0.settings().tickets
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.0.settings().lifetime_s
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let node = self.0.settings();
+        let ticket = self.0.ring().seal(node.node.as_bytes(), plain);
+        let counter = if ticket.is_some() {
+            &self.0.stats.issued
+        } else {
+            &self.0.stats.seal_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        ticket
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let settings = self.0.settings();
+        let opened = self.0.ring().open(cipher, Instant::now());
+        self.0.stats.count_open(&opened, settings.node.as_bytes());
+        opened.ok().map(|o| o.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(source: TicketKeySource, files: Vec<PathBuf>) -> Settings {
+        Settings {
+            tickets: true,
+            source,
+            files,
+            format: KeyFileFormat::Nginx,
+            check_every: Duration::from_millis(100),
+            lifetime_s: 60,
+            window: Duration::from_secs(60),
+            rotate_every: Duration::from_secs(30),
+            cache_size: 16,
+            node: "a".into(),
+        }
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("tlsaccel-cluster-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn random_keys_rotate_when_due_and_old_tickets_open_for_the_lifetime() {
+        let r = Resumption::new(settings(TicketKeySource::Random, vec![])).unwrap();
+        let t = Ticketer(Arc::clone(&r));
+        let ticket = t.encrypt(b"state").unwrap();
+        let start = r.ring().current_since().unwrap();
+        r.maintain(start + Duration::from_secs(29));
+        assert_eq!(r.stats.rotations.load(Ordering::Relaxed), 1);
+        r.maintain(start + Duration::from_secs(30));
+        assert_eq!(r.stats.rotations.load(Ordering::Relaxed), 2);
+        assert_eq!(r.key_info().len(), 2);
+        // Sealed under the previous key, opened within its window: counted as such.
+        assert_eq!(t.decrypt(&ticket).as_deref(), Some(&b"state"[..]));
+        assert!(r.stats.accepted().contains(&(KeyAge::Previous, false, 1)));
+        // The window (60 s) after the rotation has passed: a full handshake.
+        r.maintain(start + Duration::from_secs(91));
+        assert_eq!(t.decrypt(&ticket), None);
+        assert!(r.stats.rejected().contains(&(Rejected::UnknownKey, 1)));
+    }
+
+    #[test]
+    fn a_changed_key_file_is_taken_without_a_reload_and_a_broken_one_is_ignored() {
+        let dir = scratch("files");
+        let file = dir.join("ticket.key");
+        std::fs::write(&file, [1u8; 80]).unwrap();
+        let r = Resumption::new(settings(TicketKeySource::File, vec![file.clone()])).unwrap();
+        let t = Ticketer(Arc::clone(&r));
+        let old = t.encrypt(b"old").unwrap();
+        std::fs::write(&file, [2u8; 80]).unwrap();
+        r.maintain(Instant::now());
+        assert_eq!(r.ring().current_id(), Some([2u8; 16]));
+        assert_eq!(t.decrypt(&old).as_deref(), Some(&b"old"[..]));
+        // A truncated file: counted, logged, and the keys stay.
+        std::fs::write(&file, [3u8; 20]).unwrap();
+        r.maintain(Instant::now());
+        assert_eq!(r.stats.key_file_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(r.ring().current_id(), Some([2u8; 16]));
+        // A node given the same file opens this node's tickets and says where they came from.
+        std::fs::write(&file, [2u8; 80]).unwrap();
+        let mut other = settings(TicketKeySource::File, vec![file]);
+        other.node = "b".into();
+        let b = Resumption::new(other).unwrap();
+        let tb = Ticketer(Arc::clone(&b));
+        let from_a = t.encrypt(b"from a").unwrap();
+        assert_eq!(tb.decrypt(&from_a).as_deref(), Some(&b"from a"[..]));
+        assert!(b.stats.accepted().contains(&(KeyAge::Current, true, 1)));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_keys_and_refuses_a_broken_file() {
+        let dir = scratch("reload");
+        let file = dir.join("ticket.key");
+        std::fs::write(&file, [4u8; 48]).unwrap();
+        let r = Resumption::new(settings(TicketKeySource::Random, vec![])).unwrap();
+        let t = Ticketer(Arc::clone(&r));
+        let ticket = t.encrypt(b"s").unwrap();
+        let storage = r.session_storage();
+        assert!(storage.put(b"id".to_vec(), b"session".to_vec()));
+        // Same settings again: same key, same cache.
+        r.reconfigure(settings(TicketKeySource::Random, vec![]))
+            .unwrap();
+        assert_eq!(r.key_info().len(), 1);
+        assert_eq!(storage.get(b"id").as_deref(), Some(&b"session"[..]));
+        // Another size: a new cache, which the same handle now reaches.
+        let mut smaller = settings(TicketKeySource::Random, vec![]);
+        smaller.cache_size = 8;
+        r.reconfigure(smaller).unwrap();
+        assert_eq!(storage.get(b"id"), None);
+        // A broken file fails the reload and changes nothing.
+        std::fs::write(dir.join("bad.key"), b"short").unwrap();
+        assert!(r
+            .reconfigure(settings(TicketKeySource::File, vec![dir.join("bad.key")]))
+            .is_err());
+        assert_eq!(r.settings().source, TicketKeySource::Random);
+        // Moving to a file: its key seals, the random key still opens.
+        r.reconfigure(settings(TicketKeySource::File, vec![file]))
+            .unwrap();
+        assert_eq!(r.ring().current_id(), Some([4u8; 16]));
+        assert_eq!(t.decrypt(&ticket).as_deref(), Some(&b"s"[..]));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_missing_key_file_fails_the_start() {
+        let error = Resumption::new(settings(
+            TicketKeySource::File,
+            vec![PathBuf::from("/nonexistent/ticket.key")],
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("/nonexistent/ticket.key"),
+            "{error:#}"
+        );
+    }
+}
