@@ -395,6 +395,93 @@ fn resumption_metrics(shared: &Shared, e: &mut Exposition) {
         "Keys in the ticket key ring (the sealing key and those that still open tickets).",
         shared.resumption.key_info().len() as u64,
     );
+    e.single(
+        "tlsaccel_ticket_key_shared_errors_total",
+        "counter",
+        "Refreshes of Redis-shared ticket keys that failed (the keys held stayed in use).",
+        load(&t.shared_key_errors),
+    );
+    e.single(
+        "tlsaccel_ticket_key_local_fallbacks_total",
+        "counter",
+        "Keys of this node's own made because no shared key could be had.",
+        load(&t.local_fallbacks),
+    );
+    let Some(cluster) = &shared.resumption.shared else {
+        return;
+    };
+    let link = &cluster.link;
+    e.single(
+        "tlsaccel_redis_up",
+        "gauge",
+        "1 when the last Redis call was answered.",
+        u64::from(link.is_up()),
+    );
+    e.family(
+        "tlsaccel_redis_calls_total",
+        "counter",
+        "Redis calls by result.",
+    );
+    for (result, counter) in [
+        ("ok", &link.stats.ok),
+        ("error", &link.stats.errors),
+        ("timeout", &link.stats.timeouts),
+    ] {
+        e.sample(
+            "tlsaccel_redis_calls_total",
+            &[("result", result)],
+            load(counter),
+        );
+    }
+    e.family(
+        "tlsaccel_ticket_keys_shared_total",
+        "counter",
+        "Shared epoch keys this node made first or fetched.",
+    );
+    e.sample(
+        "tlsaccel_ticket_keys_shared_total",
+        &[("how", "made")],
+        load(&cluster.keys_made),
+    );
+    e.sample(
+        "tlsaccel_ticket_keys_shared_total",
+        &[("how", "fetched")],
+        load(&cluster.keys_fetched),
+    );
+    let st = &cluster.sessions;
+    e.family(
+        "tlsaccel_session_store_lookups_total",
+        "counter",
+        "Session-ID lookups by result (local_only: off a fiber, Redis not asked).",
+    );
+    for (result, counter) in [
+        ("local_hit", &st.local_hits),
+        ("remote_hit", &st.remote_hits),
+        ("miss", &st.misses),
+        ("error", &st.errors),
+        ("local_only", &st.local_only),
+    ] {
+        e.sample(
+            "tlsaccel_session_store_lookups_total",
+            &[("result", result)],
+            load(counter),
+        );
+    }
+    e.family(
+        "tlsaccel_session_store_writes_total",
+        "counter",
+        "Sessions queued for Redis, and those dropped because the queue was full.",
+    );
+    e.sample(
+        "tlsaccel_session_store_writes_total",
+        &[("result", "queued")],
+        load(&st.writes),
+    );
+    e.sample(
+        "tlsaccel_session_store_writes_total",
+        &[("result", "dropped")],
+        load(&st.writes_dropped),
+    );
 }
 
 fn device_metrics(shared: &Shared, e: &mut Exposition) {
@@ -583,9 +670,16 @@ fn resumption_status(shared: &Shared) -> serde_json::Value {
             }
         })
         .collect();
+    let redis = shared.resumption.shared.as_ref().map(|s| {
+        serde_json::json!({
+            "up": s.link.is_up(),
+            "epochs_known": s.known.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect::<Vec<_>>(),
+        })
+    });
     serde_json::json!({
         "node": shared.resumption.node(),
         "ticket_keys": keys,
+        "redis": redis,
     })
 }
 

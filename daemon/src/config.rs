@@ -269,6 +269,50 @@ pub enum TicketKeySource {
     /// Read from `key_files` (nginx or HAProxy format) and re-read when they change: every
     /// node given the same files resumes every other node's tickets.
     File,
+    /// One random key per rotation period for the whole cluster, kept in Redis sealed under
+    /// the cluster key (`[resumption.redis]`).
+    Redis,
+}
+
+/// Where sessions for session-ID resumption are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStore {
+    /// In this process only.
+    Memory,
+    /// In this process and in Redis, sealed under the cluster key: any node resumes them.
+    Redis,
+}
+
+/// The cluster's Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or
+    /// `redis+unix:///path`.
+    pub url: Spanned<String>,
+    /// A file holding the AUTH password (instead of one in the URL).
+    pub password_file: Option<Spanned<PathBuf>>,
+    /// PEM roots that verify a `rediss://` server (default: the web PKI roots).
+    pub ca: Option<Spanned<PathBuf>>,
+    /// At least 32 random bytes, the same on every node: what is stored in Redis is
+    /// sealed under keys derived from it.
+    pub cluster_key_file: Spanned<PathBuf>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: Spanned<String>,
+    /// Longest a handshake (or the key refresh) waits for Redis.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_ms: Spanned<u64>,
+}
+
+fn default_key_prefix() -> Spanned<String> {
+    spanned("tlsaccel:".into())
+}
+fn default_redis_timeout() -> Spanned<u64> {
+    spanned(50)
+}
+fn default_session_store() -> Spanned<SessionStore> {
+    spanned(SessionStore::Memory)
 }
 
 /// Session resumption.
@@ -306,6 +350,10 @@ pub struct Resumption {
     /// This node's name in the tickets it seals (metrics tell sessions from other nodes);
     /// default: the host name.
     pub node: Option<Spanned<String>>,
+    #[serde(default = "default_session_store")]
+    pub session_store: Spanned<SessionStore>,
+    /// Needed by `ticket_keys = "redis"` and `session_store = "redis"`.
+    pub redis: Option<RedisSection>,
 }
 
 impl Default for Resumption {
@@ -321,6 +369,8 @@ impl Default for Resumption {
             rotate_every_s: default_rotate_every(),
             cache_size: default_cache_size(),
             node: None,
+            session_store: default_session_store(),
+            redis: None,
         }
     }
 }
@@ -518,6 +568,27 @@ impl Config {
                             format!("cannot read {}: {e}", full.display()),
                         ));
                     }
+                }
+            }
+        }
+        if let Some(redis) = &config.resumption.redis {
+            let files = [
+                Some(&redis.cluster_key_file),
+                redis.password_file.as_ref(),
+                redis.ca.as_ref(),
+            ];
+            for (path, key) in files
+                .into_iter()
+                .zip(["cluster_key_file", "password_file", "ca"])
+            {
+                let Some(path) = path else { continue };
+                let full = base.join(path.get_ref());
+                if let Err(e) = std::fs::read(&full) {
+                    return Err(checker.invalid(
+                        path,
+                        format!("resumption.redis.{key}"),
+                        format!("cannot read {}: {e}", full.display()),
+                    ));
                 }
             }
         }
@@ -782,6 +853,48 @@ impl Config {
             }
             _ => {}
         }
+        let uses_redis = *r.ticket_keys.get_ref() == TicketKeySource::Redis
+            || *r.session_store.get_ref() == SessionStore::Redis;
+        match &r.redis {
+            None if uses_redis => {
+                return Err(c.invalid(
+                    &r.ticket_keys,
+                    "resumption.redis",
+                    "ticket_keys or session_store = \"redis\" needs a [resumption.redis] section",
+                ));
+            }
+            Some(redis) => {
+                let url = redis.url.get_ref();
+                if !["redis://", "rediss://", "redis+unix://", "unix://"]
+                    .iter()
+                    .any(|scheme| url.starts_with(scheme))
+                {
+                    return Err(c.invalid(
+                        &redis.url,
+                        "resumption.redis.url",
+                        "a redis://, rediss:// or redis+unix:// URL",
+                    ));
+                }
+                if let Some(ca) = &redis.ca {
+                    if !url.starts_with("rediss://") {
+                        return Err(c.invalid(
+                            ca,
+                            "resumption.redis.ca",
+                            "ca needs a rediss:// url",
+                        ));
+                    }
+                }
+                c.range(&redis.timeout_ms, "resumption.redis.timeout_ms", 1, 10_000)?;
+                if redis.key_prefix.get_ref().len() > 64 {
+                    return Err(c.invalid(
+                        &redis.key_prefix,
+                        "resumption.redis.key_prefix",
+                        "at most 64 bytes",
+                    ));
+                }
+            }
+            None => {}
+        }
         if let Some(node) = &r.node {
             let name = node.get_ref();
             if name.is_empty()
@@ -991,6 +1104,18 @@ pool = "web"
             with("key_file_format = \"apache\""),
             Err(ConfigError::Syntax { .. })
         ));
+        let error = with("session_store = \"redis\"").unwrap_err().to_string();
+        assert!(error.contains("[resumption.redis]"), "{error}");
+        let error = with(
+            "ticket_keys = \"redis\"\n[resumption.redis]\nurl = \"http://x\"\ncluster_key_file = \"c\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("resumption.redis.url"), "{error}");
+        let redis = with(
+            "ticket_keys = \"redis\"\n[resumption.redis]\nurl = \"redis://127.0.0.1:6379\"\ncluster_key_file = \"c\"",
+        );
+        assert!(redis.is_ok(), "{redis:?}");
         let ok = with("ticket_keys = \"file\"\nkey_files = [\"t.key\"]\nretired_key_window_s = 0");
         assert!(ok.is_ok(), "{ok:?}");
     }

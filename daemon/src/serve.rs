@@ -189,6 +189,8 @@ impl Server {
             &base,
         ))
         .context("session resumption")?;
+        // The cluster's keys before the first handshake, if Redis answers within 3 s.
+        resumption.first_shared_keys(Duration::from_secs(3)).await;
         resumption.spawn_maintenance();
         let state = build_state(&config, &base, &provider, pke.is_some(), &resumption)?;
         let shared = Arc::new(Shared {

@@ -186,7 +186,7 @@ impl ListenerTls {
         Ok(Self {
             config: Arc::new(config),
             resolver,
-            fibers: offloaded,
+            fibers: offloaded || resumption.shares_sessions(),
         })
     }
 

@@ -780,7 +780,7 @@ impl QueuePair {
             }
             if self.poll(&mut sink) == 0 {
                 spins += 1;
-                if spins % 64 == 0 {
+                if spins.is_multiple_of(64) {
                     if start.elapsed() >= timeout {
                         self.stats.timeouts += 1;
                         DeviceEvents::count(&self.events.timeouts, 1);

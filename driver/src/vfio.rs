@@ -625,7 +625,7 @@ impl Mailbox {
                 };
             }
             spins += 1;
-            if spins % 256 == 0 {
+            if spins.is_multiple_of(256) {
                 if start.elapsed() > MAILBOX_TIMEOUT {
                     tracing::error!(device = %self.name, "register mailbox timed out; device lost");
                     self.lost.store(true, Ordering::Release);

@@ -715,7 +715,7 @@ impl Device {
 
     /// Reads a 64-bit BAR0 register (counters, ring bases).
     pub fn bar_read64(&self, offset: u64) -> u64 {
-        if (regs::COUNTERS_BASE..regs::COUNTERS_END).contains(&offset) && offset % 8 == 0 {
+        if (regs::COUNTERS_BASE..regs::COUNTERS_END).contains(&offset) && offset.is_multiple_of(8) {
             let index = ((offset - regs::COUNTERS_BASE) / 8) as usize;
             return self
                 .shared
@@ -979,8 +979,8 @@ impl Device {
         }
         if !size.is_power_of_two()
             || !(MIN_QUEUE_ENTRIES..=s.config.max_queue_entries).contains(&size)
-            || sq_base % RING_ALIGN != 0
-            || cq_base % RING_ALIGN != 0
+            || !sq_base.is_multiple_of(RING_ALIGN)
+            || !cq_base.is_multiple_of(RING_ALIGN)
         {
             s.queue_error(registers, QueueErrorCode::BAD_CONFIG);
             return;

@@ -74,7 +74,7 @@ pub const BULK_COPY: usize = 256;
 impl SharedRegion {
     /// Creates a zero-filled shared region of `len` bytes (rounded up to the page size).
     pub fn new(len: usize) -> Result<Self, ShmError> {
-        if len % HUGE_PAGE == 0 {
+        if len.is_multiple_of(HUGE_PAGE) {
             if let Ok(region) = Self::create(len, true) {
                 return Ok(region);
             }
@@ -298,7 +298,7 @@ impl SharedRegion {
     /// device to look. `offset` and `data.len()` must be multiples of 8.
     pub fn write_streaming(&self, offset: usize, data: &[u8]) -> Result<(), ShmError> {
         let dst = self.check(offset, data.len())?;
-        if dst.align_offset(8) != 0 || data.len() % 8 != 0 {
+        if dst.align_offset(8) != 0 || !data.len().is_multiple_of(8) {
             return self.write(offset, data);
         }
         for (i, chunk) in data.chunks_exact(8).enumerate() {
@@ -419,7 +419,7 @@ unsafe fn volatile_copy_from(src: *const u8, dst: &mut [u8]) {
     let len = dst.len();
     let mut i = 0;
     // Head bytes until `src + i` is 8-byte aligned.
-    while i < len && (src as usize + i) % 8 != 0 {
+    while i < len && !(src as usize + i).is_multiple_of(8) {
         // SAFETY: i < len and the caller guarantees src is readable for len bytes.
         dst[i] = unsafe { src.add(i).read_volatile() };
         i += 1;
@@ -445,7 +445,7 @@ unsafe fn volatile_copy_from(src: *const u8, dst: &mut [u8]) {
 unsafe fn volatile_copy_to(dst: *mut u8, src: &[u8]) {
     let len = src.len();
     let mut i = 0;
-    while i < len && (dst as usize + i) % 8 != 0 {
+    while i < len && !(dst as usize + i).is_multiple_of(8) {
         // SAFETY: i < len and the caller guarantees dst is writable for len bytes.
         unsafe { dst.add(i).write_volatile(src[i]) };
         i += 1;

@@ -1,18 +1,21 @@
 //! Session resumption that outlives a reload and reaches across nodes: the ticket key ring
-//! ([`ticket_keys`]), key files in nginx's and HAProxy's formats ([`key_file`]), and the
-//! session cache. One [`Resumption`] serves every listener of the process and survives
+//! ([`ticket_keys`]), key files in nginx's and HAProxy's formats ([`key_file`]), keys and
+//! sessions shared through Redis ([`shared`] over [`redis`]), and the session cache. One [`Resumption`] serves every listener of the process and survives
 //! reloads; a reload changes its settings, not its keys.
 //!
 //! Key sources (`[resumption] ticket_keys`):
 //! * `random` (the default): a random key per `rotate_every_s`, made in this process;
 //! * `file`: keys from the operator's files, checked every `key_file_check_ms` and taken
 //!   when their contents change, with no reload. A file that stops parsing is logged and
-//!   counted, and the keys already loaded stay.
+//!   counted, and the keys already loaded stay;
+//! * `redis`: one key per rotation epoch for the whole cluster ([`shared`]).
 //!
 //! A key that stops sealing (rotation, a new file) keeps opening tickets for
 //! `ticket_lifetime_s`, then is dropped. docs/cluster.md has the threat model.
 
 pub mod key_file;
+pub mod redis;
+pub mod shared;
 pub mod ticket_keys;
 
 use std::path::{Path, PathBuf};
@@ -23,9 +26,11 @@ use std::time::{Duration, Instant};
 use rustls::server::{ProducesTickets, StoresServerSessions};
 use zeroize::Zeroizing;
 
-use crate::config::{self, TicketKeySource};
+use crate::config::{self, SessionStore, TicketKeySource};
 pub use key_file::KeyFileFormat;
 use key_file::KeySet;
+use redis::{RedisLink, RedisSettings};
+use shared::SharedState;
 pub use ticket_keys::{KeyAge, KeyInfo, KeyRing, Rejected, TicketKey, MAX_ORIGIN_LEN};
 
 /// Resumption settings, from the configuration.
@@ -43,6 +48,8 @@ pub struct Settings {
     pub rotate_every: Duration,
     pub cache_size: usize,
     pub node: String,
+    pub session_store: SessionStore,
+    pub redis: Option<RedisSettings>,
 }
 
 impl Settings {
@@ -68,8 +75,28 @@ impl Settings {
                 .as_ref()
                 .map(|n| n.get_ref().clone())
                 .unwrap_or_else(host_name),
+            session_store: *r.session_store.get_ref(),
+            redis: r.redis.as_ref().map(|redis| RedisSettings {
+                url: redis.url.get_ref().clone(),
+                password_file: redis.password_file.as_ref().map(|f| base.join(f.get_ref())),
+                ca: redis.ca.as_ref().map(|f| base.join(f.get_ref())),
+                cluster_key_file: base.join(redis.cluster_key_file.get_ref()),
+                prefix: redis.key_prefix.get_ref().clone(),
+                timeout: Duration::from_millis(*redis.timeout_ms.get_ref()),
+            }),
         }
     }
+
+    fn uses_redis(&self) -> bool {
+        self.source == TicketKeySource::Redis || self.session_store == SessionStore::Redis
+    }
+}
+
+/// Seconds since the Unix epoch (what shared key epochs are cut from).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The host name (what `[resumption] node` defaults to), cut to what a ticket carries.
@@ -99,6 +126,10 @@ pub struct TicketStats {
     rejected: [AtomicU64; 3],
     pub rotations: AtomicU64,
     pub key_file_errors: AtomicU64,
+    /// Refreshes of Redis-shared keys that failed (the keys already held stay in use).
+    pub shared_key_errors: AtomicU64,
+    /// Times a node with no shared key made a key of its own (Redis unreachable at start).
+    pub local_fallbacks: AtomicU64,
 }
 
 impl TicketStats {
@@ -149,6 +180,8 @@ pub struct Resumption {
     /// SHA-256 of the key files' contents last loaded.
     loaded_files: Mutex<Option<Vec<u8>>>,
     cache: RwLock<(usize, Arc<dyn StoresServerSessions>)>,
+    /// Redis and what goes through it, when the settings use it (fixed at start).
+    pub shared: Option<Arc<SharedState>>,
     pub stats: TicketStats,
 }
 
@@ -184,10 +217,20 @@ fn read_keys(settings: &Settings) -> anyhow::Result<(Vec<u8>, KeySet)> {
 }
 
 impl Resumption {
-    /// Sets up resumption with its first keys. Fails when a key file cannot be used.
+    /// Sets up resumption with its first keys. Fails when a key file cannot be used. With
+    /// Redis in the settings, it must run in the tokio runtime, and the first shared keys
+    /// come from [`Self::refresh_shared`].
     pub fn new(settings: Settings) -> anyhow::Result<Arc<Self>> {
         let cache = cache_of(settings.cache_size);
+        let shared = match &settings.redis {
+            Some(redis) if settings.uses_redis() => {
+                let cluster_key = redis::read_cluster_key(&redis.cluster_key_file)?;
+                Some(SharedState::start(RedisLink::new(redis)?, &cluster_key)?)
+            }
+            _ => None,
+        };
         let this = Arc::new(Self {
+            shared,
             cache: RwLock::new((settings.cache_size, cache)),
             settings: RwLock::new(Arc::new(settings)),
             ring: RwLock::new(KeyRing::default()),
@@ -203,6 +246,16 @@ impl Resumption {
     /// source that changes retires them as rotation does), and the session cache stays
     /// unless its size changed.
     pub fn reconfigure(&self, settings: Settings) -> anyhow::Result<()> {
+        {
+            let old = self.settings();
+            let redis_of = |s: &Settings| s.uses_redis().then(|| s.redis.clone());
+            anyhow::ensure!(
+                redis_of(&old) == redis_of(&settings)
+                    && (old.source == TicketKeySource::Redis)
+                        == (settings.source == TicketKeySource::Redis),
+                "changing what goes through Redis, or the Redis settings, needs a restart"
+            );
+        }
         if settings.source == TicketKeySource::File {
             read_keys(&settings)?;
         }
@@ -251,6 +304,8 @@ impl Resumption {
                 Ok(())
             }
             TicketKeySource::File => self.take_files(&settings, now, window),
+            // Refreshed by `refresh_shared`.
+            TicketKeySource::Redis => Ok(()),
         };
         self.ring_mut().expire(now);
         result
@@ -294,6 +349,105 @@ impl Resumption {
         }
     }
 
+    /// Brings Redis-shared keys up to date at Unix time `unix`: fetches (or makes) the keys
+    /// of the current and the next epoch that this node does not have, seals with the
+    /// current epoch's key, drops keys past their window. When Redis cannot be reached the
+    /// keys already held stay in use; a node that holds none makes a key of its own so its
+    /// own tickets still resume.
+    pub async fn refresh_shared(&self, unix: u64, now: Instant) {
+        self.refresh_shared_keys(unix, now, true).await;
+    }
+
+    /// At start: the cluster's keys before the first handshake, asking Redis again for up
+    /// to `patience` (a node that started while Redis was slow would otherwise seal with a
+    /// key of its own until its next refresh, and not open other nodes' tickets).
+    pub async fn first_shared_keys(&self, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while self.shared.is_some() && Instant::now() < deadline {
+            if self
+                .refresh_shared_keys(unix_now(), Instant::now(), false)
+                .await
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.refresh_shared(unix_now(), Instant::now()).await;
+    }
+
+    /// Returns true when the current epoch's key is the sealing key afterwards.
+    async fn refresh_shared_keys(&self, unix: u64, now: Instant, fallback: bool) -> bool {
+        let Some(shared) = &self.shared else {
+            return false;
+        };
+        let settings = self.settings();
+        if settings.source != TicketKeySource::Redis {
+            return false;
+        }
+        let window = settings.window;
+        let period = settings.rotate_every.as_secs().max(1);
+        let ttl = Duration::from_secs(2 * period + 60) + window;
+        let current = shared::epoch(unix, period);
+        let known = |e: u64| {
+            shared
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&e)
+                .copied()
+        };
+        for want in [current, current + 1] {
+            if known(want).is_some() {
+                continue;
+            }
+            match shared.epoch_key(period, want, ttl).await {
+                Ok(key) => {
+                    shared
+                        .known
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(want, key.id());
+                    let mut ring = self.ring_mut();
+                    if want == current {
+                        ring.install(key, now, window);
+                        self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        ring.set_listed(vec![key], now, window);
+                    }
+                }
+                Err(error) => {
+                    self.stats.shared_key_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, epoch = want, "shared ticket key not refreshed; the keys held stay in use");
+                    break;
+                }
+            }
+        }
+        let mut ring = self.ring_mut();
+        if let Some(id) = known(current) {
+            if ring.current_id() != Some(id) && ring.promote(id, now, window) {
+                self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let sealing_shared = known(current).is_some_and(|id| ring.current_id() == Some(id));
+        if fallback && ring.current_id().is_none() {
+            match TicketKey::random() {
+                Ok(key) => {
+                    ring.install(key, now, window);
+                    self.stats.local_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("no shared ticket key yet: sealing with a key of this node's own until Redis answers");
+                }
+                Err(error) => tracing::error!(%error, "no ticket key"),
+            }
+        }
+        ring.expire(now);
+        shared
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&e, _| e + 2 >= current);
+        sealing_shared
+    }
+
     /// Runs [`Self::maintain`] in the background until `self` is dropped.
     pub fn spawn_maintenance(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Self> = Arc::downgrade(self);
@@ -304,7 +458,9 @@ impl Resumption {
                         let s = this.settings();
                         match s.source {
                             TicketKeySource::File => s.check_every,
-                            TicketKeySource::Random => Duration::from_secs(1),
+                            TicketKeySource::Random | TicketKeySource::Redis => {
+                                Duration::from_secs(1)
+                            }
                         }
                     }
                     None => return,
@@ -312,6 +468,7 @@ impl Resumption {
                 tokio::time::sleep(every).await;
                 let Some(this) = weak.upgrade() else { return };
                 this.maintain(Instant::now());
+                this.refresh_shared(unix_now(), Instant::now()).await;
             }
         })
     }
@@ -336,6 +493,12 @@ impl Resumption {
         self.ring().info(Instant::now())
     }
 
+    /// True when sessions are looked up in Redis (handshakes then run on fibers, which can
+    /// wait for it).
+    pub fn shares_sessions(&self) -> bool {
+        self.shared.is_some() && self.settings().session_store == SessionStore::Redis
+    }
+
     /// This node's name in its tickets.
     pub fn node(&self) -> String {
         self.settings().node.clone()
@@ -346,17 +509,97 @@ impl Resumption {
 #[derive(Debug)]
 struct Sessions(Arc<Resumption>);
 
+impl Sessions {
+    /// The store in Redis, when sessions are shared.
+    fn shared(&self) -> Option<&Arc<SharedState>> {
+        let shared = self.0.shared.as_ref()?;
+        (self.0.settings().session_store == SessionStore::Redis).then_some(shared)
+    }
+
+    /// Looks `key` up in Redis, pausing the handshake's fiber for at most the Redis timeout.
+    /// Off a fiber (nothing can wait there) it is a miss.
+    fn remote(
+        &self,
+        shared: &Arc<SharedState>,
+        key: &[u8],
+        take: bool,
+    ) -> Result<Option<Vec<u8>>, ()> {
+        let stats = &shared.sessions;
+        if !tlsaccel_fiber::in_fiber() {
+            stats.local_only.fetch_add(1, Ordering::Relaxed);
+            return Err(());
+        }
+        let work = Arc::clone(shared).fetch_session(key.to_vec(), take);
+        #[allow(unsafe_code)]
+        // SAFETY: called from rustls' session lookup inside the handshake (see
+        // `handshake::PkeEngine::run_on_fiber` for the same argument): this function holds
+        // no guard or thread-bound value across the call (`work` owns its inputs), and
+        // rustls keeps only its own `Send` state on the fiber's stack.
+        let result = unsafe { tlsaccel_fiber::suspend_until(work) };
+        match result {
+            Ok(Ok(Some(value))) => {
+                stats.remote_hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(value))
+            }
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(_)) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                Err(())
+            }
+            Err(_) => {
+                stats.local_only.fetch_add(1, Ordering::Relaxed);
+                Err(())
+            }
+        }
+    }
+}
+
 impl StoresServerSessions for Sessions {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        if let Some(shared) = self.shared() {
+            let ttl = Duration::from_secs(u64::from(self.0.settings().lifetime_s));
+            shared.put_session(&key, &value, ttl);
+        }
         self.0.cache().put(key, value)
     }
 
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.0.cache().get(key)
+        let local = self.0.cache().get(key);
+        let Some(shared) = self.shared() else {
+            return local;
+        };
+        if local.is_some() {
+            shared.sessions.local_hits.fetch_add(1, Ordering::Relaxed);
+            return local;
+        }
+        let found = self.remote(shared, key, false).ok().flatten();
+        if found.is_none() {
+            shared.sessions.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        found
     }
 
+    /// Single use: taken from this node's cache and from Redis. A session Redis no longer
+    /// has (another node took it, or its write is still queued) resumes here only if this
+    /// node's cache still held it.
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.0.cache().take(key)
+        let local = self.0.cache().take(key);
+        let Some(shared) = self.shared() else {
+            return local;
+        };
+        let found = match self.remote(shared, key, true) {
+            Ok(Some(value)) => Some(value),
+            Ok(None) | Err(()) => {
+                if local.is_some() {
+                    shared.sessions.local_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                local
+            }
+        };
+        if found.is_none() {
+            shared.sessions.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        found
     }
 
     fn can_cache(&self) -> bool {
@@ -413,6 +656,8 @@ mod tests {
             rotate_every: Duration::from_secs(30),
             cache_size: 16,
             node: "a".into(),
+            session_store: SessionStore::Memory,
+            redis: None,
         }
     }
 

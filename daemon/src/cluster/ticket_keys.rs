@@ -255,6 +255,29 @@ impl KeyRing {
         }
     }
 
+    /// Makes the listed key `id` the sealing key (the next epoch's key when its epoch
+    /// begins); the key it replaces keeps opening until `now + window`. False when no
+    /// listed key has that id.
+    pub fn promote(
+        &mut self,
+        id: [u8; KEY_ID_LEN],
+        now: Instant,
+        window: std::time::Duration,
+    ) -> bool {
+        let Some(at) = self.others.iter().position(|l| l.key.id == id) else {
+            return false;
+        };
+        let listed = self.others.remove(at);
+        if let Some((old, _)) = self.current.take() {
+            self.others.push(Listed {
+                key: old,
+                until: Some(now + window),
+            });
+        }
+        self.current = Some((listed.key, now));
+        true
+    }
+
     /// Drops the keys whose window has passed (their tickets then get full handshakes).
     pub fn expire(&mut self, now: Instant) {
         self.others
@@ -420,6 +443,20 @@ mod tests {
             ring.open(&ticket, far + HOUR).unwrap_err(),
             Rejected::UnknownKey
         );
+    }
+
+    #[test]
+    fn a_listed_key_is_promoted_when_its_epoch_begins() {
+        let now = Instant::now();
+        let mut ring = KeyRing::default();
+        ring.install(key(1), now, HOUR);
+        let old = ring.seal(b"n", b"old").unwrap();
+        ring.set_listed(vec![key(2)], now, HOUR);
+        assert!(!ring.promote([9; KEY_ID_LEN], now, HOUR));
+        assert!(ring.promote([2; KEY_ID_LEN], now + HOUR, HOUR));
+        assert_eq!(ring.current_id(), Some([2; KEY_ID_LEN]));
+        assert_eq!(ring.open(&old, now + HOUR).unwrap().age, KeyAge::Previous);
+        assert!(ring.open(&old, now + 2 * HOUR).is_err());
     }
 
     #[test]

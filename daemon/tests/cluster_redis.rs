@@ -1,0 +1,407 @@
+//! A cluster of `tlsaccel serve` nodes sharing resumption through a real Redis (the test
+//! starts its own `redis-server` on a free port): ticket keys per rotation epoch, sessions
+//! for session-ID and TLS 1.3 stateful resumption, and Redis going away and coming back.
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::HandshakeKind;
+use support::{Daemon, Scratch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A `redis-server` of the test's own, without persistence; killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start(dir: &Path, port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server (the test command installs it)");
+        let redis = Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        };
+        support::wait_until("redis-server to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        redis
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        *self = Self::start(&self.dir.clone(), self.port);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The directory of one node: identity, cluster key, configuration.
+fn node_dir(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).expect("node dir");
+    for file in ["cert.pem", "key.pem", "cluster.key"] {
+        std::fs::copy(root.join(file), dir.join(file)).expect("copy");
+    }
+    dir
+}
+
+fn start_node(root: &Path, name: &str, backend: SocketAddr, redis: u16, section: &str) -> Daemon {
+    let dir = node_dir(root, name);
+    let config = support::config(
+        &[backend],
+        "",
+        &format!(
+            "[resumption]\nnode = \"{name}\"\n{section}\n\
+             [resumption.redis]\nurl = \"redis://127.0.0.1:{redis}\"\n\
+             cluster_key_file = \"cluster.key\"\ntimeout_ms = 200\n"
+        ),
+    );
+    Daemon::start(&dir, &config)
+}
+
+fn cluster(tag: &str) -> (Scratch, rustls::pki_types::CertificateDer<'static>) {
+    let scratch = Scratch::new(tag);
+    let cert = support::write_identity(&scratch.0);
+    let key: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(73) ^ 0x5c).collect();
+    std::fs::write(scratch.0.join("cluster.key"), key).expect("cluster key");
+    (scratch, cert)
+}
+
+/// One connection and a line through the echo backend; `None` when it failed.
+async fn exchange(
+    address: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> Option<HandshakeKind> {
+    let tcp = tokio::net::TcpStream::connect(address).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    tls.write_all(b"ping\n").await.ok()?;
+    let mut line = [0u8; 5];
+    tls.read_exact(&mut line).await.ok()?;
+    (&line == b"ping\n").then_some(())?;
+    let kind = tls.get_ref().1.handshake_kind()?;
+    let _ = tls.shutdown().await;
+    Some(kind)
+}
+
+fn client(cert: &rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    support::client_config(cert, &[&rustls::version::TLS13])
+}
+
+#[test]
+fn three_nodes_resume_round_robin_reconnections_across_rotations_and_a_restart() {
+    let (scratch, cert) = cluster("redis-keys");
+    let _redis = Redis::start(&scratch.0, Redis::free_port());
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    // Epochs of 2 s: the run crosses several rotations.
+    let section = "ticket_keys = \"redis\"\nrotate_every_s = 2\n";
+    let mut nodes: Vec<Daemon> = ["a", "b", "c"]
+        .iter()
+        .map(|n| start_node(&scratch.0, n, backend, _redis.port, section))
+        .collect();
+    let config = client(&cert);
+    let total: u32 = 3000;
+    let (mut resumed, mut failed) = (0, 0);
+    let started = Instant::now();
+    rt.block_on(async {
+        // The first connection makes the session the others resume.
+        assert_eq!(
+            exchange(nodes[0].listen, &config).await,
+            Some(HandshakeKind::Full)
+        );
+    });
+    for i in 0..total {
+        if i == total / 3 {
+            // Restart node b: it takes the cluster's keys from Redis at start.
+            let dir = scratch.0.join("b");
+            let config_text = std::fs::read_to_string(dir.join("tlsaccel.toml")).expect("config");
+            nodes[1] = Daemon::start(&dir, &config_text);
+        }
+        let node = &nodes[(i as usize + 1) % 3];
+        match rt.block_on(exchange(node.listen, &config)) {
+            Some(HandshakeKind::Resumed) => resumed += 1,
+            Some(_) => {}
+            None => failed += 1,
+        }
+    }
+    let elapsed = started.elapsed();
+    for node in &nodes {
+        let text = node.admin_get("/metrics");
+        for line in text.lines().filter(|l| {
+            l.starts_with("tlsaccel_ticket") || l.starts_with("tlsaccel_handshakes_total")
+        }) {
+            eprintln!("{line}");
+        }
+    }
+    assert_eq!(failed, 0);
+    let share = f64::from(resumed) / f64::from(total);
+    assert!(
+        share >= 0.995,
+        "{resumed} of {total} reconnections resumed ({:.2}%) in {elapsed:?}",
+        share * 100.0
+    );
+    for node in &nodes {
+        let other = node
+            .metric("tlsaccel_tickets_accepted_total{key=\"current\",origin=\"other_node\"}")
+            + node
+                .metric("tlsaccel_tickets_accepted_total{key=\"previous\",origin=\"other_node\"}");
+        assert!(other > 0, "no session from another node resumed here");
+    }
+    if elapsed > Duration::from_secs(5) {
+        assert!(
+            nodes[0].metric("tlsaccel_ticket_key_rotations_total") >= 2,
+            "the run crossed an epoch without a rotation"
+        );
+    }
+    for node in &nodes {
+        assert_eq!(node.metric("tlsaccel_ticket_key_local_fallbacks_total"), 0);
+    }
+    let status = nodes[0].admin_get("/status");
+    assert!(status.contains("\"redis\":{\"epochs_known\""), "{status}");
+}
+
+#[test]
+fn tls12_session_ids_resume_across_nodes_through_redis() {
+    let (scratch, _cert) = cluster("redis-ids");
+    let redis = Redis::start(&scratch.0, Redis::free_port());
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    let section = "session_store = \"redis\"\n";
+    let a = start_node(&scratch.0, "a", backend, redis.port, section);
+    let b = start_node(&scratch.0, "b", backend, redis.port, section);
+    let session = scratch.0.join("session.pem");
+    let s_client = |node: &Daemon, session_arg: &str| {
+        let output = Command::new("openssl")
+            .args(["s_client", "-tls1_2", "-no_ticket", "-connect"])
+            .arg(node.listen.to_string())
+            .args(["-servername", "localhost", session_arg])
+            .arg(&session)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl s_client");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let first = s_client(&a, "-sess_out");
+    assert!(first.contains("New, TLSv1.2"), "{first}");
+    support::wait_until("the session to reach Redis", Duration::from_secs(5), || {
+        a.metric("tlsaccel_session_store_writes_total{result=\"queued\"}") >= 1
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let second = s_client(&b, "-sess_in");
+    assert!(second.contains("Reused, TLSv1.2"), "{second}");
+    assert_eq!(
+        b.metric("tlsaccel_session_store_lookups_total{result=\"remote_hit\"}"),
+        1
+    );
+    assert_eq!(b.metric("tlsaccel_redis_up"), 1);
+}
+
+#[test]
+fn redis_stopped_mid_run_costs_full_handshakes_and_no_connection() {
+    let (scratch, cert) = cluster("redis-down");
+    let mut redis = Redis::start(&scratch.0, Redis::free_port());
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    // TLS 1.3 stateful resumption: each session id resumes once, anywhere.
+    let section = "tickets = false\nsession_store = \"redis\"\n";
+    let a = start_node(&scratch.0, "a", backend, redis.port, section);
+    let b = start_node(&scratch.0, "b", backend, redis.port, section);
+    let config = client(&cert);
+    // One reconnection: a session made on `a` resumed on `b`.
+    let cross = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let first = exchange(a.listen, &config).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let second = exchange(b.listen, &config).await;
+            (first, second)
+        })
+    };
+    let (first, second) = cross(&rt);
+    assert!(first.is_some());
+    assert_eq!(second, Some(HandshakeKind::Resumed));
+
+    redis.stop();
+    let full_before = b.metric("tlsaccel_session_store_lookups_total{result=\"error\"}");
+    for _ in 0..10 {
+        let (first, second) = cross(&rt);
+        assert!(
+            first.is_some() && second.is_some(),
+            "a connection failed while Redis was down"
+        );
+        assert_eq!(second, Some(HandshakeKind::Full));
+    }
+    assert!(b.metric("tlsaccel_session_store_lookups_total{result=\"error\"}") > full_before);
+    assert_eq!(b.metric("tlsaccel_redis_up"), 0);
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (first, second) = cross(&rt);
+        assert!(first.is_some() && second.is_some());
+        if second == Some(HandshakeKind::Resumed) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions are not shared again after Redis came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(b.metric("tlsaccel_redis_up"), 1);
+}
+
+#[test]
+fn a_node_started_without_redis_serves_and_joins_the_cluster_when_redis_comes() {
+    let (scratch, cert) = cluster("redis-late");
+    let port = Redis::free_port();
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    let section = "ticket_keys = \"redis\"\nsession_store = \"redis\"\n";
+    let a = start_node(&scratch.0, "a", backend, port, section);
+    assert_eq!(a.metric("tlsaccel_ticket_key_local_fallbacks_total"), 1);
+    let config = client(&cert);
+    rt.block_on(async {
+        // Its own key: its own sessions resume, with no error for the clients.
+        assert_eq!(exchange(a.listen, &config).await, Some(HandshakeKind::Full));
+        assert_eq!(
+            exchange(a.listen, &config).await,
+            Some(HandshakeKind::Resumed)
+        );
+    });
+    let _redis = Redis::start(&scratch.0, port);
+    support::wait_until("the shared key", Duration::from_secs(15), || {
+        a.metric("tlsaccel_ticket_keys_shared_total{how=\"made\"}") >= 1
+    });
+    // A second node resumes the first one's sessions now.
+    let b = start_node(&scratch.0, "b", backend, port, section);
+    rt.block_on(async {
+        assert!(exchange(a.listen, &config).await.is_some());
+        assert_eq!(
+            exchange(b.listen, &config).await,
+            Some(HandshakeKind::Resumed)
+        );
+    });
+    assert_eq!(b.metric("tlsaccel_ticket_key_local_fallbacks_total"), 0);
+}
+
+#[test]
+fn redis_over_tls_with_a_password_and_a_wrong_password_refused() {
+    let (scratch, cert) = cluster("redis-tls");
+    let port = Redis::free_port();
+    // A server certificate for localhost from a CA of the test's own.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca =
+        rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().expect("ca key"))
+            .expect("ca");
+    let server_key = rcgen::KeyPair::generate().expect("server key");
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("server params")
+        .signed_by(&server_key, &ca)
+        .expect("server cert");
+    let dir = &scratch.0;
+    std::fs::write(dir.join("redis-ca.pem"), ca.pem()).expect("ca pem");
+    std::fs::write(dir.join("redis.pem"), server.pem()).expect("server pem");
+    std::fs::write(dir.join("redis.key"), server_key.serialize_pem()).expect("server key pem");
+    let child = Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+        ])
+        .arg("--tls-cert-file")
+        .arg(dir.join("redis.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.join("redis.key"))
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret-for-the-test",
+        ])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server with TLS");
+    let _redis = Redis {
+        child,
+        port,
+        dir: dir.clone(),
+    };
+    support::wait_until("redis-server to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    let node = |name: &str, password: &str| {
+        let node_dir = node_dir(dir, name);
+        std::fs::copy(dir.join("redis-ca.pem"), node_dir.join("redis-ca.pem")).expect("copy ca");
+        std::fs::write(node_dir.join("redis.password"), format!("{password}\n")).expect("pw");
+        let config = support::config(
+            &[backend],
+            "",
+            &format!(
+                "[resumption]\nnode = \"{name}\"\nticket_keys = \"redis\"\n\
+                 [resumption.redis]\nurl = \"rediss://localhost:{port}\"\n\
+                 ca = \"redis-ca.pem\"\npassword_file = \"redis.password\"\n\
+                 cluster_key_file = \"cluster.key\"\ntimeout_ms = 500\n"
+            ),
+        );
+        Daemon::start(&node_dir, &config)
+    };
+    let a = node("a", "s3cret-for-the-test");
+    assert_eq!(a.metric("tlsaccel_redis_up"), 1);
+    assert_eq!(a.metric("tlsaccel_ticket_key_local_fallbacks_total"), 0);
+    assert!(a.metric("tlsaccel_ticket_keys_shared_total{how=\"made\"}") >= 1);
+    // A node with the wrong password is refused by Redis, and still serves its clients.
+    let b = node("b", "wrong");
+    assert_eq!(b.metric("tlsaccel_redis_up"), 0);
+    assert_eq!(b.metric("tlsaccel_ticket_key_local_fallbacks_total"), 1);
+    let config = client(&cert);
+    rt.block_on(async {
+        assert_eq!(exchange(b.listen, &config).await, Some(HandshakeKind::Full));
+        assert_eq!(exchange(a.listen, &config).await, Some(HandshakeKind::Full));
+        assert_eq!(
+            exchange(a.listen, &config).await,
+            Some(HandshakeKind::Resumed)
+        );
+    });
+}
