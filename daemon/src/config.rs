@@ -583,12 +583,17 @@ impl Config {
             {
                 let Some(path) = path else { continue };
                 let full = base.join(path.get_ref());
-                if let Err(e) = std::fs::read(&full) {
-                    return Err(checker.invalid(
-                        path,
-                        format!("resumption.redis.{key}"),
-                        format!("cannot read {}: {e}", full.display()),
-                    ));
+                let problem = match std::fs::read(&full) {
+                    Err(e) => Some(format!("cannot read {}: {e}", full.display())),
+                    Ok(bytes) if key == "cluster_key_file" && bytes.len() < 32 => Some(format!(
+                        "{} holds {} bytes; a cluster key needs at least 32 (openssl rand 32 > cluster.key)",
+                        full.display(),
+                        bytes.len()
+                    )),
+                    Ok(_) => None,
+                };
+                if let Some(message) = problem {
+                    return Err(checker.invalid(path, format!("resumption.redis.{key}"), message));
                 }
             }
         }

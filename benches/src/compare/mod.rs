@@ -140,6 +140,15 @@ impl Workload {
     /// False for the rows that mean nothing without TLS (handshakes, TLS connections), which
     /// the plaintext floor does not run.
     pub fn runs_on(self, system: Kind) -> bool {
+        if system == Kind::TlsaccelRedis {
+            // It differs from tlsaccel-cpu only in where sessions are kept.
+            return matches!(
+                self,
+                Workload::FullHandshakesEcdsa
+                    | Workload::ResumedHandshakes
+                    | Workload::ConnectionPerRequest
+            );
+        }
         system.speaks_tls() || self.is_bulk() || self == Workload::SmallRequests
     }
 }
@@ -280,7 +289,13 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
     let out = &std::fs::canonicalize(out)?;
     let work = out.join("work");
     std::fs::create_dir_all(&work)?;
+    let store = if settings.systems.iter().any(|k| k.is_tlsaccel()) {
+        Some(systems::ClusterStore::start(&work.join("redis"))?)
+    } else {
+        None
+    };
     let harness = Harness {
+        store,
         exe: std::env::current_exe()?,
         backend: backend::start()?,
         runtime: tokio::runtime::Builder::new_multi_thread()
@@ -339,6 +354,8 @@ pub fn run(settings: Settings, out: &Path) -> anyhow::Result<PathBuf> {
 
 /// What every phase of a run shares.
 struct Harness<'a> {
+    /// The Redis the tlsaccel systems share resumption through.
+    store: Option<systems::ClusterStore>,
     /// This harness, which runs as `tlsaccel` when asked to.
     exe: PathBuf,
     backend: std::net::SocketAddr,
@@ -373,6 +390,7 @@ impl Harness<'_> {
             self.settings.workers,
             &self.work,
             &self.exe,
+            self.store.as_ref(),
         )
     }
 

@@ -116,7 +116,9 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
     let _ = writeln!(
         md,
         "* TLS 1.3 only, `TLS_AES_128_GCM_SHA256`, X25519; one certificate for `localhost` \
-         (ECDSA P-256; RSA-2048 for the RSA handshake row), session resumption on (tickets).\n\
+         (ECDSA P-256; RSA-2048 for the RSA handshake row), session resumption on (tickets; \
+         tlsaccel's ticket keys shared through a Redis the harness runs, one key per epoch, as \
+         in a cluster).\n\
          * L4 TLS termination to the same plain HTTP/1.1 backend (this harness, own thread): \
          nginx `stream` with `ssl`, HAProxy `mode tcp` with `ssl`, tlsaccel `serve`.\n\
          * {} worker thread(s) or process(es) each (`worker_processes`, `nbthread`, \
@@ -133,6 +135,15 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
          of medians from this run.",
         s.workers, s.handshake_concurrency, s.idle_connections
     );
+    if systems.contains(&Kind::TlsaccelRedis) {
+        let _ = writeln!(
+            md,
+            "* `tlsaccel-redis`: `tlsaccel-cpu` with `tickets = false` and \
+             `session_store = \"redis\"`: each resumption takes its session from Redis \
+             (`GETDEL`, the handshake pausing on a fiber) and each handshake stores its new \
+             sessions there; run on the handshake and connection-per-request rows only (\"–\" elsewhere)."
+        );
+    }
     if systems.contains(&Kind::PlainTcp) {
         let _ = writeln!(
             md,
@@ -213,16 +224,20 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
             "\nThe resumption row counts only handshakes that did resume; their share of all \
              handshakes in those runs:\n"
         );
-        let _ = writeln!(md, "| system | resumed |\n|---|---|");
+        let _ = writeln!(
+            md,
+            "| system | resumed | proxy CPU per resumed connection ÷ per fresh one (both with one request) |\n|---|---|---|"
+        );
         for &k in systems {
             if let Some(series) = find(results, Workload::ResumedHandshakes, k) {
                 let share = series
                     .median_of(|s| Some(s.resumed? as f64 / (s.operations.max(1)) as f64 * 100.0));
                 let _ = writeln!(
                     md,
-                    "| {} | {}% |",
+                    "| {} | {}% | {} |",
                     k.name(),
-                    share.map_or("–".into(), figure)
+                    share.map_or("–".into(), figure),
+                    shown(resumed_over_full(results, k))
                 );
             }
         }
@@ -291,6 +306,17 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
     let path = out.join("report.md");
     std::fs::write(&path, md)?;
     Ok(path)
+}
+
+/// A system's proxy CPU per resumed connection over its CPU per fresh one, both carrying
+/// one 100 B request (the resumption row over the connection-per-request row); the session
+/// sharing seed reports about 50%.
+fn resumed_over_full(results: &Results, system: Kind) -> Option<f64> {
+    let cost = |w| find(results, w, system).and_then(|s| cpu_cost(s, false));
+    quotient(
+        cost(Workload::ResumedHandshakes),
+        cost(Workload::ConnectionPerRequest),
+    )
 }
 
 /// True when any system ran `workload`.
@@ -485,6 +511,11 @@ fn targets(results: &Results) -> Vec<Target> {
         Target::new(
             "resumed handshakes/s, device ≥ 1.5 × nginx",
             r(Workload::ResumedHandshakes, Device, Nginx),
+            Goal::AtLeast(1.5),
+        ),
+        Target::new(
+            "resumed handshakes/s with sessions in Redis, tlsaccel-redis ≥ 1.5 × nginx",
+            r(Workload::ResumedHandshakes, Kind::TlsaccelRedis, Nginx),
             Goal::AtLeast(1.5),
         ),
     ];

@@ -23,6 +23,9 @@ use super::measure::{self, Usage};
 pub enum Kind {
     TlsaccelDevice,
     TlsaccelCpu,
+    /// `tlsaccel-cpu` with sessions in Redis and no tickets: every resumption a lookup in
+    /// the shared store.
+    TlsaccelRedis,
     Nginx,
     Haproxy,
     /// HAProxy `mode tcp` without TLS: the plaintext floor.
@@ -30,9 +33,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::TlsaccelDevice,
         Kind::TlsaccelCpu,
+        Kind::TlsaccelRedis,
         Kind::Nginx,
         Kind::Haproxy,
         Kind::PlainTcp,
@@ -43,6 +47,7 @@ impl Kind {
         match self {
             Kind::TlsaccelDevice => "tlsaccel-device",
             Kind::TlsaccelCpu => "tlsaccel-cpu",
+            Kind::TlsaccelRedis => "tlsaccel-redis",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::PlainTcp => "haproxy-plain",
@@ -52,6 +57,14 @@ impl Kind {
     /// False for the plaintext floor, which clients reach over plain TCP.
     pub fn speaks_tls(self) -> bool {
         self != Kind::PlainTcp
+    }
+
+    /// A `tlsaccel serve` of some kind.
+    pub fn is_tlsaccel(self) -> bool {
+        matches!(
+            self,
+            Kind::TlsaccelDevice | Kind::TlsaccelCpu | Kind::TlsaccelRedis
+        )
     }
 
     /// Parses a name.
@@ -98,8 +111,8 @@ impl Identity {
     }
 }
 
-/// Installs nginx (with its stream module), HAProxy and h2load from Debian's packages when
-/// missing.
+/// Installs nginx (with its stream module), HAProxy, h2load and Redis from Debian's
+/// packages when missing.
 pub fn install_packages(kinds: &[Kind]) -> anyhow::Result<()> {
     let mut need = Vec::new();
     if kinds.contains(&Kind::Nginx) {
@@ -116,6 +129,9 @@ pub fn install_packages(kinds: &[Kind]) -> anyhow::Result<()> {
     }
     if which("h2load").is_none() {
         need.push("nghttp2-client");
+    }
+    if kinds.iter().any(|k| k.is_tlsaccel()) && which("redis-server").is_none() {
+        need.push("redis-server");
     }
     if need.is_empty() {
         return Ok(());
@@ -159,6 +175,14 @@ pub fn version(kind: Kind) -> String {
         Kind::TlsaccelDevice | Kind::TlsaccelCpu => {
             return format!("tlsaccel {}", env!("CARGO_PKG_VERSION"))
         }
+        Kind::TlsaccelRedis => {
+            let redis = Command::new("redis-server")
+                .arg("--version")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_else(|_| "redis-server: not installed".into());
+            return format!("tlsaccel {} with {redis}", env!("CARGO_PKG_VERSION"));
+        }
     };
     let Some(path) = which(program) else {
         return format!("{program}: not installed");
@@ -175,6 +199,64 @@ pub fn version(kind: Kind) -> String {
             text.lines().next().unwrap_or("").trim().to_owned()
         })
         .unwrap_or_default()
+}
+
+/// The Redis the tlsaccel systems share their resumption state through (as a cluster of
+/// appliances would), with no persistence; stopped on drop.
+#[derive(Debug)]
+pub struct ClusterStore {
+    child: Child,
+    pub port: u16,
+    /// The cluster key file every tlsaccel system is given.
+    pub cluster_key: PathBuf,
+}
+
+impl ClusterStore {
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let cluster_key = dir.join("cluster.key");
+        let mut key = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut key).map_err(|_| anyhow::anyhow!("random"))?;
+        std::fs::write(&cluster_key, key)?;
+        let mut child =
+            Command::new(which("redis-server").context("redis-server is not installed")?)
+                .args(["--bind", "127.0.0.1", "--port", &port.port().to_string()])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting redis-server")?;
+        wait_for_port(port, &mut child, "redis-server")?;
+        Ok(Self {
+            child,
+            port: port.port(),
+            cluster_key,
+        })
+    }
+
+    /// The `[resumption]` part of a tlsaccel configuration for `kind`.
+    fn resumption(&self, kind: Kind) -> String {
+        let sessions = if kind == Kind::TlsaccelRedis {
+            "tickets = false\nsession_store = \"redis\"\n"
+        } else {
+            ""
+        };
+        format!(
+            "[resumption]\nticket_keys = \"redis\"\n{sessions}\n[resumption.redis]\n\
+             url = \"redis://127.0.0.1:{}\"\ncluster_key_file = \"{}\"\n",
+            self.port,
+            self.cluster_key.display()
+        )
+    }
+}
+
+impl Drop for ClusterStore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A started system.
@@ -252,6 +334,7 @@ pub fn start(
     workers: usize,
     dir: &Path,
     exe: &Path,
+    store: Option<&ClusterStore>,
 ) -> anyhow::Result<Running> {
     let listen = free_port()?;
     let dir = dir.join(kind.name());
@@ -259,7 +342,7 @@ pub fn start(
     std::fs::create_dir_all(&dir)?;
     let log = std::fs::File::create(dir.join("stderr.log"))?;
     match kind {
-        Kind::TlsaccelDevice | Kind::TlsaccelCpu => {
+        Kind::TlsaccelDevice | Kind::TlsaccelCpu | Kind::TlsaccelRedis => {
             let mut simulator = None;
             let mut device = String::new();
             if kind == Kind::TlsaccelDevice {
@@ -290,10 +373,11 @@ pub fn start(
                  default_pool = \"backend\"\ntls_versions = [\"1.3\"]\n\
                  cipher_suites = [\"TLS13_AES_128_GCM_SHA256\"]\nmax_connections = {}\n\n\
                  [[listener.certificate]]\nchain = \"{}\"\nkey = \"{}\"\n\n{device}\n\
-                 [[pool]]\nname = \"backend\"\nservers = [\"{backend}\"]\n",
+                 [[pool]]\nname = \"backend\"\nservers = [\"{backend}\"]\n\n{resumption}",
                 super::max_connections(),
                 identity.chain.display(),
-                identity.key.display()
+                identity.key.display(),
+                resumption = store.map(|s| s.resumption(kind)).unwrap_or_default(),
             );
             let file = dir.join("tlsaccel.toml");
             std::fs::write(&file, config)?;

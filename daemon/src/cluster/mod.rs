@@ -13,6 +13,7 @@
 //! A key that stops sealing (rotation, a new file) keeps opening tickets for
 //! `ticket_lifetime_s`, then is dropped. docs/cluster.md has the threat model.
 
+pub mod cache;
 pub mod key_file;
 pub mod redis;
 pub mod shared;
@@ -186,10 +187,9 @@ pub struct Resumption {
 }
 
 fn cache_of(size: usize) -> Arc<dyn StoresServerSessions> {
-    if size == 0 {
-        Arc::new(rustls::server::NoServerSessionStorage {})
-    } else {
-        rustls::server::ServerSessionMemoryCache::new(size)
+    match std::num::NonZeroUsize::new(size) {
+        None => Arc::new(rustls::server::NoServerSessionStorage {}),
+        Some(size) => Arc::new(cache::SessionCache::new(size)),
     }
 }
 

@@ -267,6 +267,23 @@ impl RedisLink {
         .await
     }
 
+    /// Sets each `(key, value, ttl)` in one pipeline.
+    pub async fn set_many(&self, items: &[(String, Vec<u8>, Duration)]) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for (key, value, ttl) in items {
+            let millis = ttl.as_millis().max(1) as u64;
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(millis)
+                .ignore();
+        }
+        let mut c = self.manager.clone();
+        self.call(async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
     pub async fn del(&self, key: &str) -> Result<(), StoreError> {
         self.query::<i64>(redis::cmd("DEL").arg(key))
             .await

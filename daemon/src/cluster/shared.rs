@@ -27,6 +27,8 @@ use super::ticket_keys::{TicketKey, KEY_ID_LEN};
 
 /// Writes waiting for Redis at most.
 const WRITE_QUEUE: usize = 4096;
+/// Most writes in one pipeline.
+const WRITE_BATCH: usize = 64;
 
 /// Counters of the shared session store.
 #[derive(Debug, Default)]
@@ -78,10 +80,13 @@ impl SharedState {
             keys_made: AtomicU64::new(0),
             keys_fetched: AtomicU64::new(0),
         });
-        // The writer ends when the last sender (this state) is dropped.
+        // The writer ends when the last sender (this state) is dropped. What queued while
+        // it waited goes to Redis in one pipeline.
         tokio::spawn(async move {
-            while let Some((key, value, ttl)) = queue.recv().await {
-                let _ = link.set(&key, &value, ttl, false).await;
+            let mut batch = Vec::with_capacity(WRITE_BATCH);
+            while queue.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+                let _ = link.set_many(&batch).await;
+                batch.clear();
             }
         });
         Ok(this)
