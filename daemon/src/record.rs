@@ -1835,12 +1835,12 @@ mod tests {
                 1,
                 "{fault:?}"
             );
-            // A record of the first or second batch failed (which one the model's fault
-            // hits is its business): from there on, including the third batch the device
-            // answered for, everything went out sealed by the CPU.
+            // Some record of the pipelined batches failed (which one the model's fault hits
+            // depends on which engine finishes first): from there on everything went out
+            // sealed by the CPU, which `pipelined_batches_with` checks batch by batch.
             let cpu = stats.cpu_sealed_records.load(Ordering::Relaxed);
             let device = stats.device_sealed_records.load(Ordering::Relaxed);
-            assert!(cpu >= 4, "{fault:?}: {cpu} records resealed");
+            assert!(cpu >= 1, "{fault:?}: {cpu} records resealed");
             assert_eq!(cpu + device, 2 + 8, "{fault:?}");
         }
     }
@@ -1940,9 +1940,11 @@ mod tests {
                 1,
                 "{fault:?}"
             );
+            // Which record the fault hits depends on which engine finishes first; from it
+            // on everything was opened on the CPU (`pipelined_opens_with` checks that).
             let cpu = stats.cpu_opened_records.load(Ordering::Relaxed);
             let device = stats.device_opened_records.load(Ordering::Relaxed);
-            assert!(cpu >= 5, "{fault:?}: {cpu} records opened again");
+            assert!(cpu >= 1, "{fault:?}: {cpu} records opened again");
             assert_eq!(cpu + device, 10, "{fault:?}");
         }
     }

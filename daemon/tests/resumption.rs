@@ -179,3 +179,34 @@ fn tls12_tickets_resume_across_nodes_with_openssl() {
     assert!(second.contains("Reused, TLSv1.2"), "{second}");
     assert_eq!(accepted(&b, "current", "other_node"), 1);
 }
+
+#[test]
+fn sessions_made_before_a_reload_resume_after_it_on_the_embedded_defaults() {
+    let scratch = Scratch::new("resume-reload");
+    let cert = support::write_identity(&scratch.0);
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    // No [resumption] section: random keys made in the process.
+    let daemon = Daemon::start(&scratch.0, &support::config(&[backend], "", ""));
+    let tls13 = support::client_config(&cert, &[&rustls::version::TLS13]);
+    let tls12 = support::client_config(&cert, &[&rustls::version::TLS12]);
+    rt.block_on(async {
+        assert_eq!(exchange(daemon.listen, &tls13).await, HandshakeKind::Full);
+        assert_eq!(exchange(daemon.listen, &tls12).await, HandshakeKind::Full);
+    });
+    daemon.signal(rustix::process::Signal::HUP);
+    let reloads = daemon.metric_until("tlsaccel_reloads_total{result=\"ok\"}", ROTATED, |n| n >= 1);
+    assert_eq!(reloads, 1);
+    rt.block_on(async {
+        // A TLS 1.3 ticket and a TLS 1.2 session (ticket or session id) from before.
+        assert_eq!(
+            exchange(daemon.listen, &tls13).await,
+            HandshakeKind::Resumed
+        );
+        assert_eq!(
+            exchange(daemon.listen, &tls12).await,
+            HandshakeKind::Resumed
+        );
+    });
+    assert_eq!(daemon.metric("tlsaccel_ticket_key_rotations_total"), 1);
+}
