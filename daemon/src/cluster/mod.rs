@@ -362,8 +362,11 @@ impl Resumption {
     /// to `patience` (a node that started while Redis was slow would otherwise seal with a
     /// key of its own until its next refresh, and not open other nodes' tickets).
     pub async fn first_shared_keys(&self, patience: Duration) {
+        if self.shared.is_none() || self.settings().source != TicketKeySource::Redis {
+            return;
+        }
         let deadline = Instant::now() + patience;
-        while self.shared.is_some() && Instant::now() < deadline {
+        while Instant::now() < deadline {
             if self
                 .refresh_shared_keys(unix_now(), Instant::now(), false)
                 .await
