@@ -127,8 +127,8 @@ fn three_nodes_resume_round_robin_reconnections_across_rotations_and_a_restart()
     let _redis = Redis::start(&scratch.0, Redis::free_port());
     let rt = support::runtime();
     let (backend, _echo) = rt.block_on(support::echo_server(None));
-    // Epochs of 2 s: the run crosses several rotations.
-    let section = "ticket_keys = \"redis\"\nrotate_every_s = 2\n";
+    // Epochs of 4 s: a run under load crosses rotations.
+    let section = "ticket_keys = \"redis\"\nrotate_every_s = 4\n";
     let mut nodes: Vec<Daemon> = ["a", "b", "c"]
         .iter()
         .map(|n| start_node(&scratch.0, n, backend, _redis.port, section))
