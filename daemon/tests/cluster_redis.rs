@@ -76,6 +76,18 @@ fn node_dir(root: &Path, name: &str) -> PathBuf {
 }
 
 fn start_node(root: &Path, name: &str, backend: SocketAddr, redis: u16, section: &str) -> Daemon {
+    start_node_waiting(root, name, backend, redis, section, 200)
+}
+
+/// [`start_node`] with the Redis timeout in milliseconds.
+fn start_node_waiting(
+    root: &Path,
+    name: &str,
+    backend: SocketAddr,
+    redis: u16,
+    section: &str,
+    timeout_ms: u32,
+) -> Daemon {
     let dir = node_dir(root, name);
     let config = support::config(
         &[backend],
@@ -83,7 +95,7 @@ fn start_node(root: &Path, name: &str, backend: SocketAddr, redis: u16, section:
         &format!(
             "[resumption]\nnode = \"{name}\"\n{section}\n\
              [resumption.redis]\nurl = \"redis://127.0.0.1:{redis}\"\n\
-             cluster_key_file = \"cluster.key\"\ntimeout_ms = 200\n"
+             cluster_key_file = \"cluster.key\"\ntimeout_ms = {timeout_ms}\n"
         ),
     );
     Daemon::start(&dir, &config)
@@ -127,11 +139,13 @@ fn three_nodes_resume_round_robin_reconnections_across_rotations_and_a_restart()
     let _redis = Redis::start(&scratch.0, Redis::free_port());
     let rt = support::runtime();
     let (backend, _echo) = rt.block_on(support::echo_server(None));
-    // Epochs of 4 s: a run under load crosses rotations.
+    // Epochs of 4 s: a run under load crosses rotations. Keys are refreshed in the
+    // background, so a loaded machine's slow Redis answers may take up to 1 s (a key the
+    // refresh misses leaves tickets under it to full handshakes).
     let section = "ticket_keys = \"redis\"\nrotate_every_s = 4\n";
     let mut nodes: Vec<Daemon> = ["a", "b", "c"]
         .iter()
-        .map(|n| start_node(&scratch.0, n, backend, _redis.port, section))
+        .map(|n| start_node_waiting(&scratch.0, n, backend, _redis.port, section, 1000))
         .collect();
     let config = client(&cert);
     let total: u32 = 3000;
