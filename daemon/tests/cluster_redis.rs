@@ -23,8 +23,16 @@ struct Redis {
 
 impl Redis {
     fn start(dir: &Path, port: u16) -> Self {
+        let port_arg = port.to_string();
+        Self::start_with(dir, port, &["--port".as_ref(), port_arg.as_ref()])
+    }
+
+    /// A `redis-server` listening as `listen` says (plain `--port`, or `--tls-port` and
+    /// its files), on `port` of 127.0.0.1.
+    fn start_with(dir: &Path, port: u16, listen: &[&std::ffi::OsStr]) -> Self {
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(listen)
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(dir)
             .stdout(Stdio::null())
@@ -353,38 +361,29 @@ fn redis_over_tls_with_a_password_and_a_wrong_password_refused() {
     std::fs::write(dir.join("redis-ca.pem"), ca.pem()).expect("ca pem");
     std::fs::write(dir.join("redis.pem"), server.pem()).expect("server pem");
     std::fs::write(dir.join("redis.key"), server_key.serialize_pem()).expect("server key pem");
-    let child = Command::new("redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-        ])
-        .arg("--tls-cert-file")
-        .arg(dir.join("redis.pem"))
-        .arg("--tls-key-file")
-        .arg(dir.join("redis.key"))
-        .args([
-            "--tls-auth-clients",
-            "no",
-            "--requirepass",
-            "s3cret-for-the-test",
-        ])
-        .args(["--save", "", "--appendonly", "no", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start redis-server with TLS");
-    let _redis = Redis {
-        child,
+    let (port_arg, server_pem, server_key_pem) = (
+        port.to_string(),
+        dir.join("redis.pem"),
+        dir.join("redis.key"),
+    );
+    let _redis = Redis::start_with(
+        dir,
         port,
-        dir: dir.clone(),
-    };
-    support::wait_until("redis-server to listen", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+        &[
+            "--port".as_ref(),
+            "0".as_ref(),
+            "--tls-port".as_ref(),
+            port_arg.as_ref(),
+            "--tls-cert-file".as_ref(),
+            server_pem.as_os_str(),
+            "--tls-key-file".as_ref(),
+            server_key_pem.as_os_str(),
+            "--tls-auth-clients".as_ref(),
+            "no".as_ref(),
+            "--requirepass".as_ref(),
+            "s3cret-for-the-test".as_ref(),
+        ],
+    );
     let rt = support::runtime();
     let (backend, _echo) = rt.block_on(support::echo_server(None));
     let node = |name: &str, password: &str| {
