@@ -436,23 +436,29 @@ fn resumption_metrics(shared: &Shared, e: &mut Exposition) {
     e.family(
         "tlsaccel_ticket_keys_shared_total",
         "counter",
-        "Shared epoch keys this node made first or fetched.",
+        "Shared epoch keys this node made first, fetched, wrote back to a Redis that had lost them, or replaced with the one Redis held.",
     );
     e.sample(
         "tlsaccel_ticket_keys_shared_total",
         &[("how", "made")],
         load(&cluster.keys_made),
     );
-    e.sample(
-        "tlsaccel_ticket_keys_shared_total",
-        &[("how", "fetched")],
-        load(&cluster.keys_fetched),
-    );
+    for (how, counter) in [
+        ("fetched", &cluster.keys_fetched),
+        ("restored", &cluster.keys_restored),
+        ("replaced", &cluster.keys_replaced),
+    ] {
+        e.sample(
+            "tlsaccel_ticket_keys_shared_total",
+            &[("how", how)],
+            load(counter),
+        );
+    }
     let st = &cluster.sessions;
     e.family(
         "tlsaccel_session_store_lookups_total",
         "counter",
-        "Session-ID lookups by result (local_only: off a fiber, Redis not asked).",
+        "Session-ID lookups by result (local_only: off a fiber; over_allowance: past the first identity of a hello; Redis not asked for either).",
     );
     for (result, counter) in [
         ("local_hit", &st.local_hits),
@@ -460,6 +466,7 @@ fn resumption_metrics(shared: &Shared, e: &mut Exposition) {
         ("miss", &st.misses),
         ("error", &st.errors),
         ("local_only", &st.local_only),
+        ("over_allowance", &st.over_allowance),
     ] {
         e.sample(
             "tlsaccel_session_store_lookups_total",

@@ -192,7 +192,14 @@ impl Server {
         // The cluster's keys before the first handshake, if Redis answers within 3 s.
         resumption.first_shared_keys(Duration::from_secs(3)).await;
         resumption.spawn_maintenance();
-        let state = build_state(&config, &base, &provider, pke.is_some(), &resumption)?;
+        let state = build_state(
+            &config,
+            &base,
+            &provider,
+            pke.is_some(),
+            &resumption,
+            resumption.shares_sessions(),
+        )?;
         let shared = Arc::new(Shared {
             device: device.map(|(d, _)| d),
             pke,
@@ -261,24 +268,29 @@ impl Server {
                     listener.name.get_ref()
                 );
             }
+            // Checked first, put in use last: the listeners are built for the new
+            // settings, and a reload that fails anywhere changes nothing.
+            let resumption = self
+                .shared
+                .resumption
+                .prepare(crate::cluster::Settings::from_config(
+                    &config.resumption,
+                    base,
+                ))
+                .context("session resumption")?;
             let state = build_state(
                 &config,
                 base,
                 &self.shared.provider,
                 self.shared.pke.is_some(),
                 &self.shared.resumption,
+                resumption.shares_sessions,
             )?;
-            self.shared
-                .resumption
-                .reconfigure(crate::cluster::Settings::from_config(
-                    &config.resumption,
-                    base,
-                ))
-                .context("session resumption")?;
-            Ok(state)
+            Ok((state, resumption))
         })();
         match result {
-            Ok(state) => {
+            Ok((state, resumption)) => {
+                self.shared.resumption.commit(resumption);
                 *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
                 self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("configuration reloaded");
@@ -328,6 +340,7 @@ fn build_state(
     provider: &Arc<rustls::crypto::CryptoProvider>,
     offloaded: bool,
     resumption: &Arc<Resumption>,
+    shares_sessions: bool,
 ) -> anyhow::Result<State> {
     let mut pools = HashMap::new();
     for pool in &config.pools {
@@ -335,8 +348,15 @@ fn build_state(
     }
     let mut listeners = HashMap::new();
     for listener in &config.listeners {
-        let tls = ListenerTls::new(listener, base, provider, offloaded, resumption)
-            .with_context(|| format!("listener {}", listener.name.get_ref()))?;
+        let tls = ListenerTls::new(
+            listener,
+            base,
+            provider,
+            offloaded,
+            resumption,
+            shares_sessions,
+        )
+        .with_context(|| format!("listener {}", listener.name.get_ref()))?;
         let keepalive = *listener.tcp_keepalive_s.get_ref();
         listeners.insert(
             listener.name.get_ref().clone(),

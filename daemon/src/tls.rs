@@ -144,6 +144,7 @@ impl ListenerTls {
         provider: &Arc<CryptoProvider>,
         offloaded: bool,
         resumption: &Arc<crate::cluster::Resumption>,
+        shares_sessions: bool,
     ) -> anyhow::Result<Self> {
         let mut provider = (**provider).clone();
         if !listener.cipher_suites.get_ref().is_empty() {
@@ -186,7 +187,7 @@ impl ListenerTls {
         Ok(Self {
             config: Arc::new(config),
             resolver,
-            fibers: offloaded || resumption.shares_sessions(),
+            fibers: offloaded || shares_sessions,
         })
     }
 

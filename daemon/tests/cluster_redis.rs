@@ -216,6 +216,185 @@ fn three_nodes_resume_round_robin_reconnections_across_rotations_and_a_restart()
     assert!(status.contains("\"redis\":{\"epochs_known\""), "{status}");
 }
 
+/// Sleeps until `into` seconds into the next epoch of `period` seconds (Unix time).
+fn sleep_into_next_epoch(period: u64, into: f64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let next = ((now / period as f64).floor() + 1.0) * period as f64;
+    std::thread::sleep(Duration::from_secs_f64(next + into - now));
+}
+
+#[test]
+fn a_node_started_in_a_later_epoch_opens_tickets_sealed_under_past_epochs_keys() {
+    let (scratch, cert) = cluster("redis-past");
+    let redis = Redis::start(&scratch.0, Redis::free_port());
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    let section = "ticket_keys = \"redis\"\nrotate_every_s = 4\n";
+    // Early in an epoch, so the session is made well inside it.
+    sleep_into_next_epoch(4, 0.2);
+    let a = start_node_waiting(&scratch.0, "a", backend, redis.port, section, 1000);
+    let config = client(&cert);
+    assert_eq!(
+        rt.block_on(exchange(a.listen, &config)),
+        Some(HandshakeKind::Full)
+    );
+    // A node that starts two epochs later holds neither the current nor the next epoch's
+    // key for that ticket: it must have fetched the past one.
+    sleep_into_next_epoch(4, 4.2);
+    let b = start_node_waiting(&scratch.0, "b", backend, redis.port, section, 1000);
+    assert_eq!(
+        rt.block_on(exchange(b.listen, &config)),
+        Some(HandshakeKind::Resumed)
+    );
+    assert_eq!(
+        b.metric("tlsaccel_tickets_accepted_total{key=\"previous\",origin=\"other_node\"}"),
+        1
+    );
+}
+
+#[test]
+fn nodes_agree_on_their_keys_again_after_redis_lost_them() {
+    let (scratch, cert) = cluster("redis-lost");
+    let mut redis = Redis::start(&scratch.0, Redis::free_port());
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    // 20 s epochs: keys are checked against Redis every 5 s. Without the check, nodes that
+    // disagree on an epoch's key would stay apart until the epoch after next (20 s or more).
+    let section = "ticket_keys = \"redis\"\nrotate_every_s = 20\n";
+    let a = start_node_waiting(&scratch.0, "a", backend, redis.port, section, 1000);
+    let config = client(&cert);
+    // Redis restarts empty (no persistence); a node that starts now finds no keys and
+    // makes its own, unless `a` has written its keys back first.
+    redis.restart();
+    let c = start_node_waiting(&scratch.0, "c", backend, redis.port, section, 1000);
+    let started = Instant::now();
+    let agreed = |from: &Daemon, to: &Daemon| {
+        rt.block_on(async {
+            exchange(from.listen, &config).await.is_some()
+                && exchange(to.listen, &config).await == Some(HandshakeKind::Resumed)
+        })
+    };
+    support::wait_until(
+        "the nodes to agree on the keys again",
+        Duration::from_secs(15),
+        || agreed(&a, &c) && agreed(&c, &a),
+    );
+    eprintln!("agreed after {:?}", started.elapsed());
+    let repaired: u64 = [&a, &c]
+        .iter()
+        .map(|n| {
+            n.metric("tlsaccel_ticket_keys_shared_total{how=\"restored\"}")
+                + n.metric("tlsaccel_ticket_keys_shared_total{how=\"replaced\"}")
+        })
+        .sum();
+    assert!(repaired >= 1, "no key was written back or replaced");
+}
+
+/// A TLS 1.3 ClientHello record offering `identities` random 32-byte PSK identities (what
+/// a hostile client sends to make the server look each one up).
+fn hello_with_identities(identities: usize) -> Vec<u8> {
+    fn vec16(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+    fn ext(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = kind.to_be_bytes().to_vec();
+        out.extend(vec16(body));
+        out
+    }
+    let mut exts = Vec::new();
+    let mut name = vec![0u8];
+    name.extend(vec16(b"localhost"));
+    exts.extend(ext(0x0000, &vec16(&name)));
+    exts.extend(ext(0x002b, &[2, 3, 4]));
+    exts.extend(ext(0x000a, &vec16(&[0x00, 0x1d])));
+    exts.extend(ext(0x000d, &vec16(&[0x04, 0x03, 0x08, 0x04])));
+    let mut share = vec![0x00, 0x1d];
+    let mut point = [0u8; 32];
+    point[0] = 9; // the X25519 base point: a valid public key
+    share.extend(vec16(&point));
+    exts.extend(ext(0x0033, &vec16(&share)));
+    exts.extend(ext(0x002d, &[1, 1]));
+    let (mut ids, mut binders) = (Vec::new(), Vec::new());
+    for i in 0..identities {
+        let mut id = [0u8; 32];
+        id[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+        ids.extend(vec16(&id));
+        ids.extend([0u8; 4]);
+        binders.push(32u8);
+        binders.extend([0u8; 32]);
+    }
+    let mut psk = vec16(&ids);
+    psk.extend(vec16(&binders));
+    exts.extend(ext(0x0029, &psk)); // pre_shared_key comes last
+    let mut body = vec![3, 3];
+    body.extend([7u8; 32]);
+    body.push(32);
+    body.extend([1u8; 32]);
+    body.extend(vec16(&[0x13, 0x01]));
+    body.extend([1, 0]);
+    body.extend(vec16(&exts));
+    let mut hs = vec![1u8];
+    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend(body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend(vec16(&hs));
+    record
+}
+
+#[test]
+fn a_hello_with_many_identities_costs_one_redis_lookup() {
+    let (scratch, _cert) = cluster("redis-psk");
+    let redis = Redis::start(&scratch.0, Redis::free_port());
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    // TLS 1.3 stateful resumption: rustls takes each offered identity from the store.
+    let a = start_node(
+        &scratch.0,
+        "a",
+        backend,
+        redis.port,
+        "tickets = false\nsession_store = \"redis\"\n",
+    );
+    let calls = || {
+        a.metric("tlsaccel_redis_calls_total{result=\"ok\"}")
+            + a.metric("tlsaccel_redis_calls_total{result=\"error\"}")
+            + a.metric("tlsaccel_redis_calls_total{result=\"timeout\"}")
+    };
+    let before = calls();
+    let identities = 200;
+    let answer = rt.block_on(async {
+        let mut tcp = tokio::net::TcpStream::connect(a.listen)
+            .await
+            .expect("connect");
+        tcp.write_all(&hello_with_identities(identities))
+            .await
+            .expect("send hello");
+        let mut head = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut head))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        head
+    });
+    // The server went on with a full handshake: a ServerHello came back.
+    assert_eq!(answer[0], 0x16, "{answer:?}");
+    let over = u64::try_from(identities - 1).unwrap();
+    assert_eq!(
+        a.metric("tlsaccel_session_store_lookups_total{result=\"over_allowance\"}"),
+        over
+    );
+    assert_eq!(
+        a.metric("tlsaccel_session_store_lookups_total{result=\"miss\"}"),
+        over + 1
+    );
+    assert_eq!(calls() - before, 1, "Redis was asked more than once");
+}
+
 #[test]
 fn tls12_session_ids_resume_across_nodes_through_redis() {
     let (scratch, _cert) = cluster("redis-ids");

@@ -34,9 +34,16 @@ pub const STACK_SIZE: usize = 256 * 1024;
 /// Stacks a thread keeps for the next fiber (a stack is an mmap and its page faults).
 const POOLED_STACKS: usize = 16;
 
+/// What a running fiber keeps at the bottom of its own stack: its yielder, and the uses of
+/// its allowance ([`within_allowance`]).
+struct Frame {
+    yielder: *const Yielder<(), Pending>,
+    used: Cell<u32>,
+}
+
 thread_local! {
-    /// The yielder of the fiber this thread is running, or null outside fibers.
-    static CURRENT: Cell<*const Yielder<(), Pending>> = const { Cell::new(std::ptr::null()) };
+    /// The frame of the fiber this thread is running, or null outside fibers.
+    static CURRENT: Cell<*const Frame> = const { Cell::new(std::ptr::null()) };
     static STACKS: RefCell<Vec<DefaultStack>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -70,7 +77,11 @@ where
     let mut fiber = Fiber(Coroutine::with_stack(
         stack,
         move |yielder: &Yielder<(), Pending>, ()| {
-            let _inside = Inside::enter(yielder);
+            let frame = Frame {
+                yielder,
+                used: Cell::new(0),
+            };
+            let _inside = Inside::enter(&frame);
             f()
         },
     ));
@@ -92,21 +103,21 @@ where
 // inlined, so each call finds the thread-local of the thread that makes it.
 
 #[inline(never)]
-fn current() -> *const Yielder<(), Pending> {
+fn current() -> *const Frame {
     CURRENT.with(Cell::get)
 }
 
 #[inline(never)]
-fn set_current(yielder: *const Yielder<(), Pending>) {
-    CURRENT.with(|current| current.set(yielder));
+fn set_current(frame: *const Frame) {
+    CURRENT.with(|current| current.set(frame));
 }
 
 /// Marks this thread as running a fiber until dropped (also when the fiber unwinds).
 struct Inside;
 
 impl Inside {
-    fn enter(yielder: &Yielder<(), Pending>) -> Self {
-        set_current(yielder);
+    fn enter(frame: &Frame) -> Self {
+        set_current(frame);
         Inside
     }
 }
@@ -120,6 +131,25 @@ impl Drop for Inside {
 /// True when the calling code runs on a fiber (inside [`run`]).
 pub fn in_fiber() -> bool {
     !current().is_null()
+}
+
+/// Counts one use of the running fiber's allowance and tells whether it stayed within
+/// `limit` uses. Code that a peer can make run many times in one step (a lookup per
+/// identity a client offers) waits only within its allowance and answers without waiting
+/// beyond it. Each [`run`] starts with a fresh allowance; outside a fiber nothing can wait,
+/// and this is false.
+pub fn within_allowance(limit: u32) -> bool {
+    let frame = current();
+    if frame.is_null() {
+        return false;
+    }
+    // SAFETY: CURRENT is non-null only while this thread runs the body of the fiber whose
+    // frame it names (see `suspend_until`), and the frame lives at the bottom of that
+    // fiber's stack for as long as the body runs.
+    let used = unsafe { &(*frame).used };
+    let n = used.get().saturating_add(1);
+    used.set(n);
+    n <= limit
 }
 
 /// Pauses the calling fiber until `work` completes and returns its output; outside a fiber,
@@ -138,8 +168,8 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let yielder = current();
-    if yielder.is_null() {
+    let frame = current();
+    if frame.is_null() {
         return Err(work);
     }
     let slot = Arc::new(Mutex::new(None));
@@ -150,13 +180,13 @@ where
     });
     set_current(std::ptr::null());
     // SAFETY: CURRENT is non-null only while this thread runs the body of the fiber whose
-    // yielder it names: `Inside` sets it when the body starts and clears it when the body
+    // frame it names: `Inside` sets it when the body starts and clears it when the body
     // ends or unwinds, and this function clears it before suspending and sets it again after
-    // resuming. So the yielder is alive, and this code runs on its coroutine's stack, which
-    // `suspend` requires.
-    unsafe { (*yielder).suspend(pending) };
+    // resuming. So the frame and its yielder are alive, and this code runs on its
+    // coroutine's stack, which `suspend` requires.
+    unsafe { (*(*frame).yielder).suspend(pending) };
     // Resumed, perhaps on another thread: it runs this fiber now.
-    set_current(yielder);
+    set_current(frame);
     let output = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     // `run` resumes a fiber only after polling its work to completion; a fiber dropped while
     // waiting is unwound from inside `suspend` and never gets here.
@@ -259,6 +289,25 @@ mod tests {
         assert!(!in_fiber());
         // The thread runs fibers as before.
         assert_eq!(run(|| callback(2)).await, 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_fiber_run_has_its_own_allowance() {
+        assert!(!within_allowance(1), "no allowance outside a fiber");
+        let uses = || {
+            let first = within_allowance(2);
+            callback(1);
+            // Resumed, perhaps on another thread: the same fiber's count goes on.
+            let second = within_allowance(2);
+            let third = within_allowance(2);
+            [first, second, third]
+        };
+        assert_eq!(run(uses).await, [true, true, false]);
+        assert_eq!(
+            run(uses).await,
+            [true, true, false],
+            "a new run, a new allowance"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

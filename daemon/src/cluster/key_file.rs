@@ -5,8 +5,9 @@
 //!   several files, the first seals new tickets and the others only open.
 //! * **HAProxy** (`tls-ticket-keys`): one file, one base64 key of 48 or 80 bytes per line
 //!   (`openssl rand 80 | openssl base64 -A >> ticket.keys`), all of one length. As in
-//!   HAProxy, the second-to-last key seals (the last is the next one, already known to every
-//!   node before it seals anything) and all of them open; a file of one key seals with it.
+//!   HAProxy, only the last three keys are used: the second-to-last seals (the last is the
+//!   next one, already known to every node before it seals anything) and the three open; a
+//!   file of one key seals with it. Every line must still be a valid key.
 //!
 //! The tickets themselves are tlsaccel's own (see [`super::ticket_keys`]): the file gives the
 //! key name and the secret the sealing key is derived from, so nginx or HAProxy nodes cannot
@@ -79,14 +80,17 @@ pub fn nginx_set(files: &[Zeroizing<Vec<u8>>]) -> Result<KeySet, (usize, KeyFile
 }
 
 /// An HAProxy key file's contents.
+/// Keys of an HAProxy file in use: the previous, the sealing and the next one.
+const HAPROXY_KEYS: usize = 3;
+
 pub fn parse_haproxy(contents: &[u8]) -> Result<KeySet, KeyFileError> {
     use base64::Engine as _;
-    let text = String::from_utf8_lossy(contents);
     let mut keys = Vec::new();
     let mut length = None;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+    // Lines as bytes: no copy of the file's text is left behind unzeroed.
+    for (i, line) in contents.split(|&b| b == b'\n').enumerate() {
+        let line = line.trim_ascii();
+        if line.is_empty() || line.starts_with(b"#") {
             continue;
         }
         let number = i + 1;
@@ -106,6 +110,8 @@ pub fn parse_haproxy(contents: &[u8]) -> Result<KeySet, KeyFileError> {
         }
         keys.push(key_from(&bytes)?);
     }
+    // HAProxy's rule: the last three keys; the rest are lines the operator has not trimmed.
+    let keys = keys.split_off(keys.len().saturating_sub(HAPROXY_KEYS));
     let sealing = keys.len().saturating_sub(2);
     set(keys, sealing)
 }
@@ -177,6 +183,12 @@ mod tests {
         assert_eq!(set.sealing.id(), [2; KEY_ID_LEN]);
         let others: Vec<_> = set.others.iter().map(|k| k.id()[0]).collect();
         assert_eq!(others, [1, 3]);
+        // Only the last three keys are used, as in HAProxy (Windows line ends too).
+        let longer = format!("{}\r\n{text}{}\r\n", line(9, 80), line(4, 80));
+        let set = parse_haproxy(longer.as_bytes()).unwrap();
+        assert_eq!(set.sealing.id(), [3; KEY_ID_LEN]);
+        let others: Vec<_> = set.others.iter().map(|k| k.id()[0]).collect();
+        assert_eq!(others, [2, 4]);
         // One key: it seals.
         let one = parse_haproxy(line(5, 48).as_bytes()).unwrap();
         assert_eq!((one.sealing.id()[0], one.others.len()), (5, 0));

@@ -193,6 +193,16 @@ fn cache_of(size: usize) -> Arc<dyn StoresServerSessions> {
     }
 }
 
+/// A reload's resumption settings, checked and with their key files read, not yet in use
+/// ([`Resumption::prepare`]).
+#[derive(Debug)]
+pub struct Prepared {
+    settings: Settings,
+    files: Option<(Vec<u8>, KeySet)>,
+    /// Whether handshakes will look sessions up in Redis (and so must run on fibers).
+    pub shares_sessions: bool,
+}
+
 /// Reads and parses the key files of `settings`; returns their digest and keys.
 fn read_keys(settings: &Settings) -> anyhow::Result<(Vec<u8>, KeySet)> {
     use anyhow::Context as _;
@@ -241,24 +251,43 @@ impl Resumption {
         Ok(this)
     }
 
-    /// Takes new settings (a reload). Key files are read now, and a file that cannot be used
-    /// fails the reload with the old settings kept. The keys already in the ring stay (a
+    /// Takes new settings (a reload): [`Self::prepare`], then [`Self::commit`].
+    pub fn reconfigure(&self, settings: Settings) -> anyhow::Result<()> {
+        let prepared = self.prepare(settings)?;
+        self.commit(prepared);
+        Ok(())
+    }
+
+    /// Checks a reload's settings and reads their key files, changing nothing: a reload
+    /// that fails later (another section) leaves resumption as it was.
+    pub fn prepare(&self, settings: Settings) -> anyhow::Result<Prepared> {
+        let old = self.settings();
+        let redis_of = |s: &Settings| s.uses_redis().then(|| s.redis.clone());
+        anyhow::ensure!(
+            redis_of(&old) == redis_of(&settings)
+                && (old.source == TicketKeySource::Redis)
+                    == (settings.source == TicketKeySource::Redis),
+            "changing what goes through Redis, or the Redis settings, needs a restart"
+        );
+        let files = if settings.source == TicketKeySource::File {
+            Some(read_keys(&settings)?)
+        } else {
+            None
+        };
+        Ok(Prepared {
+            shares_sessions: self.shared.is_some() && settings.session_store == SessionStore::Redis,
+            settings,
+            files,
+        })
+    }
+
+    /// Puts prepared settings in use; it cannot fail. The keys already in the ring stay (a
     /// source that changes retires them as rotation does), and the session cache stays
     /// unless its size changed.
-    pub fn reconfigure(&self, settings: Settings) -> anyhow::Result<()> {
-        {
-            let old = self.settings();
-            let redis_of = |s: &Settings| s.uses_redis().then(|| s.redis.clone());
-            anyhow::ensure!(
-                redis_of(&old) == redis_of(&settings)
-                    && (old.source == TicketKeySource::Redis)
-                        == (settings.source == TicketKeySource::Redis),
-                "changing what goes through Redis, or the Redis settings, needs a restart"
-            );
-        }
-        if settings.source == TicketKeySource::File {
-            read_keys(&settings)?;
-        }
+    pub fn commit(&self, prepared: Prepared) {
+        let Prepared {
+            settings, files, ..
+        } = prepared;
         {
             let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
             if cache.0 != settings.cache_size {
@@ -266,9 +295,21 @@ impl Resumption {
             }
         }
         let changed_source = self.settings().source != settings.source;
+        let window = settings.window;
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
-        *self.loaded_files.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.refresh(Instant::now(), changed_source)
+        let now = Instant::now();
+        match files {
+            Some((digest, set)) => self.take_key_set(digest, set, now, window),
+            None => {
+                *self.loaded_files.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if let Err(error) = self.refresh(now, changed_source) {
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        "ticket keys not refreshed; the keys loaded before stay in use"
+                    );
+                }
+            }
+        }
     }
 
     fn settings(&self) -> Arc<Settings> {
@@ -318,9 +359,16 @@ impl Resumption {
         window: Duration,
     ) -> anyhow::Result<()> {
         let (digest, set) = read_keys(settings)?;
+        self.take_key_set(digest, set, now, window);
+        Ok(())
+    }
+
+    /// Puts the keys of files whose contents hash to `digest` in the ring, unless those
+    /// are the contents loaded last.
+    fn take_key_set(&self, digest: Vec<u8>, set: KeySet, now: Instant, window: Duration) {
         let mut loaded = self.loaded_files.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.as_deref() == Some(digest.as_slice()) {
-            return Ok(());
+            return;
         }
         let mut ring = self.ring_mut();
         let before = ring.current_id();
@@ -330,12 +378,8 @@ impl Resumption {
             self.stats.rotations.fetch_add(1, Ordering::Relaxed);
         }
         drop(ring);
-        tracing::info!(
-            files = settings.files.len(),
-            "session ticket keys loaded from their files"
-        );
+        tracing::info!("session ticket keys loaded from their files");
         *loaded = Some(digest);
-        Ok(())
     }
 
     /// One maintenance pass (what the background task runs).
@@ -391,64 +435,188 @@ impl Resumption {
         let period = settings.rotate_every.as_secs().max(1);
         let ttl = Duration::from_secs(2 * period + 60) + window;
         let current = shared::epoch(unix, period);
-        let known = |e: u64| {
+        let held = |e: u64| {
             shared
                 .known
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&e)
-                .copied()
+                .cloned()
         };
+        let mut answered = true;
         for want in [current, current + 1] {
-            if known(want).is_some() {
+            if held(want).is_some() {
                 continue;
             }
             match shared.epoch_key(period, want, ttl).await {
-                Ok(key) => {
-                    shared
-                        .known
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(want, key.id());
-                    let mut ring = self.ring_mut();
-                    if want == current {
-                        ring.install(key, now, window);
-                        self.stats.rotations.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        ring.set_listed(vec![key], now, window);
-                    }
-                }
+                Ok((key, h)) => self.take_epoch_key(shared, current, want, key, h, now),
                 Err(error) => {
-                    self.stats.shared_key_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, epoch = want, "shared ticket key not refreshed; the keys held stay in use");
+                    self.shared_key_error(&error, want);
+                    answered = false;
                     break;
                 }
             }
         }
+        if answered && !shared.past_loaded.load(Ordering::Relaxed) {
+            answered = self.load_past_keys(shared, unix, period, now).await;
+            shared.past_loaded.store(answered, Ordering::Relaxed);
+        }
+        let every = Duration::from_secs((period / 4).clamp(1, 30));
+        let check_due = shared
+            .last_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|at| now.saturating_duration_since(at) >= every);
+        if answered && check_due {
+            self.check_held_keys(shared, current, period, ttl, now)
+                .await;
+        }
         let mut ring = self.ring_mut();
-        if let Some(id) = known(current) {
-            if ring.current_id() != Some(id) && ring.promote(id, now, window) {
+        if let Some(h) = held(current) {
+            if ring.current_id() != Some(h.id) && ring.promote(h.id, now, window) {
                 self.stats.rotations.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let sealing_shared = known(current).is_some_and(|id| ring.current_id() == Some(id));
-        if fallback && ring.current_id().is_none() {
+        let sealing_shared = held(current).is_some_and(|h| ring.current_id() == Some(h.id));
+        // No shared key for this epoch a grace period into it (Redis down or spoilt): a key
+        // of this node's own, so rotation goes on and no key seals for longer than a period
+        // and the grace.
+        let grace = (period / 4).clamp(1, 60);
+        let mut own = shared
+            .own_key_epoch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let stale = !sealing_shared
+            && *own != Some(current)
+            && unix.saturating_sub(current * period) >= grace;
+        if fallback && (ring.current_id().is_none() || stale) {
             match TicketKey::random() {
                 Ok(key) => {
                     ring.install(key, now, window);
+                    *own = Some(current);
                     self.stats.local_fallbacks.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("no shared ticket key yet: sealing with a key of this node's own until Redis answers");
+                    self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        epoch = current,
+                        "no shared ticket key for this epoch: sealing with a key of this node's own until Redis answers"
+                    );
                 }
                 Err(error) => tracing::error!(%error, "no ticket key"),
             }
         }
+        drop(own);
         ring.expire(now);
+        drop(ring);
         shared
             .known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|&e, _| e + 2 >= current);
         sealing_shared
+    }
+
+    fn shared_key_error(&self, error: &shared::SharedError, epoch: u64) {
+        self.stats.shared_key_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%error, epoch, "shared ticket key not refreshed; the keys held stay in use");
+    }
+
+    /// Puts the key of epoch `want` in the ring: it seals when `want` is the current epoch,
+    /// it is listed when it is the next one.
+    fn take_epoch_key(
+        &self,
+        shared: &SharedState,
+        current: u64,
+        want: u64,
+        key: TicketKey,
+        held: shared::Held,
+        now: Instant,
+    ) {
+        let window = self.settings().window;
+        shared
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(want, held);
+        let mut ring = self.ring_mut();
+        if want == current {
+            ring.install(key, now, window);
+            self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ring.set_listed(vec![key], now, window);
+        }
+    }
+
+    /// The keys of the past epochs whose tickets still resume (within the window after
+    /// their epoch ended), for opening only. Returns false when Redis did not answer.
+    async fn load_past_keys(
+        &self,
+        shared: &SharedState,
+        unix: u64,
+        period: u64,
+        now: Instant,
+    ) -> bool {
+        /// Past epochs asked for at most (a window of many short periods).
+        const MOST: u64 = 16;
+        let window_s = self.settings().window.as_secs();
+        let current = shared::epoch(unix, period);
+        let back = (window_s.div_ceil(period) + 1).min(MOST).min(current);
+        for past in current - back..current {
+            let open_for = ((past + 1) * period + window_s).saturating_sub(unix);
+            if open_for == 0 {
+                continue;
+            }
+            match shared.past_key(period, past).await {
+                Ok(Some((key, _))) => self
+                    .ring_mut()
+                    .keep_until(key, now + Duration::from_secs(open_for)),
+                Ok(None) => {}
+                Err(error) => {
+                    self.shared_key_error(&error, past);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Checks the current and next epochs' keys against Redis (see [`shared`]).
+    async fn check_held_keys(
+        &self,
+        shared: &SharedState,
+        current: u64,
+        period: u64,
+        ttl: Duration,
+        now: Instant,
+    ) {
+        for epoch in [current, current + 1] {
+            let Some(held) = shared
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&epoch)
+                .cloned()
+            else {
+                continue;
+            };
+            match shared.check_key(period, epoch, &held, ttl).await {
+                Ok(shared::Checked::Same) => {}
+                Ok(shared::Checked::Restored) => {
+                    tracing::info!(epoch, "Redis had lost a shared ticket key; written back")
+                }
+                Ok(shared::Checked::Replaced(key, h)) => {
+                    tracing::warn!(
+                        epoch,
+                        "Redis holds another ticket key for this epoch (made while it had lost this one); taking it"
+                    );
+                    self.take_epoch_key(shared, current, epoch, key, h, now);
+                }
+                Err(error) => {
+                    self.shared_key_error(&error, epoch);
+                    return;
+                }
+            }
+        }
+        *shared.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
     }
 
     /// Runs [`Self::maintain`] in the background until `self` is dropped.
@@ -470,7 +638,14 @@ impl Resumption {
                 };
                 tokio::time::sleep(every).await;
                 let Some(this) = weak.upgrade() else { return };
-                this.maintain(Instant::now());
+                if this.settings().source == TicketKeySource::File {
+                    // Reading files may block (a slow or network disk): not on a worker.
+                    let files = Arc::clone(&this);
+                    let _ =
+                        tokio::task::spawn_blocking(move || files.maintain(Instant::now())).await;
+                } else {
+                    this.maintain(Instant::now());
+                }
                 this.refresh_shared(unix_now(), Instant::now()).await;
             }
         })
@@ -508,6 +683,14 @@ impl Resumption {
     }
 }
 
+/// Length of the session ids and stateful tickets rustls makes (random bytes).
+const SESSION_ID_LEN: usize = 32;
+
+/// Redis lookups one handshake step (one ClientHello) may wait for. A TLS 1.3 client may
+/// offer many identities, and rustls takes each from the store in turn: past the first, only
+/// this node's cache is looked at, so a hostile hello costs one round trip, not hundreds.
+const REMOTE_LOOKUPS_PER_HELLO: u32 = 1;
+
 /// rustls' view of the session cache.
 #[derive(Debug)]
 struct Sessions(Arc<Resumption>);
@@ -528,8 +711,17 @@ impl Sessions {
         take: bool,
     ) -> Result<Option<Vec<u8>>, ()> {
         let stats = &shared.sessions;
+        if key.len() != SESSION_ID_LEN {
+            // Not an id this cluster makes: nothing to ask Redis for.
+            return Ok(None);
+        }
         if !tlsaccel_fiber::in_fiber() {
             stats.local_only.fetch_add(1, Ordering::Relaxed);
+            return Err(());
+        }
+        if !tlsaccel_fiber::within_allowance(REMOTE_LOOKUPS_PER_HELLO) {
+            // A ClientHello offering many identities: Redis is asked for the first only.
+            stats.over_allowance.fetch_add(1, Ordering::Relaxed);
             return Err(());
         }
         let work = Arc::clone(shared).fetch_session(key.to_vec(), take);
@@ -752,6 +944,45 @@ mod tests {
             .unwrap();
         assert_eq!(r.ring().current_id(), Some([4u8; 16]));
         assert_eq!(t.decrypt(&ticket).as_deref(), Some(&b"s"[..]));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn with_no_shared_key_a_node_rotates_keys_of_its_own_after_a_grace() {
+        let dir = scratch("grace");
+        std::fs::write(dir.join("cluster.key"), [9u8; 32]).unwrap();
+        let mut s = settings(TicketKeySource::Redis, vec![]);
+        s.rotate_every = Duration::from_secs(40);
+        // Nothing listens on port 1: every Redis call fails at once.
+        s.redis = Some(RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            password_file: None,
+            ca: None,
+            cluster_key_file: dir.join("cluster.key"),
+            prefix: "t:".into(),
+            timeout: Duration::from_millis(100),
+        });
+        let r = Resumption::new(s).unwrap();
+        let t = Ticketer(Arc::clone(&r));
+        let now = Instant::now();
+        let epoch = 1_000u64 * 40;
+        r.refresh_shared(epoch, now).await;
+        let first = r.ring().current_id().expect("a key of its own at once");
+        let ticket = t.encrypt(b"s").unwrap();
+        // Still the same epoch, then the next one within its grace (a quarter period):
+        // the key stays.
+        r.refresh_shared(epoch + 39, now).await;
+        r.refresh_shared(epoch + 40 + 9, now).await;
+        assert_eq!(r.ring().current_id(), Some(first));
+        // Past the grace: a new key of its own; the old one still opens.
+        r.refresh_shared(epoch + 40 + 10, now).await;
+        assert_ne!(r.ring().current_id(), Some(first));
+        assert_eq!(r.stats.local_fallbacks.load(Ordering::Relaxed), 2);
+        assert!(r.stats.shared_key_errors.load(Ordering::Relaxed) >= 4);
+        assert_eq!(t.decrypt(&ticket).as_deref(), Some(&b"s"[..]));
+        // Once per epoch only.
+        r.refresh_shared(epoch + 40 + 30, now).await;
+        assert_eq!(r.stats.local_fallbacks.load(Ordering::Relaxed), 2);
         let _ = std::fs::remove_dir_all(dir);
     }
 

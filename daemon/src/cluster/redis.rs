@@ -30,6 +30,19 @@ pub struct RedisSettings {
     pub timeout: Duration,
 }
 
+/// The least a background call (ticket keys, session writes) waits for Redis: nothing waits
+/// on it, so a slow Redis should still be heard. Handshake lookups wait `timeout_ms` only.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who waits for a Redis call, which sets how long it may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// A handshake is paused for the answer: `timeout_ms`.
+    Handshake,
+    /// A background task (key refresh, session writes): `timeout_ms`, at least 2 s.
+    Background,
+}
+
 /// Counters of the Redis link.
 #[derive(Debug, Default)]
 pub struct RedisStats {
@@ -175,7 +188,7 @@ impl RedisLink {
         .map_err(|e| anyhow::anyhow!("Redis client: {e}"))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout.max(BACKGROUND_TIMEOUT)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let manager = ConnectionManager::new_lazy_with_config(client, config)
@@ -199,19 +212,24 @@ impl RedisLink {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// The longest a call waits.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
+    /// The longest a call made for `wait` waits.
+    pub fn timeout(&self, wait: Wait) -> Duration {
+        match wait {
+            Wait::Handshake => self.timeout,
+            Wait::Background => self.timeout.max(BACKGROUND_TIMEOUT),
+        }
     }
 
     async fn call<T>(
         &self,
+        wait: Wait,
         work: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(self.timeout, work).await {
+        let limit = self.timeout(wait);
+        let result = match tokio::time::timeout(limit, work).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(StoreError::Redis(error)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
+            Err(_) => Err(StoreError::Timeout(limit)),
         };
         let counter = match &result {
             Ok(_) => &self.stats.ok,
@@ -230,22 +248,26 @@ impl RedisLink {
         result
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        wait: Wait,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
         let mut c = self.manager.clone();
-        self.call(async move { cmd.query_async::<T>(&mut c).await })
+        self.call(wait, async move { cmd.query_async::<T>(&mut c).await })
             .await
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.query(redis::cmd("GET").arg(key)).await
+    pub async fn get(&self, key: &str, wait: Wait) -> Result<Option<Vec<u8>>, StoreError> {
+        self.query(wait, redis::cmd("GET").arg(key)).await
     }
 
-    pub async fn get_del(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.query(redis::cmd("GETDEL").arg(key)).await
+    pub async fn get_del(&self, key: &str, wait: Wait) -> Result<Option<Vec<u8>>, StoreError> {
+        self.query(wait, redis::cmd("GETDEL").arg(key)).await
     }
 
     /// Sets `key` with an expiry; `only_new`: only when it does not exist (returns whether
-    /// it was set).
+    /// it was set). A background call.
     pub async fn set(
         &self,
         key: &str,
@@ -255,7 +277,7 @@ impl RedisLink {
     ) -> Result<bool, StoreError> {
         let mut c = self.manager.clone();
         let millis = ttl.as_millis().max(1) as u64;
-        self.call(async move {
+        self.call(Wait::Background, async move {
             let mut cmd = redis::cmd("SET");
             cmd.arg(key).arg(value).arg("PX").arg(millis);
             if only_new {
@@ -267,7 +289,7 @@ impl RedisLink {
         .await
     }
 
-    /// Sets each `(key, value, ttl)` in one pipeline.
+    /// Sets each `(key, value, ttl)` in one pipeline. A background call.
     pub async fn set_many(&self, items: &[(String, Vec<u8>, Duration)]) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         for (key, value, ttl) in items {
@@ -280,12 +302,14 @@ impl RedisLink {
                 .ignore();
         }
         let mut c = self.manager.clone();
-        self.call(async move { pipe.query_async::<()>(&mut c).await })
-            .await
+        self.call(Wait::Background, async move {
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await
     }
 
     pub async fn del(&self, key: &str) -> Result<(), StoreError> {
-        self.query::<i64>(redis::cmd("DEL").arg(key))
+        self.query::<i64>(Wait::Background, redis::cmd("DEL").arg(key))
             .await
             .map(|_| ())
     }

@@ -7,7 +7,12 @@
 //! winner's), sealed under a key derived from the cluster key; it expires from Redis
 //! after two periods and the retired-key window. A node seals with the key of the current
 //! epoch and already knows the next one, so a node whose clock runs ahead is understood.
-//! Redis is only asked when an epoch's key is missing: once per period per node.
+//! A node that starts also fetches the keys of the past epochs still inside the retired-key
+//! window (it must open the tickets other nodes sealed under them). Now and then (every
+//! quarter period, at most 30 s) a node checks that Redis still holds the keys it uses: a
+//! Redis that lost them (a restart without persistence) gets them back with `SET NX`, and a
+//! key another node made meanwhile (it found none) replaces this node's, so the cluster
+//! agrees again within one check.
 //!
 //! **Sessions.** `put` stores in the local cache at once and queues the write to Redis
 //! (a bounded queue, written by a task; a full queue drops the write and counts it). `get`
@@ -16,13 +21,13 @@
 //! error or a timeout is a full handshake.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::redis::{RedisLink, Sealer, StoreError};
+use super::redis::{RedisLink, Sealer, StoreError, Wait};
 use super::ticket_keys::{TicketKey, KEY_ID_LEN};
 
 /// Writes waiting for Redis at most.
@@ -40,6 +45,8 @@ pub struct SessionStats {
     pub errors: AtomicU64,
     /// Lookups made off a fiber (they cannot wait, so they see the local cache only).
     pub local_only: AtomicU64,
+    /// Lookups past a hello's allowance (more identities than the first): local cache only.
+    pub over_allowance: AtomicU64,
     pub writes: AtomicU64,
     pub writes_dropped: AtomicU64,
 }
@@ -49,6 +56,25 @@ pub fn epoch(unix: u64, period: u64) -> u64 {
     unix / period.max(1)
 }
 
+/// An epoch key this node holds: its id (not secret) and the value Redis holds for it
+/// (sealed under the cluster key), to check that Redis still agrees.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub id: [u8; KEY_ID_LEN],
+    sealed: Vec<u8>,
+}
+
+/// What a check of a held epoch key found in Redis.
+#[derive(Debug)]
+pub enum Checked {
+    /// Redis holds this node's key.
+    Same,
+    /// Redis had lost it; it holds this node's key again.
+    Restored,
+    /// Redis holds another key for the epoch (made by a node that found none): use it.
+    Replaced(TicketKey, Held),
+}
+
 /// A Redis-shared cluster's parts.
 #[derive(Debug)]
 pub struct SharedState {
@@ -56,12 +82,22 @@ pub struct SharedState {
     key_sealer: Sealer,
     session_sealer: Sealer,
     writes: mpsc::Sender<(String, Vec<u8>, Duration)>,
-    /// Epochs whose keys this node has, and their key ids (not secret).
-    pub known: Mutex<BTreeMap<u64, [u8; KEY_ID_LEN]>>,
+    /// Epochs whose keys this node has.
+    pub known: Mutex<BTreeMap<u64, Held>>,
     pub sessions: SessionStats,
     /// Epoch keys this node made and offered first.
     pub keys_made: AtomicU64,
     pub keys_fetched: AtomicU64,
+    /// Epoch keys Redis had lost and this node wrote back.
+    pub keys_restored: AtomicU64,
+    /// Epoch keys this node replaced with the one Redis held.
+    pub keys_replaced: AtomicU64,
+    /// The past epochs' keys have been asked for (once, when Redis first answers).
+    pub past_loaded: AtomicBool,
+    /// When the held keys were last checked against Redis.
+    pub last_check: Mutex<Option<Instant>>,
+    /// The epoch for which this node made a key of its own (no shared key to be had).
+    pub own_key_epoch: Mutex<Option<u64>>,
 }
 
 impl SharedState {
@@ -79,6 +115,11 @@ impl SharedState {
             sessions: SessionStats::default(),
             keys_made: AtomicU64::new(0),
             keys_fetched: AtomicU64::new(0),
+            keys_restored: AtomicU64::new(0),
+            keys_replaced: AtomicU64::new(0),
+            past_loaded: AtomicBool::new(false),
+            last_check: Mutex::new(None),
+            own_key_epoch: Mutex::new(None),
         });
         // The writer ends when the last sender (this state) is dropped. What queued while
         // it waited goes to Redis in one pipeline.
@@ -102,11 +143,11 @@ impl SharedState {
         period: u64,
         epoch: u64,
         ttl: Duration,
-    ) -> Result<TicketKey, SharedError> {
+    ) -> Result<(TicketKey, Held), SharedError> {
         let name = self.key_name(period, epoch);
-        if let Some(sealed) = self.link.get(&name).await? {
+        if let Some(sealed) = self.link.get(&name, Wait::Background).await? {
             self.keys_fetched.fetch_add(1, Ordering::Relaxed);
-            return self.unwrap_key(&name, &sealed);
+            return self.unwrap_key(&name, sealed);
         }
         let mut material = zeroize::Zeroizing::new([0u8; KEY_ID_LEN + 32]);
         aws_lc_rs::rand::fill(material.as_mut_slice()).map_err(|_| SharedError::Random)?;
@@ -116,23 +157,85 @@ impl SharedState {
             .ok_or(SharedError::Random)?;
         if self.link.set(&name, &sealed, ttl, true).await? {
             self.keys_made.fetch_add(1, Ordering::Relaxed);
-            return key_of(material.as_slice());
+            let key = key_of(material.as_slice())?;
+            let held = Held {
+                id: key.id(),
+                sealed,
+            };
+            return Ok((key, held));
         }
         // Another node offered first: take its key.
-        let sealed = self.link.get(&name).await?.ok_or(SharedError::Vanished)?;
+        let sealed = self
+            .link
+            .get(&name, Wait::Background)
+            .await?
+            .ok_or(SharedError::Vanished)?;
         self.keys_fetched.fetch_add(1, Ordering::Relaxed);
-        self.unwrap_key(&name, &sealed)
+        self.unwrap_key(&name, sealed)
     }
 
-    fn unwrap_key(&self, name: &str, sealed: &[u8]) -> Result<TicketKey, SharedError> {
+    /// The key of a past `epoch` if Redis still holds it (never made here: no node seals
+    /// with a past epoch's key).
+    pub async fn past_key(
+        &self,
+        period: u64,
+        epoch: u64,
+    ) -> Result<Option<(TicketKey, Held)>, SharedError> {
+        let name = self.key_name(period, epoch);
+        match self.link.get(&name, Wait::Background).await? {
+            None => Ok(None),
+            Some(sealed) => {
+                self.keys_fetched.fetch_add(1, Ordering::Relaxed);
+                self.unwrap_key(&name, sealed).map(Some)
+            }
+        }
+    }
+
+    /// Checks that Redis still holds `held` for `epoch`: writes it back if Redis lost it,
+    /// or hands over the key Redis holds instead.
+    pub async fn check_key(
+        &self,
+        period: u64,
+        epoch: u64,
+        held: &Held,
+        ttl: Duration,
+    ) -> Result<Checked, SharedError> {
+        let name = self.key_name(period, epoch);
+        let sealed = match self.link.get(&name, Wait::Background).await? {
+            Some(sealed) => sealed,
+            None => {
+                if self.link.set(&name, &held.sealed, ttl, true).await? {
+                    self.keys_restored.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Checked::Restored);
+                }
+                self.link
+                    .get(&name, Wait::Background)
+                    .await?
+                    .ok_or(SharedError::Vanished)?
+            }
+        };
+        if sealed == held.sealed {
+            return Ok(Checked::Same);
+        }
+        let (key, held) = self.unwrap_key(&name, sealed)?;
+        self.keys_replaced.fetch_add(1, Ordering::Relaxed);
+        Ok(Checked::Replaced(key, held))
+    }
+
+    fn unwrap_key(&self, name: &str, sealed: Vec<u8>) -> Result<(TicketKey, Held), SharedError> {
         let material = self
             .key_sealer
-            .open(name, sealed)
+            .open(name, &sealed)
             .ok_or(SharedError::Sealed)?;
         if material.len() != KEY_ID_LEN + 32 {
             return Err(SharedError::Sealed);
         }
-        key_of(&material)
+        let key = key_of(&material)?;
+        let held = Held {
+            id: key.id(),
+            sealed,
+        };
+        Ok((key, held))
     }
 
     fn session_name(&self, id: &[u8]) -> String {
@@ -161,9 +264,9 @@ impl SharedState {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let name = self.session_name(&id);
         let sealed = if take {
-            self.link.get_del(&name).await?
+            self.link.get_del(&name, Wait::Handshake).await?
         } else {
-            self.link.get(&name).await?
+            self.link.get(&name, Wait::Handshake).await?
         };
         // A value that does not open (another cluster key, tampering) is a miss.
         Ok(sealed.and_then(|s| self.session_sealer.open(&name, &s).map(|v| v.to_vec())))

@@ -119,7 +119,9 @@ impl TicketKey {
     fn open(&self, ticket: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
         let (header, sealed) = ticket.split_at_checked(HEADER_LEN)?;
         let nonce = Nonce::try_assume_unique_for_key(&header[1 + KEY_ID_LEN..]).ok()?;
-        let mut body = sealed.to_vec();
+        // Zeroed if it is not handed on (a bad tag leaves nothing secret, but a malformed
+        // inside would).
+        let mut body = Zeroizing::new(sealed.to_vec());
         let plain_len = self
             .aead
             .open_in_place(nonce, Aad::from(header), &mut body)
@@ -132,7 +134,9 @@ impl TicketKey {
             return None;
         }
         let origin = rest[..origin_len].to_vec();
-        let state = rest[origin_len..].to_vec();
+        // The state goes to rustls in the buffer it was opened in: no copy left behind.
+        let mut state = std::mem::take(&mut *body);
+        state.drain(..1 + origin_len);
         Some((origin, state))
     }
 }
@@ -276,6 +280,19 @@ impl KeyRing {
         }
         self.current = Some((listed.key, now));
         true
+    }
+
+    /// Adds `key` for opening only, until `until` (a past epoch's key, learnt after the
+    /// fact). A key the ring already has is left as it is.
+    pub fn keep_until(&mut self, key: TicketKey, until: Instant) {
+        let known = self.current.as_ref().is_some_and(|(k, _)| k.id == key.id)
+            || self.others.iter().any(|l| l.key.id == key.id);
+        if !known {
+            self.others.push(Listed {
+                key: Arc::new(key),
+                until: Some(until),
+            });
+        }
     }
 
     /// Drops the keys whose window has passed (their tickets then get full handshakes).
