@@ -109,6 +109,23 @@ fn start_node_waiting(
     Daemon::start(&dir, &config)
 }
 
+/// [`start_node`] without a device: handshakes run on the CPU, and on fibers only when
+/// they may wait for Redis.
+fn start_cpu_node(
+    root: &Path,
+    name: &str,
+    backend: SocketAddr,
+    redis: u16,
+    section: &str,
+) -> Daemon {
+    let with_device = start_node(root, name, backend, redis, section);
+    let config = std::fs::read_to_string(&with_device.config).expect("config");
+    drop(with_device);
+    let device = "[[device]]\naddress = \"sim\"\nqueues = 2\n";
+    assert!(config.contains(device));
+    Daemon::start(&root.join(name), &config.replace(device, ""))
+}
+
 fn cluster(tag: &str) -> (Scratch, rustls::pki_types::CertificateDer<'static>) {
     let scratch = Scratch::new(tag);
     let cert = support::write_identity(&scratch.0);
@@ -393,6 +410,47 @@ fn a_hello_with_many_identities_costs_one_redis_lookup() {
         over + 1
     );
     assert_eq!(calls() - before, 1, "Redis was asked more than once");
+}
+
+#[test]
+fn a_reload_that_moves_sessions_to_redis_looks_them_up_there() {
+    let (scratch, cert) = cluster("redis-reload");
+    let redis = Redis::start(&scratch.0, Redis::free_port());
+    let rt = support::runtime();
+    let (backend, _echo) = rt.block_on(support::echo_server(None));
+    // Keys through Redis from the start; sessions (TLS 1.3 stateful) in memory, then, by a
+    // reload, in Redis: the listeners built by that reload must wait for Redis lookups.
+    let keys = "ticket_keys = \"redis\"\ntickets = false\n";
+    let a = start_cpu_node(&scratch.0, "a", backend, redis.port, keys);
+    let b = start_cpu_node(&scratch.0, "b", backend, redis.port, keys);
+    let config = client(&cert);
+    let cross = || {
+        rt.block_on(async {
+            assert!(exchange(a.listen, &config).await.is_some());
+            exchange(b.listen, &config).await
+        })
+    };
+    assert_eq!(cross(), Some(HandshakeKind::Full), "sessions are per node");
+    for node in [&a, &b] {
+        let text = std::fs::read_to_string(&node.config).expect("config");
+        let text = text.replace(
+            "tickets = false\n",
+            "tickets = false\nsession_store = \"redis\"\n",
+        );
+        std::fs::write(&node.config, text).expect("new config");
+        node.signal(rustix::process::Signal::HUP);
+        node.wait_for_line("configuration reloaded", Duration::from_secs(10));
+    }
+    // The session written by `a` may still be queued when `b` looks: a few tries.
+    support::wait_until(
+        "a session made on a to resume on b",
+        Duration::from_secs(10),
+        || cross() == Some(HandshakeKind::Resumed),
+    );
+    assert_eq!(
+        b.metric("tlsaccel_session_store_lookups_total{result=\"local_only\"}"),
+        0
+    );
 }
 
 #[test]
