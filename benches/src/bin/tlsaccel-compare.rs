@@ -52,6 +52,11 @@ struct Args {
     report_from: Option<PathBuf>,
 }
 
+/// The allocator `tlsaccel` ships with (daemon/src/main.rs): this binary runs as the
+/// daemon under test.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Re-executed as `tlsaccel` (the daemon and the simulator under test).
     if std::env::var_os(compare::EXEC_ENV).is_some() {
