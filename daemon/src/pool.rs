@@ -2,9 +2,13 @@
 //!
 //! A server is out of rotation when its active health check fails, or (passive ejection)
 //! after [`EJECT_AFTER`] connection failures in a row. With a health check it returns when
-//! the check passes; without one, after [`EJECT_FOR`] it gets one trial connection. When
-//! every server is out, all are tried anyway: a pool that might work beats one that surely
-//! does not.
+//! the check passes; without one, after [`EJECT_FOR`] it gets one trial connection, and a
+//! trial that fails keeps it out for another [`EJECT_FOR`]. When every server is out, all
+//! are tried anyway: a pool that might work beats one that surely does not.
+//!
+//! Health checks speak what the pool speaks: to a pool with `[pool.tls]` they make the TLS
+//! handshake (verifying the server as connections do) and send their HTTP request inside
+//! it. A pool's TLS roots are its `ca` file, or the operating system's trust store.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -103,6 +107,14 @@ impl Backend {
         ejected.is_some_and(|at| at.elapsed() >= EJECT_FOR)
     }
 
+    /// Marks a connection to a server out of rotation as its trial: the next trial is
+    /// [`EJECT_FOR`] away whatever this one's outcome.
+    fn begin_trial(&self) {
+        if !self.is_healthy() {
+            *self.ejected_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    }
+
     fn succeeded(&self) {
         self.failures.store(0, Ordering::Relaxed);
         self.healthy.store(true, Ordering::Relaxed);
@@ -143,7 +155,7 @@ pub struct Pool {
     balance: Balance,
     connect_timeout: Duration,
     retries: u32,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<BackendTls>,
     has_health_check: bool,
     next: AtomicUsize,
     random: AtomicU64,
@@ -188,10 +200,23 @@ impl Pool {
                             )?;
                         }
                     }
-                    None => anyhow::bail!(
-                        "pool {}: TLS to the backend needs a `ca` (no system roots are built in)",
-                        config.name.get_ref()
-                    ),
+                    None => {
+                        // The system's store (SSL_CERT_FILE / SSL_CERT_DIR when set, as
+                        // for OpenSSL). Certificates it cannot parse are skipped.
+                        let found = rustls_native_certs::load_native_certs();
+                        let (added, _) = roots.add_parsable_certificates(found.certs);
+                        anyhow::ensure!(
+                            added > 0,
+                            "pool {}: no `ca` given and no system trust roots found{} \
+                             (install ca-certificates, or give the pool a `ca`)",
+                            config.name.get_ref(),
+                            found
+                                .errors
+                                .first()
+                                .map(|e| format!(" ({e})"))
+                                .unwrap_or_default()
+                        );
+                    }
                 }
                 let client = rustls::ClientConfig::builder_with_provider(Arc::new(
                     rustls::crypto::aws_lc_rs::default_provider(),
@@ -219,6 +244,7 @@ impl Pool {
                     Arc::clone(backend),
                     interval,
                     connect_timeout,
+                    tls.clone(),
                     path.clone(),
                 )));
             }
@@ -313,6 +339,7 @@ impl Pool {
             attempts += 1;
             tried.push(i);
             let backend = &self.backends[i];
+            backend.begin_trial();
             backend.active.fetch_add(1, Ordering::Relaxed);
             let lease = Lease(Arc::clone(backend));
             match self.connect_to(backend).await {
@@ -336,18 +363,29 @@ impl Pool {
     }
 
     async fn connect_to(&self, backend: &Backend) -> std::io::Result<BackendStream> {
-        let stream = connect_tcp(&backend.address, self.connect_timeout).await?;
-        match &self.tls {
-            None => Ok(BackendStream::Tcp(stream)),
-            Some((connector, name)) => {
-                let tls = tokio::time::timeout(
-                    self.connect_timeout,
-                    connector.connect(name.clone(), stream),
-                )
+        connect_backend(&backend.address, self.connect_timeout, self.tls.as_ref()).await
+    }
+}
+
+/// TLS to a pool's servers: the connector and the name they must prove.
+type BackendTls = (TlsConnector, ServerName<'static>);
+
+/// Connects to `address`, with the TLS handshake when the pool speaks TLS.
+async fn connect_backend(
+    address: &str,
+    timeout: Duration,
+    tls: Option<&BackendTls>,
+) -> std::io::Result<BackendStream> {
+    let stream = connect_tcp(address, timeout).await?;
+    match tls {
+        None => Ok(BackendStream::Tcp(stream)),
+        Some((connector, name)) => {
+            let tls = tokio::time::timeout(timeout, connector.connect(name.clone(), stream))
                 .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-                Ok(BackendStream::Stream(Box::new(tls)))
-            }
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+            Ok(BackendStream::Stream(Box::new(tls)))
         }
     }
 }
@@ -381,12 +419,19 @@ async fn health_check(
     backend: Arc<Backend>,
     interval: Duration,
     timeout: Duration,
+    tls: Option<BackendTls>,
     http_path: Option<String>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let result = probe(&backend.address, timeout, http_path.as_deref()).await;
+        let result = probe(
+            &backend.address,
+            timeout,
+            tls.as_ref(),
+            http_path.as_deref(),
+        )
+        .await;
         match result {
             Ok(()) => {
                 if !backend.healthy.swap(true, Ordering::Relaxed) {
@@ -404,15 +449,28 @@ async fn health_check(
     }
 }
 
-/// A TCP connect, and with `http_path` a `GET` that must answer 2xx.
-async fn probe(address: &str, timeout: Duration, http_path: Option<&str>) -> std::io::Result<()> {
-    let mut stream = connect_tcp(address, timeout).await?;
+/// A connect (and the TLS handshake for a TLS pool), and with `http_path` a `GET` that must
+/// answer 2xx.
+async fn probe(
+    address: &str,
+    timeout: Duration,
+    tls: Option<&BackendTls>,
+    http_path: Option<&str>,
+) -> std::io::Result<()> {
+    let stream = connect_backend(address, timeout, tls).await?;
     let Some(path) = http_path else {
         return Ok(());
     };
+    let mut stream: Box<dyn BackendIo> = match stream {
+        BackendStream::Tcp(tcp) => Box::new(tcp),
+        BackendStream::Stream(io) => io,
+    };
+    let host = match tls {
+        Some((_, ServerName::DnsName(name))) => name.as_ref().to_owned(),
+        _ => address.to_owned(),
+    };
     let exchange = async {
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         let mut head = [0u8; 12];
         stream.read_exact(&mut head).await?;
@@ -510,6 +568,38 @@ mod tests {
             // Pauses of 25 and 50 ms between the attempts.
             assert!(started.elapsed() >= Duration::from_millis(75));
             assert_eq!(p.backends[0].active(), 0, "failed attempts hold no lease");
+        });
+    }
+
+    #[test]
+    fn a_failed_trial_keeps_an_ejected_server_out_for_another_pause() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let text =
+            format!("[[pool]]\nname = \"p\"\nservers = [\"{dead}\", \"{dead}\"]\nretries = 0\n");
+        let config =
+            crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect("config");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let p = Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool");
+            let down = &p.backends[0];
+            for _ in 0..EJECT_AFTER {
+                down.failed();
+            }
+            assert!(!down.available(false), "ejected");
+            // The pause has passed: the server gets a trial connection.
+            *down.ejected_at.lock().unwrap() = Some(Instant::now() - EJECT_FOR);
+            assert!(down.available(false));
+            while p.backends[0].errors.load(Ordering::Relaxed) == u64::from(EJECT_AFTER) {
+                assert!(p.connect().await.is_err(), "nothing listens there");
+            }
+            // The trial failed: out for another pause, not back for good.
+            assert!(!down.available(false), "a failed trial re-arms the pause");
+            assert!(!down.is_healthy());
         });
     }
 

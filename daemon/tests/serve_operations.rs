@@ -427,6 +427,62 @@ fn a_device_that_dies_mid_connection_leaves_the_connection_on_the_cpu_and_comes_
 /// An echo server behind TLS, with a certificate for `backend.internal` written to
 /// `dir/backend.pem`.
 async fn tls_echo_server(dir: &std::path::Path) -> SocketAddr {
+    let (listener, acceptor) = tls_backend(dir).await;
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (mut read, mut write) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+/// An HTTP server behind TLS (certificate as [`tls_echo_server`]'s) answering every request
+/// with the status `status` holds, then closing.
+async fn tls_http_server(
+    dir: &std::path::Path,
+    status: Arc<std::sync::atomic::AtomicU16>,
+) -> SocketAddr {
+    let (listener, acceptor) = tls_backend(dir).await;
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let status = Arc::clone(&status);
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut stream = BufReader::new(stream);
+                let mut line = String::new();
+                while stream.read_line(&mut line).await.unwrap_or(0) > 2 {
+                    line.clear();
+                }
+                let code = status.load(std::sync::atomic::Ordering::Relaxed);
+                let answer = format!(
+                    "HTTP/1.1 {code} Status\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.get_mut().write_all(answer.as_bytes()).await;
+                let _ = stream.get_mut().shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+/// A listener and a TLS acceptor with a certificate for `backend.internal`, written to
+/// `dir/backend.pem`.
+async fn tls_backend(
+    dir: &std::path::Path,
+) -> (tokio::net::TcpListener, tokio_rustls::TlsAcceptor) {
     let issued =
         rcgen::generate_simple_self_signed(vec!["backend.internal".to_string()]).expect("cert");
     std::fs::write(dir.join("backend.pem"), issued.cert.pem()).expect("write");
@@ -443,21 +499,77 @@ async fn tls_echo_server(dir: &std::path::Path) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let (mut read, mut write) = tokio::io::split(stream);
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-                let _ = write.shutdown().await;
-            });
-        }
+    (listener, acceptor)
+}
+
+#[test]
+fn a_tls_pool_is_health_checked_over_tls() {
+    let rt = runtime();
+    let dir = Scratch::new("tlshealth");
+    let _cert = support::write_identity(&dir.0);
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let backend = rt.block_on(tls_http_server(&dir.0, Arc::clone(&status)));
+    let pool = "[pool.tls]\nserver_name = \"backend.internal\"\nca = \"backend.pem\"\n\
+                [pool.health_check]\ninterval_ms = 100\nhttp_path = \"/health\"\n";
+    let daemon = Daemon::start(&dir.0, &config(&[backend], pool, ""));
+    let up = format!("tlsaccel_backend_up{{pool=\"backends\",server=\"{backend}\"}}");
+    let failures = format!(
+        "tlsaccel_backend_health_check_failures_total{{pool=\"backends\",server=\"{backend}\"}}"
+    );
+    // Checks run every 100 ms: after a second of them the server is still up, none failed.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(daemon.metric(&up), 1);
+    assert_eq!(daemon.metric(&failures), 0, "checks over TLS pass");
+    // The server answers 503: out of rotation; 200 again: back.
+    status.store(503, std::sync::atomic::Ordering::Relaxed);
+    wait_until(
+        "the server to leave rotation",
+        Duration::from_secs(10),
+        || daemon.metric(&up) == 0,
+    );
+    status.store(200, std::sync::atomic::Ordering::Relaxed);
+    wait_until("the server to come back", Duration::from_secs(10), || {
+        daemon.metric(&up) == 1
     });
-    address
+}
+
+#[test]
+fn a_tls_pool_without_a_ca_trusts_the_system_roots() {
+    let rt = runtime();
+    let dir = Scratch::new("systemroots");
+    let cert = support::write_identity(&dir.0);
+    let backend = rt.block_on(tls_echo_server(&dir.0));
+    // The "system" store is the backend's certificate, named the way OpenSSL's is.
+    let pool = "[pool.tls]\nserver_name = \"backend.internal\"\n";
+    let store = dir.0.join("backend.pem");
+    let daemon = Daemon::start_with_env(
+        &dir.0,
+        &config(&[backend], pool, ""),
+        &[("SSL_CERT_FILE", store.as_os_str())],
+    );
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let (sent, back) = rt.block_on(async {
+        let stream = support::connect(daemon.listen, &client).await;
+        support::echo_transfer(stream, 64 << 10, 5).await
+    });
+    assert_eq!(sent, back, "verified against the system roots");
+    // A system store without the backend's issuer: the backend is not trusted.
+    let other = dir.0.join("other.pem");
+    let issued = rcgen::generate_simple_self_signed(vec!["other".to_string()]).expect("cert");
+    std::fs::write(&other, issued.cert.pem()).expect("write");
+    drop(daemon);
+    let daemon = Daemon::start_with_env(
+        &dir.0,
+        &config(&[backend], pool, ""),
+        &[("SSL_CERT_FILE", other.as_os_str())],
+    );
+    rt.block_on(async {
+        let mut stream = support::connect(daemon.listen, &client).await;
+        let mut buf = Vec::new();
+        let _ = stream.read_to_end(&mut buf).await;
+        assert!(buf.is_empty(), "no backend bytes");
+    });
+    assert_eq!(daemon.metric("tlsaccel_backend_unavailable_total"), 1);
 }
 
 #[test]

@@ -59,11 +59,17 @@ impl Daemon {
     /// Writes `config` to `dir/tlsaccel.toml` and starts the daemon on it; waits until it
     /// reports its listener and admin addresses.
     pub fn start(dir: &Path, config: &str) -> Self {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// [`Self::start`] with more environment variables for the daemon.
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let file = dir.join("tlsaccel.toml");
         std::fs::write(&file, config).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
             .args(["serve", "--config"])
             .arg(&file)
+            .envs(env.iter().copied())
             .env(
                 "TLSACCEL_LOG",
                 std::env::var("TEST_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
