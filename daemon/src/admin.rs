@@ -115,6 +115,18 @@ pub fn metrics(shared: &Shared) -> String {
             value,
         );
     }
+    e.family(
+        "tlsaccel_proxy_headers_total",
+        "counter",
+        "PROXY protocol headers from clients: accepted, or refused (untrusted source, invalid, missing, timeout).",
+    );
+    for (result, value) in s.proxy_headers.snapshot() {
+        e.sample(
+            "tlsaccel_proxy_headers_total",
+            &[("result", &result)],
+            value,
+        );
+    }
     if let Some(pke) = &shared.pke {
         let h = pke.stats();
         e.family(

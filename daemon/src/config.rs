@@ -102,6 +102,10 @@ pub struct Listener {
     pub tcp_keepalive_s: Spanned<u32>,
     /// Clamp the TCP maximum segment size (bytes).
     pub tcp_mss: Option<Spanned<u32>>,
+    /// Sources (CIDR ranges) whose connections start with a PROXY protocol v1 or v2 header
+    /// (a load balancer in front); from any other source a PROXY header is refused.
+    #[serde(default = "no_suites")]
+    pub accept_proxy_from: Spanned<Vec<String>>,
 }
 
 /// A certificate chain and its key, PEM files relative to the configuration file.
@@ -227,6 +231,19 @@ pub struct Pool {
     pub health_check: Option<HealthCheck>,
     /// Re-encrypt to the backend.
     pub tls: Option<BackendTls>,
+    /// A PROXY protocol header to each server before anything else: `v2` (with the TLS
+    /// values) or `off`.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// PROXY protocol to a pool's servers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V2,
 }
 
 /// Active health checks.
@@ -679,6 +696,17 @@ impl Config {
                 ));
             }
             c.socket_address(&listener.address, &key("address"))?;
+            for range in listener.accept_proxy_from.get_ref() {
+                if range.parse::<ipnet::IpNet>().is_err()
+                    && range.parse::<std::net::IpAddr>().is_err()
+                {
+                    return Err(c.invalid(
+                        &listener.accept_proxy_from,
+                        key("accept_proxy_from"),
+                        format!("{range:?} is not an address or a CIDR range (10.0.0.0/8)"),
+                    ));
+                }
+            }
             if listener.certificates.is_empty() {
                 return Err(c.invalid(
                     &listener.name,
@@ -1028,6 +1056,23 @@ pool = "web"
             .unwrap_err()
             .to_string()
             .contains("outside 100..=120000"));
+        let bad_range = GOOD.replace(
+            "default_pool = \"web\"",
+            "default_pool = \"web\"\naccept_proxy_from = [\"10.0.0.0/8\", \"lb.internal\"]",
+        );
+        assert_eq!(
+            parse(&bad_range).unwrap_err().to_string(),
+            "tlsaccel.toml:6: listener[0].accept_proxy_from: \"lb.internal\" is not an address \
+             or a CIDR range (10.0.0.0/8)"
+        );
+        let bad_proxy = GOOD.replace(
+            "servers = [\"127.0.0.1:8080\"]",
+            "servers = [\"127.0.0.1:8080\"]\nproxy_protocol = \"v3\"",
+        );
+        assert!(matches!(
+            parse(&bad_proxy),
+            Err(ConfigError::Syntax { line: 14, .. })
+        ));
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! ([`crate::route`]) → connect to a backend ([`crate::pool`]) → the record session
 //! ([`crate::session`]) driven by the pump ([`crate::pump`]) until both sides have closed.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rustls::AlertDescription;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
+use crate::proxy_protocol::{self, Parsed};
 use crate::pump;
 use crate::record::Version;
 use crate::serve::{ListenerState, Shared, State};
@@ -65,9 +68,12 @@ async fn establish<'a>(
     state: &State,
     shared: &'a Arc<Shared>,
 ) -> Option<Proxied<'a>> {
-    let mut established = match Box::pin(tokio::time::timeout(
-        listener.handshake_timeout,
-        tls::handshake(stream, &listener.tls),
+    // The PROXY header and the handshake share the handshake timeout.
+    let deadline = Instant::now() + listener.handshake_timeout;
+    let (client, local, initial) = preface(stream, listener, shared, deadline).await?;
+    let mut established = match Box::pin(tokio::time::timeout_at(
+        deadline,
+        tls::handshake(stream, &listener.tls, initial),
     ))
     .await
     {
@@ -115,6 +121,28 @@ async fn establish<'a>(
         established.server_name.as_deref(),
         alpn.as_deref(),
     );
+    let proxy_header = pool
+        .as_ref()
+        .filter(|p| p.proxy_protocol == crate::config::ProxyProtocol::V2)
+        .map(|_| {
+            let cipher = established
+                .suite
+                .strip_prefix("TLS13_")
+                .map_or_else(|| established.suite.clone(), |rest| format!("TLS_{rest}"));
+            proxy_protocol::v2_header(
+                client,
+                local,
+                &proxy_protocol::TlsValues {
+                    server_name: established.server_name.as_deref(),
+                    alpn: established.alpn.as_deref(),
+                    version: match established.version {
+                        Version::Tls12 => "TLSv1.2",
+                        Version::Tls13 => "TLSv1.3",
+                    },
+                    cipher: &cipher,
+                },
+            )
+        });
     let early = std::mem::take(&mut established.early_plaintext);
     let settings = Settings {
         limits: state.limits,
@@ -139,7 +167,7 @@ async fn establish<'a>(
         refuse(&ctx, &mut sender, stream).await;
         return None;
     };
-    let (lease, backend) = match pool.connect().await {
+    let (lease, backend) = match pool.connect(proxy_header.as_deref()).await {
         Ok(connected) => connected,
         Err(error) => {
             shared
@@ -160,6 +188,75 @@ async fn establish<'a>(
         early,
         lease,
     })
+}
+
+/// The client's and the listener's addresses, and the client bytes already read, once the
+/// connection's start has been checked: a listener with `accept_proxy_from` takes them from
+/// the PROXY header a trusted source must send, and refuses one from any other source.
+/// `None` when the connection ends here (counted in `tlsaccel_proxy_headers_total`).
+async fn preface(
+    stream: &mut TcpStream,
+    listener: &ListenerState,
+    shared: &Shared,
+    deadline: Instant,
+) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+    let (peer, local) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
+    let trusted = &listener.proxy_from;
+    if trusted.is_empty() {
+        return Some((peer, local, Vec::new()));
+    }
+    let refuse = |result: &str, why: &dyn std::fmt::Display| {
+        shared.stats.proxy_headers.inc(result);
+        tracing::info!(%why, "connection refused at its PROXY header");
+        None
+    };
+    if !trusted.contains(peer.ip()) {
+        // Only a trusted load balancer may say who the client is.
+        let mut start = [0u8; 12];
+        return match tokio::time::timeout_at(deadline, stream.peek(&mut start)).await {
+            Ok(Ok(n)) if proxy_protocol::looks_like_header(&start[..n]) => refuse(
+                "untrusted",
+                &format_args!("a PROXY header from {peer}, not a trusted source"),
+            ),
+            Ok(Ok(_)) => Some((peer, local, Vec::new())),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                shared.stats.handshake_failures.inc("timeout");
+                None
+            }
+        };
+    }
+    let mut input = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        match proxy_protocol::parse(&input) {
+            Parsed::Incomplete => {}
+            Parsed::Header {
+                len,
+                source,
+                destination,
+            } => {
+                shared.stats.proxy_headers.inc("accepted");
+                let client = source.unwrap_or(peer);
+                tracing::Span::current().record("client", tracing::field::display(client));
+                let rest = input.split_off(len);
+                return Some((client, destination.unwrap_or(local), rest));
+            }
+            Parsed::Invalid(why) => {
+                let result = if proxy_protocol::looks_like_header(&input) {
+                    "invalid"
+                } else {
+                    "missing"
+                };
+                return refuse(result, &why);
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => input.extend_from_slice(&chunk[..n]),
+            Err(_) => return refuse("timeout", &"no complete PROXY header in time"),
+        }
+    }
 }
 
 /// Tells a client nobody can serve it: an `internal_error` alert, written within the

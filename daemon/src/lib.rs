@@ -30,6 +30,7 @@ pub mod listen;
 pub mod metrics;
 pub mod offload;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod pump;
 pub mod record;
 pub mod route;

@@ -68,7 +68,14 @@ pub async fn accept_loop(
             .stats
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("conn", id, %peer, listener = %name);
+        // `client`: the address a trusted PROXY header gave.
+        let span = tracing::info_span!(
+            "conn",
+            id,
+            %peer,
+            client = tracing::field::Empty,
+            listener = %name
+        );
         let shared = Arc::clone(&shared);
         tokio::spawn(
             async move {

@@ -156,6 +156,8 @@ pub struct Pool {
     connect_timeout: Duration,
     retries: u32,
     tls: Option<BackendTls>,
+    /// Whether each connection starts with a PROXY v2 header.
+    pub proxy_protocol: config::ProxyProtocol,
     has_health_check: bool,
     next: AtomicUsize,
     random: AtomicU64,
@@ -245,6 +247,10 @@ impl Pool {
                     interval,
                     connect_timeout,
                     tls.clone(),
+                    // A backend that takes PROXY headers wants one on every connection: a
+                    // check is a connection of the proxy's own (LOCAL).
+                    (config.proxy_protocol == config::ProxyProtocol::V2)
+                        .then(crate::proxy_protocol::v2_local),
                     path.clone(),
                 )));
             }
@@ -260,6 +266,7 @@ impl Pool {
             connect_timeout,
             retries: *config.retries.get_ref(),
             tls,
+            proxy_protocol: config.proxy_protocol,
             has_health_check: config.health_check.is_some(),
             next: AtomicUsize::new(0),
             random: AtomicU64::new(seed),
@@ -319,7 +326,11 @@ impl Pool {
 
     /// Connects to a server, retrying up to `retries` times when a connect fails: on servers
     /// not tried yet while there are any, then on the same ones again after a short pause.
-    pub async fn connect(&self) -> Result<(Lease, BackendStream), PoolError> {
+    /// `proxy_header` goes to the server first (before TLS to a TLS pool).
+    pub async fn connect(
+        &self,
+        proxy_header: Option<&[u8]>,
+    ) -> Result<(Lease, BackendStream), PoolError> {
         let mut tried = Vec::new();
         let mut last = String::from("no server");
         let mut attempts = 0u32;
@@ -342,7 +353,14 @@ impl Pool {
             backend.begin_trial();
             backend.active.fetch_add(1, Ordering::Relaxed);
             let lease = Lease(Arc::clone(backend));
-            match self.connect_to(backend).await {
+            match connect_backend(
+                &backend.address,
+                self.connect_timeout,
+                self.tls.as_ref(),
+                proxy_header,
+            )
+            .await
+            {
                 Ok(io) => {
                     backend.succeeded();
                     backend.connections.fetch_add(1, Ordering::Relaxed);
@@ -361,22 +379,27 @@ impl Pool {
             last,
         })
     }
-
-    async fn connect_to(&self, backend: &Backend) -> std::io::Result<BackendStream> {
-        connect_backend(&backend.address, self.connect_timeout, self.tls.as_ref()).await
-    }
 }
 
 /// TLS to a pool's servers: the connector and the name they must prove.
 type BackendTls = (TlsConnector, ServerName<'static>);
 
-/// Connects to `address`, with the TLS handshake when the pool speaks TLS.
+/// Connects to `address`, sends `proxy_header`, and makes the TLS handshake when the pool
+/// speaks TLS.
 async fn connect_backend(
     address: &str,
     timeout: Duration,
     tls: Option<&BackendTls>,
+    proxy_header: Option<&[u8]>,
 ) -> std::io::Result<BackendStream> {
-    let stream = connect_tcp(address, timeout).await?;
+    let mut stream = connect_tcp(address, timeout).await?;
+    if let Some(header) = proxy_header {
+        tokio::time::timeout(timeout, stream.write_all(header))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "PROXY header not taken")
+            })??;
+    }
     match tls {
         None => Ok(BackendStream::Tcp(stream)),
         Some((connector, name)) => {
@@ -420,6 +443,7 @@ async fn health_check(
     interval: Duration,
     timeout: Duration,
     tls: Option<BackendTls>,
+    proxy_header: Option<Vec<u8>>,
     http_path: Option<String>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -429,6 +453,7 @@ async fn health_check(
             &backend.address,
             timeout,
             tls.as_ref(),
+            proxy_header.as_deref(),
             http_path.as_deref(),
         )
         .await;
@@ -455,9 +480,10 @@ async fn probe(
     address: &str,
     timeout: Duration,
     tls: Option<&BackendTls>,
+    proxy_header: Option<&[u8]>,
     http_path: Option<&str>,
 ) -> std::io::Result<()> {
-    let stream = connect_backend(address, timeout, tls).await?;
+    let stream = connect_backend(address, timeout, tls, proxy_header).await?;
     let Some(path) = http_path else {
         return Ok(());
     };
@@ -560,7 +586,7 @@ mod tests {
         runtime.block_on(async {
             let p = Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool");
             let started = std::time::Instant::now();
-            match p.connect().await {
+            match p.connect(None).await {
                 Err(PoolError::Exhausted { attempts, .. }) => assert_eq!(attempts, 3),
                 Ok(_) => panic!("nothing listens there"),
             }
@@ -595,7 +621,7 @@ mod tests {
             *down.ejected_at.lock().unwrap() = Some(Instant::now() - EJECT_FOR);
             assert!(down.available(false));
             while p.backends[0].errors.load(Ordering::Relaxed) == u64::from(EJECT_AFTER) {
-                assert!(p.connect().await.is_err(), "nothing listens there");
+                assert!(p.connect(None).await.is_err(), "nothing listens there");
             }
             // The trial failed: out for another pause, not back for good.
             assert!(!down.available(false), "a failed trial re-arms the pause");

@@ -47,6 +47,9 @@ pub struct ServerStats {
     pub handshake_failures: LabelledCounter,
     /// Alerts sent, by description.
     pub alerts_sent: LabelledCounter,
+    /// PROXY protocol headers from clients: `accepted`, or why one was refused (`untrusted`
+    /// source, `invalid` header, `missing` from a trusted source, `timeout`).
+    pub proxy_headers: LabelledCounter,
     /// Connections closed because no backend could be reached.
     pub backend_unavailable: AtomicU64,
     /// Connections with no route and no default pool.
@@ -72,6 +75,8 @@ pub struct ListenerState {
     pub idle_timeout: Duration,
     pub default_pool: Option<String>,
     pub keepalive: Option<Duration>,
+    /// Sources whose connections start with a PROXY header.
+    pub proxy_from: crate::proxy_protocol::Trusted,
 }
 
 /// Everything a reload replaces.
@@ -367,6 +372,10 @@ fn build_state(
                 idle_timeout: Duration::from_millis(*listener.idle_timeout_ms.get_ref()),
                 default_pool: listener.default_pool.as_ref().map(|p| p.get_ref().clone()),
                 keepalive: (keepalive > 0).then(|| Duration::from_secs(u64::from(keepalive))),
+                proxy_from: crate::proxy_protocol::Trusted::parse(
+                    listener.accept_proxy_from.get_ref(),
+                )
+                .with_context(|| format!("listener {}", listener.name.get_ref()))?,
             }),
         );
     }

@@ -479,14 +479,18 @@ impl Handshake {
 }
 
 /// Runs the server side of a handshake on `stream`.
+///
+/// `initial` holds bytes of the client's already read (what followed a PROXY header).
 pub async fn handshake(
     stream: &mut TcpStream,
     listener: &ListenerTls,
+    mut initial: Vec<u8>,
 ) -> Result<Established, HandshakeError> {
     let (config, server_name) = listener.for_connection();
+    initial.reserve(4096);
     let mut hs = Box::new(Handshake {
         conn: UnbufferedServerConnection::new(config)?,
-        incoming: Vec::with_capacity(4096),
+        incoming: initial,
         outgoing: vec![0; 4096],
         pending: 0,
         offered: 0,
