@@ -127,6 +127,26 @@ pub fn metrics(shared: &Shared) -> String {
             value,
         );
     }
+    e.family(
+        "tlsaccel_http_responses_total",
+        "counter",
+        "HTTP mode: responses to clients by status class, the proxy's own included.",
+    );
+    for (class, value) in s.http_responses.snapshot() {
+        e.sample("tlsaccel_http_responses_total", &[("code", &class)], value);
+    }
+    e.family(
+        "tlsaccel_http_backend_errors_total",
+        "counter",
+        "HTTP mode: requests no backend answered (connect: none reachable, answered 503; exchange: failed mid-request, answered 502).",
+    );
+    for (kind, value) in s.http_backend_errors.snapshot() {
+        e.sample(
+            "tlsaccel_http_backend_errors_total",
+            &[("kind", &kind)],
+            value,
+        );
+    }
     if let Some(pke) = &shared.pke {
         let h = pke.stats();
         e.family(

@@ -106,6 +106,10 @@ pub struct Listener {
     /// (a load balancer in front); from any other source a PROXY header is refused.
     #[serde(default = "no_suites")]
     pub accept_proxy_from: Spanned<Vec<String>>,
+    /// `l4` (default): the decrypted bytes go to one backend connection as they are.
+    /// `http`: HTTP/1.1 and HTTP/2 are served here and each request is routed.
+    #[serde(default = "l4_mode")]
+    pub mode: Spanned<ListenerMode>,
 }
 
 /// A certificate chain and its key, PEM files relative to the configuration file.
@@ -273,7 +277,20 @@ pub struct Route {
     pub listener: Spanned<String>,
     pub sni: Option<String>,
     pub alpn: Option<String>,
+    /// HTTP mode: the request's host (without its port), matched without case.
+    pub host: Option<Spanned<String>>,
+    /// HTTP mode: the request path starts with this.
+    pub path_prefix: Option<Spanned<String>>,
     pub pool: Spanned<String>,
+}
+
+/// What a listener does with the decrypted stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerMode {
+    #[default]
+    L4,
+    Http,
 }
 
 /// Where session-ticket keys come from.
@@ -438,6 +455,9 @@ fn default_idle_timeout() -> Spanned<u64> {
 }
 fn default_max_connections() -> Spanned<u32> {
     spanned(10_000)
+}
+fn l4_mode() -> Spanned<ListenerMode> {
+    spanned(ListenerMode::L4)
 }
 fn no_suites() -> Spanned<Vec<String>> {
     spanned(Vec::new())
@@ -774,6 +794,60 @@ impl Config {
                 ));
             }
             pool_ref(&route.pool, format!("route[{i}].pool"))?;
+            let http = self
+                .listeners
+                .iter()
+                .find(|l| l.name.get_ref() == route.listener.get_ref())
+                .is_some_and(|l| *l.mode.get_ref() == ListenerMode::Http);
+            for (value, name) in [(&route.host, "host"), (&route.path_prefix, "path_prefix")] {
+                if let Some(value) = value.as_ref().filter(|_| !http) {
+                    return Err(c.invalid(
+                        value,
+                        format!("route[{i}].{name}"),
+                        "only a listener with mode = \"http\" sees requests",
+                    ));
+                }
+            }
+            if let Some(prefix) = route
+                .path_prefix
+                .as_ref()
+                .filter(|p| !p.get_ref().starts_with('/'))
+            {
+                return Err(c.invalid(
+                    prefix,
+                    format!("route[{i}].path_prefix"),
+                    "a path prefix starts with /",
+                ));
+            }
+        }
+        // HTTP mode shares a backend connection between clients: a PROXY header, which
+        // names one client, cannot go on it.
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if *listener.mode.get_ref() != ListenerMode::Http {
+                continue;
+            }
+            let reachable = self
+                .routes
+                .iter()
+                .filter(|r| r.listener.get_ref() == listener.name.get_ref())
+                .map(|r| r.pool.get_ref())
+                .chain(listener.default_pool.as_ref().map(|p| p.get_ref()));
+            for name in reachable {
+                if self
+                    .pools
+                    .iter()
+                    .any(|p| p.name.get_ref() == name && p.proxy_protocol == ProxyProtocol::V2)
+                {
+                    return Err(c.invalid(
+                        &listener.mode,
+                        format!("listener[{i}].mode"),
+                        format!(
+                            "pool {name:?} sends PROXY headers, which HTTP mode cannot (its \
+                             backend connections are shared between clients)"
+                        ),
+                    ));
+                }
+            }
         }
         for (i, device) in self.devices.iter().enumerate() {
             if let Err(e) = device

@@ -57,20 +57,26 @@ struct Proxied<'a> {
     sender: Sender,
     backend: crate::pool::BackendStream,
     early: Vec<u8>,
-    lease: crate::pool::Lease,
+    /// The backend server's (none in HTTP mode: requests hold their own).
+    lease: Option<crate::pool::Lease>,
 }
 
 /// Handshake, route and backend connect; `None` when the connection ended there (after
 /// an alert where one is due).
 async fn establish<'a>(
     stream: &mut TcpStream,
-    listener: &ListenerState,
-    state: &State,
+    listener_arc: &Arc<ListenerState>,
+    state_arc: &Arc<State>,
     shared: &'a Arc<Shared>,
 ) -> Option<Proxied<'a>> {
+    let (listener, state) = (&**listener_arc, &**state_arc);
     // The PROXY header and the handshake share the handshake timeout.
     let deadline = Instant::now() + listener.handshake_timeout;
     let (client, local, initial) = preface(stream, listener, shared, deadline).await?;
+    let trusted_forwarder = !listener.proxy_from.is_empty()
+        && stream
+            .peer_addr()
+            .is_ok_and(|peer| listener.proxy_from.contains(peer.ip()));
     let mut established = match Box::pin(tokio::time::timeout_at(
         deadline,
         tls::handshake(stream, &listener.tls, initial),
@@ -115,12 +121,8 @@ async fn establish<'a>(
         .alpn
         .as_deref()
         .map(|a| String::from_utf8_lossy(a).into_owned());
-    let pool = crate::route::route(
-        state,
-        listener,
-        established.server_name.as_deref(),
-        alpn.as_deref(),
-    );
+    let server_name = established.server_name.clone();
+    let pool = crate::route::route(state, listener, server_name.as_deref(), alpn.as_deref());
     let proxy_header = pool
         .as_ref()
         .filter(|p| p.proxy_protocol == crate::config::ProxyProtocol::V2)
@@ -161,6 +163,26 @@ async fn establish<'a>(
         policy: state.policy,
         idle_timeout: listener.idle_timeout,
     };
+    if listener.http {
+        // The requests are routed one by one; the pump's backend is the HTTP server.
+        let pipe = crate::http::start(crate::http::Conn {
+            client,
+            trusted_forwarder,
+            server_name: server_name.clone(),
+            alpn: alpn.clone(),
+            listener: Arc::clone(listener_arc),
+            state: Arc::clone(state_arc),
+            shared: Arc::clone(shared),
+        });
+        return Some(Proxied {
+            ctx,
+            receiver,
+            sender,
+            backend: crate::pool::BackendStream::Stream(Box::new(pipe)),
+            early,
+            lease: None,
+        });
+    }
     let Some(pool) = pool else {
         shared.stats.unrouted.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("no route and no default pool");
@@ -186,7 +208,7 @@ async fn establish<'a>(
         sender,
         backend,
         early,
-        lease,
+        lease: Some(lease),
     })
 }
 

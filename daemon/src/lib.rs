@@ -26,6 +26,7 @@ pub mod connection;
 pub mod demo;
 pub mod devices;
 pub mod handshake;
+pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod offload;

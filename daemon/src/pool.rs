@@ -162,6 +162,8 @@ pub struct Pool {
     next: AtomicUsize,
     random: AtomicU64,
     checks: Vec<JoinHandle<()>>,
+    /// HTTP mode's pooled client over these servers, made when first used.
+    http: std::sync::OnceLock<crate::http::Client>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -271,7 +273,16 @@ impl Pool {
             next: AtomicUsize::new(0),
             random: AtomicU64::new(seed),
             checks,
+            http: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The pool's HTTP client (HTTP mode): requests go over kept-alive connections to its
+    /// servers, new ones made by [`Self::connect`].
+    pub fn http_client(self: &Arc<Self>) -> crate::http::Client {
+        self.http
+            .get_or_init(|| crate::http::client_for(self))
+            .clone()
     }
 
     /// Chooses a server not in `tried` by the pool's algorithm.

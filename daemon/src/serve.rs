@@ -50,6 +50,10 @@ pub struct ServerStats {
     /// PROXY protocol headers from clients: `accepted`, or why one was refused (`untrusted`
     /// source, `invalid` header, `missing` from a trusted source, `timeout`).
     pub proxy_headers: LabelledCounter,
+    /// HTTP mode: responses by status class (`2xx`...), the proxy's own included.
+    pub http_responses: LabelledCounter,
+    /// HTTP mode: requests a backend did not answer (`connect`, `exchange`).
+    pub http_backend_errors: LabelledCounter,
     /// Connections closed because no backend could be reached.
     pub backend_unavailable: AtomicU64,
     /// Connections with no route and no default pool.
@@ -75,6 +79,8 @@ pub struct ListenerState {
     pub idle_timeout: Duration,
     pub default_pool: Option<String>,
     pub keepalive: Option<Duration>,
+    /// HTTP mode: requests are served here and routed one by one.
+    pub http: bool,
     /// Sources whose connections start with a PROXY header.
     pub proxy_from: crate::proxy_protocol::Trusted,
 }
@@ -372,6 +378,7 @@ fn build_state(
                 idle_timeout: Duration::from_millis(*listener.idle_timeout_ms.get_ref()),
                 default_pool: listener.default_pool.as_ref().map(|p| p.get_ref().clone()),
                 keepalive: (keepalive > 0).then(|| Duration::from_secs(u64::from(keepalive))),
+                http: *listener.mode.get_ref() == crate::config::ListenerMode::Http,
                 proxy_from: crate::proxy_protocol::Trusted::parse(
                     listener.accept_proxy_from.get_ref(),
                 )
@@ -386,6 +393,8 @@ fn build_state(
             listener: r.listener.get_ref().clone(),
             sni: r.sni.clone(),
             alpn: r.alpn.clone(),
+            host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
+            path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
             pool: r.pool.get_ref().clone(),
         })
         .collect();

@@ -1,0 +1,397 @@
+//! HTTP mode (`mode = "http"` on a listener): HTTP/1.1 and HTTP/2 (by ALPN or the client's
+//! preface) served by hyper over the connection's decrypted stream, each request routed by
+//! host and path to a pool and sent over that pool's kept-alive backend connections.
+//!
+//! The record layer stays the daemon's own (device or CPU, with its limits, alerts and key
+//! updates): the pump ([`crate::pump`]) treats one end of an in-memory pipe as the
+//! connection's backend, and hyper serves the other end. What crosses the pipe is plaintext
+//! in process memory, bounded by the pipe's size.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::pool::{BackendIo, BackendStream, Lease, Pool};
+use crate::route::{self, Target};
+use crate::serve::{ListenerState, Shared, State};
+
+/// Bytes the pipe between the record session and hyper holds each way.
+const PIPE: usize = 64 * 1024;
+/// Idle backend connections a pool keeps per client (hyper's pool), and for how long.
+const IDLE_PER_POOL: usize = 64;
+const IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// A body of either side.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// hyper-util's pooled client over a pool's servers.
+pub type Client = hyper_util::client::legacy::Client<PoolConnector, Body>;
+
+/// What handling a request needs of its connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The client (as a trusted PROXY header gave it, if one did).
+    pub client: SocketAddr,
+    /// The direct peer is a trusted load balancer: the forwarding headers it sent are kept
+    /// and added to.
+    pub trusted_forwarder: bool,
+    pub server_name: Option<String>,
+    pub alpn: Option<String>,
+    pub listener: Arc<ListenerState>,
+    pub state: Arc<State>,
+    pub shared: Arc<Shared>,
+}
+
+/// Serves HTTP for one connection on a task of its own; returns the pipe's other end, for
+/// the pump to use as the backend.
+pub fn start(conn: Conn) -> tokio::io::DuplexStream {
+    let (ours, theirs) = tokio::io::duplex(PIPE);
+    let conn = Arc::new(conn);
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |request| {
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(handle(request, &conn).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(error) = builder.serve_connection(TokioIo::new(ours), service).await {
+            tracing::debug!(%error, "HTTP connection ended with an error");
+        }
+    });
+    theirs
+}
+
+/// One request: routed, forwarded, answered.
+async fn handle(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    let response = forward(request, conn).await;
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    conn.shared.stats.http_responses.inc(class);
+    response
+}
+
+async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    let (mut parts, body) = request.into_parts();
+    let host = request_host(&parts.uri, &parts.headers);
+    let target = Target {
+        host: host.as_deref(),
+        path: parts.uri.path(),
+    };
+    let Some(pool) = route::route_request(
+        &conn.state,
+        &conn.listener,
+        conn.server_name.as_deref(),
+        conn.alpn.as_deref(),
+        Some(target),
+    ) else {
+        // RFC 9110 §15.5.20: this server does not answer for that target.
+        return status(
+            StatusCode::MISDIRECTED_REQUEST,
+            "no route for this host and path\n",
+        );
+    };
+    remove_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host in :authority; HTTP/1.1 backends need it as Host.
+        if let Some(value) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    add_forwarding(&mut parts.headers, conn, host.as_deref());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority("backend")
+        .path_and_query(path)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(_) => return status(StatusCode::BAD_REQUEST, "bad request target\n"),
+    };
+    parts.version = hyper::Version::HTTP_11;
+    let client = pool.http_client();
+    match client
+        .request(Request::from_parts(parts, body.boxed()))
+        .await
+    {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(error) => {
+            let (kind, code) = if error.is_connect() {
+                ("connect", StatusCode::SERVICE_UNAVAILABLE)
+            } else {
+                ("exchange", StatusCode::BAD_GATEWAY)
+            };
+            conn.shared.stats.http_backend_errors.inc(kind);
+            tracing::warn!(pool = %pool.name, %error, "backend request failed");
+            status(code, "the backend did not answer\n")
+        }
+    }
+}
+
+/// A short plain-text answer of the proxy's own.
+fn status(code: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The request's host, lower case, without its port: the URI's authority (HTTP/2, or an
+/// absolute-form target), else the Host header.
+fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let raw = match uri.authority() {
+        Some(authority) => authority.host().to_owned(),
+        None => {
+            let value = headers.get(header::HOST)?.to_str().ok()?;
+            let authority: hyper::http::uri::Authority = value.parse().ok()?;
+            authority.host().to_owned()
+        }
+    };
+    Some(raw.to_ascii_lowercase())
+}
+
+/// Removes the hop-by-hop fields (RFC 9110 §7.6.1): those the Connection field names, and
+/// the ones that are hop-by-hop by definition.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// `X-Forwarded-For`, `X-Forwarded-Proto` and RFC 7239 `Forwarded` for the backend. What the
+/// client sent of them is dropped, unless the direct peer is a trusted load balancer, whose
+/// values are kept and added to.
+fn add_forwarding(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
+    let x_forwarded_for = HeaderName::from_static("x-forwarded-for");
+    let x_forwarded_proto = HeaderName::from_static("x-forwarded-proto");
+    if !conn.trusted_forwarder {
+        for name in [
+            &x_forwarded_for,
+            &x_forwarded_proto,
+            &HeaderName::from_static("x-forwarded-host"),
+            &header::FORWARDED,
+        ] {
+            headers.remove(name);
+        }
+    }
+    let ip = conn.client.ip();
+    let appended = |headers: &HeaderMap, name: &HeaderName, value: String| {
+        let joined: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if joined.is_empty() {
+            value
+        } else {
+            format!("{}, {value}", joined.join(", "))
+        }
+    };
+    let node = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut forwarded = format!("for={node};proto=https");
+    if let Some(host) = host {
+        forwarded.push_str(&format!(";host=\"{host}\""));
+    }
+    let values = [
+        (
+            x_forwarded_for.clone(),
+            appended(headers, &x_forwarded_for, ip.to_string()),
+        ),
+        (
+            header::FORWARDED,
+            appended(headers, &header::FORWARDED, forwarded),
+        ),
+    ];
+    for (name, value) in values {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    headers.insert(x_forwarded_proto, HeaderValue::from_static("https"));
+}
+
+/// The pooled HTTP client of `pool`, whose connections come from the pool's own connect
+/// (balancing, retries, health, TLS to the backend).
+pub fn client_for(pool: &Arc<Pool>) -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_FOR)
+        .pool_max_idle_per_host(IDLE_PER_POOL)
+        .build(PoolConnector {
+            pool: Arc::downgrade(pool),
+        })
+}
+
+/// Connects hyper's client through a [`Pool`] (held weakly: the pool owns the client).
+#[derive(Debug, Clone)]
+pub struct PoolConnector {
+    pool: Weak<Pool>,
+}
+
+impl tower_service::Service<Uri> for PoolConnector {
+    type Response = TokioIo<Leased>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let pool = pool
+                .upgrade()
+                .ok_or_else(|| std::io::Error::other("the pool was reloaded away"))?;
+            let (lease, stream) = pool.connect(None).await.map_err(std::io::Error::other)?;
+            let io: Box<dyn BackendIo> = match stream {
+                BackendStream::Tcp(tcp) => Box::new(tcp),
+                BackendStream::Stream(io) => io,
+            };
+            Ok(TokioIo::new(Leased { io, _lease: lease }))
+        })
+    }
+}
+
+/// A backend connection and its hold on the server (counted active while it is open).
+pub struct Leased {
+    io: Box<dyn BackendIo>,
+    _lease: Lease,
+}
+
+impl std::fmt::Debug for Leased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leased")
+            .field("server", &self._lease.backend().address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection for Leased {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Leased {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Leased {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_go_and_the_rest_stay() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn the_host_comes_from_the_authority_or_the_host_field_without_port_or_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("App.Example:8443"));
+        assert_eq!(
+            request_host(&Uri::from_static("/x"), &headers).as_deref(),
+            Some("app.example")
+        );
+        assert_eq!(
+            request_host(&Uri::from_static("https://Other.Example/x"), &headers).as_deref(),
+            Some("other.example")
+        );
+        assert_eq!(
+            request_host(&Uri::from_static("/x"), &HeaderMap::new()),
+            None
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! HTTP mode through `tlsaccel serve` with curl (HTTP/1.1 and HTTP/2) as the client and
+//! HTTP/1.1 backends of the test's own that report what they were sent.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use support::{runtime, Daemon, Scratch};
+
+/// An HTTP/1.1 backend named `name` answering every request with a line per fact: its
+/// name, the method and target, the fields a proxy should set or drop, and the body's
+/// length. Counts the connections it accepted.
+async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: Request<hyper::body::Incoming>| async move {
+                        let field = |n: &str| {
+                            request
+                                .headers()
+                                .get_all(n)
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("?").to_owned())
+                                .collect::<Vec<_>>()
+                                .join(" | ")
+                        };
+                        let mut text = format!(
+                        "backend={name}\ntarget={} {}\nhost={}\nx-forwarded-for={}\nx-forwarded-proto={}\nforwarded={}\nx-secret={}\n",
+                        request.method(),
+                        request.uri(),
+                        field("host"),
+                        field("x-forwarded-for"),
+                        field("x-forwarded-proto"),
+                        field("forwarded"),
+                        field("x-secret"),
+                    );
+                        let body = request
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes().len())
+                            .unwrap_or(0);
+                        text.push_str(&format!("body={body}\n"));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (address, accepted)
+}
+
+/// Runs curl against the daemon (verifying its certificate for `localhost`); returns its
+/// output (the body, then what `-w` asks for).
+fn curl(daemon: &Daemon, dir: &Scratch, args: &[&str]) -> String {
+    let port = daemon.listen.port();
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(dir.0.join("cert.pem"))
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        output.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn url(daemon: &Daemon, path: &str) -> String {
+    format!("https://localhost:{}{path}", daemon.listen.port())
+}
+
+fn config(a: SocketAddr, b: SocketAddr, dead: SocketAddr) -> String {
+    format!(
+        r#"drain_timeout_ms = 2000
+[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+mode = "http"
+alpn = ["h2", "http/1.1"]
+
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[device]]
+address = "sim"
+queues = 2
+
+[offload]
+cpu_below_bytes = 1024
+
+[[pool]]
+name = "a"
+servers = ["{a}"]
+
+[[pool]]
+name = "b"
+servers = ["{b}"]
+
+[[pool]]
+name = "down"
+servers = ["{dead}"]
+retries = 0
+
+[[route]]
+listener = "web"
+host = "api.example"
+pool = "b"
+
+[[route]]
+listener = "web"
+path_prefix = "/static/"
+pool = "b"
+
+[[route]]
+listener = "web"
+path_prefix = "/down"
+pool = "down"
+
+[[route]]
+listener = "web"
+path_prefix = "/app"
+pool = "a"
+
+[admin]
+address = "127.0.0.1:0"
+"#
+    )
+}
+
+#[test]
+fn requests_are_routed_forwarded_and_answered_over_http1_and_http2() {
+    let rt = runtime();
+    let dir = Scratch::new("http-mode");
+    support::write_identity(&dir.0);
+    let (a, a_connections) = rt.block_on(backend("A"));
+    let (b, _) = rt.block_on(backend("B"));
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let daemon = Daemon::start(&dir.0, &config(a, b, dead));
+
+    // HTTP/1.1: routed by path; spoofed forwarding fields and hop-by-hop ones dropped.
+    let out = curl(
+        &daemon,
+        &dir,
+        &[
+            "--http1.1",
+            "-H",
+            "X-Forwarded-For: 203.0.113.66",
+            "-H",
+            "Forwarded: for=203.0.113.66",
+            "-H",
+            "Connection: x-secret",
+            "-H",
+            "X-Secret: 1",
+            "-w",
+            "version=%{http_version}\n",
+            &url(&daemon, "/app/page?q=1"),
+        ],
+    );
+    for line in [
+        "backend=A",
+        "target=GET /app/page?q=1",
+        &format!("host=localhost:{}", daemon.listen.port()),
+        "x-forwarded-for=127.0.0.1\n",
+        "x-forwarded-proto=https",
+        "forwarded=for=127.0.0.1;proto=https;host=\"localhost\"",
+        "x-secret=\n",
+        "version=1.1",
+    ] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+
+    // HTTP/2 (ALPN h2): by host, and a request body passes.
+    let out = curl(
+        &daemon,
+        &dir,
+        &[
+            "--http2",
+            "-H",
+            "Host: API.example",
+            "--data-binary",
+            "0123456789",
+            "-w",
+            "version=%{http_version}\n",
+            &url(&daemon, "/anything"),
+        ],
+    );
+    for line in ["backend=B", "target=POST /anything", "body=10", "version=2"] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+    let out = curl(&daemon, &dir, &["--http2", &url(&daemon, "/static/x.css")]);
+    assert!(out.contains("backend=B"), "{out}");
+
+    // No route: 421; a pool whose server is down: 503, counted.
+    let code = |path: &str| {
+        curl(
+            &daemon,
+            &dir,
+            &["-o", "/dev/null", "-w", "%{http_code}", &url(&daemon, path)],
+        )
+    };
+    assert_eq!(code("/nowhere"), "421");
+    assert_eq!(code("/down"), "503");
+    assert_eq!(
+        daemon.metric("tlsaccel_http_backend_errors_total{kind=\"connect\"}"),
+        1
+    );
+
+    // A new client connection per request (as `Connection: close` clients make them):
+    // the backend connection is kept and reused across clients.
+    let before = a_connections.load(Ordering::Relaxed);
+    for _ in 0..10 {
+        let out = curl(&daemon, &dir, &["--http1.1", &url(&daemon, "/app/again")]);
+        assert!(out.contains("backend=A"), "{out}");
+    }
+    let made = a_connections.load(Ordering::Relaxed) - before;
+    assert!(
+        made <= 1,
+        "{made} backend connections for 10 sequential requests"
+    );
+    assert!(daemon.metric("tlsaccel_http_responses_total{code=\"2xx\"}") >= 13);
+    assert_eq!(
+        daemon.metric("tlsaccel_http_responses_total{code=\"4xx\"}"),
+        1
+    );
+    assert_eq!(
+        daemon.metric("tlsaccel_http_responses_total{code=\"5xx\"}"),
+        1
+    );
+}
+
+#[test]
+fn host_and_path_routes_are_refused_on_l4_listeners() {
+    let dir = Scratch::new("http-config");
+    support::write_identity(&dir.0);
+    let text = config(
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+        "127.0.0.1:3".parse().unwrap(),
+    )
+    .replace("mode = \"http\"\n", "");
+    let file = dir.0.join("tlsaccel.toml");
+    std::fs::write(&file, text).expect("config");
+    let output = Command::new(env!("CARGO_BIN_EXE_tlsaccel"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("run check-config");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("route[0].host") && stderr.contains("mode = \"http\""),
+        "{stderr}"
+    );
+}
