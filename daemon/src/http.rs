@@ -30,6 +30,15 @@ use crate::serve::{ListenerState, Shared, State};
 
 /// Bytes the pipe between the record session and hyper holds each way.
 const PIPE: usize = 64 * 1024;
+/// The largest request head (HTTP/1.1 buffer, HTTP/2 header list): larger ones get 431
+/// (RFC 6585 §5) or a stream error, and no more memory.
+const MAX_HEAD: usize = 64 * 1024;
+/// Header fields in an HTTP/1.1 request at most.
+const MAX_FIELDS: usize = 100;
+/// Streams an HTTP/2 client may have open at once.
+const MAX_STREAMS: u32 = 128;
+/// How long a request head may take to arrive.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle backend connections a pool keeps per client (hyper's pool), and for how long.
 const IDLE_PER_POOL: usize = 64;
 const IDLE_FOR: Duration = Duration::from_secs(60);
@@ -65,7 +74,18 @@ pub fn start(conn: Conn) -> tokio::io::DuplexStream {
             let conn = Arc::clone(&conn);
             async move { Ok::<_, Infallible>(handle(request, &conn).await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD)
+            .max_headers(MAX_FIELDS);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_header_list_size(MAX_HEAD as u32);
         if let Err(error) = builder.serve_connection(TokioIo::new(ours), service).await {
             tracing::debug!(%error, "HTTP connection ended with an error");
         }
