@@ -693,6 +693,24 @@ fn backend_metrics(shared: &Shared, e: &mut Exposition) {
             }
         }
     }
+    for (name, help, pick) in [
+        (
+            "tlsaccel_http_retries_total",
+            "HTTP mode: requests sent on to another server of the pool.",
+            (|p: &crate::pool::Pool| p.retry.retries.load(Ordering::Relaxed))
+                as fn(&crate::pool::Pool) -> u64,
+        ),
+        (
+            "tlsaccel_http_retries_refused_total",
+            "HTTP mode: retries the pool's retry budget refused.",
+            |p: &crate::pool::Pool| p.retry.refused.load(Ordering::Relaxed),
+        ),
+    ] {
+        e.family(name, "counter", help);
+        for pool in &pools {
+            e.sample(name, &[("pool", &pool.name)], pick(pool));
+        }
+    }
 }
 
 /// The resumption part of `/status`: the key ring's ids and ages, never key bytes.

@@ -239,6 +239,17 @@ pub struct Pool {
     /// values) or `off`.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
+    /// HTTP mode: statuses that send an idempotent request on to another server.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Spanned<Vec<u16>>,
+    /// HTTP mode: retries allowed, as a percentage of the pool's requests (plus a few per
+    /// second), so a failing pool is not hammered.
+    #[serde(default = "default_retry_budget")]
+    pub retry_budget_percent: Spanned<u32>,
+    /// HTTP mode: request body bytes held so the request can be sent again; a longer (or
+    /// unknown-length) body is streamed and its request is not sent twice.
+    #[serde(default = "default_retry_body")]
+    pub retry_body_bytes: Spanned<u32>,
 }
 
 /// PROXY protocol to a pool's servers.
@@ -498,6 +509,15 @@ fn default_connect_timeout() -> Spanned<u64> {
 fn default_retries() -> Spanned<u32> {
     spanned(2)
 }
+fn default_retry_on() -> Spanned<Vec<u16>> {
+    spanned(vec![502, 503, 504])
+}
+fn default_retry_budget() -> Spanned<u32> {
+    spanned(20)
+}
+fn default_retry_body() -> Spanned<u32> {
+    spanned(64 * 1024)
+}
 fn default_health_interval() -> Spanned<u64> {
     spanned(2_000)
 }
@@ -680,6 +700,30 @@ impl Config {
                 60_000,
             )?;
             c.range(&pool.retries, &key("retries"), 0, 16)?;
+            c.range(
+                &pool.retry_budget_percent,
+                &key("retry_budget_percent"),
+                0,
+                100,
+            )?;
+            c.range(
+                &pool.retry_body_bytes,
+                &key("retry_body_bytes"),
+                0,
+                16 << 20,
+            )?;
+            if let Some(code) = pool
+                .retry_on
+                .get_ref()
+                .iter()
+                .find(|c| !(500..=599).contains(*c))
+            {
+                return Err(c.invalid(
+                    &pool.retry_on,
+                    key("retry_on"),
+                    format!("{code} is not a 5xx status"),
+                ));
+            }
             if let Some(health) = &pool.health_check {
                 c.range(
                     &health.interval_ms,
@@ -1138,6 +1182,14 @@ pool = "web"
             parse(&bad_range).unwrap_err().to_string(),
             "tlsaccel.toml:6: listener[0].accept_proxy_from: \"lb.internal\" is not an address \
              or a CIDR range (10.0.0.0/8)"
+        );
+        let bad_retry = GOOD.replace(
+            "servers = [\"127.0.0.1:8080\"]",
+            "servers = [\"127.0.0.1:8080\"]\nretry_on = [503, 404]",
+        );
+        assert_eq!(
+            parse(&bad_retry).unwrap_err().to_string(),
+            "tlsaccel.toml:14: pool[0].retry_on: 404 is not a 5xx status"
         );
         let bad_proxy = GOOD.replace(
             "servers = [\"127.0.0.1:8080\"]",

@@ -1,6 +1,8 @@
 //! HTTP mode (`mode = "http"` on a listener): HTTP/1.1 and HTTP/2 (by ALPN or the client's
 //! preface) served by hyper over the connection's decrypted stream, each request routed by
-//! host and path to a pool and sent over that pool's kept-alive backend connections.
+//! host and path to a pool and sent over that pool's kept-alive backend connections. A
+//! request whose body is held (up to `retry_body_bytes`) fails over to another server
+//! ([`failover`]).
 //!
 //! The record layer stays the daemon's own (device or CPU, with its limits, alerts and key
 //! updates): the pump ([`crate::pump`]) treats one end of an in-memory pipe as the
@@ -11,6 +13,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -144,37 +147,132 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority("backend")
-        .path_and_query(path)
-        .build()
-    {
-        Ok(uri) => uri,
-        Err(_) => return status(StatusCode::BAD_REQUEST, "bad request target\n"),
-    };
-    parts.version = hyper::Version::HTTP_11;
+    use tower::retry::budget::Budget as _;
+    pool.retry.budget.deposit();
     let client = pool.http_client();
-    match client
-        .request(Request::from_parts(parts, body.boxed()))
-        .await
-    {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            remove_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
-        }
-        Err(error) => {
-            let (kind, code) = if error.is_connect() {
-                ("connect", StatusCode::SERVICE_UNAVAILABLE)
-            } else {
-                ("exchange", StatusCode::BAD_GATEWAY)
+    let head = Head {
+        method: parts.method,
+        path,
+        headers: parts.headers,
+    };
+    match hold_body(body, pool.retry.body_bytes).await {
+        Ok(Some(bytes)) => failover(&pool, &client, &head, bytes, conn).await,
+        Ok(None) => status(StatusCode::BAD_REQUEST, "the request body did not arrive\n"),
+        Err(streamed) => {
+            // Too long to hold: sent once, to the server the pool's connect chooses.
+            let Some(request) = head.request("any", streamed.boxed()) else {
+                return status(StatusCode::BAD_REQUEST, "bad request target\n");
             };
-            conn.shared.stats.http_backend_errors.inc(kind);
-            tracing::warn!(pool = %pool.name, %error, "backend request failed");
-            status(code, "the backend did not answer\n")
+            match client.request(request).await {
+                Ok(response) => from_backend(response),
+                Err(error) => backend_failed(&pool, conn, &error),
+            }
         }
     }
+}
+
+/// What is sent of a request again on each try.
+struct Head {
+    method: hyper::Method,
+    /// Path and query.
+    path: String,
+    headers: HeaderMap,
+}
+
+impl Head {
+    /// The request for `server` (`s<index>`, or `any` for the pool's choice).
+    fn request(&self, server: &str, body: Body) -> Option<Request<Body>> {
+        let mut request = Request::builder()
+            .method(self.method.clone())
+            .uri(format!("http://{server}{}", self.path))
+            .version(hyper::Version::HTTP_11)
+            .body(body)
+            .ok()?;
+        *request.headers_mut() = self.headers.clone();
+        Some(request)
+    }
+}
+
+/// The body, collected when it is known to be at most `limit` bytes (`None`: the client
+/// did not finish sending it); `Err` gives back a longer or unknown-length body to stream.
+async fn hold_body(body: Incoming, limit: usize) -> Result<Option<Bytes>, Incoming> {
+    use hyper::body::Body as _;
+    match body.size_hint().upper() {
+        Some(n) if n <= limit as u64 => Ok(body.collect().await.ok().map(|b| b.to_bytes())),
+        _ => Err(body),
+    }
+}
+
+/// Sends a request whose body is held, moving on to another server (RFC 9110 §9.2.2) when
+/// the server could not be reached (any request: nothing of it was sent), or, for an
+/// idempotent request, when the exchange failed or the answer is one of the pool's
+/// `retry_on` statuses. Each server is tried once; each try after the first needs the
+/// pool's retry budget.
+async fn failover(
+    pool: &Arc<Pool>,
+    client: &Client,
+    head: &Head,
+    body: Bytes,
+    conn: &Conn,
+) -> Response<Body> {
+    use tower::retry::budget::Budget as _;
+    let idempotent = head.method.is_idempotent();
+    let mut tried = Vec::new();
+    let mut kept: Option<Response<Incoming>> = None;
+    let mut last_error: Option<hyper_util::client::legacy::Error> = None;
+    while let Some(server) = pool.pick(&tried) {
+        if !tried.is_empty() {
+            if !pool.retry.budget.withdraw() {
+                pool.retry.refused.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            pool.retry.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        tried.push(server);
+        let full = Full::new(body.clone())
+            .map_err(|never| match never {})
+            .boxed();
+        let Some(request) = head.request(&format!("s{server}"), full) else {
+            return status(StatusCode::BAD_REQUEST, "bad request target\n");
+        };
+        match client.request(request).await {
+            Ok(response) if idempotent && pool.retry.on.contains(&response.status().as_u16()) => {
+                kept = Some(response);
+            }
+            Ok(response) => return from_backend(response),
+            Err(error) if error.is_connect() || idempotent => last_error = Some(error),
+            Err(error) => return backend_failed(pool, conn, &error),
+        }
+    }
+    match (kept, last_error) {
+        (Some(response), _) => from_backend(response),
+        (None, Some(error)) => backend_failed(pool, conn, &error),
+        (None, None) => status(StatusCode::SERVICE_UNAVAILABLE, "no server\n"),
+    }
+}
+
+/// A backend's answer on its way to the client.
+fn from_backend(response: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// No answer from the pool: 503 when no server could be reached, 502 when an exchange
+/// failed; counted.
+fn backend_failed(
+    pool: &Pool,
+    conn: &Conn,
+    error: &hyper_util::client::legacy::Error,
+) -> Response<Body> {
+    let (kind, code) = if error.is_connect() {
+        ("connect", StatusCode::SERVICE_UNAVAILABLE)
+    } else {
+        ("exchange", StatusCode::BAD_GATEWAY)
+    };
+    conn.shared.stats.http_backend_errors.inc(kind);
+    tracing::warn!(pool = %pool.name, %error, "backend request failed");
+    status(code, "the backend did not answer\n")
 }
 
 /// A short plain-text answer of the proxy's own.
@@ -312,13 +410,22 @@ impl tower_service::Service<Uri> for PoolConnector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Uri) -> Self::Future {
+    /// `uri`'s host names the server: `s<index>`, or anything else for the pool's choice
+    /// (with its connect retries).
+    fn call(&mut self, uri: Uri) -> Self::Future {
         let pool = self.pool.clone();
+        let server = uri
+            .host()
+            .and_then(|h| h.strip_prefix('s'))
+            .and_then(|i| i.parse::<usize>().ok());
         Box::pin(async move {
             let pool = pool
                 .upgrade()
                 .ok_or_else(|| std::io::Error::other("the pool was reloaded away"))?;
-            let (lease, stream) = pool.connect(None).await.map_err(std::io::Error::other)?;
+            let (lease, stream) = match server {
+                Some(i) => pool.connect_server(i, None).await?,
+                None => pool.connect(None).await.map_err(std::io::Error::other)?,
+            };
             let io: Box<dyn BackendIo> = match stream {
                 BackendStream::Tcp(tcp) => Box::new(tcp),
                 BackendStream::Stream(io) => io,

@@ -164,6 +164,30 @@ pub struct Pool {
     checks: Vec<JoinHandle<()>>,
     /// HTTP mode's pooled client over these servers, made when first used.
     http: std::sync::OnceLock<crate::http::Client>,
+    /// HTTP mode: when a request is sent on to another server.
+    pub retry: RetryPolicy,
+}
+
+/// HTTP mode's transparent failover for one pool.
+pub struct RetryPolicy {
+    /// Statuses that send an idempotent request on.
+    pub on: Vec<u16>,
+    /// Retries earned by requests (tower's token budget).
+    pub budget: tower::retry::budget::TpsBudget,
+    /// Body bytes held for a second sending.
+    pub body_bytes: usize,
+    pub retries: AtomicU64,
+    /// Retries the budget refused.
+    pub refused: AtomicU64,
+}
+
+impl std::fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("on", &self.on)
+            .field("body_bytes", &self.body_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -274,6 +298,18 @@ impl Pool {
             random: AtomicU64::new(seed),
             checks,
             http: std::sync::OnceLock::new(),
+            retry: RetryPolicy {
+                on: config.retry_on.get_ref().clone(),
+                // Deposits live 10 s; 10 retries a second are always allowed.
+                budget: tower::retry::budget::TpsBudget::new(
+                    Duration::from_secs(10),
+                    10,
+                    *config.retry_budget_percent.get_ref() as f32 / 100.0,
+                ),
+                body_bytes: *config.retry_body_bytes.get_ref() as usize,
+                retries: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            },
         }))
     }
 
@@ -285,8 +321,9 @@ impl Pool {
             .clone()
     }
 
-    /// Chooses a server not in `tried` by the pool's algorithm.
-    fn pick(&self, tried: &[usize]) -> Option<usize> {
+    /// Chooses a server not in `tried` by the pool's algorithm (servers out of rotation
+    /// only when every untried one is).
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
         let fresh = |i: &usize| !tried.contains(i);
         let mut candidates: Vec<usize> = (0..self.backends.len())
             .filter(fresh)
@@ -360,28 +397,9 @@ impl Pool {
             };
             attempts += 1;
             tried.push(i);
-            let backend = &self.backends[i];
-            backend.begin_trial();
-            backend.active.fetch_add(1, Ordering::Relaxed);
-            let lease = Lease(Arc::clone(backend));
-            match connect_backend(
-                &backend.address,
-                self.connect_timeout,
-                self.tls.as_ref(),
-                proxy_header,
-            )
-            .await
-            {
-                Ok(io) => {
-                    backend.succeeded();
-                    backend.connections.fetch_add(1, Ordering::Relaxed);
-                    return Ok((lease, io));
-                }
-                Err(error) => {
-                    tracing::warn!(backend = %backend.address, %error, "backend connect failed");
-                    backend.failed();
-                    last = format!("{}: {error}", backend.address);
-                }
+            match self.connect_server(i, proxy_header).await {
+                Ok(connected) => return Ok(connected),
+                Err(error) => last = format!("{}: {error}", self.backends[i].address),
             }
         }
         Err(PoolError::Exhausted {
@@ -389,6 +407,40 @@ impl Pool {
             attempts,
             last,
         })
+    }
+
+    /// Connects to server `i` (one attempt), counting the outcome in its health.
+    pub async fn connect_server(
+        &self,
+        i: usize,
+        proxy_header: Option<&[u8]>,
+    ) -> std::io::Result<(Lease, BackendStream)> {
+        let backend = self
+            .backends
+            .get(i)
+            .ok_or_else(|| std::io::Error::other("no such server"))?;
+        backend.begin_trial();
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease(Arc::clone(backend));
+        match connect_backend(
+            &backend.address,
+            self.connect_timeout,
+            self.tls.as_ref(),
+            proxy_header,
+        )
+        .await
+        {
+            Ok(io) => {
+                backend.succeeded();
+                backend.connections.fetch_add(1, Ordering::Relaxed);
+                Ok((lease, io))
+            }
+            Err(error) => {
+                tracing::warn!(backend = %backend.address, %error, "backend connect failed");
+                backend.failed();
+                Err(error)
+            }
+        }
     }
 }
 

@@ -301,3 +301,197 @@ fn host_and_path_routes_are_refused_on_l4_listeners() {
         "{stderr}"
     );
 }
+
+/// How a scripted backend misbehaves.
+#[derive(Clone, Copy)]
+enum Script {
+    Good,
+    /// Answers 503 to this share of requests (percent).
+    Unavailable(u64),
+    /// Closes the connection without an answer after this share of requests (percent),
+    /// having executed them.
+    Closes(u64),
+}
+
+/// A backend that follows `script` and logs each request it executed as `(method, id)`.
+async fn scripted(script: Script) -> (SocketAddr, Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let executed = Arc::clone(&log);
+    let dice = Arc::new(AtomicU64::new(
+        0x9e37_79b9_7f4a_7c15 ^ u64::from(address.port()),
+    ));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let executed = Arc::clone(&executed);
+            let dice = Arc::clone(&dice);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let executed = Arc::clone(&executed);
+                        let dice = Arc::clone(&dice);
+                        async move {
+                            let id = request
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
+                            let method = request.method().to_string();
+                            let _ = request.into_body().collect().await;
+                            executed.lock().unwrap().push((method, id));
+                            // xorshift: a repeatable roll per request.
+                            let mut x = dice.load(Ordering::Relaxed);
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            dice.store(x, Ordering::Relaxed);
+                            let roll = x % 100;
+                            match script {
+                                Script::Closes(p) if roll < p => Err("closing without an answer"),
+                                Script::Unavailable(p) if roll < p => {
+                                    let mut response =
+                                        Response::new(Full::new(Bytes::from_static(b"busy\n")));
+                                    *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                                    Ok(response)
+                                }
+                                _ => Ok(Response::new(Full::new(Bytes::from_static(b"done\n")))),
+                            }
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (address, log)
+}
+
+/// `count` requests of `method` over one kept-alive HTTP/1.1 connection through the
+/// daemon, ids `first..`; returns how many were answered 5xx (or not at all).
+async fn send_many(
+    listen: SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+    method: &str,
+    first: u64,
+    count: u64,
+) -> u64 {
+    let mut failed = 0;
+    let mut sender = None;
+    for id in first..first + count {
+        if sender.is_none() {
+            let tls = support::connect(listen, client).await;
+            let (s, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("HTTP handshake");
+            tokio::spawn(connection);
+            sender = Some(s);
+        }
+        let s = sender.as_mut().expect("connected");
+        if s.ready().await.is_err() {
+            sender = None;
+            failed += 1;
+            continue;
+        }
+        let body = if method == "POST" { "payload" } else { "" };
+        let request = Request::builder()
+            .method(method)
+            .uri("/work")
+            .header("host", "localhost")
+            .header("x-request-id", id.to_string())
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("request");
+        let ok = match s.send_request(request).await {
+            Ok(response) => {
+                let good = response.status().is_success();
+
+                let _ = response.into_body().collect().await;
+                good
+            }
+            Err(_) => {
+                sender = None;
+                false
+            }
+        };
+        failed += u64::from(!ok);
+    }
+    failed
+}
+
+#[test]
+fn idempotent_requests_fail_over_within_the_budget_and_no_post_runs_twice() {
+    let rt = runtime();
+    let dir = Scratch::new("http-failover");
+    let cert = support::write_identity(&dir.0);
+    let (good, good_log) = rt.block_on(scripted(Script::Good));
+    let (busy, busy_log) = rt.block_on(scripted(Script::Unavailable(20)));
+    let (closing, closing_log) = rt.block_on(scripted(Script::Closes(20)));
+    let config = format!(
+        r#"[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+mode = "http"
+default_pool = "mix"
+
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[pool]]
+name = "mix"
+servers = ["{good}", "{busy}", "{closing}"]
+
+[admin]
+address = "127.0.0.1:0"
+"#
+    );
+    let daemon = Daemon::start(&dir.0, &config);
+    let client = support::client_config(&cert, &[&rustls::version::TLS13]);
+    let (gets, posts) = (10_000u64, 1_000u64);
+    let failed = rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let client = Arc::clone(&client);
+                let listen = daemon.listen;
+                tokio::spawn(async move {
+                    send_many(listen, &client, "GET", t * gets / 8, gets / 8).await
+                })
+            })
+            .collect();
+        let mut failed = 0;
+        for task in tasks {
+            failed += task.await.expect("task");
+        }
+        failed
+    });
+    let retries = daemon.metric("tlsaccel_http_retries_total{pool=\"mix\"}");
+    eprintln!("GET: {failed} of {gets} failed, {retries} retries");
+    assert!(
+        failed * 1000 <= gets,
+        "{failed} of {gets} idempotent requests failed"
+    );
+    assert!(retries > 0, "the faulty servers were retried around");
+    // The budget: 20% of the requests plus 10 a second for its 10 s window.
+    assert!(
+        retries <= gets / 5 + 100,
+        "{retries} retries for {gets} requests"
+    );
+
+    let post_failures = rt.block_on(send_many(daemon.listen, &client, "POST", 1_000_000, posts));
+    eprintln!("POST: {post_failures} of {posts} failed (not retried once sent)");
+    let mut seen = std::collections::HashSet::new();
+    for log in [&good_log, &busy_log, &closing_log] {
+        for (method, id) in log.lock().unwrap().iter() {
+            if method == "POST" {
+                assert!(seen.insert(id.clone()), "POST {id} was executed twice");
+            }
+        }
+    }
+    // Each POST ran exactly once: answered, or failed after reaching its server (then
+    // the client got the 503 or a 502, and nothing was sent again).
+    assert_eq!(seen.len() as u64, posts);
+}
