@@ -2,7 +2,7 @@
 //! preface) served by hyper over the connection's decrypted stream, each request routed by
 //! host and path to a pool and sent over that pool's kept-alive backend connections. A
 //! request whose body is held (up to `retry_body_bytes`) fails over to another server
-//! ([`failover`]).
+//! (`failover`).
 //!
 //! The record layer stays the daemon's own (device or CPU, with its limits, alerts and key
 //! updates): the pump ([`crate::pump`]) treats one end of an in-memory pipe as the
