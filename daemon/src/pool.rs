@@ -634,12 +634,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_lone_server_is_retried_after_a_pause() {
+    /// Runs `check` on a runtime with a pool of `servers` copies of an address nothing
+    /// listens on, and `retries`.
+    fn with_dead_pool<F: std::future::Future<Output = ()>>(
+        servers: usize,
+        retries: u32,
+        check: impl FnOnce(Arc<Pool>) -> F,
+    ) {
         let dead = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port");
-        let text = format!("[[pool]]\nname = \"p\"\nservers = [\"{dead}\"]\nretries = 2\n");
+        let list = vec![format!("\"{dead}\""); servers].join(", ");
+        let text = format!("[[pool]]\nname = \"p\"\nservers = [{list}]\nretries = {retries}\n");
         let config =
             crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect("config");
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -648,6 +654,13 @@ mod tests {
             .expect("runtime");
         runtime.block_on(async {
             let p = Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool");
+            check(p).await;
+        });
+    }
+
+    #[test]
+    fn a_lone_server_is_retried_after_a_pause() {
+        with_dead_pool(1, 2, |p| async move {
             let started = std::time::Instant::now();
             match p.connect(None).await {
                 Err(PoolError::Exhausted { attempts, .. }) => assert_eq!(attempts, 3),
@@ -662,19 +675,7 @@ mod tests {
 
     #[test]
     fn a_failed_trial_keeps_an_ejected_server_out_for_another_pause() {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port");
-        let text =
-            format!("[[pool]]\nname = \"p\"\nservers = [\"{dead}\", \"{dead}\"]\nretries = 0\n");
-        let config =
-            crate::config::Config::parse(&text, std::path::Path::new("t.toml")).expect("config");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let p = Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool");
+        with_dead_pool(2, 0, |p| async move {
             let down = &p.backends[0];
             for _ in 0..EJECT_AFTER {
                 down.failed();

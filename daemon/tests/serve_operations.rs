@@ -446,10 +446,11 @@ async fn tls_echo_server(dir: &std::path::Path) -> SocketAddr {
 }
 
 /// An HTTP server behind TLS (certificate as [`tls_echo_server`]'s) answering every request
-/// with the status `status` holds, then closing.
+/// with the status `status` holds, then closing; `answered` counts the answers.
 async fn tls_http_server(
     dir: &std::path::Path,
     status: Arc<std::sync::atomic::AtomicU16>,
+    answered: Arc<std::sync::atomic::AtomicU64>,
 ) -> SocketAddr {
     let (listener, acceptor) = tls_backend(dir).await;
     let address = listener.local_addr().expect("address");
@@ -457,6 +458,7 @@ async fn tls_http_server(
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             let status = Arc::clone(&status);
+            let answered = Arc::clone(&answered);
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else {
                     return;
@@ -470,7 +472,9 @@ async fn tls_http_server(
                 let answer = format!(
                     "HTTP/1.1 {code} Status\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 );
-                let _ = stream.get_mut().write_all(answer.as_bytes()).await;
+                if stream.get_mut().write_all(answer.as_bytes()).await.is_ok() {
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let _ = stream.get_mut().shutdown().await;
             });
         }
@@ -508,7 +512,12 @@ fn a_tls_pool_is_health_checked_over_tls() {
     let dir = Scratch::new("tlshealth");
     let _cert = support::write_identity(&dir.0);
     let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
-    let backend = rt.block_on(tls_http_server(&dir.0, Arc::clone(&status)));
+    let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let backend = rt.block_on(tls_http_server(
+        &dir.0,
+        Arc::clone(&status),
+        Arc::clone(&answered),
+    ));
     let pool = "[pool.tls]\nserver_name = \"backend.internal\"\nca = \"backend.pem\"\n\
                 [pool.health_check]\ninterval_ms = 100\nhttp_path = \"/health\"\n";
     let daemon = Daemon::start(&dir.0, &config(&[backend], pool, ""));
@@ -516,8 +525,12 @@ fn a_tls_pool_is_health_checked_over_tls() {
     let failures = format!(
         "tlsaccel_backend_health_check_failures_total{{pool=\"backends\",server=\"{backend}\"}}"
     );
-    // Checks run every 100 ms: after a second of them the server is still up, none failed.
-    std::thread::sleep(Duration::from_secs(1));
+    // Five checks answered over TLS: the server is still up, none failed.
+    wait_until(
+        "five health checks over TLS",
+        Duration::from_secs(10),
+        || answered.load(std::sync::atomic::Ordering::Relaxed) >= 5,
+    );
     assert_eq!(daemon.metric(&up), 1);
     assert_eq!(daemon.metric(&failures), 0, "checks over TLS pass");
     // The server answers 503: out of rotation; 200 again: back.
