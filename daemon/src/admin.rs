@@ -348,6 +348,12 @@ pub fn metrics(shared: &Shared) -> String {
         &[("direction", "backend_to_client")],
         load(&s.bytes_backend_to_client),
     );
+    e.single(
+        "tlsaccel_client_bytes_dropped_total",
+        "counter",
+        "Client bytes dropped because the backend had stopped reading (its answer was delivered).",
+        load(&s.client_bytes_dropped),
+    );
     e.family(
         "tlsaccel_reloads_total",
         "counter",

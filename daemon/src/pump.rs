@@ -149,6 +149,16 @@ impl Outbox {
         }
     }
 
+    /// Drops everything waiting (its DMA chunks go back to their pool); returns how many
+    /// bytes that was.
+    fn clear(&mut self) -> usize {
+        let dropped = self.len;
+        self.chunks.clear();
+        self.at = 0;
+        self.len = 0;
+        dropped
+    }
+
     /// True when bytes have waited for their peer for `limit` without it taking any.
     fn stalled(&self, now: Instant, limit: Duration) -> bool {
         !self.is_empty() && now.duration_since(self.since) >= limit
@@ -337,6 +347,14 @@ fn read_backend<'a, R: AsyncRead + Unpin + ?Sized>(
 
 /// True when batches are in flight on a queue other than `device`'s (it was replaced): they
 /// finish before anything goes to the new one, so a slot's records stay in order.
+/// A write error that means the peer no longer reads (rather than a local failure).
+fn refused(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
 fn queue_replaced(
     in_flight_on: Option<&crate::batch::RecordQueue>,
     in_flight: bool,
@@ -394,6 +412,10 @@ pub fn run<'a>(
     // The backend's end of stream was seen.
     let mut backend_done = false;
     let mut backend_shut = false;
+    // The backend stopped taking bytes (its side closed or reset) while it may still be
+    // answering: what the client sends from then on is read and dropped, so that its
+    // answer reaches the client instead of a reset (RFC 9112 §9.6, lingering close).
+    let mut backend_refused = false;
     let mut client_shut = false;
     let mut failure: Option<PumpError> = None;
     let mut linger_until: Option<Instant> = None;
@@ -464,14 +486,22 @@ pub fn run<'a>(
                     end,
                 } = inbound;
                 let bytes = plaintext.len() + chunks.iter().map(Chunk::len).sum::<usize>();
-                stats
-                    .bytes_client_to_backend
-                    .fetch_add(bytes as u64, Ordering::Relaxed);
-                if bytes > 0 {
+                if !backend_refused {
+                    stats
+                        .bytes_client_to_backend
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                }
+                if backend_refused {
+                    stats
+                        .client_bytes_dropped
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                } else if bytes > 0 {
                     backend_unflushed = true;
                 }
-                to_backend.push(Chunk::Heap(plaintext));
-                for chunk in chunks {
+                if !backend_refused {
+                    to_backend.push(Chunk::Heap(plaintext));
+                }
+                for chunk in chunks.into_iter().filter(|_| !backend_refused) {
                     if backend_w.takes_dma() {
                         to_backend.push(chunk);
                     } else {
@@ -636,6 +666,11 @@ pub fn run<'a>(
                 client_shut = true;
                 let _ = socket2::SockRef::from(&client).shutdown(std::net::Shutdown::Write);
             }
+            if backend_refused && client_shut && linger_until.is_none() {
+                // Everything the backend said is delivered; the client gets LINGER to close
+                // its side while what it still sends is dropped.
+                linger_until = Some(Instant::now() + LINGER);
+            }
             if failure.is_some()
                 && tx_job.is_none()
                 && tx_pipe.is_empty()
@@ -774,6 +809,18 @@ pub fn run<'a>(
                         tracing::debug!(error = %e, "backend shutdown failed");
                         backend_shut = true;
                     }
+                    Err(e) if refused(&e) => {
+                        // It closed (or reset) its side; what it sent before is still read
+                        // and delivered, and a reset shows up on that read.
+                        tracing::debug!(error = %e, "backend stopped reading");
+                        let dropped = to_backend.clear();
+                        stats
+                            .client_bytes_dropped
+                            .fetch_add(dropped as u64, Ordering::Relaxed);
+                        backend_refused = true;
+                        backend_unflushed = false;
+                        backend_shut = true;
+                    }
                     Err(e) => return Err(PumpError::Backend(e)),
                 },
                 r = write_front(&client, &to_client), if !to_client.is_empty() => match r {
@@ -798,6 +845,11 @@ pub fn run<'a>(
                         }
                     }
                     if linger_until.is_some_and(|t| now >= t) {
+                        if failure.is_none() && backend_refused && client_shut {
+                            // The backend's answer went out whole; the client just did
+                            // not close within LINGER.
+                            return Ok(());
+                        }
                         break;
                     }
                     if to_client.stalled(now, idle) {

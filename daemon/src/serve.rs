@@ -64,6 +64,9 @@ pub struct ServerStats {
     /// The same for the backend.
     pub backend_write_stalls: AtomicU64,
     pub renegotiations_refused: AtomicU64,
+    /// Client bytes dropped because the backend had stopped reading (it closed its side,
+    /// e.g. after refusing a request, and its answer was still delivered).
+    pub client_bytes_dropped: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
     pub bytes_client_to_backend: AtomicU64,

@@ -203,6 +203,74 @@ fn a_hundred_mib_each_way_arrives_intact() {
     assert_eq!(key_slots(&daemon), CERT_KEY_SLOTS);
 }
 
+/// A backend that answers early and stops reading (as a server refusing an oversized
+/// request does) while the client is still sending: the client gets the whole answer and
+/// close_notify, not a reset, and what it sent after is dropped and counted.
+#[test]
+fn a_backend_that_stops_reading_still_gets_its_answer_to_the_client() {
+    let rt = runtime();
+    let dir = Scratch::new("refusing-backend");
+    let cert = support::write_identity(&dir.0);
+    let backend = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 1024];
+                    let _ = stream.read_exact(&mut head).await;
+                    let _ = stream.write_all(b"refused\n").await;
+                    let _ = stream.shutdown().await;
+                    // Closing with the client's bytes unread resets the connection.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    drop(stream);
+                });
+            }
+        });
+        address
+    });
+    let daemon = Daemon::start(&dir.0, &config(&[backend], "", ""));
+    let client = client_config(&cert, &[&rustls::version::TLS13]);
+    let answer = rt.block_on(async {
+        let stream = support::connect(daemon.listen, &client).await;
+        let (mut read, mut write) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..256 {
+                if write.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(20), read.read_to_end(&mut answer))
+            .await
+            .expect("the answer and its end arrive");
+        // The client goes on sending after the answer; the daemon drops it until the
+        // client stops or LINGER ends.
+        tokio::time::timeout(Duration::from_secs(20), writer)
+            .await
+            .expect("the writer ends")
+            .expect("writer");
+        end.map(|_| answer)
+    });
+    assert_eq!(answer.expect("a clean end (close_notify)"), b"refused\n");
+    assert!(
+        daemon.metric_until(
+            "tlsaccel_client_bytes_dropped_total",
+            Duration::from_secs(5),
+            |v| v > 0
+        ) > 0
+    );
+    assert_eq!(
+        daemon.metric_until("tlsaccel_connections_active", Duration::from_secs(5), |v| v
+            == 0),
+        0
+    );
+}
+
 #[test]
 fn key_updates_from_the_client_and_on_the_daemons_schedule() {
     let rt = runtime();
