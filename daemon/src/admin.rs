@@ -717,6 +717,100 @@ fn backend_metrics(shared: &Shared, e: &mut Exposition) {
             e.sample(name, &[("pool", &pool.name)], pick(pool));
         }
     }
+    priority_metrics(e, &pools);
+}
+
+/// HTTP mode's response times and admission queues.
+fn priority_metrics(e: &mut crate::metrics::Exposition, pools: &[&Arc<crate::pool::Pool>]) {
+    e.family(
+        "tlsaccel_pool_response_seconds",
+        "gauge",
+        "HTTP mode: the pool's response time to the response head (peak EWMA).",
+    );
+    for pool in pools {
+        let rt = pool.admission.response_time.get().as_secs_f64();
+        e.sample(
+            "tlsaccel_pool_response_seconds",
+            &[("pool", &pool.name)],
+            rt,
+        );
+    }
+    e.family(
+        "tlsaccel_server_response_seconds",
+        "gauge",
+        "HTTP mode: each server's response time (peak EWMA; least_response_time uses it).",
+    );
+    for pool in pools {
+        for backend in &pool.backends {
+            e.sample(
+                "tlsaccel_server_response_seconds",
+                &[("pool", &pool.name), ("server", &backend.address)],
+                backend.response_time.get().as_secs_f64(),
+            );
+        }
+    }
+    e.family(
+        "tlsaccel_admission_total",
+        "counter",
+        "HTTP mode: requests by priority level and admission (immediate, waited, refused: \
+         the wait would pass max_wait_ms, timed_out, queue_full).",
+    );
+    for pool in pools {
+        let levels = pool.admission.levels();
+        for (i, level) in levels.iter().enumerate() {
+            let s = &pool.admission.stats[i];
+            for (result, counter) in [
+                ("immediate", &s.immediate),
+                ("waited", &s.waited),
+                ("refused", &s.refused),
+                ("timed_out", &s.timed_out),
+                ("queue_full", &s.queue_full),
+            ] {
+                e.sample(
+                    "tlsaccel_admission_total",
+                    &[
+                        ("pool", &pool.name),
+                        ("level", &level.name),
+                        ("result", result),
+                    ],
+                    counter.load(Ordering::Relaxed),
+                );
+            }
+        }
+    }
+    e.family(
+        "tlsaccel_admission_limit",
+        "gauge",
+        "HTTP mode: requests of a level the pool takes at once while it is slow for that \
+         level (absent: not limited now).",
+    );
+    e.family(
+        "tlsaccel_admission_waiting",
+        "gauge",
+        "HTTP mode: requests waiting in the pool's admission queue.",
+    );
+    for pool in pools {
+        let (limits, waiting) = pool.admission.with_queue(|q| {
+            let limits: Vec<Option<f64>> = (0..pool.admission.levels().len())
+                .map(|i| q.limit(i))
+                .collect();
+            (limits, q.waiting())
+        });
+        for (level, limit) in pool.admission.levels().iter().zip(limits) {
+            if let Some(limit) = limit {
+                e.sample(
+                    "tlsaccel_admission_limit",
+                    &[("pool", &pool.name), ("level", &level.name)],
+                    limit.floor().max(1.0),
+                );
+            }
+        }
+        e.sample(
+            "tlsaccel_admission_waiting",
+            &[("pool", &pool.name)],
+            waiting,
+        );
+    }
 }
 
 /// The resumption part of `/status`: the key ring's ids and ages, never key bytes.

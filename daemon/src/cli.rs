@@ -243,8 +243,11 @@ fn serve(
             }
         };
         let server = crate::serve::Server::start(loaded, Some(file)).await?;
+        let state = server.shared.state();
         for (name, address) in &server.listeners {
-            println!("tlsaccel: listener {name} on https://{address}/");
+            let plain = state.listeners.get(name).is_some_and(|l| l.tls.is_none());
+            let scheme = if plain { "http" } else { "https" };
+            println!("tlsaccel: listener {name} on {scheme}://{address}/");
         }
         if let Some(address) = server.admin {
             println!("tlsaccel: admin on http://{address}/metrics and /status");

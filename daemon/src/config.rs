@@ -67,6 +67,27 @@ pub struct Config {
     /// Session resumption: ticket keys and the session cache.
     #[serde(default)]
     pub resumption: Resumption,
+    /// HTTP mode: priority levels, highest first.
+    #[serde(default, rename = "priority")]
+    pub priorities: Vec<Priority>,
+}
+
+/// An HTTP-mode priority level (the order in the file is the order of priority).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Priority {
+    pub name: Spanned<String>,
+    /// Client addresses (CIDR ranges or single addresses) of this level. A client is of the
+    /// first level that names it or that names no clients (a catch-all); of the last level
+    /// when none does. A level below a catch-all is for listeners that pin it.
+    #[serde(default = "no_suites")]
+    pub clients: Spanned<Vec<String>>,
+    /// When a pool's response time passes this, requests of this level and the levels below
+    /// it are held back; absent: never on this level's account.
+    pub response_time_ms: Option<Spanned<u64>>,
+    /// Longest a held-back request waits for a place before it is answered 503.
+    #[serde(default = "default_max_wait")]
+    pub max_wait_ms: Spanned<u64>,
 }
 
 /// A TLS listener.
@@ -77,7 +98,7 @@ pub struct Listener {
     /// `ip:port`.
     pub address: Spanned<String>,
     /// Certificates, chosen by SNI; one without `sni` is the default.
-    #[serde(rename = "certificate")]
+    #[serde(default, rename = "certificate")]
     pub certificates: Vec<Certificate>,
     /// ALPN protocols offered, in preference order.
     #[serde(default)]
@@ -110,6 +131,12 @@ pub struct Listener {
     /// `http`: HTTP/1.1 and HTTP/2 are served here and each request is routed.
     #[serde(default = "l4_mode")]
     pub mode: Spanned<ListenerMode>,
+    /// `false`: plain HTTP (HTTP mode only, no certificate).
+    #[serde(default = "default_true")]
+    pub tls: Spanned<bool>,
+    /// HTTP mode: the priority level of every request on this listener, whoever the
+    /// client (a plain listener is usually given a low one).
+    pub priority: Option<Spanned<String>>,
 }
 
 /// A certificate chain and its key, PEM files relative to the configuration file.
@@ -216,6 +243,9 @@ pub enum Balance {
     RoundRobin,
     LeastConnections,
     PowerOfTwoChoices,
+    /// HTTP mode: the server with the lowest peak-EWMA response time times its requests in
+    /// flight (plus one); like `least_connections` in L4 mode.
+    LeastResponseTime,
 }
 
 /// A group of backend servers.
@@ -466,6 +496,9 @@ fn default_idle_timeout() -> Spanned<u64> {
 }
 fn default_max_connections() -> Spanned<u32> {
     spanned(10_000)
+}
+fn default_max_wait() -> Spanned<u64> {
+    spanned(1000)
 }
 fn l4_mode() -> Spanned<ListenerMode> {
     spanned(ListenerMode::L4)
@@ -749,6 +782,40 @@ impl Config {
                 Err(c.invalid(name, key, format!("no pool is named {:?}", name.get_ref())))
             }
         };
+        let mut levels = HashSet::new();
+        for (i, priority) in self.priorities.iter().enumerate() {
+            let key = |k: &str| format!("priority[{i}].{k}");
+            if !levels.insert(priority.name.get_ref().as_str()) {
+                return Err(c.invalid(
+                    &priority.name,
+                    key("name"),
+                    "another priority level has this name",
+                ));
+            }
+            for range in priority.clients.get_ref() {
+                if range.parse::<ipnet::IpNet>().is_err()
+                    && range.parse::<std::net::IpAddr>().is_err()
+                {
+                    return Err(c.invalid(
+                        &priority.clients,
+                        key("clients"),
+                        format!("{range:?} is not an address or a CIDR range (10.0.0.0/8)"),
+                    ));
+                }
+            }
+            if let Some(ms) = &priority.response_time_ms {
+                if *ms.get_ref() == 0 {
+                    return Err(c.invalid(ms, key("response_time_ms"), "must be at least 1"));
+                }
+            }
+            if *priority.max_wait_ms.get_ref() > 60_000 {
+                return Err(c.invalid(
+                    &priority.max_wait_ms,
+                    key("max_wait_ms"),
+                    "at most 60000 (a minute)",
+                ));
+            }
+        }
         let mut listeners = HashSet::new();
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
@@ -771,11 +838,43 @@ impl Config {
                     ));
                 }
             }
-            if listener.certificates.is_empty() {
+            let http = *listener.mode.get_ref() == ListenerMode::Http;
+            if let Some(level) = &listener.priority {
+                if !http {
+                    return Err(c.invalid(
+                        level,
+                        key("priority"),
+                        "only a listener with mode = \"http\" has priority levels",
+                    ));
+                }
+                if !levels.contains(level.get_ref().as_str()) {
+                    return Err(c.invalid(
+                        level,
+                        key("priority"),
+                        format!("no [[priority]] level is named {:?}", level.get_ref()),
+                    ));
+                }
+            }
+            if !*listener.tls.get_ref() {
+                if !http {
+                    return Err(c.invalid(
+                        &listener.tls,
+                        key("tls"),
+                        "a plain (tls = false) listener needs mode = \"http\"",
+                    ));
+                }
+                if !listener.certificates.is_empty() {
+                    return Err(c.invalid(
+                        &listener.tls,
+                        key("tls"),
+                        "a plain (tls = false) listener takes no certificate",
+                    ));
+                }
+            } else if listener.certificates.is_empty() {
                 return Err(c.invalid(
                     &listener.name,
                     key("certificate"),
-                    "a listener needs a certificate",
+                    "a listener needs a certificate (or tls = false with mode = \"http\")",
                 ));
             }
             let versions = listener.tls_versions.get_ref();
@@ -1294,6 +1393,41 @@ pool = "web"
         assert!(redis.is_ok(), "{redis:?}");
         let ok = with("ticket_keys = \"file\"\nkey_files = [\"t.key\"]\nretired_key_window_s = 0");
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn priority_levels_and_plain_listeners_are_checked() {
+        let plain = "[[listener]]\nname = \"plain\"\naddress = \"127.0.0.1:8080\"\n\
+                     mode = \"http\"\ntls = false\ndefault_pool = \"web\"\n";
+        let levels = "[[priority]]\nname = \"high\"\nclients = [\"10.0.0.0/8\"]\n\
+                      [[priority]]\nname = \"low\"\nresponse_time_ms = 100\n";
+        let ok = format!("{GOOD}{plain}priority = \"low\"\n{levels}");
+        let config = parse(&ok).unwrap();
+        assert!(!*config.listeners[1].tls.get_ref());
+        let error = |text: String| parse(&text).unwrap_err().to_string();
+        assert!(error(format!("{GOOD}{plain}priority = \"gold\"\n{levels}"))
+            .contains("listener[1].priority: no [[priority]] level is named \"gold\""),);
+        assert!(
+            error(format!("{GOOD}{plain}{levels}").replace("mode = \"http\"\n", ""))
+                .contains("listener[1].tls: a plain (tls = false) listener needs mode = \"http\"")
+        );
+        assert!(error(format!(
+            "{GOOD}{plain}[[listener.certificate]]\nchain = \"c\"\nkey = \"k\"\n"
+        ))
+        .contains("takes no certificate"));
+        assert!(
+            error(format!("{GOOD}{}", plain.replace("tls = false\n", "")))
+                .contains("listener[1].certificate: a listener needs a certificate")
+        );
+        assert!(error(format!("{GOOD}{levels}{levels}"))
+            .contains("priority[2].name: another priority level has this name"));
+        assert!(error(format!(
+            "{GOOD}{}",
+            levels.replace("10.0.0.0/8", "10.0.0/8")
+        ))
+        .contains("priority[0].clients: \"10.0.0/8\" is not an address or a CIDR range"));
+        assert!(error(format!("{GOOD}{}", levels.replace("= 100", "= 0")))
+            .contains("priority[1].response_time_ms: must be at least 1"));
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub fn serve(
     shared: &Arc<Shared>,
 ) -> impl std::future::Future<Output = ()> + Send + '_ {
     async move {
+        if listener.tls.is_none() {
+            Box::pin(serve_plain(stream, &listener, &state, shared)).await;
+            return;
+        }
         let Some(Proxied {
             ctx,
             receiver,
@@ -48,6 +52,35 @@ pub fn serve(
         }
         drop(lease);
     }
+}
+
+/// A plain-HTTP listener's connection: its PROXY header (if the source is trusted), then
+/// HTTP on the socket itself.
+async fn serve_plain(
+    mut stream: TcpStream,
+    listener: &Arc<ListenerState>,
+    state: &Arc<State>,
+    shared: &Arc<Shared>,
+) {
+    let deadline = Instant::now() + listener.handshake_timeout;
+    let Some((client, _, initial)) = preface(&mut stream, listener, shared, deadline).await else {
+        return;
+    };
+    let trusted_forwarder = !listener.proxy_from.is_empty()
+        && stream
+            .peer_addr()
+            .is_ok_and(|peer| listener.proxy_from.contains(peer.ip()));
+    let conn = crate::http::Conn {
+        client,
+        trusted_forwarder,
+        server_name: None,
+        alpn: None,
+        tls: false,
+        listener: Arc::clone(listener),
+        state: Arc::clone(state),
+        shared: Arc::clone(shared),
+    };
+    crate::http::serve(crate::http::Prefixed::new(initial, stream), conn).await;
 }
 
 /// A connection ready for its record session.
@@ -70,6 +103,7 @@ async fn establish<'a>(
     shared: &'a Arc<Shared>,
 ) -> Option<Proxied<'a>> {
     let (listener, state) = (&**listener_arc, &**state_arc);
+    let listener_tls = listener.tls.as_ref()?;
     // The PROXY header and the handshake share the handshake timeout.
     let deadline = Instant::now() + listener.handshake_timeout;
     let (client, local, initial) = preface(stream, listener, shared, deadline).await?;
@@ -79,7 +113,7 @@ async fn establish<'a>(
             .is_ok_and(|peer| listener.proxy_from.contains(peer.ip()));
     let mut established = match Box::pin(tokio::time::timeout_at(
         deadline,
-        tls::handshake(stream, &listener.tls, initial),
+        tls::handshake(stream, listener_tls, initial),
     ))
     .await
     {
@@ -170,6 +204,7 @@ async fn establish<'a>(
             trusted_forwarder,
             server_name: server_name.clone(),
             alpn: alpn.clone(),
+            tls: true,
             listener: Arc::clone(listener_arc),
             state: Arc::clone(state_arc),
             shared: Arc::clone(shared),

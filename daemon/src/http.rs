@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
@@ -62,6 +62,8 @@ pub struct Conn {
     pub trusted_forwarder: bool,
     pub server_name: Option<String>,
     pub alpn: Option<String>,
+    /// False on a plain-HTTP listener.
+    pub tls: bool,
     pub listener: Arc<ListenerState>,
     pub state: Arc<State>,
     pub shared: Arc<Shared>,
@@ -71,29 +73,36 @@ pub struct Conn {
 /// the pump to use as the backend.
 pub fn start(conn: Conn) -> tokio::io::DuplexStream {
     let (ours, theirs) = tokio::io::duplex(PIPE);
-    let conn = Arc::new(conn);
-    tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |request| {
-            let conn = Arc::clone(&conn);
-            async move { Ok::<_, Infallible>(handle(request, &conn).await) }
-        });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD)
-            .max_headers(MAX_FIELDS);
-        builder
-            .http2()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .max_concurrent_streams(MAX_STREAMS)
-            .max_header_list_size(MAX_HEAD as u32);
-        if let Err(error) = builder.serve_connection(TokioIo::new(ours), service).await {
-            tracing::debug!(%error, "HTTP connection ended with an error");
-        }
-    });
+    tokio::spawn(serve(ours, conn));
     theirs
+}
+
+/// Serves HTTP on `io` (a plain-HTTP listener's connection, or the pipe of [`start`]) until
+/// either side ends it.
+pub async fn serve<I>(io: I, conn: Conn)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let service = hyper::service::service_fn(move |request| {
+        let conn = Arc::clone(&conn);
+        async move { Ok::<_, Infallible>(handle(request, &conn).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_FIELDS);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEAD as u32);
+    if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%error, "HTTP connection ended with an error");
+    }
 }
 
 /// One request: routed, forwarded, answered.
@@ -142,6 +151,19 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
         }
     }
     add_forwarding(&mut parts.headers, conn, host.as_deref());
+    // Priority: a request of a level held back waits for a place or is refused.
+    let level = pool
+        .admission
+        .levels()
+        .classify(conn.client.ip(), conn.listener.priority);
+    let _ticket = match pool.admission.admit(level).await {
+        Ok(ticket) => ticket,
+        Err(why) => {
+            tracing::debug!(pool = %pool.name, level, reason = why.as_str(), "request not admitted");
+            let wait = pool.admission.levels().get(level).max_wait;
+            return retry_later(wait);
+        }
+    };
     let path = parts
         .uri
         .path_and_query()
@@ -163,8 +185,14 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
             let Some(request) = head.request("any", streamed.boxed()) else {
                 return status(StatusCode::BAD_REQUEST, "bad request target\n");
             };
+            let started = Instant::now();
             match client.request(request).await {
-                Ok(response) => from_backend(response),
+                Ok(response) => {
+                    pool.admission
+                        .response_time
+                        .observe(started.elapsed(), Instant::now());
+                    from_backend(response)
+                }
                 Err(error) => backend_failed(&pool, conn, &error),
             }
         }
@@ -235,7 +263,18 @@ async fn failover(
         let Some(request) = head.request(&format!("s{server}"), full) else {
             return status(StatusCode::BAD_REQUEST, "bad request target\n");
         };
-        match client.request(request).await {
+        let backend = &pool.backends[server];
+        let started = Instant::now();
+        let pending = InFlight::new(&backend.requests_in_flight);
+        let answer = client.request(request).await;
+        drop(pending);
+        if answer.is_ok() {
+            // To the response head: the time the server took (a 5xx too).
+            let (took, now) = (started.elapsed(), Instant::now());
+            backend.response_time.observe(took, now);
+            pool.admission.response_time.observe(took, now);
+        }
+        match answer {
             Ok(response) if idempotent && pool.retry.on.contains(&response.status().as_u16()) => {
                 kept = Some(response);
             }
@@ -248,6 +287,74 @@ async fn failover(
         (Some(response), _) => from_backend(response),
         (None, Some(error)) => backend_failed(pool, conn, &error),
         (None, None) => status(StatusCode::SERVICE_UNAVAILABLE, "no server\n"),
+    }
+}
+
+/// A request counted in flight to a server until dropped (also when the client goes away
+/// and the request with it).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a std::sync::atomic::AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A plain-HTTP connection with the bytes already read from it (after a PROXY header) put
+/// back in front.
+#[derive(Debug)]
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    pub fn new(prefix: Vec<u8>, inner: T) -> Self {
+        Self {
+            prefix: Bytes::from(prefix),
+            inner,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -273,6 +380,20 @@ fn backend_failed(
     conn.shared.stats.http_backend_errors.inc(kind);
     tracing::warn!(pool = %pool.name, %error, "backend request failed");
     status(code, "the backend did not answer\n")
+}
+
+/// 503 with `Retry-After` (RFC 9110 §10.2.3): the pool is too slow for the request's
+/// priority level now.
+fn retry_later(wait: Duration) -> Response<Body> {
+    let mut response = status(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the service is busy; retry later\n",
+    );
+    let seconds = wait.as_secs().max(1);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 /// A short plain-text answer of the proxy's own.
@@ -362,7 +483,8 @@ fn add_forwarding(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
         std::net::IpAddr::V4(v4) => v4.to_string(),
         std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
-    let mut forwarded = format!("for={node};proto=https");
+    let proto = if conn.tls { "https" } else { "http" };
+    let mut forwarded = format!("for={node};proto={proto}");
     if let Some(host) = host {
         forwarded.push_str(&format!(";host=\"{host}\""));
     }
@@ -381,7 +503,7 @@ fn add_forwarding(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
             headers.insert(name, value);
         }
     }
-    headers.insert(x_forwarded_proto, HeaderValue::from_static("https"));
+    headers.insert(x_forwarded_proto, HeaderValue::from_static(proto));
 }
 
 /// The pooled HTTP client of `pool`, whose connections come from the pool's own connect

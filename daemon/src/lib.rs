@@ -18,6 +18,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod batch;
 pub mod cli;
 pub mod cluster;

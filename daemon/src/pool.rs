@@ -70,6 +70,10 @@ pub struct Backend {
     pub connections: AtomicU64,
     pub errors: AtomicU64,
     pub health_failures: AtomicU64,
+    /// HTTP mode: requests sent to it and not yet answered.
+    pub requests_in_flight: AtomicU32,
+    /// HTTP mode: its response time (to the response head), peak EWMA.
+    pub response_time: crate::admission::ResponseTime,
 }
 
 impl Backend {
@@ -83,6 +87,8 @@ impl Backend {
             connections: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             health_failures: AtomicU64::new(0),
+            requests_in_flight: AtomicU32::new(0),
+            response_time: crate::admission::ResponseTime::new(),
         }
     }
 
@@ -166,6 +172,8 @@ pub struct Pool {
     http: std::sync::OnceLock<crate::http::Client>,
     /// HTTP mode: when a request is sent on to another server.
     pub retry: RetryPolicy,
+    /// HTTP mode: the pool's response time and its priority levels' admission queue.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// HTTP mode's transparent failover for one pool.
@@ -211,7 +219,11 @@ impl Drop for Pool {
 impl Pool {
     /// Builds a pool from its configuration and starts its health checks on the current
     /// runtime. `base` resolves a relative CA path.
-    pub fn new(config: &config::Pool, base: &std::path::Path) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        config: &config::Pool,
+        base: &std::path::Path,
+        levels: Arc<crate::admission::Levels>,
+    ) -> anyhow::Result<Arc<Self>> {
         let tls = match &config.tls {
             None => None,
             Some(tls) => {
@@ -310,6 +322,7 @@ impl Pool {
                 retries: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
             },
+            admission: Arc::new(crate::admission::Admission::new(levels)),
         }))
     }
 
@@ -348,6 +361,21 @@ impl Pool {
                 (0..n)
                     .map(|k| candidates[(start + k) % n])
                     .min_by_key(load)
+                    .unwrap_or(candidates[0])
+            }
+            Balance::LeastResponseTime => {
+                // Peak EWMA cost: response time × (requests in flight + 1); a server with
+                // no answer yet costs nothing, so each gets tried. Ties go round-robin.
+                let cost = |i: &usize| {
+                    let b = &self.backends[*i];
+                    let pending = b.requests_in_flight.load(Ordering::Relaxed) as f64 + 1.0;
+                    b.response_time.get().as_secs_f64() * pending
+                };
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let n = candidates.len();
+                (0..n)
+                    .map(|k| candidates[(start + k) % n])
+                    .min_by(|a, b| cost(a).total_cmp(&cost(b)))
                     .unwrap_or(candidates[0])
             }
             Balance::PowerOfTwoChoices => {
@@ -596,7 +624,12 @@ mod tests {
             .build()
             .expect("runtime");
         let _guard = runtime.enter();
-        Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool")
+        Pool::new(
+            &config.pools[0],
+            std::path::Path::new("."),
+            Arc::new(crate::admission::Levels::new(&[]).expect("levels")),
+        )
+        .expect("pool")
     }
 
     #[test]
@@ -653,7 +686,12 @@ mod tests {
             .build()
             .expect("runtime");
         runtime.block_on(async {
-            let p = Pool::new(&config.pools[0], std::path::Path::new(".")).expect("pool");
+            let p = Pool::new(
+                &config.pools[0],
+                std::path::Path::new("."),
+                Arc::new(crate::admission::Levels::new(&[]).expect("levels")),
+            )
+            .expect("pool");
             check(p).await;
         });
     }

@@ -23,18 +23,22 @@ const V1_START: &[u8] = b"PROXY ";
 #[derive(Debug, Clone, Default)]
 pub struct Trusted(Vec<ipnet::IpNet>);
 
+/// CIDR ranges or single addresses, as the configuration gives them.
+pub fn parse_ranges(ranges: &[String]) -> anyhow::Result<Vec<ipnet::IpNet>> {
+    ranges
+        .iter()
+        .map(|r| {
+            r.parse::<ipnet::IpNet>()
+                .or_else(|_| r.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| anyhow::anyhow!("{r:?} is not an address or a CIDR range"))
+        })
+        .collect()
+}
+
 impl Trusted {
     /// From the configuration's ranges (checked there): CIDR ranges or single addresses.
     pub fn parse(ranges: &[String]) -> anyhow::Result<Self> {
-        ranges
-            .iter()
-            .map(|r| {
-                r.parse::<ipnet::IpNet>()
-                    .or_else(|_| r.parse::<IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| anyhow::anyhow!("{r:?} is not an address or a CIDR range"))
-            })
-            .collect::<anyhow::Result<_>>()
-            .map(Self)
+        parse_ranges(ranges).map(Self)
     }
 
     /// True when the listener takes PROXY headers at all.

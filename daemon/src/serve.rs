@@ -77,7 +77,11 @@ pub struct ServerStats {
 #[derive(Debug)]
 pub struct ListenerState {
     pub name: String,
-    pub tls: ListenerTls,
+    /// `None`: a plain-HTTP listener.
+    pub tls: Option<ListenerTls>,
+    /// HTTP mode: the priority level every request here has (an index into
+    /// [`State::levels`]), whoever the client.
+    pub priority: Option<usize>,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub default_pool: Option<String>,
@@ -93,6 +97,8 @@ pub struct ListenerState {
 pub struct State {
     pub listeners: HashMap<String, Arc<ListenerState>>,
     pub pools: HashMap<String, Arc<Pool>>,
+    /// HTTP mode's priority levels.
+    pub levels: Arc<crate::admission::Levels>,
     pub routes: Vec<RouteRule>,
     pub policy: Policy,
     pub rekey_after: u64,
@@ -357,26 +363,40 @@ fn build_state(
     shares_sessions: bool,
 ) -> anyhow::Result<State> {
     let mut pools = HashMap::new();
+    let levels = Arc::new(crate::admission::Levels::new(&config.priorities)?);
     for pool in &config.pools {
-        pools.insert(pool.name.get_ref().clone(), Pool::new(pool, base)?);
+        pools.insert(
+            pool.name.get_ref().clone(),
+            Pool::new(pool, base, Arc::clone(&levels))?,
+        );
     }
     let mut listeners = HashMap::new();
     for listener in &config.listeners {
-        let tls = ListenerTls::new(
-            listener,
-            base,
-            provider,
-            offloaded,
-            resumption,
-            shares_sessions,
-        )
-        .with_context(|| format!("listener {}", listener.name.get_ref()))?;
+        let tls = if *listener.tls.get_ref() {
+            Some(
+                ListenerTls::new(
+                    listener,
+                    base,
+                    provider,
+                    offloaded,
+                    resumption,
+                    shares_sessions,
+                )
+                .with_context(|| format!("listener {}", listener.name.get_ref()))?,
+            )
+        } else {
+            None
+        };
         let keepalive = *listener.tcp_keepalive_s.get_ref();
         listeners.insert(
             listener.name.get_ref().clone(),
             Arc::new(ListenerState {
                 name: listener.name.get_ref().clone(),
                 tls,
+                priority: listener
+                    .priority
+                    .as_ref()
+                    .and_then(|p| levels.index_of(p.get_ref())),
                 handshake_timeout: Duration::from_millis(*listener.handshake_timeout_ms.get_ref()),
                 idle_timeout: Duration::from_millis(*listener.idle_timeout_ms.get_ref()),
                 default_pool: listener.default_pool.as_ref().map(|p| p.get_ref().clone()),
@@ -404,6 +424,7 @@ fn build_state(
     Ok(State {
         listeners,
         pools,
+        levels,
         routes,
         policy: Policy {
             cpu_below: *config.offload.cpu_below_bytes.get_ref() as usize,

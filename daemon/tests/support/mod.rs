@@ -51,6 +51,8 @@ pub struct Daemon {
     pub child: Child,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// Every listener's name and address.
+    pub listeners: Vec<(String, SocketAddr)>,
     pub config: PathBuf,
     lines: mpsc::Receiver<String>,
 }
@@ -91,6 +93,7 @@ impl Daemon {
             child,
             listen: "0.0.0.0:0".parse().expect("addr"),
             admin: "0.0.0.0:0".parse().expect("addr"),
+            listeners: Vec::new(),
             config: file,
             lines,
         };
@@ -103,8 +106,17 @@ impl Daemon {
                 .recv_timeout(left)
                 .expect("the daemon reports its addresses");
             if let Some(rest) = line.strip_prefix("tlsaccel: listener ") {
-                let url = rest.split(" on https://").nth(1).expect("address");
-                listen = Some(url.trim_end_matches('/').parse().expect("socket address"));
+                let (name, url) = rest.split_once(" on ").expect("name and address");
+                let (scheme, address) = url.split_once("://").expect("url");
+                let address: SocketAddr = address
+                    .trim_end_matches('/')
+                    .parse()
+                    .expect("socket address");
+                daemon.listeners.push((name.to_owned(), address));
+                // The first TLS listener is the one most tests use.
+                if scheme == "https" && listen.is_none() {
+                    listen = Some(address);
+                }
             } else if let Some(rest) = line.strip_prefix("tlsaccel: admin on http://") {
                 admin = Some(
                     rest.split('/')
@@ -118,6 +130,15 @@ impl Daemon {
         daemon.listen = listen.expect("listener");
         daemon.admin = admin.expect("admin");
         daemon
+    }
+
+    /// The address of listener `name`.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no listener {name}"))
     }
 
     /// Waits for a stdout line containing `text`.
