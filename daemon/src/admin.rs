@@ -718,6 +718,52 @@ fn backend_metrics(shared: &Shared, e: &mut Exposition) {
         }
     }
     priority_metrics(e, &pools);
+    buffer_metrics(e, &state.buffers);
+}
+
+/// HTTP mode's shared buffer pool.
+fn buffer_metrics(e: &mut crate::metrics::Exposition, buffers: &crate::buffers::BufferPool) {
+    let (size, used) = buffers.size_and_use();
+    e.family(
+        "tlsaccel_http_buffer_pool_bytes",
+        "gauge",
+        "HTTP mode: the buffer pool for held request bodies: its size, the part in use, and \
+         the part kept allocated for reuse.",
+    );
+    for (what, value) in [
+        ("size", size),
+        ("used", used),
+        ("kept_free", buffers.kept_free()),
+    ] {
+        e.sample("tlsaccel_http_buffer_pool_bytes", &[("state", what)], value);
+    }
+    e.family(
+        "tlsaccel_http_buffer_pool_resizes_total",
+        "counter",
+        "HTTP mode: the buffer pool doubling (past 95 % in use) and halving (under 40 %).",
+    );
+    for (direction, counter) in [
+        ("grow", &buffers.stats.grown),
+        ("shrink", &buffers.stats.shrunk),
+    ] {
+        e.sample(
+            "tlsaccel_http_buffer_pool_resizes_total",
+            &[("direction", direction)],
+            counter.load(Ordering::Relaxed),
+        );
+    }
+    e.single(
+        "tlsaccel_http_buffer_pool_waits_total",
+        "counter",
+        "HTTP mode: requests that waited for room in the buffer pool at its cap.",
+        buffers.stats.waited.load(Ordering::Relaxed),
+    );
+    e.single(
+        "tlsaccel_http_buffer_pool_refused_total",
+        "counter",
+        "HTTP mode: requests answered 503 because the buffer pool stayed full.",
+        buffers.stats.refused.load(Ordering::Relaxed),
+    );
 }
 
 /// HTTP mode's response times and admission queues.

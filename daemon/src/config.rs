@@ -70,6 +70,45 @@ pub struct Config {
     /// HTTP mode: priority levels, highest first.
     #[serde(default, rename = "priority")]
     pub priorities: Vec<Priority>,
+    /// HTTP mode's shared settings.
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// `[http]`: the buffer pool that holds request bodies while a server is chosen and
+/// answers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// The pool's smallest size (it halves down to this when little is in use).
+    #[serde(default = "default_buffer_min")]
+    pub buffer_pool_min_kib: Spanned<u64>,
+    /// Its cap: requests that do not fit wait, then get 503.
+    #[serde(default = "default_buffer_max")]
+    pub buffer_pool_max_kib: Spanned<u64>,
+    /// How long a request waits for room at the cap.
+    #[serde(default = "default_buffer_wait")]
+    pub buffer_wait_ms: Spanned<u64>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            buffer_pool_min_kib: default_buffer_min(),
+            buffer_pool_max_kib: default_buffer_max(),
+            buffer_wait_ms: default_buffer_wait(),
+        }
+    }
+}
+
+fn default_buffer_min() -> Spanned<u64> {
+    spanned(1024)
+}
+fn default_buffer_max() -> Spanned<u64> {
+    spanned(256 * 1024)
+}
+fn default_buffer_wait() -> Spanned<u64> {
+    spanned(1000)
 }
 
 /// An HTTP-mode priority level (the order in the file is the order of priority).
@@ -782,6 +821,41 @@ impl Config {
                 Err(c.invalid(name, key, format!("no pool is named {:?}", name.get_ref())))
             }
         };
+        let http = &self.http;
+        let (min, max) = (
+            *http.buffer_pool_min_kib.get_ref(),
+            *http.buffer_pool_max_kib.get_ref(),
+        );
+        if !(16..=64 * 1024 * 1024).contains(&max) {
+            return Err(c.invalid(
+                &http.buffer_pool_max_kib,
+                "http.buffer_pool_max_kib",
+                "16 (one chunk) to 67108864 (64 GiB)",
+            ));
+        }
+        if min == 0 || min > max {
+            return Err(c.invalid(
+                &http.buffer_pool_min_kib,
+                "http.buffer_pool_min_kib",
+                format!("1 to buffer_pool_max_kib ({max})"),
+            ));
+        }
+        if *http.buffer_wait_ms.get_ref() > 60_000 {
+            return Err(c.invalid(
+                &http.buffer_wait_ms,
+                "http.buffer_wait_ms",
+                "at most 60000 (a minute)",
+            ));
+        }
+        for (i, pool) in self.pools.iter().enumerate() {
+            if u64::from(*pool.retry_body_bytes.get_ref()) > max * 1024 {
+                return Err(c.invalid(
+                    &pool.retry_body_bytes,
+                    format!("pool[{i}].retry_body_bytes"),
+                    format!("more than the whole buffer pool (http.buffer_pool_max_kib = {max})"),
+                ));
+            }
+        }
         let mut levels = HashSet::new();
         for (i, priority) in self.priorities.iter().enumerate() {
             let key = |k: &str| format!("priority[{i}].{k}");

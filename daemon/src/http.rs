@@ -177,9 +177,21 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
         path,
         headers: parts.headers,
     };
-    match hold_body(body, pool.retry.body_bytes).await {
-        Ok(Some(bytes)) => failover(&pool, &client, &head, bytes, conn).await,
-        Ok(None) => status(StatusCode::BAD_REQUEST, "the request body did not arrive\n"),
+    match hold_body(body, pool.retry.body_bytes, &conn.state.buffers).await {
+        Ok(Held::Body(held)) => {
+            let bytes = held.as_ref().map_or_else(Bytes::new, |h| h.to_bytes());
+            // The chunks stay held until the answer: another try may need them.
+            let response = failover(&pool, &client, &head, bytes, conn).await;
+            drop(held);
+            response
+        }
+        Ok(Held::Incomplete) => {
+            status(StatusCode::BAD_REQUEST, "the request body did not arrive\n")
+        }
+        Ok(Held::NoRoom) => {
+            tracing::warn!("the HTTP buffer pool stayed full; request refused");
+            retry_later(Duration::from_secs(1))
+        }
         Err(streamed) => {
             // Too long to hold: sent once, to the server the pool's connect chooses.
             let Some(request) = head.request("any", streamed.boxed()) else {
@@ -221,14 +233,45 @@ impl Head {
     }
 }
 
-/// The body, collected when it is known to be at most `limit` bytes (`None`: the client
-/// did not finish sending it); `Err` gives back a longer or unknown-length body to stream.
-async fn hold_body(body: Incoming, limit: usize) -> Result<Option<Bytes>, Incoming> {
+/// What became of a body to hold.
+enum Held {
+    /// All of it, in the buffer pool's chunks (`None`: no body).
+    Body(Option<crate::buffers::Held>),
+    /// The client did not finish sending it (or sent more than it said).
+    Incomplete,
+    /// The buffer pool stayed full.
+    NoRoom,
+}
+
+/// The body, held in the shared buffer pool when it is known to be at most `limit`
+/// bytes; `Err` gives back a longer or unknown-length body to stream.
+async fn hold_body(
+    mut body: Incoming,
+    limit: usize,
+    buffers: &Arc<crate::buffers::BufferPool>,
+) -> Result<Held, Incoming> {
     use hyper::body::Body as _;
-    match body.size_hint().upper() {
-        Some(n) if n <= limit as u64 => Ok(body.collect().await.ok().map(|b| b.to_bytes())),
-        _ => Err(body),
+    let size = match body.size_hint().upper() {
+        Some(n) if n <= limit as u64 => n as usize,
+        _ => return Err(body),
+    };
+    if size == 0 && body.is_end_stream() {
+        return Ok(Held::Body(None));
     }
+    let Some(mut held) = buffers.take(size).await else {
+        return Ok(Held::NoRoom);
+    };
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Ok(Held::Incomplete);
+        };
+        if let Ok(data) = frame.into_data() {
+            if !held.push(&data) {
+                return Ok(Held::Incomplete);
+            }
+        }
+    }
+    Ok(Held::Body(Some(held)))
 }
 
 /// Sends a request whose body is held, moving on to another server (RFC 9110 §9.2.2) when

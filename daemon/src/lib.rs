@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod admission;
 pub mod batch;
+pub mod buffers;
 pub mod cli;
 pub mod cluster;
 pub mod config;

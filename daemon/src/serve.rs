@@ -99,6 +99,8 @@ pub struct State {
     pub pools: HashMap<String, Arc<Pool>>,
     /// HTTP mode's priority levels.
     pub levels: Arc<crate::admission::Levels>,
+    /// HTTP mode's buffers for held request bodies.
+    pub buffers: Arc<crate::buffers::BufferPool>,
     pub routes: Vec<RouteRule>,
     pub policy: Policy,
     pub rekey_after: u64,
@@ -425,6 +427,11 @@ fn build_state(
         listeners,
         pools,
         levels,
+        buffers: crate::buffers::BufferPool::new(
+            *config.http.buffer_pool_min_kib.get_ref() as usize * 1024,
+            *config.http.buffer_pool_max_kib.get_ref() as usize * 1024,
+            Duration::from_millis(*config.http.buffer_wait_ms.get_ref()),
+        ),
         routes,
         policy: Policy {
             cpu_below: *config.offload.cpu_below_bytes.get_ref() as usize,

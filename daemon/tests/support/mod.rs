@@ -99,7 +99,8 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         let (mut listen, mut admin) = (None, None);
-        while listen.is_none() || admin.is_none() {
+        // Every listener is reported before the admin endpoint.
+        while admin.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = daemon
                 .lines
@@ -127,7 +128,9 @@ impl Daemon {
                 );
             }
         }
-        daemon.listen = listen.expect("listener");
+        daemon.listen = listen
+            .or(daemon.listeners.first().map(|(_, a)| *a))
+            .expect("listener");
         daemon.admin = admin.expect("admin");
         daemon
     }

@@ -1,6 +1,9 @@
-//! HTTP mode's priority levels through `tlsaccel serve`: a backend that slows down with
-//! load, low-priority load on a plain-HTTP listener, and high-priority requests over TLS
-//! from a named client address (curl bound to 127.0.0.2).
+//! HTTP mode under load through `tlsaccel serve`:
+//! * priority levels: a backend that slows down with load, low-priority load on a
+//!   plain-HTTP listener, and high-priority requests over TLS from a named client address
+//!   (curl bound to 127.0.0.2);
+//! * the buffer pool: a ramp of concurrent POSTs held at a backend the test opens and
+//!   closes, the pool doubling, holding at its cap and halving back.
 
 mod support;
 
@@ -244,4 +247,153 @@ fn a_slow_pool_holds_back_low_levels_and_the_plain_listener_while_high_clients_g
     assert!(daemon
         .admin_get("/metrics")
         .contains("tlsaccel_pool_response_seconds{pool=\"app\"} 0."));
+}
+
+/// A backend that holds every request until the test lets it go: the n-th request to
+/// arrive (from 0) is answered once the gate passes n.
+async fn gated_backend(gate: tokio::sync::watch::Receiver<u64>) -> SocketAddr {
+    let arrivals = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let gate = gate.clone();
+            let arrivals = Arc::clone(&arrivals);
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let mut gate = gate.clone();
+                        let arrivals = Arc::clone(&arrivals);
+                        async move {
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len());
+                            let n = arrivals.fetch_add(1, Ordering::SeqCst) as u64;
+                            let _ = gate.wait_for(|&open| open > n).await;
+                            let text = format!("{}\n", body.unwrap_or(0));
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+#[test]
+fn the_buffer_pool_doubles_with_load_holds_at_its_cap_and_halves_back() {
+    const KIB: u64 = 1024;
+    let rt = runtime();
+    let dir = Scratch::new("buffer-pool");
+    let (gate, gate_rx) = tokio::sync::watch::channel(0u64);
+    let backend = rt.block_on(gated_backend(gate_rx));
+    // 64 KiB to 512 KiB in chunks of 16 KiB; each request holds a 32 KiB body (2 chunks).
+    let daemon = Daemon::start(
+        &dir.0,
+        &format!(
+            r#"[[listener]]
+name = "plain"
+address = "127.0.0.1:0"
+mode = "http"
+tls = false
+default_pool = "app"
+
+[http]
+buffer_pool_min_kib = 64
+buffer_pool_max_kib = 512
+buffer_wait_ms = 20000
+
+[[pool]]
+name = "app"
+servers = ["{backend}"]
+
+[admin]
+address = "127.0.0.1:0"
+"#
+        ),
+    );
+    let plain = daemon.listener("plain");
+    let pool = |what: &str| {
+        daemon.metric(&format!(
+            "tlsaccel_http_buffer_pool_bytes{{state=\"{what}\"}}"
+        ))
+    };
+    let post = move || async move {
+        let tcp = tokio::net::TcpStream::connect(plain)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let request = Request::post("/upload")
+            .header("host", "app.test")
+            .body(Full::new(Bytes::from(vec![7u8; 32 * 1024])))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("answer");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).trim().to_owned())
+    };
+    assert_eq!(pool("size"), 64 * KIB);
+    let mut sizes = Vec::new();
+    let mut sent = 0;
+    for (stage, clients) in [1u64, 2, 4, 8].into_iter().enumerate() {
+        sent += clients;
+        let requests: Vec<_> = (0..clients).map(|_| rt.spawn(post())).collect();
+        let used = daemon.metric_until(
+            "tlsaccel_http_buffer_pool_bytes{state=\"used\"}",
+            Duration::from_secs(20),
+            |v| v == clients * 32 * KIB,
+        );
+        assert_eq!(
+            used,
+            clients * 32 * KIB,
+            "stage {stage}: all held at the backend"
+        );
+        sizes.push(pool("size") / KIB);
+        gate.send_replace(sent);
+        for request in requests {
+            assert_eq!(rt.block_on(request).unwrap(), (200, "32768".to_owned()));
+        }
+    }
+    // 2 of 4 chunks is 50 %: kept; then each step passes 95 % and doubles.
+    assert_eq!(sizes, vec![64, 128, 256, 512]);
+    // 24 clients need 48 chunks; 32 fit at the cap, the rest wait for room.
+    let requests: Vec<_> = (0..24).map(|_| rt.spawn(post())).collect();
+    daemon.metric_until(
+        "tlsaccel_http_buffer_pool_waits_total",
+        Duration::from_secs(20),
+        |v| v >= 8,
+    );
+    assert_eq!(pool("used"), 512 * KIB);
+    assert_eq!(pool("size"), 512 * KIB, "held at the cap");
+    gate.send_replace(u64::MAX);
+    for request in requests {
+        assert_eq!(rt.block_on(request).unwrap(), (200, "32768".to_owned()));
+    }
+    // Nothing held: back to the minimum by halving, and nothing kept beyond it.
+    assert_eq!(
+        daemon.metric_until(
+            "tlsaccel_http_buffer_pool_bytes{state=\"size\"}",
+            Duration::from_secs(5),
+            |v| v == 64 * KIB
+        ),
+        64 * KIB
+    );
+    assert!(pool("kept_free") <= 64 * KIB);
+    assert!(daemon.metric("tlsaccel_http_buffer_pool_resizes_total{direction=\"shrink\"}") >= 3);
+    assert_eq!(daemon.metric("tlsaccel_http_buffer_pool_refused_total"), 0);
 }
