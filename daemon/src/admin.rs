@@ -147,6 +147,23 @@ pub fn metrics(shared: &Shared) -> String {
             value,
         );
     }
+    e.family(
+        "tlsaccel_http_refused_total",
+        "counter",
+        "HTTP mode: requests an inspection rule refused, by rule (method 405, path 403, header_fields and header_bytes 431, body 413).",
+    );
+    let refused = s.http_refused.snapshot();
+    for rule in crate::inspect::Rule::ALL {
+        let value = refused
+            .iter()
+            .find(|(k, _)| k == rule.as_str())
+            .map_or(0, |(_, v)| *v);
+        e.sample(
+            "tlsaccel_http_refused_total",
+            &[("rule", rule.as_str())],
+            value,
+        );
+    }
     if let Some(pke) = &shared.pke {
         let h = pke.stats();
         e.family(
@@ -719,6 +736,53 @@ fn backend_metrics(shared: &Shared, e: &mut Exposition) {
     }
     priority_metrics(e, &pools);
     buffer_metrics(e, &state.buffers);
+    cache_metrics(e, &state);
+}
+
+/// HTTP mode's response caches, by listener.
+fn cache_metrics(e: &mut crate::metrics::Exposition, state: &crate::serve::State) {
+    let mut listeners: Vec<_> = state
+        .listeners
+        .values()
+        .filter(|l| l.cache.is_some())
+        .collect();
+    listeners.sort_by(|a, b| a.name.cmp(&b.name));
+    e.family(
+        "tlsaccel_http_cache_total",
+        "counter",
+        "HTTP mode: response cache outcomes (hit: answered from the cache; miss; revalidated: a stale entry the backend confirmed with 304; stored; invalidated by an unsafe request).",
+    );
+    for l in &listeners {
+        let Some(cache) = &l.cache else { continue };
+        let st = &cache.stats;
+        for (result, counter) in [
+            ("hit", &st.hits),
+            ("miss", &st.misses),
+            ("revalidated", &st.revalidated),
+            ("stored", &st.stored),
+            ("invalidated", &st.invalidated),
+        ] {
+            e.sample(
+                "tlsaccel_http_cache_total",
+                &[("listener", &l.name), ("result", result)],
+                counter.load(Ordering::Relaxed),
+            );
+        }
+    }
+    e.family(
+        "tlsaccel_http_cache_bytes",
+        "gauge",
+        "HTTP mode: bytes the response cache holds (bodies, heads and keys).",
+    );
+    for l in &listeners {
+        if let Some(cache) = &l.cache {
+            e.sample(
+                "tlsaccel_http_cache_bytes",
+                &[("listener", &l.name)],
+                cache.weighted_size(),
+            );
+        }
+    }
 }
 
 /// HTTP mode's shared buffer pool.

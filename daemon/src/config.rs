@@ -176,6 +176,47 @@ pub struct Listener {
     /// HTTP mode: the priority level of every request on this listener, whoever the
     /// client (a plain listener is usually given a low one).
     pub priority: Option<Spanned<String>>,
+    /// HTTP mode: rules every request must pass before it is routed.
+    pub inspect: Option<Inspect>,
+    /// HTTP mode: an in-memory cache of GET/HEAD responses (RFC 9111, as a shared cache).
+    pub cache: Option<CacheSettings>,
+}
+
+/// `[listener.inspect]`: HTTP mode's request rules (each optional).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inspect {
+    /// Allowed methods; others get 405 with `Allow`. Empty: any.
+    #[serde(default = "no_suites")]
+    pub methods: Spanned<Vec<String>>,
+    /// Regular expressions (Rust `regex` syntax) on the path; when given, a path must match
+    /// one, else 403.
+    #[serde(default = "no_suites")]
+    pub allow_paths: Spanned<Vec<String>>,
+    /// A path matching one of these gets 403.
+    #[serde(default = "no_suites")]
+    pub deny_paths: Spanned<Vec<String>>,
+    /// More header fields than this: 431.
+    pub max_header_fields: Option<Spanned<u32>>,
+    /// Header names and values longer than this in all: 431.
+    pub max_header_bytes: Option<Spanned<u32>>,
+    /// A body longer than this: 413.
+    pub max_body_bytes: Option<Spanned<u64>>,
+}
+
+/// `[listener.cache]`: HTTP mode's response cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Bytes of cached responses (bodies and heads) at most.
+    pub max_bytes: Spanned<u64>,
+    /// A response with a longer body is not stored.
+    #[serde(default = "default_cache_object")]
+    pub max_object_bytes: Spanned<u64>,
+}
+
+fn default_cache_object() -> Spanned<u64> {
+    spanned(1024 * 1024)
 }
 
 /// A certificate chain and its key, PEM files relative to the configuration file.
@@ -913,6 +954,62 @@ impl Config {
                 }
             }
             let http = *listener.mode.get_ref() == ListenerMode::Http;
+            if let Some(inspect) = &listener.inspect {
+                if !http {
+                    return Err(c.invalid(
+                        &listener.mode,
+                        key("inspect"),
+                        "[listener.inspect] needs mode = \"http\"",
+                    ));
+                }
+                for m in inspect.methods.get_ref() {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
+                        return Err(c.invalid(
+                            &inspect.methods,
+                            key("inspect.methods"),
+                            format!("{m:?} is not a method name (GET, POST, ...)"),
+                        ));
+                    }
+                }
+                for (field, patterns) in [
+                    ("allow_paths", &inspect.allow_paths),
+                    ("deny_paths", &inspect.deny_paths),
+                ] {
+                    for p in patterns.get_ref() {
+                        if let Err(e) = regex::Regex::new(p) {
+                            return Err(c.invalid(
+                                patterns,
+                                key(&format!("inspect.{field}")),
+                                format!("{p:?}: {}", e.to_string().lines().last().unwrap_or("")),
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Some(cache) = &listener.cache {
+                if !http {
+                    return Err(c.invalid(
+                        &listener.mode,
+                        key("cache"),
+                        "[listener.cache] needs mode = \"http\"",
+                    ));
+                }
+                let max = *cache.max_bytes.get_ref();
+                if !(1024..=64 << 30).contains(&max) {
+                    return Err(c.invalid(
+                        &cache.max_bytes,
+                        key("cache.max_bytes"),
+                        "1024 to 68719476736 (64 GiB)",
+                    ));
+                }
+                if *cache.max_object_bytes.get_ref() > max {
+                    return Err(c.invalid(
+                        &cache.max_object_bytes,
+                        key("cache.max_object_bytes"),
+                        "more than the whole cache (max_bytes)",
+                    ));
+                }
+            }
             if let Some(level) = &listener.priority {
                 if !http {
                     return Err(c.invalid(
@@ -1502,6 +1599,23 @@ pool = "web"
         .contains("priority[0].clients: \"10.0.0/8\" is not an address or a CIDR range"));
         assert!(error(format!("{GOOD}{}", levels.replace("= 100", "= 0")))
             .contains("priority[1].response_time_ms: must be at least 1"));
+        let inspect = format!("{GOOD}{plain}[listener.inspect]\n");
+        assert!(error(format!("{inspect}deny_paths = [\"(unclosed\"]\n"))
+            .contains("listener[1].inspect.deny_paths: \"(unclosed\""));
+        assert!(error(format!("{inspect}methods = [\"get\"]\n"))
+            .contains("listener[1].inspect.methods: \"get\" is not a method name"));
+        assert!(parse(&format!(
+            "{inspect}methods = [\"GET\"]\nmax_body_bytes = 10\n"
+        ))
+        .is_ok());
+        assert!(
+            error(format!("{GOOD}[listener.cache]\nmax_bytes = 100000\n"))
+                .contains("listener[0].cache: [listener.cache] needs mode = \"http\"")
+        );
+        assert!(error(format!(
+            "{GOOD}{plain}[listener.cache]\nmax_bytes = 2048\nmax_object_bytes = 4096\n"
+        ))
+        .contains("more than the whole cache"));
     }
 
     #[test]

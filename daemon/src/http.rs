@@ -47,7 +47,8 @@ const IDLE_PER_POOL: usize = 64;
 const IDLE_FOR: Duration = Duration::from_secs(60);
 
 /// A body of either side.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// hyper-util's pooled client over a pool's servers.
 pub type Client = hyper_util::client::legacy::Client<PoolConnector, Body>;
@@ -120,7 +121,26 @@ async fn handle(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
 }
 
 async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    use hyper::body::Body as _;
     let (mut parts, body) = request.into_parts();
+    // The inspection point: the listener's rules, before anything else.
+    if let Some(rules) = &conn.listener.inspect {
+        let declared = body.size_hint().exact();
+        if let Err(rule) = rules.check(&parts.method, parts.uri.path(), &parts.headers, declared) {
+            conn.shared.stats.http_refused.inc(rule.as_str());
+            tracing::debug!(
+                rule = rule.as_str(),
+                "request refused by an inspection rule"
+            );
+            let mut response = status(rule.status(), "refused by this server's rules\n");
+            if rule == crate::inspect::Rule::Method {
+                if let Ok(allow) = HeaderValue::from_str(&rules.allow()) {
+                    response.headers_mut().insert(header::ALLOW, allow);
+                }
+            }
+            return response;
+        }
+    }
     let host = request_host(&parts.uri, &parts.headers);
     let target = Target {
         host: host.as_deref(),
@@ -140,6 +160,74 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
         );
     };
     remove_hop_by_hop(&mut parts.headers);
+    let Some(cache) = conn.listener.cache.as_ref() else {
+        return send(parts, body, &pool, host.as_deref(), conn).await;
+    };
+    // The response cache: a fresh entry answers here; a stale one is revalidated.
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let view = crate::cache::view(
+        &parts.method,
+        host.as_deref().unwrap_or(""),
+        target,
+        &parts.headers,
+    );
+    let mut revalidating = None;
+    match cache.lookup(&view) {
+        crate::cache::Lookup::Fresh(head, bytes) => return cached(head, bytes),
+        crate::cache::Lookup::Stale(entry, validators) => {
+            for (name, value) in &validators {
+                parts.headers.insert(name, value.clone());
+            }
+            revalidating = Some(entry);
+        }
+        crate::cache::Lookup::Miss => {}
+    }
+    let response = send(parts, body, &pool, host.as_deref(), conn).await;
+    if let Some(entry) = revalidating {
+        if let Some((head, bytes)) =
+            cache.revalidated(&view, &entry, response.status(), response.headers())
+        {
+            return cached(head, bytes);
+        }
+    }
+    cache.after_unsafe(&view, response.status());
+    let (head, body) = response.into_parts();
+    if !cache.wants(&view, &head, body.size_hint().exact()) {
+        return Response::from_parts(head, body);
+    }
+    match body.collect().await {
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            cache.store(&view, &head, bytes.clone());
+            Response::from_parts(head, full(bytes))
+        }
+        Err(error) => {
+            tracing::warn!(pool = %pool.name, %error, "backend response body failed");
+            status(StatusCode::BAD_GATEWAY, "the backend did not answer\n")
+        }
+    }
+}
+
+/// A body of bytes in hand.
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// An answer from the cache.
+fn cached(head: http::response::Parts, bytes: Bytes) -> Response<Body> {
+    Response::from_parts(head, full(bytes))
+}
+
+/// Sends a routed request to its pool (admission, held body and failover, or streamed)
+/// and returns the answer for the client.
+async fn send(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    pool: &Arc<Pool>,
+    host: Option<&str>,
+    conn: &Conn,
+) -> Response<Body> {
+    let pool = Arc::clone(pool);
     if !parts.headers.contains_key(header::HOST) {
         // HTTP/2 carries the host in :authority; HTTP/1.1 backends need it as Host.
         if let Some(value) = parts
@@ -150,7 +238,7 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
             parts.headers.insert(header::HOST, value);
         }
     }
-    add_forwarding(&mut parts.headers, conn, host.as_deref());
+    add_forwarding(&mut parts.headers, conn, host);
     // Priority: a request of a level held back waits for a place or is refused.
     let level = pool
         .admission
@@ -193,8 +281,18 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
             retry_later(Duration::from_secs(1))
         }
         Err(streamed) => {
-            // Too long to hold: sent once, to the server the pool's connect chooses.
-            let Some(request) = head.request("any", streamed.boxed()) else {
+            // Too long to hold: sent once, to the server the pool's connect chooses; cut
+            // at the listener's body limit, if it has one.
+            let body = match conn
+                .listener
+                .inspect
+                .as_ref()
+                .and_then(|r| r.max_body_bytes)
+            {
+                Some(max) => crate::inspect::limit_body(streamed, max).boxed(),
+                None => streamed.map_err(Into::into).boxed(),
+            };
+            let Some(request) = head.request("any", body) else {
                 return status(StatusCode::BAD_REQUEST, "bad request target\n");
             };
             let started = Instant::now();
@@ -205,10 +303,32 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
                         .observe(started.elapsed(), Instant::now());
                     from_backend(response)
                 }
+                Err(error) if over_body_limit(&error) => {
+                    conn.shared
+                        .stats
+                        .http_refused
+                        .inc(crate::inspect::Rule::Body.as_str());
+                    status(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "refused by this server's rules\n",
+                    )
+                }
                 Err(error) => backend_failed(&pool, conn, &error),
             }
         }
     }
+}
+
+/// True when a request failed because its body passed the listener's limit.
+fn over_body_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// What is sent of a request again on each try.
@@ -405,7 +525,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 fn from_backend(response: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
 /// No answer from the pool: 503 when no server could be reached, 502 when an exchange

@@ -54,6 +54,8 @@ pub struct ServerStats {
     pub http_responses: LabelledCounter,
     /// HTTP mode: requests a backend did not answer (`connect`, `exchange`).
     pub http_backend_errors: LabelledCounter,
+    /// HTTP mode: requests an inspection rule refused, by rule.
+    pub http_refused: LabelledCounter,
     /// Connections closed because no backend could be reached.
     pub backend_unavailable: AtomicU64,
     /// Connections with no route and no default pool.
@@ -82,6 +84,10 @@ pub struct ListenerState {
     /// HTTP mode: the priority level every request here has (an index into
     /// [`State::levels`]), whoever the client.
     pub priority: Option<usize>,
+    /// HTTP mode: the inspection rules.
+    pub inspect: Option<crate::inspect::Rules>,
+    /// HTTP mode: the response cache (emptied by a reload).
+    pub cache: Option<crate::cache::ResponseCache>,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub default_pool: Option<String>,
@@ -399,6 +405,18 @@ fn build_state(
                     .priority
                     .as_ref()
                     .and_then(|p| levels.index_of(p.get_ref())),
+                inspect: listener
+                    .inspect
+                    .as_ref()
+                    .map(crate::inspect::Rules::new)
+                    .transpose()
+                    .with_context(|| format!("listener {}", listener.name.get_ref()))?,
+                cache: listener.cache.as_ref().map(|c| {
+                    crate::cache::ResponseCache::new(
+                        *c.max_bytes.get_ref(),
+                        *c.max_object_bytes.get_ref(),
+                    )
+                }),
                 handshake_timeout: Duration::from_millis(*listener.handshake_timeout_ms.get_ref()),
                 idle_timeout: Duration::from_millis(*listener.idle_timeout_ms.get_ref()),
                 default_pool: listener.default_pool.as_ref().map(|p| p.get_ref().clone()),

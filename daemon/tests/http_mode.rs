@@ -501,3 +501,224 @@ address = "127.0.0.1:0"
     // the client got the 503 or a 502, and nothing was sent again).
     assert_eq!(seen.len() as u64, posts);
 }
+
+/// A backend for the cache: `/cached` answers `v<version>` with that ETag and
+/// `max-age=3`, and 304 to a matching `If-None-Match`; `/nostore` answers with `no-store`;
+/// anything else echoes the body's length. Counts the requests it saw and the conditional
+/// ones.
+async fn validating_backend(
+    version: Arc<AtomicU64>,
+) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (seen, conditional) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (seen2, conditional2) = (Arc::clone(&seen), Arc::clone(&conditional));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (version, seen, conditional) = (
+                Arc::clone(&version),
+                Arc::clone(&seen2),
+                Arc::clone(&conditional2),
+            );
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let (version, seen, conditional) = (
+                            Arc::clone(&version),
+                            Arc::clone(&seen),
+                            Arc::clone(&conditional),
+                        );
+                        async move {
+                            seen.fetch_add(1, Ordering::Relaxed);
+                            let v = version.load(Ordering::Relaxed);
+                            let etag = format!("\"v{v}\"");
+                            let path = request.uri().path().to_owned();
+                            let inm = request
+                                .headers()
+                                .get("if-none-match")
+                                .map(|v| v.to_str().unwrap_or("").to_owned());
+                            let body = request.into_body().collect().await;
+                            let builder = Response::builder();
+                            let response = match (path.as_str(), body) {
+                                (_, Err(_)) => builder.status(400).body(Full::new(Bytes::new())),
+                                ("/cached", _) => {
+                                    if inm.is_some() {
+                                        conditional.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    if inm.as_deref() == Some(etag.as_str()) {
+                                        builder
+                                            .status(304)
+                                            .header("etag", &etag)
+                                            .header("cache-control", "max-age=3")
+                                            .body(Full::new(Bytes::new()))
+                                    } else {
+                                        builder
+                                            .header("etag", &etag)
+                                            .header("cache-control", "max-age=3")
+                                            .body(Full::new(Bytes::from(format!("v{v}\n"))))
+                                    }
+                                }
+                                ("/nostore", _) => builder
+                                    .header("cache-control", "no-store")
+                                    .body(Full::new(Bytes::from_static(b"fresh\n"))),
+                                (_, Ok(b)) => builder.body(Full::new(Bytes::from(format!(
+                                    "{}\n",
+                                    b.to_bytes().len()
+                                )))),
+                            };
+                            Ok::<_, Infallible>(response.expect("response"))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (address, seen, conditional)
+}
+
+#[test]
+fn inspection_rules_refuse_with_the_right_status_and_the_cache_answers_and_revalidates() {
+    let rt = runtime();
+    let dir = Scratch::new("http-inspect");
+    support::write_identity(&dir.0);
+    let version = Arc::new(AtomicU64::new(1));
+    let (backend, seen, conditional) = rt.block_on(validating_backend(Arc::clone(&version)));
+    let daemon = Daemon::start(
+        &dir.0,
+        &format!(
+            r#"[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+mode = "http"
+alpn = ["h2", "http/1.1"]
+default_pool = "app"
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+[listener.inspect]
+methods = ["GET", "HEAD", "POST"]
+deny_paths = ["^/private(/|$)"]
+max_header_fields = 20
+max_body_bytes = 1000
+[listener.cache]
+max_bytes = 1048576
+
+[[pool]]
+name = "app"
+servers = ["{backend}"]
+
+[admin]
+address = "127.0.0.1:0"
+"#
+        ),
+    );
+    let code = |args: &[&str], path: &str| {
+        let target = url(&daemon, path);
+        let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        all.extend_from_slice(args);
+        all.push(&target);
+        curl(&daemon, &dir, &all)
+    };
+    let refused =
+        |rule: &str| daemon.metric(&format!("tlsaccel_http_refused_total{{rule=\"{rule}\"}}"));
+    // Method: 405 with Allow.
+    let target = url(&daemon, "/x");
+    let head = curl(
+        &daemon,
+        &dir,
+        &["-X", "DELETE", "-D", "-", "-o", "/dev/null", &target],
+    );
+    assert!(
+        head.starts_with("HTTP/2 405") || head.starts_with("HTTP/1.1 405"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get, head, post"),
+        "{head}"
+    );
+    // Path: 403; a path that only starts alike passes.
+    assert_eq!(code(&[], "/private/key"), "403");
+    assert_eq!(code(&[], "/privateer"), "200");
+    // Too many fields: 431.
+    let fields: Vec<String> = (0..25).map(|i| format!("X-F{i}: {i}")).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for f in &fields {
+        args.extend(["-H", f.as_str()]);
+    }
+    assert_eq!(code(&args, "/x"), "431");
+    // Body: declared too long, and chunked past the limit, are 413; a short one passes.
+    let big = dir.0.join("big-body");
+    std::fs::write(&big, vec![b'x'; 2000]).unwrap();
+    let big = format!("@{}", big.display());
+    assert_eq!(
+        code(&["--http1.1", "--data-binary", &big], "/upload"),
+        "413"
+    );
+    assert_eq!(
+        code(
+            &[
+                "--http1.1",
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                &big
+            ],
+            "/upload"
+        ),
+        "413"
+    );
+    assert_eq!(code(&["--data-binary", "short"], "/upload"), "200");
+    assert_eq!(
+        [
+            refused("method"),
+            refused("path"),
+            refused("header_fields"),
+            refused("body")
+        ],
+        [1, 1, 1, 2]
+    );
+
+    // The cache: a fresh answer is served without the backend.
+    let before = seen.load(Ordering::Relaxed);
+    let get = |path: &str| curl(&daemon, &dir, &[&url(&daemon, path)]);
+    assert_eq!(get("/cached"), "v1\n");
+    assert_eq!(get("/cached"), "v1\n");
+    assert_eq!(code(&["--http1.1"], "/cached"), "200");
+    assert_eq!(
+        seen.load(Ordering::Relaxed) - before,
+        1,
+        "one request reached the backend"
+    );
+    // Stale after three seconds: revalidated with its ETag, the backend's 304 refreshes it.
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    assert_eq!(get("/cached"), "v1\n");
+    assert_eq!(conditional.load(Ordering::Relaxed), 1);
+    assert_eq!(seen.load(Ordering::Relaxed) - before, 2);
+    // A new version: the validator no longer matches and the new body replaces the old.
+    version.store(2, Ordering::Relaxed);
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    assert_eq!(get("/cached"), "v2\n");
+    assert_eq!(get("/cached"), "v2\n");
+    assert_eq!(seen.load(Ordering::Relaxed) - before, 3);
+    // A POST to it drops the entry.
+    assert_eq!(code(&["--data-binary", "x"], "/cached"), "200");
+    assert_eq!(get("/cached"), "v2\n");
+    assert_eq!(seen.load(Ordering::Relaxed) - before, 5);
+    // no-store is never stored.
+    assert_eq!(get("/nostore"), "fresh\n");
+    assert_eq!(get("/nostore"), "fresh\n");
+    assert_eq!(seen.load(Ordering::Relaxed) - before, 7);
+    let cache = |result: &str| {
+        daemon.metric(&format!(
+            "tlsaccel_http_cache_total{{listener=\"web\",result=\"{result}\"}}"
+        ))
+    };
+    assert_eq!(cache("hit"), 3);
+    assert_eq!(cache("revalidated"), 1);
+    assert_eq!(cache("invalidated"), 1);
+    assert!(daemon.metric("tlsaccel_http_cache_bytes{listener=\"web\"}") > 0);
+}
