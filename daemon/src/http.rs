@@ -283,14 +283,24 @@ async fn send(
         Err(streamed) => {
             // Too long to hold: sent once, to the server the pool's connect chooses; cut
             // at the listener's body limit, if it has one.
-            let body = match conn
+            // A body that fails on the client's side (malformed chunks, cut short, over
+            // the limit) is the client's error, not the backend's.
+            let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = Arc::clone(&client_failed);
+            let noted = move |error: BoxError| {
+                flag.store(true, Ordering::Relaxed);
+                error
+            };
+            let limit = conn
                 .listener
                 .inspect
                 .as_ref()
-                .and_then(|r| r.max_body_bytes)
-            {
-                Some(max) => crate::inspect::limit_body(streamed, max).boxed(),
-                None => streamed.map_err(Into::into).boxed(),
+                .and_then(|r| r.max_body_bytes);
+            let body = match limit {
+                Some(max) => crate::inspect::limit_body(streamed, max)
+                    .map_err(noted)
+                    .boxed(),
+                None => streamed.map_err(move |e| noted(e.into())).boxed(),
             };
             let Some(request) = head.request("any", body) else {
                 return status(StatusCode::BAD_REQUEST, "bad request target\n");
@@ -311,6 +321,14 @@ async fn send(
                     status(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "refused by this server's rules\n",
+                    )
+                }
+                Err(error) if client_failed.load(Ordering::Relaxed) => {
+                    tracing::debug!(%error, "the client's request body failed");
+                    conn.shared.stats.http_backend_errors.inc("client_body");
+                    status(
+                        StatusCode::BAD_REQUEST,
+                        "the request body was malformed or cut short\n",
                     )
                 }
                 Err(error) => backend_failed(&pool, conn, &error),
