@@ -722,3 +722,138 @@ address = "127.0.0.1:0"
     assert_eq!(cache("invalidated"), 1);
     assert!(daemon.metric("tlsaccel_http_cache_bytes{listener=\"web\"}") > 0);
 }
+
+/// nginx from Debian as a backend, started for the test (no master, no daemon) with a
+/// static file and a fixed answer; stopped when dropped.
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nginx(dir: &std::path::Path) -> (Nginx, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let page: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(www.join("page.txt"), &page).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log stderr warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/t1;\n  proxy_temp_path {d}/t2;\n\
+         fastcgi_temp_path {d}/t3;\n  uwsgi_temp_path {d}/t4;\n  scgi_temp_path {d}/t5;\n\
+         keepalive_requests 100000;\n\
+         server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n\
+         location = /hello {{ return 200 \"hello from nginx\\n\"; }}\n  }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = std::process::Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .spawn()
+        .expect("nginx (Debian's nginx-light; scripts/test installs it)");
+    let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    support::wait_until("nginx listens", std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(address).is_ok()
+    });
+    (Nginx(child), address)
+}
+
+/// `h2load` against the daemon; returns (requests done, 2xx answers, failed, errored).
+fn h2load(daemon: &Daemon, args: &[&str], path: &str) -> (u64, u64, u64, u64) {
+    let output = Command::new("h2load")
+        .args(args)
+        .arg(format!("https://127.0.0.1:{}{path}", daemon.listen.port()))
+        .output()
+        .expect("h2load (Debian's nghttp2-client; scripts/test installs it)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let number = |line: &str, label: &str| -> u64 {
+        line.split(',')
+            .find(|p| p.contains(label))
+            .and_then(|p| p.split_whitespace().find_map(|w| w.parse().ok()))
+            .unwrap_or(u64::MAX)
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_else(|| panic!("h2load printed no totals: {text}"));
+    let codes = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or("");
+    (
+        number(requests, "done"),
+        number(codes, "2xx"),
+        number(requests, "failed"),
+        number(requests, "errored"),
+    )
+}
+
+#[test]
+fn h2load_and_curl_through_http_mode_to_nginx() {
+    let dir = Scratch::new("http-nginx");
+    support::write_identity(&dir.0);
+    let (_nginx, backend) = nginx(&dir.0);
+    let daemon = Daemon::start(
+        &dir.0,
+        &format!(
+            r#"[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+mode = "http"
+alpn = ["h2", "http/1.1"]
+default_pool = "nginx"
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[device]]
+address = "sim"
+queues = 2
+
+[[pool]]
+name = "nginx"
+servers = ["{backend}"]
+balance = "least_response_time"
+
+[admin]
+address = "127.0.0.1:0"
+"#
+        ),
+    );
+    // A static file arrives whole over both versions.
+    let page = std::fs::read_to_string(dir.0.join("www/page.txt")).unwrap();
+    assert_eq!(curl(&daemon, &dir, &[&url(&daemon, "/page.txt")]), page);
+    assert_eq!(
+        curl(&daemon, &dir, &["--http1.1", &url(&daemon, "/page.txt")]),
+        page
+    );
+    // Many small requests: HTTP/2 multiplexed, and HTTP/1.1 keep-alive.
+    for (args, label) in [
+        (&["-n", "4000", "-c", "8", "-m", "8"][..], "h2"),
+        (&["--h1", "-n", "2000", "-c", "8"][..], "h1"),
+    ] {
+        let (done, ok, failed, errored) = h2load(&daemon, args, "/hello");
+        let total: u64 = args[args.iter().position(|a| *a == "-n").unwrap() + 1]
+            .parse()
+            .unwrap();
+        assert_eq!((done, ok, failed, errored), (total, total, 0, 0), "{label}");
+    }
+    // Backend connections were kept and reused: far fewer than requests.
+    let opened = daemon.metric(&format!(
+        "tlsaccel_backend_connections_total{{pool=\"nginx\",server=\"{backend}\"}}"
+    ));
+    assert!(
+        opened > 0 && opened <= 100,
+        "backend connections opened: {opened}"
+    );
+}
