@@ -360,6 +360,15 @@ pub struct Pool {
     /// unknown-length) body is streamed and its request is not sent twice.
     #[serde(default = "default_retry_body")]
     pub retry_body_bytes: Spanned<u32>,
+    /// HTTP mode: the version spoken to the servers: `"1.1"` (default; kept-alive
+    /// connections) or `"2"` (one multiplexed connection per server: h2c with prior
+    /// knowledge, or ALPN `h2` with `[pool.tls]`).
+    #[serde(default = "default_http_version")]
+    pub http_version: Spanned<String>,
+}
+
+fn default_http_version() -> Spanned<String> {
+    spanned("1.1".to_owned())
 }
 
 /// PROXY protocol to a pool's servers.
@@ -1134,6 +1143,43 @@ impl Config {
                 ));
             }
         }
+        for (i, pool) in self.pools.iter().enumerate() {
+            if !matches!(pool.http_version.get_ref().as_str(), "1.1" | "2") {
+                return Err(c.invalid(
+                    &pool.http_version,
+                    format!("pool[{i}].http_version"),
+                    "\"1.1\" or \"2\"",
+                ));
+            }
+        }
+        // An HTTP/2 pool speaks HTTP/2 itself: an L4 listener's client bytes cannot go to it.
+        for (i, listener) in self.listeners.iter().enumerate() {
+            if *listener.mode.get_ref() == ListenerMode::Http {
+                continue;
+            }
+            let reachable = self
+                .routes
+                .iter()
+                .filter(|r| r.listener.get_ref() == listener.name.get_ref())
+                .map(|r| r.pool.get_ref())
+                .chain(listener.default_pool.as_ref().map(|p| p.get_ref()));
+            for name in reachable {
+                if self
+                    .pools
+                    .iter()
+                    .any(|p| p.name.get_ref() == name && p.http_version.get_ref() == "2")
+                {
+                    return Err(c.invalid(
+                        &listener.mode,
+                        format!("listener[{i}].mode"),
+                        format!(
+                            "pool {name:?} speaks HTTP/2 to its servers (http_version = \"2\"), \
+                             which only an HTTP-mode listener can use"
+                        ),
+                    ));
+                }
+            }
+        }
         // HTTP mode shares a backend connection between clients: a PROXY header, which
         // names one client, cannot go on it.
         for (i, listener) in self.listeners.iter().enumerate() {
@@ -1616,6 +1662,27 @@ pool = "web"
             "{GOOD}{plain}[listener.cache]\nmax_bytes = 2048\nmax_object_bytes = 4096\n"
         ))
         .contains("more than the whole cache"));
+        // HTTP/2 pools: only "1.1" or "2", and never behind an L4 listener.
+        let h2 = GOOD.replace(
+            "servers = [\"127.0.0.1:8080\"]",
+            "servers = [\"127.0.0.1:8080\"]\nhttp_version = \"2\"",
+        );
+        assert!(error(h2.clone()).contains(
+            "listener[0].mode: pool \"web\" speaks HTTP/2 to its servers (http_version = \"2\")"
+        ));
+        assert!(parse(
+            &h2.replace(
+                "default_pool = \"web\"",
+                "default_pool = \"web\"\nmode = \"http\""
+            )
+            .replace("sni = \"api.example.com\"\n", "")
+        )
+        .is_ok());
+        assert!(error(GOOD.replace(
+            "servers = [\"127.0.0.1:8080\"]",
+            "servers = [\"127.0.0.1:8080\"]\nhttp_version = \"3\"",
+        ))
+        .contains("pool[0].http_version: \"1.1\" or \"2\""));
     }
 
     #[test]

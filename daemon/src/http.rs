@@ -259,7 +259,6 @@ async fn send(
         .to_owned();
     use tower::retry::budget::Budget as _;
     pool.retry.budget.deposit();
-    let client = pool.http_client();
     let head = Head {
         method: parts.method,
         path,
@@ -269,7 +268,7 @@ async fn send(
         Ok(Held::Body(held)) => {
             let bytes = held.as_ref().map_or_else(Bytes::new, |h| h.to_bytes());
             // The chunks stay held until the answer: another try may need them.
-            let response = failover(&pool, &client, &head, bytes, conn).await;
+            let response = failover(&pool, &head, bytes, conn).await;
             drop(held);
             response
         }
@@ -306,7 +305,7 @@ async fn send(
                 return status(StatusCode::BAD_REQUEST, "bad request target\n");
             };
             let started = Instant::now();
-            match client.request(request).await {
+            match crate::upstream::send(&pool, None, request).await {
                 Ok(response) => {
                     pool.admission
                         .response_time
@@ -417,18 +416,12 @@ async fn hold_body(
 /// idempotent request, when the exchange failed or the answer is one of the pool's
 /// `retry_on` statuses. Each server is tried once; each try after the first needs the
 /// pool's retry budget.
-async fn failover(
-    pool: &Arc<Pool>,
-    client: &Client,
-    head: &Head,
-    body: Bytes,
-    conn: &Conn,
-) -> Response<Body> {
+async fn failover(pool: &Arc<Pool>, head: &Head, body: Bytes, conn: &Conn) -> Response<Body> {
     use tower::retry::budget::Budget as _;
     let idempotent = head.method.is_idempotent();
     let mut tried = Vec::new();
     let mut kept: Option<Response<Incoming>> = None;
-    let mut last_error: Option<hyper_util::client::legacy::Error> = None;
+    let mut last_error: Option<crate::upstream::SendError> = None;
     while let Some(server) = pool.pick(&tried) {
         if !tried.is_empty() {
             if !pool.retry.budget.withdraw() {
@@ -447,7 +440,7 @@ async fn failover(
         let backend = &pool.backends[server];
         let started = Instant::now();
         let pending = InFlight::new(&backend.requests_in_flight);
-        let answer = client.request(request).await;
+        let answer = crate::upstream::send(pool, Some(server), request).await;
         drop(pending);
         if answer.is_ok() {
             // To the response head: the time the server took (a 5xx too).
@@ -548,11 +541,7 @@ fn from_backend(response: Response<Incoming>) -> Response<Body> {
 
 /// No answer from the pool: 503 when no server could be reached, 502 when an exchange
 /// failed; counted.
-fn backend_failed(
-    pool: &Pool,
-    conn: &Conn,
-    error: &hyper_util::client::legacy::Error,
-) -> Response<Body> {
+fn backend_failed(pool: &Pool, conn: &Conn, error: &crate::upstream::SendError) -> Response<Body> {
     let (kind, code) = if error.is_connect() {
         ("connect", StatusCode::SERVICE_UNAVAILABLE)
     } else {

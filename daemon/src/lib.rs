@@ -45,3 +45,4 @@ pub mod session;
 pub mod simcontrol;
 pub mod simserver;
 pub mod tls;
+pub mod upstream;

@@ -174,6 +174,8 @@ pub struct Pool {
     pub retry: RetryPolicy,
     /// HTTP mode: the pool's response time and its priority levels' admission queue.
     pub admission: Arc<crate::admission::Admission>,
+    /// HTTP mode with `http_version = "2"`: one HTTP/2 connection per server.
+    pub h2: Option<crate::upstream::H2Connections>,
 }
 
 /// HTTP mode's transparent failover for one pool.
@@ -258,12 +260,15 @@ impl Pool {
                         );
                     }
                 }
-                let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+                let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
                     rustls::crypto::aws_lc_rs::default_provider(),
                 ))
                 .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
+                if config.http_version.get_ref() == "2" {
+                    client.alpn_protocols = vec![b"h2".to_vec()];
+                }
                 let name = ServerName::try_from(tls.server_name.get_ref().clone())?;
                 Some((TlsConnector::from(Arc::new(client)), name))
             }
@@ -323,7 +328,14 @@ impl Pool {
                 refused: AtomicU64::new(0),
             },
             admission: Arc::new(crate::admission::Admission::new(levels)),
+            h2: (config.http_version.get_ref() == "2")
+                .then(|| crate::upstream::H2Connections::new(config.servers.get_ref().len())),
         }))
+    }
+
+    /// True when its servers are reached over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The pool's HTTP client (HTTP mode): requests go over kept-alive connections to its

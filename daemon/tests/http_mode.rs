@@ -857,3 +857,130 @@ address = "127.0.0.1:0"
         "backend connections opened: {opened}"
     );
 }
+
+/// An HTTP/2-only backend (h2c with prior knowledge, or over TLS with ALPN `h2` when given
+/// a certificate and key): answers `version authority path`, counts its connections.
+async fn h2_backend(
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> (SocketAddr, Arc<AtomicU64>) {
+    use rustls::pki_types::pem::PemObject;
+    let acceptor = tls.map(|(cert, key)| {
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: Request<hyper::body::Incoming>| async move {
+                        let text = format!(
+                            "{:?} {} {}\n",
+                            request.version(),
+                            request.uri().authority().map_or("-", |a| a.as_str()),
+                            request.uri().path()
+                        );
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                    },
+                );
+                let builder =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = match acceptor {
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+                        Err(_) => return,
+                    },
+                    None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                };
+            });
+        }
+    });
+    (address, accepted)
+}
+
+#[test]
+fn an_http2_pool_gets_requests_over_one_multiplexed_connection_per_server() {
+    let rt = runtime();
+    let dir = Scratch::new("http2-backend");
+    support::write_identity(&dir.0);
+    let (plain, plain_connections) = rt.block_on(h2_backend(None));
+    let (tls, tls_connections) = rt.block_on(h2_backend(Some((
+        &dir.0.join("cert.pem"),
+        &dir.0.join("key.pem"),
+    ))));
+    let daemon = Daemon::start(
+        &dir.0,
+        &format!(
+            r#"[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+mode = "http"
+alpn = ["h2", "http/1.1"]
+default_pool = "h2c"
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[pool]]
+name = "h2c"
+servers = ["{plain}"]
+http_version = "2"
+
+[[pool]]
+name = "h2tls"
+servers = ["{tls}"]
+http_version = "2"
+[pool.tls]
+server_name = "localhost"
+ca = "cert.pem"
+
+[[route]]
+listener = "web"
+path_prefix = "/secure/"
+pool = "h2tls"
+
+[admin]
+address = "127.0.0.1:0"
+"#
+        ),
+    );
+    let port = daemon.listen.port();
+    // The backend sees HTTP/2 with the client's host as :authority, from HTTP/1.1 and
+    // HTTP/2 clients alike.
+    for version in ["--http1.1", "--http2"] {
+        assert_eq!(
+            curl(&daemon, &dir, &[version, &url(&daemon, "/a")]),
+            format!("HTTP/2.0 localhost:{port} /a\n")
+        );
+        assert_eq!(
+            curl(&daemon, &dir, &[version, &url(&daemon, "/secure/b")]),
+            format!("HTTP/2.0 localhost:{port} /secure/b\n")
+        );
+    }
+    // Many requests at once share the one connection per server.
+    let (done, ok, failed, errored) =
+        h2load(&daemon, &["-n", "2000", "-c", "4", "-m", "16"], "/load");
+    assert_eq!((done, ok, failed, errored), (2000, 2000, 0, 0));
+    assert_eq!(plain_connections.load(Ordering::Relaxed), 1);
+    assert_eq!(tls_connections.load(Ordering::Relaxed), 1);
+}
