@@ -1,7 +1,7 @@
 //! `tlsaccel-compare`: tlsaccel next to nginx and HAProxy on this machine, in one run.
 //!
 //! ```sh
-//! cargo run --release -p tlsaccel-benches --bin tlsaccel-compare -- [--quick] [--out DIR]
+//! cargo run --release -p tlsaccel-benches --bin tlsaccel-compare -- [--quick] [--http] [--out DIR]
 //!     [--systems NAME,...] [--workloads ID,...]
 //! ```
 //!
@@ -32,9 +32,16 @@ struct Args {
     systems: Option<Vec<String>>,
     /// Workloads to run, comma-separated ids (full-handshakes-ecdsa, resumed-handshakes,
     /// download-1conn, download-64conn, upload-1conn, upload-64conn, small-requests,
-    /// connection-per-request, full-handshakes-rsa, idle-connections); default all.
+    /// small-requests-h2, connection-per-request, full-handshakes-rsa, idle-connections);
+    /// default all but small-requests-h2, or with --http small-requests, small-requests-h2
+    /// and connection-per-request.
     #[arg(long, value_delimiter = ',')]
     workloads: Option<Vec<String>>,
+    /// Every proxy in HTTP mode: tlsaccel `mode = "http"`, nginx's `http` proxy with
+    /// upstream keep-alive, HAProxy `mode http` with connection reuse (the plaintext floor
+    /// stays TCP).
+    #[arg(long)]
+    http: bool,
     /// Repetitions of every workload (default: 1 quick, 3 full).
     #[arg(long)]
     repeat: Option<usize>,
@@ -94,6 +101,12 @@ fn main() -> ExitCode {
         &Workload::ALL,
         Workload::id,
     ) {
+        Ok(_) if args.workloads.is_none() && args.http => Workload::HTTP.to_vec(),
+        // HTTP/2 requests mean something only where the proxy parses HTTP.
+        Ok(_) if args.workloads.is_none() => Workload::ALL
+            .into_iter()
+            .filter(|&w| w != Workload::SmallRequestsH2)
+            .collect(),
         Ok(workloads) => workloads,
         Err(code) => return code,
     };
@@ -106,6 +119,7 @@ fn main() -> ExitCode {
         handshake_concurrency: if args.quick { 8 } else { 32 },
         idle_connections: args.idle.unwrap_or(if args.quick { 500 } else { 10_000 }),
         systems,
+        http: args.http,
         workloads,
     };
     let out = args.out.unwrap_or_else(|| {

@@ -371,6 +371,102 @@ pub async fn small_requests(
     outcome
 }
 
+/// Small requests (`GET /small`) over HTTP/2: `connections` TLS connections (ALPN `h2`),
+/// each with `streams` requests in flight at once, with each request's latency.
+pub async fn small_requests_h2(
+    address: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    connections: usize,
+    streams: usize,
+    duration: Duration,
+) -> Outcome {
+    let mut h2 = (*config).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
+    let h2 = Arc::new(h2);
+    let counters = Arc::new(Counters::default());
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (h2, counters) = (Arc::clone(&h2), Arc::clone(&counters));
+        tasks.push(tokio::spawn(async move {
+            let opened = async {
+                let stream = connect(address, &h2).await?;
+                anyhow::ensure!(
+                    stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+                    "no h2 by ALPN"
+                );
+                let (sender, connection) =
+                    hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+                        hyper_util::rt::TokioExecutor::new(),
+                        TokioIo::new(stream),
+                    )
+                    .await?;
+                tokio::spawn(connection);
+                anyhow::Ok(sender)
+            };
+            let Ok(sender) = opened.await else {
+                failed(&counters).await;
+                return Vec::new();
+            };
+            let mut streams_done = Vec::new();
+            for _ in 0..streams {
+                let (mut sender, counters) = (sender.clone(), Arc::clone(&counters));
+                streams_done.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let begin = Instant::now();
+                        let request = Request::builder()
+                            .uri(format!("https://localhost:{}/small", address.port()))
+                            .body(Full::new(Bytes::new()))
+                            .expect("request");
+                        let answered = async {
+                            sender.ready().await?;
+                            let response = sender.send_request(request).await?;
+                            anyhow::ensure!(response.status().is_success(), "status");
+                            let body = response.into_body().collect().await?;
+                            anyhow::Ok(body.to_bytes().len() as u64)
+                        };
+                        match answered.await {
+                            Ok(n) => {
+                                latencies.push(begin.elapsed());
+                                counters.operations.fetch_add(1, Ordering::Relaxed);
+                                counters.bytes.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                failed(&counters).await;
+                                break;
+                            }
+                        }
+                    }
+                    latencies
+                }));
+            }
+            let mut latencies = Vec::new();
+            for stream in streams_done {
+                if let Ok(mut l) = stream.await {
+                    latencies.append(&mut l);
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        if let Ok(mut l) = task.await {
+            latencies.append(&mut l);
+        }
+    }
+    Outcome {
+        operations: counters.operations.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+        latencies,
+        resumed: 0,
+    }
+}
+
 /// A fresh connection per request on `concurrency` loops: connect with a full handshake
 /// (`config` should not resume), one `GET /small` over HTTP/1.1, the whole response read,
 /// close, again. Each request's latency runs from the connect to the response's last byte.

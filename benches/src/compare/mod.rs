@@ -41,6 +41,8 @@ pub enum Workload {
     Upload1,
     Upload64,
     SmallRequests,
+    /// Small requests over HTTP/2 (HTTP-mode runs: `--http`).
+    SmallRequestsH2,
     ConnectionPerRequest,
     IdleConnections,
 }
@@ -48,7 +50,7 @@ pub enum Workload {
 impl Workload {
     /// Run on the ECDSA identity, systems started once (idle connections apart, on freshly
     /// started systems).
-    pub const ECDSA: [Workload; 8] = [
+    pub const ECDSA: [Workload; 9] = [
         Workload::FullHandshakesEcdsa,
         Workload::ResumedHandshakes,
         Workload::Download1,
@@ -56,11 +58,12 @@ impl Workload {
         Workload::Upload1,
         Workload::Upload64,
         Workload::SmallRequests,
+        Workload::SmallRequestsH2,
         Workload::ConnectionPerRequest,
     ];
 
     /// Every workload, in the order a run measures them.
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 11] = [
         Workload::FullHandshakesEcdsa,
         Workload::ResumedHandshakes,
         Workload::Download1,
@@ -68,6 +71,7 @@ impl Workload {
         Workload::Upload1,
         Workload::Upload64,
         Workload::SmallRequests,
+        Workload::SmallRequestsH2,
         Workload::ConnectionPerRequest,
         Workload::FullHandshakesRsa,
         Workload::IdleConnections,
@@ -89,6 +93,7 @@ impl Workload {
             Workload::Upload1 => "upload-1conn",
             Workload::Upload64 => "upload-64conn",
             Workload::SmallRequests => "small-requests",
+            Workload::SmallRequestsH2 => "small-requests-h2",
             Workload::ConnectionPerRequest => "connection-per-request",
             Workload::IdleConnections => "idle-connections",
         }
@@ -105,6 +110,9 @@ impl Workload {
             Workload::Upload1 => "Bulk upload, 1 connection, 1 MiB requests",
             Workload::Upload64 => "Bulk upload, 64 connections, 1 MiB requests",
             Workload::SmallRequests => "Small keep-alive requests (100 B), 64 connections",
+            Workload::SmallRequestsH2 => {
+                "Small requests (100 B) over HTTP/2, 8 connections x 8 streams"
+            }
             Workload::ConnectionPerRequest => {
                 "Fresh TLS connection per small request (full handshake, one 100 B request, close)"
             }
@@ -118,7 +126,9 @@ impl Workload {
             Workload::FullHandshakesEcdsa
             | Workload::FullHandshakesRsa
             | Workload::ResumedHandshakes => "handshakes/s",
-            Workload::SmallRequests | Workload::ConnectionPerRequest => "requests/s",
+            Workload::SmallRequests
+            | Workload::SmallRequestsH2
+            | Workload::ConnectionPerRequest => "requests/s",
             Workload::IdleConnections => "KiB RSS per connection",
             _ => "MB/s",
         }
@@ -149,8 +159,19 @@ impl Workload {
                     | Workload::ConnectionPerRequest
             );
         }
+        if self == Workload::SmallRequestsH2 {
+            // HTTP/2 by ALPN: TLS systems only (the backend speaks HTTP/1.1).
+            return system.speaks_tls();
+        }
         system.speaks_tls() || self.is_bulk() || self == Workload::SmallRequests
     }
+
+    /// The workloads of an HTTP-mode run (`--http`), where every proxy parses requests.
+    pub const HTTP: [Workload; 3] = [
+        Workload::SmallRequests,
+        Workload::SmallRequestsH2,
+        Workload::ConnectionPerRequest,
+    ];
 }
 
 /// One measured run of one workload on one system.
@@ -217,6 +238,11 @@ pub struct Settings {
     pub handshake_concurrency: usize,
     pub idle_connections: usize,
     pub systems: Vec<Kind>,
+    /// Every proxy in HTTP mode (`--http`): tlsaccel `mode = "http"`, nginx's `http`
+    /// proxy with upstream keep-alive, HAProxy `mode http`; results from before the
+    /// option are L4.
+    #[serde(default)]
+    pub http: bool,
     /// The workloads run (`--workloads`); results from before the option hold all of them.
     #[serde(default = "all_workloads")]
     pub workloads: Vec<Workload>,
@@ -387,7 +413,7 @@ impl Harness<'_> {
             kind,
             identity,
             self.backend,
-            self.settings.workers,
+            self.settings,
             &self.work,
             &self.exe,
             self.store.as_ref(),
@@ -569,6 +595,10 @@ fn measure_one(
             Workload::SmallRequests => {
                 let client = clients.http(system.kind);
                 let o = load::small_requests(address, client, 64, duration).await;
+                (o, None, None)
+            }
+            Workload::SmallRequestsH2 => {
+                let o = load::small_requests_h2(address, Arc::clone(full), 8, 8, duration).await;
                 (o, None, None)
             }
             Workload::ConnectionPerRequest => {

@@ -70,7 +70,7 @@ fn cpu_unit(workload: Workload) -> Option<&'static str> {
         | Workload::FullHandshakesRsa
         | Workload::ResumedHandshakes => Some("CPU s/1k hs"),
         Workload::ConnectionPerRequest => Some("CPU s/1k req"),
-        Workload::SmallRequests | Workload::IdleConnections => None,
+        Workload::SmallRequests | Workload::SmallRequestsH2 | Workload::IdleConnections => None,
         _ => Some("CPU s/GB"),
     }
 }
@@ -119,8 +119,7 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
          (ECDSA P-256; RSA-2048 for the RSA handshake row), session resumption on (tickets; \
          tlsaccel's ticket keys shared through a Redis the harness runs, one key per epoch, as \
          in a cluster).\n\
-         * L4 TLS termination to the same plain HTTP/1.1 backend (this harness, own thread): \
-         nginx `stream` with `ssl`, HAProxy `mode tcp` with `ssl`, tlsaccel `serve`.\n\
+         * {}\n\
          * {} worker thread(s) or process(es) each (`worker_processes`, `nbthread`, \
          `worker_threads`). tlsaccel-device's handshakes pause on fibers while the device works \
          (no extra threads); tlsaccel-cpu's run on the worker.\n\
@@ -133,7 +132,18 @@ pub fn write(results: &Results, out: &Path) -> anyhow::Result<PathBuf> {
          machine's cores.\n\
          * Figures are medians over the repetitions, with min–max in brackets; ratios are \
          of medians from this run.",
-        s.workers, s.handshake_concurrency, s.idle_connections
+        if results.settings.http {
+            "HTTP termination (`--http`) to the same plain HTTP/1.1 backend (this harness, own \
+             thread), HTTP/1.1 and HTTP/2 to the clients (ALPN), HTTP/1.1 kept alive to the \
+             backend: nginx `http` with `proxy_pass` to an `upstream` with `keepalive 64`, \
+             HAProxy `mode http` with `http-reuse always`, tlsaccel `serve` with `mode = \"http\"`."
+        } else {
+            "L4 TLS termination to the same plain HTTP/1.1 backend (this harness, own thread): \
+             nginx `stream` with `ssl`, HAProxy `mode tcp` with `ssl`, tlsaccel `serve`."
+        },
+        s.workers,
+        s.handshake_concurrency,
+        s.idle_connections
     );
     if systems.contains(&Kind::TlsaccelRedis) {
         let _ = writeln!(
@@ -327,7 +337,11 @@ fn ran(results: &Results, workload: Workload) -> bool {
 /// Request latencies: keep-alive requests, and requests on a fresh connection each (from
 /// the connect to the response's last byte).
 fn latency_section(md: &mut String, results: &Results) {
-    let rows = [Workload::SmallRequests, Workload::ConnectionPerRequest];
+    let rows = [
+        Workload::SmallRequests,
+        Workload::SmallRequestsH2,
+        Workload::ConnectionPerRequest,
+    ];
     let rows: Vec<Workload> = rows.into_iter().filter(|&w| ran(results, w)).collect();
     if rows.is_empty() {
         return;
@@ -342,6 +356,7 @@ fn latency_section(md: &mut String, results: &Results) {
     for &w in &rows {
         let name = match w {
             Workload::SmallRequests => "keep-alive",
+            Workload::SmallRequestsH2 => "HTTP/2",
             _ => "fresh connection",
         };
         let _ = write!(header, " {name} p50 ms | {name} p99 ms |");
@@ -691,6 +706,7 @@ mod tests {
                 handshake_concurrency: 8,
                 idle_connections: 100,
                 systems: vec![Kind::TlsaccelDevice, Kind::Nginx, Kind::PlainTcp],
+                http: false,
                 workloads: Workload::ALL.to_vec(),
             },
             started: "now".into(),

@@ -324,18 +324,19 @@ fn wait_for_port(address: SocketAddr, child: &mut Child, what: &str) -> anyhow::
     }
 }
 
-/// Starts `kind` in `dir` with `identity`, forwarding to `backend`, with `workers` threads or
-/// processes. `exe` is this harness, which runs as `tlsaccel` when asked to (see
+/// Starts `kind` in `dir` with `identity`, forwarding to `backend`, with the settings'
+/// `workers` threads or processes, in HTTP mode when they say `http`. `exe` is this harness, which runs as `tlsaccel` when asked to (see
 /// [`super::EXEC_ENV`]).
 pub fn start(
     kind: Kind,
     identity: &Identity,
     backend: SocketAddr,
-    workers: usize,
+    settings: &super::Settings,
     dir: &Path,
     exe: &Path,
     store: Option<&ClusterStore>,
 ) -> anyhow::Result<Running> {
+    let (workers, http) = (settings.workers, settings.http);
     let listen = free_port()?;
     let dir = dir.join(kind.name());
     let _ = std::fs::remove_dir_all(&dir);
@@ -368,9 +369,15 @@ pub fn start(
                     socket.display()
                 );
             }
+            // HTTP mode: requests parsed and sent over kept-alive backend connections.
+            let mode = if http {
+                "mode = \"http\"\nalpn = [\"h2\", \"http/1.1\"]\n"
+            } else {
+                ""
+            };
             let config = format!(
                 "worker_threads = {workers}\n\n[[listener]]\nname = \"bench\"\naddress = \"{listen}\"\n\
-                 default_pool = \"backend\"\ntls_versions = [\"1.3\"]\n\
+                 {mode}default_pool = \"backend\"\ntls_versions = [\"1.3\"]\n\
                  cipher_suites = [\"TLS13_AES_128_GCM_SHA256\"]\nmax_connections = {}\n\n\
                  [[listener.certificate]]\nchain = \"{}\"\nkey = \"{}\"\n\n{device}\n\
                  [[pool]]\nname = \"backend\"\nservers = [\"{backend}\"]\n\n{resumption}",
@@ -406,6 +413,47 @@ pub fn start(
                 listen,
                 main,
                 simulator,
+            })
+        }
+        Kind::Nginx if http => {
+            // nginx's HTTP proxy with upstream keep-alive, the way its guide sets it up.
+            let config = format!(
+                "worker_processes {workers};\ndaemon off;\n\
+                 master_process on;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+                 events {{ worker_connections {connections}; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {dir}/t1;\n  proxy_temp_path {dir}/t2;\n\
+                     fastcgi_temp_path {dir}/t3;\n  uwsgi_temp_path {dir}/t4;\n  scgi_temp_path {dir}/t5;\n\
+                     keepalive_requests 1000000;\n\
+                     upstream backend {{ server {backend}; keepalive 64; keepalive_requests 1000000; }}\n  server {{\n\
+                     listen {listen} ssl http2;\n    ssl_certificate {chain};\n    ssl_certificate_key {key};\n\
+                     ssl_protocols TLSv1.3;\n    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;\n\
+                     ssl_ecdh_curve X25519;\n    ssl_session_cache shared:SSL:50m;\n    ssl_session_tickets on;\n\
+                     location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n\
+                     proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+                dir = dir.display(),
+                connections = 2 * super::max_connections(),
+                chain = identity.chain.display(),
+                key = identity.key.display(),
+            );
+            let file = dir.join("nginx.conf");
+            std::fs::write(&file, config)?;
+            let mut main = Command::new(which("nginx").context("nginx is not installed")?)
+                .arg("-c")
+                .arg(&file)
+                .arg("-p")
+                .arg(&dir)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting nginx")?;
+            wait_for_port(listen, &mut main, "nginx")?;
+            Ok(Running {
+                kind,
+                listen,
+                main,
+                simulator: None,
             })
         }
         Kind::Nginx => {
@@ -447,7 +495,9 @@ pub fn start(
         Kind::Haproxy | Kind::PlainTcp => {
             let tls = (kind == Kind::Haproxy).then_some(identity.combined.as_path());
             let file = dir.join("haproxy.cfg");
-            std::fs::write(&file, haproxy_config(listen, backend, workers, tls))?;
+            // The plaintext floor stays TCP.
+            let http = http && kind == Kind::Haproxy;
+            std::fs::write(&file, haproxy_config(listen, backend, workers, tls, http))?;
             let mut main = Command::new(which("haproxy").context("haproxy is not installed")?)
                 .arg("-f")
                 .arg(&file)
@@ -467,27 +517,36 @@ pub fn start(
     }
 }
 
-/// HAProxy in `mode tcp` from `listen` to `backend` on `workers` threads: terminating TLS 1.3
-/// with the certificate and key in `tls` (one file), or relaying plain TCP when `tls` is
-/// `None` (the floor), otherwise configured alike.
+/// HAProxy in `mode tcp` (or with `http`, `mode http` reusing backend connections) from
+/// `listen` to `backend` on `workers` threads: terminating TLS 1.3 with the certificate and
+/// key in `tls` (one file), or relaying plain TCP when `tls` is `None` (the floor),
+/// otherwise configured alike.
 fn haproxy_config(
     listen: SocketAddr,
     backend: SocketAddr,
     workers: usize,
     tls: Option<&Path>,
+    http: bool,
 ) -> String {
     let maxconn = super::max_connections();
+    let alpn = if http { " alpn h2,http/1.1" } else { "" };
     let (global_tls, bind_tls) = match tls {
         Some(combined) => (
             "  ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256\n  \
              ssl-default-bind-options ssl-min-ver TLSv1.3\n",
-            format!(" ssl crt {} curves X25519", combined.display()),
+            format!(" ssl crt {} curves X25519{alpn}", combined.display()),
         ),
         None => ("", String::new()),
     };
+    // `mode http` keeps backend connections and shares them between clients.
+    let mode = if http {
+        "mode http\n  option http-keep-alive\n  http-reuse always"
+    } else {
+        "mode tcp"
+    };
     format!(
         "global\n  nbthread {workers}\n  maxconn {maxconn}\n{global_tls}\n\
-         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\n\
+         defaults\n  {mode}\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\n\
          frontend bench\n  bind {listen}{bind_tls}\n  default_backend backend\n\n\
          backend backend\n  server s1 {backend}\n"
     )
@@ -498,11 +557,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn haproxy_in_http_mode_reuses_backend_connections_and_offers_h2() {
+        let listen: SocketAddr = "127.0.0.1:8443".parse().expect("address");
+        let backend: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let http = haproxy_config(listen, backend, 2, Some(Path::new("/c.pem")), true);
+        assert!(http.contains("mode http\n  option http-keep-alive\n  http-reuse always\n"));
+        assert!(http.contains("ssl crt /c.pem curves X25519 alpn h2,http/1.1\n"));
+        assert!(!http.contains("mode tcp"));
+    }
+
+    #[test]
     fn the_plaintext_floor_is_haproxy_configured_alike_without_tls() {
         let listen: SocketAddr = "127.0.0.1:8443".parse().expect("address");
         let backend: SocketAddr = "127.0.0.1:8080".parse().expect("address");
-        let tls = haproxy_config(listen, backend, 2, Some(Path::new("/c.pem")));
-        let plain = haproxy_config(listen, backend, 2, None);
+        let tls = haproxy_config(listen, backend, 2, Some(Path::new("/c.pem")), false);
+        let plain = haproxy_config(listen, backend, 2, None, false);
         assert!(tls.contains("bind 127.0.0.1:8443 ssl crt /c.pem curves X25519\n"));
         assert!(plain.contains("bind 127.0.0.1:8443\n"));
         assert!(!plain.contains("ssl"), "{plain}");
