@@ -652,7 +652,11 @@ mod tests {
             let admission = Arc::clone(&admission);
             async move { admission.admit(0).await.map(|t| t.level()) }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Until the waiter is queued (with a deadline).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while admission.with_queue(Queue::waiting) == 0 && Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
         assert_eq!(admission.with_queue(Queue::waiting), 1);
         drop(first);
         assert_eq!(waiter.await.unwrap(), Ok(0));

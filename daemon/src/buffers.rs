@@ -338,7 +338,13 @@ mod tests {
             let pool = Arc::clone(&pool);
             async move { pool.take(2 * CHUNK).await.map(|h| h.chunks.len()) }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Until the request is waiting (with a deadline).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.stats.waited.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.stats.waited.load(Ordering::Relaxed), 1);
         drop(a);
         assert_eq!(waiter.await.unwrap(), Some(2));
         // Everything back: the pool halves to its minimum and keeps only that much free.

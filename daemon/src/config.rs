@@ -659,6 +659,21 @@ impl Checker<'_> {
             + 1
     }
 
+    /// Every entry of `ranges` is an address or a CIDR range.
+    fn ranges(&self, ranges: &Spanned<Vec<String>>, key: &str) -> Result<(), ConfigError> {
+        for range in ranges.get_ref() {
+            if range.parse::<ipnet::IpNet>().is_err() && range.parse::<std::net::IpAddr>().is_err()
+            {
+                return Err(self.invalid(
+                    ranges,
+                    key,
+                    format!("{range:?} is not an address or a CIDR range (10.0.0.0/8)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn invalid<T>(
         &self,
         at: &Spanned<T>,
@@ -916,17 +931,7 @@ impl Config {
                     "another priority level has this name",
                 ));
             }
-            for range in priority.clients.get_ref() {
-                if range.parse::<ipnet::IpNet>().is_err()
-                    && range.parse::<std::net::IpAddr>().is_err()
-                {
-                    return Err(c.invalid(
-                        &priority.clients,
-                        key("clients"),
-                        format!("{range:?} is not an address or a CIDR range (10.0.0.0/8)"),
-                    ));
-                }
-            }
+            c.ranges(&priority.clients, &key("clients"))?;
             if let Some(ms) = &priority.response_time_ms {
                 if *ms.get_ref() == 0 {
                     return Err(c.invalid(ms, key("response_time_ms"), "must be at least 1"));
@@ -951,17 +956,7 @@ impl Config {
                 ));
             }
             c.socket_address(&listener.address, &key("address"))?;
-            for range in listener.accept_proxy_from.get_ref() {
-                if range.parse::<ipnet::IpNet>().is_err()
-                    && range.parse::<std::net::IpAddr>().is_err()
-                {
-                    return Err(c.invalid(
-                        &listener.accept_proxy_from,
-                        key("accept_proxy_from"),
-                        format!("{range:?} is not an address or a CIDR range (10.0.0.0/8)"),
-                    ));
-                }
-            }
+            c.ranges(&listener.accept_proxy_from, &key("accept_proxy_from"))?;
             let http = *listener.mode.get_ref() == ListenerMode::Http;
             if let Some(inspect) = &listener.inspect {
                 if !http {

@@ -191,8 +191,16 @@ fn a_slow_pool_holds_back_low_levels_and_the_plain_listener_while_high_clients_g
             })
         })
         .collect();
-    // Let the pool's response time show the load.
-    std::thread::sleep(Duration::from_secs(2));
+    // Until the pool's response time has held the plain level back.
+    daemon.metric_until(
+        "tlsaccel_admission_waiting{pool=\"app\"}",
+        Duration::from_secs(20),
+        |_| {
+            daemon
+                .admin_get("/metrics")
+                .contains("tlsaccel_admission_limit{pool=\"app\",level=\"plain\"}")
+        },
+    );
     let loaded: Vec<f64> = (0..60)
         .map(|_| curl(&daemon, &dir, "127.0.0.2"))
         .map(|(code, t)| {

@@ -415,61 +415,43 @@ pub fn start(
                 simulator,
             })
         }
-        Kind::Nginx if http => {
-            // nginx's HTTP proxy with upstream keep-alive, the way its guide sets it up.
-            let config = format!(
-                "worker_processes {workers};\ndaemon off;\n\
-                 master_process on;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
-                 events {{ worker_connections {connections}; }}\n\
-                 http {{\n  access_log off;\n  client_body_temp_path {dir}/t1;\n  proxy_temp_path {dir}/t2;\n\
-                     fastcgi_temp_path {dir}/t3;\n  uwsgi_temp_path {dir}/t4;\n  scgi_temp_path {dir}/t5;\n\
-                     keepalive_requests 1000000;\n\
-                     upstream backend {{ server {backend}; keepalive 64; keepalive_requests 1000000; }}\n  server {{\n\
-                     listen {listen} ssl http2;\n    ssl_certificate {chain};\n    ssl_certificate_key {key};\n\
-                     ssl_protocols TLSv1.3;\n    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;\n\
-                     ssl_ecdh_curve X25519;\n    ssl_session_cache shared:SSL:50m;\n    ssl_session_tickets on;\n\
-                     location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n\
-                     proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-                dir = dir.display(),
-                connections = 2 * super::max_connections(),
+        Kind::Nginx => {
+            // The same TLS settings either way: L4 (`stream`), or with `http` nginx's HTTP
+            // proxy with upstream keep-alive, the way its guide sets it up.
+            let tls = format!(
+                "ssl_certificate {chain};\n    ssl_certificate_key {key};\n    ssl_protocols TLSv1.3;\n    \
+                 ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;\n    ssl_ecdh_curve X25519;\n    \
+                 ssl_session_cache shared:SSL:50m;\n    ssl_session_tickets on;\n",
                 chain = identity.chain.display(),
                 key = identity.key.display(),
             );
-            let file = dir.join("nginx.conf");
-            std::fs::write(&file, config)?;
-            let mut main = Command::new(which("nginx").context("nginx is not installed")?)
-                .arg("-c")
-                .arg(&file)
-                .arg("-p")
-                .arg(&dir)
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting nginx")?;
-            wait_for_port(listen, &mut main, "nginx")?;
-            Ok(Running {
-                kind,
-                listen,
-                main,
-                simulator: None,
-            })
-        }
-        Kind::Nginx => {
+            let d = dir.display();
+            let body = if http {
+                format!(
+                    "http {{\n  access_log off;\n  client_body_temp_path {d}/t1;\n  proxy_temp_path {d}/t2;\n  \
+                     fastcgi_temp_path {d}/t3;\n  uwsgi_temp_path {d}/t4;\n  scgi_temp_path {d}/t5;\n  \
+                     keepalive_requests 1000000;\n  \
+                     upstream backend {{ server {backend}; keepalive 64; keepalive_requests 1000000; }}\n  \
+                     server {{\n    listen {listen} ssl http2;\n    {tls}    \
+                     location / {{\n      proxy_pass http://backend;\n      proxy_http_version 1.1;\n      \
+                     proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+                )
+            } else {
+                format!(
+                    "stream {{\n  upstream backend {{ server {backend}; }}\n  server {{\n    \
+                     listen {listen} ssl;\n    {tls}    proxy_pass backend;\n  }}\n}}\n"
+                )
+            };
+            let module = if http {
+                String::new()
+            } else {
+                format!("load_module {NGINX_STREAM_MODULE};\n")
+            };
             let config = format!(
-                "load_module {NGINX_STREAM_MODULE};\nworker_processes {workers};\ndaemon off;\n\
-                 master_process on;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
-                 events {{ worker_connections {connections}; }}\n\
-                 stream {{\n  upstream backend {{ server {backend}; }}\n  server {{\n\
-                     listen {listen} ssl;\n    ssl_certificate {chain};\n    ssl_certificate_key {key};\n\
-                     ssl_protocols TLSv1.3;\n    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;\n\
-                     ssl_ecdh_curve X25519;\n    ssl_session_cache shared:SSL:50m;\n    ssl_session_tickets on;\n\
-                     proxy_pass backend;\n  }}\n}}\n",
-                dir = dir.display(),
+                "{module}worker_processes {workers};\ndaemon off;\n\
+                 master_process on;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+                 events {{ worker_connections {connections}; }}\n{body}",
                 connections = 2 * super::max_connections(),
-                chain = identity.chain.display(),
-                key = identity.key.display(),
             );
             let file = dir.join("nginx.conf");
             std::fs::write(&file, config)?;
