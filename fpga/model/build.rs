@@ -16,6 +16,7 @@ fn main() {
         "tlsaccel_record_engine.v",
         "tlsaccel_dma_read.v",
         "tlsaccel_dma_write.v",
+        "tlsaccel_aes_sbox.v",
         "tlsaccel_aes_keyexp.v",
         "tlsaccel_aes_pipe.v",
     ];

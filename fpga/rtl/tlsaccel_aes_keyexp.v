@@ -15,8 +15,6 @@ module tlsaccel_aes_keyexp (
     output reg               busy,
     output wire [15*128-1:0] round_keys  // round key r at [128r +: 128]
 );
-    `include "tlsaccel_sbox.vh"
-
     reg [3:0]   index;      // the round key computed this cycle
     reg         wide;
     reg [127:0] older;      // round key index-2 (AES-256)
@@ -40,8 +38,13 @@ module tlsaccel_aes_keyexp (
     wire [31:0]  last = newer[127:96];
     wire         rotate = !wide || !index[0];
     wire [31:0]  turned = rotate ? {last[7:0], last[31:8]} : last;
-    wire [31:0]  subbed = {aes_sbox(turned[31:24]), aes_sbox(turned[23:16]),
-                           aes_sbox(turned[15:8]), aes_sbox(turned[7:0])};
+    wire [31:0]  subbed;
+    genvar b;
+    generate
+        for (b = 0; b < 4; b = b + 1) begin : sub_word
+            tlsaccel_aes_sbox sbox (.in_byte(turned[8*b +: 8]), .out_byte(subbed[8*b +: 8]));
+        end
+    endgenerate
     wire [7:0]   round_constant = !wide ? rcon(index) : (rotate ? rcon({1'b0, index[3:1]}) : 8'h00);
     wire [31:0]  t = subbed ^ {24'd0, round_constant};
     wire [127:0] base = wide ? older : newer;

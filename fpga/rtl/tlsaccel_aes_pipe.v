@@ -25,22 +25,20 @@ module tlsaccel_aes_pipe #(
     output wire [127:0]        out_block,
     output wire [TAG_BITS-1:0] out_tag
 );
-    `include "tlsaccel_sbox.vh"
-
     function [7:0] xtime;
         input [7:0] b;
         xtime = {b[6:0], 1'b0} ^ (b[7] ? 8'h1b : 8'h00);
     endfunction
 
-    // SubBytes then ShiftRows: output row r of column c is input row r of column c + r.
-    function [127:0] sub_shift;
+    // ShiftRows on the S-boxes' outputs: output row r of column c is row r of column c + r.
+    function [127:0] shift_rows;
         input [127:0] s;
         integer c, r;
         begin
-            sub_shift = 128'd0;
+            shift_rows = 128'd0;
             for (c = 0; c < 4; c = c + 1)
                 for (r = 0; r < 4; r = r + 1)
-                    sub_shift[8*(4*c+r) +: 8] = aes_sbox(s[8*(4*((c+r)%4)+r) +: 8]);
+                    shift_rows[8*(4*c+r) +: 8] = s[8*(4*((c+r)%4)+r) +: 8];
         end
     endfunction
 
@@ -73,10 +71,15 @@ module tlsaccel_aes_pipe #(
         tag[0] <= in_tag;
     end
 
-    genvar g;
+    genvar g, b;
     generate
         for (g = 1; g <= 14; g = g + 1) begin : rounds
-            wire [127:0] shifted = sub_shift(state[g-1]);
+            // SubBytes: sixteen S-box instances (tlsaccel_aes_sbox.v).
+            wire [127:0] subbed;
+            for (b = 0; b < 16; b = b + 1) begin : bytes
+                tlsaccel_aes_sbox sbox (.in_byte(state[g-1][8*b +: 8]), .out_byte(subbed[8*b +: 8]));
+            end
+            wire [127:0] shifted = shift_rows(subbed);
             wire [127:0] key = round_keys[128*g +: 128];
             wire         final_round = g == (aes256 ? 14 : 10);
             wire         past_end = !aes256 && g > 10;
