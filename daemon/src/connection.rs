@@ -43,12 +43,23 @@ pub fn serve(
             backend,
             early,
             lease,
+            http,
         }) = Box::pin(establish(&mut stream, &listener, &state, shared)).await
         else {
             return;
         };
-        if let Err(error) = pump::run(ctx, receiver, sender, stream, backend, early).await {
-            tracing::info!(%error, "connection ended with an error");
+        let pumped = async {
+            if let Err(error) = pump::run(ctx, receiver, sender, stream, backend, early).await {
+                tracing::info!(%error, "connection ended with an error");
+            }
+        };
+        match http {
+            // In HTTP mode the pump and hyper (each end of the pipe) share this task: a
+            // request and its answer cross the pipe without a wake-up of another task.
+            Some(http) => {
+                tokio::join!(pumped, http);
+            }
+            None => pumped.await,
         }
         drop(lease);
     }
@@ -92,6 +103,8 @@ struct Proxied<'a> {
     early: Vec<u8>,
     /// The backend server's (none in HTTP mode: requests hold their own).
     lease: Option<crate::pool::Lease>,
+    /// HTTP mode: hyper serving the other end of `backend`, the in-memory pipe.
+    http: Option<crate::http::Serving>,
 }
 
 /// Handshake, route and backend connect; `None` when the connection ended there (after
@@ -199,7 +212,7 @@ async fn establish<'a>(
     };
     if listener.http {
         // The requests are routed one by one; the pump's backend is the HTTP server.
-        let pipe = crate::http::start(crate::http::Conn {
+        let (pipe, serving) = crate::http::start(crate::http::Conn {
             client,
             trusted_forwarder,
             server_name: server_name.clone(),
@@ -216,6 +229,7 @@ async fn establish<'a>(
             backend: crate::pool::BackendStream::Stream(Box::new(pipe)),
             early,
             lease: None,
+            http: Some(serving),
         });
     }
     let Some(pool) = pool else {
@@ -244,6 +258,7 @@ async fn establish<'a>(
         backend,
         early,
         lease: Some(lease),
+        http: None,
     })
 }
 

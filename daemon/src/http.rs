@@ -6,8 +6,9 @@
 //!
 //! The record layer stays the daemon's own (device or CPU, with its limits, alerts and key
 //! updates): the pump ([`crate::pump`]) treats one end of an in-memory pipe as the
-//! connection's backend, and hyper serves the other end. What crosses the pipe is plaintext
-//! in process memory, bounded by the pipe's size.
+//! connection's backend, and hyper serves the other end, both polled by the connection's
+//! one task. What crosses the pipe is plaintext in process memory, bounded by the pipe's
+//! size.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -70,12 +71,14 @@ pub struct Conn {
     pub shared: Arc<Shared>,
 }
 
-/// Serves HTTP for one connection on a task of its own; returns the pipe's other end, for
-/// the pump to use as the backend.
-pub fn start(conn: Conn) -> tokio::io::DuplexStream {
+/// hyper serving one connection, to be polled beside its pump.
+pub type Serving = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Serves HTTP for one connection: returns the pipe's other end, for the pump to use as
+/// the backend, and the future that serves this end (the connection's task polls both).
+pub fn start(conn: Conn) -> (tokio::io::DuplexStream, Serving) {
     let (ours, theirs) = tokio::io::duplex(PIPE);
-    tokio::spawn(serve(ours, conn));
-    theirs
+    (theirs, Box::pin(serve(ours, conn)))
 }
 
 /// Serves HTTP on `io` (a plain-HTTP listener's connection, or the pipe of [`start`]) until
