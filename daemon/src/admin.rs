@@ -128,6 +128,30 @@ pub fn metrics(shared: &Shared) -> String {
         );
     }
     e.family(
+        "tlsaccel_client_certificates_total",
+        "counter",
+        "Client certificates on listeners that ask for them: verified, none, or the alert that refused the client (certificate_required, unknown_ca, certificate_revoked...).",
+    );
+    for (result, value) in s.client_certificates.snapshot() {
+        e.sample(
+            "tlsaccel_client_certificates_total",
+            &[("result", &result)],
+            value,
+        );
+    }
+    e.family(
+        "tlsaccel_client_auth_reloads_total",
+        "counter",
+        "Client CA/CRL files read again after they changed: ok, or failed (the old verifier stays).",
+    );
+    for (result, value) in s.client_auth_reloads.snapshot() {
+        e.sample(
+            "tlsaccel_client_auth_reloads_total",
+            &[("result", &result)],
+            value,
+        );
+    }
+    e.family(
         "tlsaccel_http_responses_total",
         "counter",
         "HTTP mode: responses to clients by status class, the proxy's own included.",

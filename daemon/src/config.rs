@@ -180,6 +180,48 @@ pub struct Listener {
     pub inspect: Option<Inspect>,
     /// HTTP mode: an in-memory cache of GET/HEAD responses (RFC 9111, as a shared cache).
     pub cache: Option<CacheSettings>,
+    /// Client certificates (mTLS): asked for, required, checked against CAs and CRLs.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// `[listener.client_auth]`: client certificates (docs/identity.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// `none`, `optional` (asked for; a client without one is let in, one with a bad one
+    /// is refused) or `required`.
+    pub mode: Spanned<ClientAuthMode>,
+    /// PEM files of the CAs a client certificate must chain to, relative to this file.
+    #[serde(default = "no_suites")]
+    pub ca: Spanned<Vec<String>>,
+    /// PEM files of CRLs (RFC 5280) checked for every certificate of the chain.
+    #[serde(default = "no_suites")]
+    pub crl: Spanned<Vec<String>>,
+    /// A certificate whose issuer no CRL covers: `deny` (default when CRLs are given) or
+    /// `allow`.
+    #[serde(default = "deny_unknown")]
+    pub unknown_revocation: Spanned<UnknownRevocation>,
+    /// HTTP mode: the client's certificate also as URL-encoded PEM (`Cert=`) in
+    /// `X-Forwarded-Client-Cert`.
+    #[serde(default = "default_false")]
+    pub forward_certificate: Spanned<bool>,
+}
+
+/// Whether a listener asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    None,
+    Optional,
+    Required,
+}
+
+/// What a client certificate whose revocation status is unknown gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownRevocation {
+    Deny,
+    Allow,
 }
 
 /// `[listener.inspect]`: HTTP mode's request rules (each optional).
@@ -545,6 +587,12 @@ fn no_files() -> Spanned<Vec<PathBuf>> {
 fn default_true() -> Spanned<bool> {
     spanned(true)
 }
+fn default_false() -> Spanned<bool> {
+    spanned(false)
+}
+fn deny_unknown() -> Spanned<UnknownRevocation> {
+    spanned(UnknownRevocation::Deny)
+}
 fn default_ticket_keys() -> Spanned<TicketKeySource> {
     spanned(TicketKeySource::Random)
 }
@@ -760,6 +808,23 @@ impl Config {
                             path,
                             format!("listener[{l}].certificate[{c}].{what}"),
                             format!("cannot read {}: {e}", full.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        for (l, listener) in config.listeners.iter().enumerate() {
+            let Some(auth) = &listener.client_auth else {
+                continue;
+            };
+            for (files, what) in [(&auth.ca, "ca"), (&auth.crl, "crl")] {
+                for name in files.get_ref() {
+                    let full = base.join(name);
+                    if let Err(message) = crate::identity::check_pem(&full, what) {
+                        return Err(checker.invalid(
+                            files,
+                            format!("listener[{l}].client_auth.{what}"),
+                            message,
                         ));
                     }
                 }
@@ -1011,6 +1076,22 @@ impl Config {
                         &cache.max_object_bytes,
                         key("cache.max_object_bytes"),
                         "more than the whole cache (max_bytes)",
+                    ));
+                }
+            }
+            if let Some(auth) = &listener.client_auth {
+                if !*listener.tls.get_ref() {
+                    return Err(c.invalid(
+                        &auth.mode,
+                        key("client_auth"),
+                        "a plain (tls = false) listener cannot ask for client certificates",
+                    ));
+                }
+                if *auth.mode.get_ref() != ClientAuthMode::None && auth.ca.get_ref().is_empty() {
+                    return Err(c.invalid(
+                        &auth.mode,
+                        key("client_auth.ca"),
+                        "client certificates need the CAs they must chain to (ca = [\"clients-ca.pem\"])",
                     ));
                 }
             }
@@ -1605,6 +1686,40 @@ pool = "web"
         assert!(redis.is_ok(), "{redis:?}");
         let ok = with("ticket_keys = \"file\"\nkey_files = [\"t.key\"]\nretired_key_window_s = 0");
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn client_auth_is_checked() {
+        let error = |text: String| parse(&text).unwrap_err().to_string();
+        let ok = parse(&format!(
+            "{GOOD}[listener.client_auth]\nmode = \"optional\"\nca = [\"ca.pem\"]\n"
+        ))
+        .unwrap();
+        let auth = ok.listeners[0].client_auth.as_ref().unwrap();
+        assert_eq!(*auth.mode.get_ref(), ClientAuthMode::Optional);
+        assert_eq!(
+            *auth.unknown_revocation.get_ref(),
+            UnknownRevocation::Deny,
+            "unknown revocation status is refused by default"
+        );
+        assert!(!*auth.forward_certificate.get_ref());
+        assert!(error(format!(
+            "{GOOD}[listener.client_auth]\nmode = \"required\"\n"
+        ))
+        .contains("listener[0].client_auth.ca: client certificates need the CAs"));
+        assert!(error(format!(
+            "{GOOD}[listener.client_auth]\nmode = \"sometimes\"\nca = [\"ca.pem\"]\n"
+        ))
+        .contains("unknown variant `sometimes`"));
+        assert!(error(format!(
+            "{GOOD}[listener.client_auth]\nmode = \"required\"\nca = [\"ca.pem\"]\ncrls = []\n"
+        ))
+        .contains("unknown field `crls`"));
+        let plain = "[[listener]]\nname = \"plain\"\naddress = \"127.0.0.1:8080\"\n\
+                     mode = \"http\"\ntls = false\ndefault_pool = \"web\"\n\
+                     [listener.client_auth]\nmode = \"optional\"\nca = [\"ca.pem\"]\n";
+        assert!(error(format!("{GOOD}{plain}"))
+            .contains("listener[1].client_auth: a plain (tls = false) listener cannot ask"));
     }
 
     #[test]

@@ -87,6 +87,7 @@ async fn serve_plain(
         server_name: None,
         alpn: None,
         tls: false,
+        client_certificate: None,
         listener: Arc::clone(listener),
         state: Arc::clone(state),
         shared: Arc::clone(shared),
@@ -133,6 +134,9 @@ async fn establish<'a>(
         Ok(Ok(established)) => established,
         Ok(Err(error)) => {
             shared.stats.handshake_failures.inc(error.kind());
+            if let Some(alert) = tls::client_certificate_refusal(&error) {
+                shared.stats.client_certificates.inc(&snake_case(alert));
+            }
             if let Some(alert) = error.alert_sent() {
                 shared.stats.alerts_sent.inc(&format!("{alert:?}"));
             }
@@ -164,6 +168,19 @@ async fn establish<'a>(
         kind,
         "handshake complete"
     );
+    // Client certificates: refused ones get their alert once the record layer is up.
+    let identity = listener_tls.client_identity(&established);
+    match &identity {
+        Ok(Some(_)) => shared.stats.client_certificates.inc("verified"),
+        Ok(None) if listener_tls.client_auth.is_some() => {
+            shared.stats.client_certificates.inc("none")
+        }
+        Ok(None) => {}
+        Err(alert) => {
+            shared.stats.client_certificates.inc(&snake_case(*alert));
+            tracing::info!(?alert, "client certificate refused");
+        }
+    }
     let alpn = established
         .alpn
         .as_deref()
@@ -189,6 +206,8 @@ async fn establish<'a>(
                         Version::Tls13 => "TLSv1.3",
                     },
                     cipher: &cipher,
+                    client_certificate: identity.as_ref().ok().and_then(Option::as_deref),
+                    resumed: established.resumed,
                 },
             )
         });
@@ -210,6 +229,13 @@ async fn establish<'a>(
         policy: state.policy,
         idle_timeout: listener.idle_timeout,
     };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(alert) => {
+            refuse(&ctx, &mut sender, stream, alert).await;
+            return None;
+        }
+    };
     if listener.http {
         // The requests are routed one by one; the pump's backend is the HTTP server.
         let (pipe, serving) = crate::http::start(crate::http::Conn {
@@ -218,6 +244,7 @@ async fn establish<'a>(
             server_name: server_name.clone(),
             alpn: alpn.clone(),
             tls: true,
+            client_certificate: identity,
             listener: Arc::clone(listener_arc),
             state: Arc::clone(state_arc),
             shared: Arc::clone(shared),
@@ -235,7 +262,7 @@ async fn establish<'a>(
     let Some(pool) = pool else {
         shared.stats.unrouted.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("no route and no default pool");
-        refuse(&ctx, &mut sender, stream).await;
+        refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
         return None;
     };
     let (lease, backend) = match pool.connect(proxy_header.as_deref()).await {
@@ -246,7 +273,7 @@ async fn establish<'a>(
                 .backend_unavailable
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "no backend");
-            refuse(&ctx, &mut sender, stream).await;
+            refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
             return None;
         }
     };
@@ -331,21 +358,35 @@ async fn preface(
     }
 }
 
-/// Tells a client nobody can serve it: an `internal_error` alert, written within the
-/// linger time.
-async fn refuse(ctx: &pump::Context<'_>, sender: &mut Sender, stream: &mut TcpStream) {
+/// An alert's name as RFC 8446 writes it (`certificate_required`).
+fn snake_case(alert: AlertDescription) -> String {
+    let mut out = String::new();
+    let mut lower_before = false;
+    for c in format!("{alert:?}").chars() {
+        if c.is_ascii_uppercase() && lower_before {
+            out.push('_');
+        }
+        lower_before = c.is_ascii_lowercase();
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// Ends a client's connection with `alert` (`internal_error`: nobody can serve it), written
+/// within the linger time.
+async fn refuse(
+    ctx: &pump::Context<'_>,
+    sender: &mut Sender,
+    stream: &mut TcpStream,
+    alert: AlertDescription,
+) {
     let device = ctx.shared.record_device(ctx.queue_number);
     let engines = Engines {
         device: device.as_ref(),
         policy: ctx.policy,
         stats: &ctx.shared.records,
     };
-    let sealed = sender
-        .seal(
-            vec![Outgoing::Alert(AlertDescription::InternalError)],
-            engines,
-        )
-        .await;
+    let sealed = sender.seal(vec![Outgoing::Alert(alert)], engines).await;
     for alert in &sealed.alerts {
         ctx.shared.stats.alerts_sent.inc(&format!("{alert:?}"));
     }

@@ -66,6 +66,8 @@ pub struct Conn {
     pub alpn: Option<String>,
     /// False on a plain-HTTP listener.
     pub tls: bool,
+    /// The client's verified certificate, when the listener asks for one.
+    pub client_certificate: Option<Arc<crate::identity::PeerIdentity>>,
     pub listener: Arc<ListenerState>,
     pub state: Arc<State>,
     pub shared: Arc<Shared>,
@@ -677,6 +679,20 @@ fn add_forwarding(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
         }
     }
     headers.insert(x_forwarded_proto, HeaderValue::from_static(proto));
+    // Who the client is, only ever as this proxy saw it.
+    let xfcc = HeaderName::from_static("x-forwarded-client-cert");
+    headers.remove(&xfcc);
+    if let Some(identity) = &conn.client_certificate {
+        let with_certificate = conn
+            .listener
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_auth.as_ref())
+            .is_some_and(|a| a.forward_certificate);
+        if let Ok(value) = HeaderValue::from_str(&identity.xfcc(with_certificate)) {
+            headers.insert(xfcc, value);
+        }
+    }
 }
 
 /// The pooled HTTP client of `pool`, whose connections come from the pool's own connect

@@ -30,6 +30,7 @@ pub mod demo;
 pub mod devices;
 pub mod handshake;
 pub mod http;
+pub mod identity;
 pub mod inspect;
 pub mod listen;
 pub mod metrics;

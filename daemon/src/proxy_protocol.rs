@@ -174,23 +174,56 @@ pub struct TlsValues<'a> {
     pub version: &'a str,
     /// The IANA name (`TLS_AES_128_GCM_SHA256`).
     pub cipher: &'a str,
+    /// The client's verified certificate, if it sent one (or its resumed session had one).
+    pub client_certificate: Option<&'a crate::identity::PeerIdentity>,
+    pub resumed: bool,
 }
 
 /// PP2_CLIENT_SSL: the client connected over TLS.
 const CLIENT_SSL: u8 = 0x01;
+/// PP2_CLIENT_CERT_CONN: the client sent a certificate on this connection.
+const CLIENT_CERT_CONN: u8 = 0x02;
+/// PP2_CLIENT_CERT_SESS: the client sent a certificate at least once in this TLS session
+/// (set with a resumed one too).
+const CLIENT_CERT_SESS: u8 = 0x04;
+/// PP2_SUBTYPE_SSL_CN: the client certificate's common name.
+const SUBTYPE_SSL_CN: u8 = 0x22;
 
 /// A v2 `PROXY` header for a connection from `source` to `destination`, with the TLS values
 /// as TLVs: ALPN, authority (the SNI), and SSL with its version and cipher sub-TLVs.
 pub fn v2_header(source: SocketAddr, destination: SocketAddr, tls: &TlsValues<'_>) -> Vec<u8> {
     let (source, destination) = same_family(source, destination);
-    let mut ssl = vec![CLIENT_SSL];
-    // `verify` is zero only for a client certificate that was verified; none was asked for.
-    ssl.extend_from_slice(&1u32.to_be_bytes());
+    let mut client = CLIENT_SSL;
+    if tls.client_certificate.is_some() {
+        client |= CLIENT_CERT_SESS;
+        if !tls.resumed {
+            client |= CLIENT_CERT_CONN;
+        }
+    }
+    let mut ssl = vec![client];
+    // `verify` is zero only for a client certificate that was verified (an identity here
+    // is always one that was).
+    let verify: u32 = if tls.client_certificate.is_some() {
+        0
+    } else {
+        1
+    };
+    ssl.extend_from_slice(&verify.to_be_bytes());
+    // A common name longer than any real one is left out rather than cut.
+    let common_name = tls
+        .client_certificate
+        .and_then(|c| c.common_name.as_deref())
+        .filter(|cn| cn.len() <= 1024)
+        .unwrap_or("");
     for (kind, value) in [
-        (v2::Type::SSLVersion, tls.version.as_bytes()),
-        (v2::Type::SSLCipher, tls.cipher.as_bytes()),
+        (v2::Type::SSLVersion as u8, tls.version.as_bytes()),
+        (v2::Type::SSLCipher as u8, tls.cipher.as_bytes()),
+        (SUBTYPE_SSL_CN, common_name.as_bytes()),
     ] {
-        ssl.push(kind as u8);
+        if value.is_empty() {
+            continue;
+        }
+        ssl.push(kind);
         ssl.extend_from_slice(&(value.len() as u16).to_be_bytes());
         ssl.extend_from_slice(value);
     }
@@ -334,6 +367,7 @@ mod tests {
                 alpn: Some(b"h2"),
                 version: "TLSv1.3",
                 cipher: "TLS_AES_128_GCM_SHA256",
+                ..TlsValues::default()
             },
         );
         let parsed = v2::Header::try_from(&header[..]).unwrap();
@@ -353,5 +387,50 @@ mod tests {
         assert_eq!(&subs[3..10], b"TLSv1.3");
         assert_eq!(&subs[10..13], &[0x23, 0, 22]);
         assert_eq!(&subs[13..], b"TLS_AES_128_GCM_SHA256");
+        assert_eq!(
+            &ssl[1..5],
+            &1u32.to_be_bytes(),
+            "no certificate: not verified"
+        );
+    }
+
+    /// The SSL TLV's client bits, `verify` and common name for a client certificate.
+    fn ssl_tlv(identity: &crate::identity::PeerIdentity, resumed: bool) -> Vec<u8> {
+        let header = v2_header(
+            "192.0.2.1:5000".parse().unwrap(),
+            "198.51.100.2:443".parse().unwrap(),
+            &TlsValues {
+                version: "TLSv1.3",
+                cipher: "TLS_AES_128_GCM_SHA256",
+                client_certificate: Some(identity),
+                resumed,
+                ..TlsValues::default()
+            },
+        );
+        let parsed = v2::Header::try_from(&header[..]).unwrap();
+        let ssl = parsed
+            .tlvs()
+            .map(|t| t.unwrap())
+            .find(|t| t.kind == 0x20)
+            .unwrap();
+        ssl.value.to_vec()
+    }
+
+    #[test]
+    fn a_client_certificate_is_flagged_verified_with_its_common_name() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "client one");
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let identity = crate::identity::PeerIdentity::from_der(&der);
+        let ssl = ssl_tlv(&identity, false);
+        assert_eq!(ssl[0], CLIENT_SSL | CLIENT_CERT_CONN | CLIENT_CERT_SESS);
+        assert_eq!(&ssl[1..5], &0u32.to_be_bytes(), "verified");
+        let cn = ssl.windows(13).position(|w| w == b"\x22\x00\x0aclient one");
+        assert!(cn.is_some(), "{ssl:?}");
+        let resumed = ssl_tlv(&identity, true);
+        assert_eq!(resumed[0], CLIENT_SSL | CLIENT_CERT_SESS);
     }
 }

@@ -50,6 +50,14 @@ pub struct ServerStats {
     /// PROXY protocol headers from clients: `accepted`, or why one was refused (`untrusted`
     /// source, `invalid` header, `missing` from a trusted source, `timeout`).
     pub proxy_headers: LabelledCounter,
+    /// Client certificates on listeners that ask for them: `verified`, `none` (optional),
+    /// or the alert that refused the client (`certificate_required`, `certificate_revoked`,
+    /// `unknown_ca`, ...; during the handshake, when it is also a handshake failure, or
+    /// after it, for a resumed session).
+    pub client_certificates: LabelledCounter,
+    /// Rebuilds of a listener's client-certificate verifier after its CA or CRL files
+    /// changed: `ok`, or `failed` (the old one stays).
+    pub client_auth_reloads: LabelledCounter,
     /// HTTP mode: responses by status class (`2xx`...), the proxy's own included.
     pub http_responses: LabelledCounter,
     /// HTTP mode: requests a backend did not answer (`connect`, `exchange`).
@@ -152,6 +160,43 @@ impl Shared {
     }
 }
 
+/// How often listeners' client CA and CRL files are looked at for changes.
+const CLIENT_AUTH_CHECK: Duration = Duration::from_secs(1);
+
+/// Gives each listener that asks for client certificates a new verifier when its CA or CRL
+/// files change (connections already made keep theirs); ends with the daemon.
+async fn watch_client_auth(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(CLIENT_AUTH_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let state = shared.state();
+        for (name, listener) in &state.listeners {
+            let Some(tls) = &listener.tls else {
+                continue;
+            };
+            match tls.reload_client_auth() {
+                None => {}
+                Some(Ok(())) => {
+                    shared.stats.client_auth_reloads.inc("ok");
+                    tracing::info!(listener = %name, "client CA/CRL files read again");
+                }
+                Some(Err(error)) => {
+                    shared.stats.client_auth_reloads.inc("failed");
+                    tracing::error!(
+                        listener = %name,
+                        error = %format!("{error:#}"),
+                        "client CA/CRL files unusable; the verifier in use stays"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A running daemon.
 #[derive(Debug)]
 pub struct Server {
@@ -243,6 +288,7 @@ impl Server {
             config_file,
             started: Instant::now(),
         });
+        tokio::spawn(watch_client_auth(Arc::downgrade(&shared)));
         let mut listeners = Vec::new();
         let mut accept_tasks = Vec::new();
         for listener in &config.listeners {

@@ -1344,6 +1344,7 @@ mod tests {
             alpn: None,
             leftover: to_server,
             early_plaintext: Vec::new(),
+            peer_chain: Vec::new(),
         };
         let (receiver, sender) = start(established, settings).expect("session");
         Pair {

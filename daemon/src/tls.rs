@@ -128,7 +128,12 @@ impl ResolvesServerCert for Capture {
 /// A listener's TLS settings.
 #[derive(Debug)]
 pub struct ListenerTls {
-    config: Arc<ServerConfig>,
+    /// The config (and its client-certificate verifier) new connections get: replaced when
+    /// the client CA or CRL files change.
+    current: std::sync::RwLock<Current>,
+    versions: Vec<&'static rustls::SupportedProtocolVersion>,
+    /// Client certificates, when the listener asks for them.
+    pub client_auth: Option<crate::identity::ClientAuth>,
     resolver: Arc<SniResolver>,
     /// Handshakes run on fibers: the provider's signatures and key exchanges may wait for a
     /// device.
@@ -171,10 +176,20 @@ impl ListenerTls {
             })
             .collect();
         let resolver = Arc::new(SniResolver::load(&listener.certificates, base, &provider)?);
-        let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&versions)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
+        let provider = Arc::new(provider);
+        let client_auth = crate::identity::ClientAuth::new(listener.client_auth.as_ref(), base);
+        let verifier = client_auth
+            .as_ref()
+            .map(|auth| auth.verifier(&provider))
+            .transpose()?;
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&versions)?;
+        let builder = match &verifier {
+            Some(verifier) => builder.with_client_cert_verifier(Arc::clone(verifier)),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config =
+            builder.with_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>);
         config.enable_secret_extraction = true;
         config.alpn_protocols = listener
             .alpn
@@ -185,21 +200,144 @@ impl ListenerTls {
         config.ticketer = resumption.ticketer();
         config.session_storage = resumption.session_storage();
         Ok(Self {
-            config: Arc::new(config),
+            current: std::sync::RwLock::new(Current {
+                config: Arc::new(config),
+                verifier,
+            }),
+            versions,
+            client_auth,
             resolver,
             fibers: offloaded || shares_sessions,
         })
     }
 
+    fn current(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the client CA and CRL files again when they changed since they were last read,
+    /// and gives new connections a verifier built from them; connections already made are
+    /// left alone. `None`: nothing changed (or no client certificates are asked for);
+    /// `Some(Err)`: the files are unusable and the verifier in use stays.
+    pub fn reload_client_auth(&self) -> Option<anyhow::Result<()>> {
+        let auth = self.client_auth.as_ref()?;
+        if !auth.files_changed() {
+            return None;
+        }
+        let old = self.current();
+        let provider = Arc::clone(old.config.crypto_provider());
+        let verifier = match auth.verifier(&provider) {
+            Ok(verifier) => verifier,
+            Err(error) => return Some(Err(error)),
+        };
+        let built = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&self.versions)
+            .map(|b| {
+                b.with_client_cert_verifier(Arc::clone(&verifier))
+                    .with_cert_resolver(Arc::clone(&self.resolver) as Arc<dyn ResolvesServerCert>)
+            });
+        let mut config = match built {
+            Ok(config) => config,
+            Err(error) => return Some(Err(error.into())),
+        };
+        config.enable_secret_extraction = true;
+        config.alpn_protocols = old.config.alpn_protocols.clone();
+        config.max_early_data_size = old.config.max_early_data_size;
+        config.ticketer = Arc::clone(&old.config.ticketer);
+        config.session_storage = Arc::clone(&old.config.session_storage);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current {
+            config: Arc::new(config),
+            verifier: Some(verifier),
+        };
+        Some(Ok(()))
+    }
+
+    /// The client's identity after a handshake on this listener, or the alert that refuses
+    /// the client: a listener that requires a certificate refuses a session without one,
+    /// and a resumed session's certificate is checked again against today's CAs and CRLs
+    /// (rustls resumes a session without looking at its certificate).
+    pub fn client_identity(
+        &self,
+        established: &Established,
+    ) -> Result<Option<Arc<crate::identity::PeerIdentity>>, AlertDescription> {
+        let Some(auth) = &self.client_auth else {
+            return Ok(None);
+        };
+        let Some((end_entity, intermediates)) = established.peer_chain.split_first() else {
+            return if auth.required() {
+                Err(AlertDescription::CertificateRequired)
+            } else {
+                Ok(None)
+            };
+        };
+        if established.resumed {
+            let verifier = self.current().verifier;
+            if let Some(verifier) = verifier {
+                if let Err(error) = verifier.verify_client_cert(
+                    end_entity,
+                    intermediates,
+                    rustls::pki_types::UnixTime::now(),
+                ) {
+                    return Err(alert_for(&error));
+                }
+            }
+        }
+        Ok(Some(Arc::new(crate::identity::PeerIdentity::from_der(
+            end_entity,
+        ))))
+    }
+
     /// A config for one connection, whose resolver records the requested server name.
     fn for_connection(&self) -> (Arc<ServerConfig>, Arc<Mutex<Option<String>>>) {
         let server_name = Arc::new(Mutex::new(None));
-        let mut config = (*self.config).clone();
+        let mut config = (*self.current().config).clone();
         config.cert_resolver = Arc::new(Capture {
             inner: Arc::clone(&self.resolver),
             server_name: Arc::clone(&server_name),
         });
         (Arc::new(config), server_name)
+    }
+}
+
+/// What new connections of a listener get.
+#[derive(Debug, Clone)]
+struct Current {
+    config: Arc<ServerConfig>,
+    /// The client-certificate verifier in `config`, when there is one.
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+/// The alert for a client certificate that fails verification (RFC 8446 §6.2).
+fn alert_for(error: &rustls::Error) -> AlertDescription {
+    use rustls::CertificateError as E;
+    match error {
+        rustls::Error::InvalidCertificate(E::Revoked) => AlertDescription::CertificateRevoked,
+        rustls::Error::InvalidCertificate(
+            E::Expired | E::ExpiredContext { .. } | E::NotValidYet | E::NotValidYetContext { .. },
+        ) => AlertDescription::CertificateExpired,
+        rustls::Error::InvalidCertificate(E::UnknownIssuer) => AlertDescription::UnknownCA,
+        rustls::Error::InvalidCertificate(E::UnknownRevocationStatus) => {
+            AlertDescription::CertificateUnknown
+        }
+        _ => AlertDescription::BadCertificate,
+    }
+}
+
+/// When a handshake failed over the client's certificate, the alert that said so.
+pub fn client_certificate_refusal(error: &HandshakeError) -> Option<AlertDescription> {
+    match error {
+        HandshakeError::Tls {
+            error: rustls::Error::NoCertificatesPresented,
+            ..
+        } => Some(AlertDescription::CertificateRequired),
+        HandshakeError::Tls {
+            error: error @ rustls::Error::InvalidCertificate(_),
+            ..
+        } => Some(alert_for(error)),
+        _ => None,
     }
 }
 
@@ -265,6 +403,9 @@ pub struct Established {
     pub leftover: Vec<u8>,
     /// Application data rustls already decrypted.
     pub early_plaintext: Vec<u8>,
+    /// The client's certificate chain (end entity first), when it sent one or the resumed
+    /// session had one.
+    pub peer_chain: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for Established {
@@ -290,36 +431,43 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
 /// Writes what is still unsent of the handshake (`unsent`) and the records rustls queued
 /// after an error (its alert), within a short time. Returns the alert when it was sent in
 /// the clear (before handshake keys), so it can be counted.
+///
+/// `incoming` is what the handshake had offered rustls and not yet discarded: rustls may
+/// still refer to it.
 async fn send_pending_alert(
     conn: &mut UnbufferedServerConnection,
+    incoming: &mut Vec<u8>,
     stream: &mut TcpStream,
     unsent: &[u8],
 ) -> Option<AlertDescription> {
     let mut out = unsent.to_vec();
     let start = out.len();
     for _ in 0..4 {
-        let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut []);
-        let Ok(ConnectionState::EncodeTlsData(mut encode)) = state else {
-            break;
-        };
-        let at = out.len();
-        out.resize(at + 64, 0);
-        match encode.encode(&mut out[at..]) {
-            Ok(n) => out.truncate(at + n),
-            Err(EncodeError::InsufficientSize(size)) => {
-                out.resize(at + size.required_size, 0);
-                match encode.encode(&mut out[at..]) {
-                    Ok(n) => out.truncate(at + n),
-                    Err(_) => {
-                        out.truncate(at);
-                        break;
+        let (encoded, discard) = {
+            let UnbufferedStatus { state, discard } = conn.process_tls_records(incoming);
+            let encoded = match state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    let mut record = vec![0; 64];
+                    match encode.encode(&mut record) {
+                        Ok(n) => Some(record[..n].to_vec()),
+                        Err(EncodeError::InsufficientSize(size)) => {
+                            record.resize(size.required_size, 0);
+                            encode
+                                .encode(&mut record)
+                                .ok()
+                                .map(|n| record[..n].to_vec())
+                        }
+                        Err(_) => None,
                     }
                 }
-            }
-            Err(_) => {
-                out.truncate(at);
-                break;
-            }
+                _ => None,
+            };
+            (encoded, discard)
+        };
+        incoming.drain(..discard);
+        match encoded {
+            Some(record) => out.extend_from_slice(&record),
+            None => break,
         }
     }
     if out.len() == start {
@@ -425,7 +573,16 @@ impl Handshake {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.incoming[..offered]);
             self.offered = offered - discard;
-            let state = state.map_err(|error| HandshakeError::Tls { error, alert: None })?;
+            let state = match state {
+                Ok(state) => state,
+                Err(error) => {
+                    // rustls may still hold ranges of the records behind the failed one
+                    // (a client's Certificate, CertificateVerify and Finished arrive
+                    // together): the buffer it is given for the alert must match them.
+                    self.incoming.drain(..discard);
+                    return Err(HandshakeError::Tls { error, alert: None });
+                }
+            };
             let next = match state {
                 ConnectionState::EncodeTlsData(mut encode) => loop {
                     match encode.encode(&mut self.outgoing[self.pending..]) {
@@ -528,11 +685,14 @@ pub async fn handshake(
                 // rustls queued the alert for this error: it goes out before the close.
                 let Handshake {
                     conn,
+                    incoming,
                     outgoing,
                     pending,
+                    offered,
                     ..
                 } = &mut *hs;
-                let alert = send_pending_alert(conn, stream, &outgoing[..*pending]).await;
+                incoming.truncate(*offered);
+                let alert = send_pending_alert(conn, incoming, stream, &outgoing[..*pending]).await;
                 return Err(HandshakeError::Tls { error, alert });
             }
             Err(other) => return Err(other),
@@ -553,6 +713,10 @@ pub async fn handshake(
         .map_or_else(|| "unknown".to_owned(), |s| format!("{:?}", s.suite()));
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let peer_chain = conn
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
     let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
     let server_name = server_name.lock().unwrap_or_else(|e| e.into_inner()).take();
     Ok(Established {
@@ -565,6 +729,7 @@ pub async fn handshake(
         alpn,
         leftover: incoming,
         early_plaintext,
+        peer_chain,
     })
 }
 

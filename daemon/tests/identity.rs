@@ -1,0 +1,560 @@
+//! Client certificates (`[listener.client_auth]`) through `tlsaccel serve`: curl and rustls
+//! clients with certificates from a test CA made here (rcgen), a CRL that changes while the
+//! daemon runs, the identity backends are told (`X-Forwarded-Client-Cert` in HTTP mode, the
+//! PROXY v2 SSL TLV in L4 mode) and spoofed copies of it.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::AlertDescription;
+use support::{runtime, Daemon, Scratch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A CA of the test's own.
+struct Ca {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).expect("CA").pem();
+        Self { params, key, pem }
+    }
+
+    /// A client certificate for `common_name` with serial `serial`, a DNS and a URI SAN;
+    /// written as `<file>.pem` and `<file>.key` in `dir`.
+    fn client(&self, dir: &Path, file: &str, common_name: &str, serial: u8) -> Client {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec![format!("{file}.clients.example")]).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "tlsaccel tests");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            format!("spiffe://tests.example/{file}")
+                .try_into()
+                .expect("uri"),
+        ));
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[serial]));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).expect("client cert");
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).expect("write");
+        Client {
+            der: cert.der().clone(),
+            key: PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+        }
+    }
+
+    /// A CRL revoking `serials`.
+    fn crl(&self, serials: &[u8]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from_slice(&[serials.len() as u8 + 1]),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&[*s]),
+                    revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        params.signed_by(&issuer).expect("CRL").pem().expect("pem")
+    }
+}
+
+struct Client {
+    der: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Client {
+    fn sha256(&self) -> String {
+        hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &self.der,
+        ))
+    }
+}
+
+/// A rustls client trusting the daemon's certificate, presenting `client` if given, with
+/// a session cache of its own (so a second connection resumes).
+fn rustls_client(
+    server: &CertificateDer<'static>,
+    client: Option<&Client>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server.clone()).expect("root");
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("versions")
+    .with_root_certificates(roots);
+    Arc::new(match client {
+        Some(c) => builder
+            .with_client_auth_cert(vec![c.der.clone()], c.key.clone_key())
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// Makes a TLS connection and one HTTP/1.1 request on it; the alert that refused it, or
+/// `None` when the request was answered.
+async fn refused_with(
+    address: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> Option<AlertDescription> {
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let alert = |error: std::io::Error| -> Option<AlertDescription> {
+        match error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+            other => panic!("not an alert: {error} ({other:?})"),
+        }
+    };
+    let mut tls = match tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+    {
+        Ok(tls) => tls,
+        Err(error) => return alert(error),
+    };
+    if let Err(error) = tls
+        .write_all(b"GET /check HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+    {
+        return alert(error);
+    }
+    let mut answer = Vec::new();
+    match tls.read_to_end(&mut answer).await {
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            None
+        }
+        Err(error) => alert(error),
+    }
+}
+
+/// An HTTP/1.1 backend answering every request with the `X-Forwarded-Client-Cert` values
+/// it was sent (one line each), or `xfcc=` when there was none.
+async fn backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: Request<hyper::body::Incoming>| async move {
+                        let mut text = String::new();
+                        for value in request.headers().get_all("x-forwarded-client-cert") {
+                            text.push_str(&format!("xfcc={}\n", value.to_str().unwrap_or("?")));
+                        }
+                        if text.is_empty() {
+                            text.push_str("xfcc=\n");
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+/// What a PROXY v2 header's SSL TLV said: client bits, verify, common name.
+type SslSeen = Arc<Mutex<Vec<(u8, u32, String)>>>;
+
+/// A TCP backend that reads a PROXY v2 header, records its SSL TLV and echoes the rest.
+async fn proxy_backend() -> (SocketAddr, SslSeen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let seen: SslSeen = Arc::default();
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let mut head = [0u8; 16];
+                if tcp.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+                let mut rest = vec![0u8; len];
+                if tcp.read_exact(&mut rest).await.is_err() {
+                    return;
+                }
+                let mut whole = head.to_vec();
+                whole.extend_from_slice(&rest);
+                let header = ppp::v2::Header::try_from(&whole[..]).expect("a PROXY v2 header");
+                for tlv in header.tlvs().flatten() {
+                    if tlv.kind != 0x20 {
+                        continue;
+                    }
+                    let value = &tlv.value[..];
+                    let verify = u32::from_be_bytes([value[1], value[2], value[3], value[4]]);
+                    let mut cn = String::new();
+                    let mut at = 5;
+                    while at + 3 <= value.len() {
+                        let n = u16::from_be_bytes([value[at + 1], value[at + 2]]) as usize;
+                        if value[at] == 0x22 {
+                            cn = String::from_utf8_lossy(&value[at + 3..at + 3 + n]).into_owned();
+                        }
+                        at += 3 + n;
+                    }
+                    record.lock().expect("lock").push((value[0], verify, cn));
+                }
+                let (mut read, mut write) = tcp.into_split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    (address, seen)
+}
+
+fn config(http_backend: SocketAddr, l4_backend: SocketAddr) -> String {
+    format!(
+        r#"drain_timeout_ms = 2000
+[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+mode = "http"
+alpn = ["http/1.1"]
+default_pool = "http"
+[listener.client_auth]
+mode = "required"
+ca = ["clients-ca.pem"]
+crl = ["clients.crl.pem"]
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[listener]]
+name = "opt"
+address = "127.0.0.1:0"
+mode = "http"
+alpn = ["http/1.1"]
+default_pool = "http"
+[listener.client_auth]
+mode = "optional"
+ca = ["clients-ca.pem"]
+forward_certificate = true
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[listener]]
+name = "l4"
+address = "127.0.0.1:0"
+default_pool = "proxied"
+[listener.client_auth]
+mode = "required"
+ca = ["clients-ca.pem"]
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[device]]
+address = "sim"
+queues = 2
+
+[[pool]]
+name = "http"
+servers = ["{http_backend}"]
+
+[[pool]]
+name = "proxied"
+servers = ["{l4_backend}"]
+proxy_protocol = "v2"
+
+[admin]
+address = "127.0.0.1:0"
+"#
+    )
+}
+
+/// curl to `listener`'s `/` with `args`; its exit status and output.
+fn curl(daemon: &Daemon, dir: &Scratch, listener: &str, args: &[&str]) -> (bool, String) {
+    let port = daemon.listener(listener).port();
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--http1.1", "--cacert"])
+        .arg(dir.0.join("cert.pem"))
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(args)
+        .arg(format!("https://localhost:{port}/"))
+        .current_dir(&dir.0)
+        .output()
+        .expect("run curl");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn client_certificates_are_required_verified_forwarded_and_revoked_without_touching_live_connections(
+) {
+    let rt = runtime();
+    let dir = Scratch::new("identity");
+    let server = support::write_identity(&dir.0);
+    let ca = Ca::new("tlsaccel test clients");
+    let stranger_ca = Ca::new("someone else");
+    std::fs::write(dir.0.join("clients-ca.pem"), &ca.pem).expect("write");
+    std::fs::write(dir.0.join("clients.crl.pem"), ca.crl(&[])).expect("write");
+    let alice = ca.client(&dir.0, "alice", "alice", 5);
+    let bob = ca.client(&dir.0, "bob", "bob", 7);
+    let mallory = stranger_ca.client(&dir.0, "mallory", "alice", 5);
+    let http = rt.block_on(backend());
+    let (l4, _) = rt.block_on(proxy_backend());
+    let daemon = Daemon::start(&dir.0, &config(http, l4));
+    let web = daemon.listener("web");
+
+    // curl with a certificate: the backend is told who it is, and only by the proxy.
+    let (ok, out) = curl(
+        &daemon,
+        &dir,
+        "web",
+        &[
+            "--cert",
+            "alice.pem",
+            "--key",
+            "alice.key",
+            "-H",
+            "X-Forwarded-Client-Cert: Hash=0000;Subject=\"CN=admin\"",
+        ],
+    );
+    assert!(ok, "{out}");
+    let wanted = format!(
+        "xfcc=Hash={};Subject=\"CN=alice,O=tlsaccel tests\";URI=spiffe://tests.example/alice;DNS=alice.clients.example\n",
+        alice.sha256()
+    );
+    assert_eq!(out, wanted, "one XFCC, the proxy's own");
+
+    // Without a certificate, or with one from another CA: refused, with the right alert.
+    let (ok, out) = curl(&daemon, &dir, "web", &[]);
+    assert!(!ok, "curl without a certificate got in: {out}");
+    let alert = rt.block_on(refused_with(web, &rustls_client(&server, None)));
+    assert_eq!(alert, Some(AlertDescription::CertificateRequired));
+    let alert = rt.block_on(refused_with(web, &rustls_client(&server, Some(&mallory))));
+    assert_eq!(alert, Some(AlertDescription::UnknownCA));
+    // Counted once the daemon has closed those connections (after a lingering close).
+    for (result, at_least) in [("certificate_required", 2), ("unknown_ca", 1)] {
+        let series = format!("tlsaccel_client_certificates_total{{result=\"{result}\"}}");
+        let n = daemon.metric_until(&series, Duration::from_secs(10), |n| n >= at_least);
+        assert!(n >= at_least, "{series} = {n}");
+    }
+    assert!(daemon.metric("tlsaccel_client_certificates_total{result=\"verified\"}") >= 1);
+
+    // Bob connects (and keeps his connection), and gets a session to resume.
+    let bob_config = rustls_client(&server, Some(&bob));
+    assert_eq!(rt.block_on(refused_with(web, &bob_config)), None);
+    let (live_send, live_conn) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(web).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&bob_config))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("handshake");
+        let (send, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tls))
+                .await
+                .expect("HTTP/1.1");
+        (send, tokio::spawn(conn))
+    });
+    let mut live_send = live_send;
+    let ask = |send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>| {
+        let request = Request::get("/live")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        rt.block_on(async {
+            send.ready().await.expect("ready");
+            let response = send.send_request(request).await.expect("answer");
+            use http_body_util::BodyExt as _;
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            String::from_utf8_lossy(&body).into_owned()
+        })
+    };
+    assert!(ask(&mut live_send).contains(&bob.sha256()));
+
+    // Bob's certificate is revoked: the daemon reads the CRL again by itself.
+    let reloads = daemon.metric("tlsaccel_client_auth_reloads_total{result=\"ok\"}");
+    std::fs::write(dir.0.join("clients.crl.pem"), ca.crl(&[7])).expect("write CRL");
+    let n = daemon.metric_until(
+        "tlsaccel_client_auth_reloads_total{result=\"ok\"}",
+        Duration::from_secs(15),
+        |n| n > reloads,
+    );
+    assert!(n > reloads, "the new CRL was not read");
+    // A new handshake, and a resumed session, are both refused...
+    let fresh = rustls_client(&server, Some(&bob));
+    assert_eq!(
+        rt.block_on(refused_with(web, &fresh)),
+        Some(AlertDescription::CertificateRevoked)
+    );
+    assert_eq!(
+        rt.block_on(refused_with(web, &bob_config)),
+        Some(AlertDescription::CertificateRevoked),
+        "a resumed session is checked against the new CRL too"
+    );
+    let n = daemon.metric_until(
+        "tlsaccel_client_certificates_total{result=\"certificate_revoked\"}",
+        Duration::from_secs(10),
+        |n| n >= 2,
+    );
+    assert!(n >= 2, "revocations counted: {n}");
+    // ...while Bob's live connection goes on, and Alice is still let in.
+    assert!(ask(&mut live_send).contains(&bob.sha256()));
+    assert_eq!(
+        rt.block_on(refused_with(web, &rustls_client(&server, Some(&alice)))),
+        None
+    );
+
+    // A CRL file that is not one: the verifier in use stays.
+    let failures = daemon.metric("tlsaccel_client_auth_reloads_total{result=\"failed\"}");
+    std::fs::write(dir.0.join("clients.crl.pem"), "not a CRL\n").expect("write");
+    let n = daemon.metric_until(
+        "tlsaccel_client_auth_reloads_total{result=\"failed\"}",
+        Duration::from_secs(15),
+        |n| n > failures,
+    );
+    assert!(n > failures, "the broken CRL was not noticed");
+    assert_eq!(
+        rt.block_on(refused_with(web, &rustls_client(&server, Some(&bob)))),
+        Some(AlertDescription::CertificateRevoked)
+    );
+    drop(live_send);
+    live_conn.abort();
+}
+
+#[test]
+fn optional_certificates_forward_the_pem_and_l4_backends_get_the_proxy_v2_identity() {
+    let rt = runtime();
+    let dir = Scratch::new("identity-optional");
+    let server = support::write_identity(&dir.0);
+    let ca = Ca::new("tlsaccel test clients");
+    std::fs::write(dir.0.join("clients-ca.pem"), &ca.pem).expect("write");
+    std::fs::write(dir.0.join("clients.crl.pem"), ca.crl(&[])).expect("write");
+    let alice = ca.client(&dir.0, "alice", "alice", 5);
+    let http = rt.block_on(backend());
+    let (l4, seen) = rt.block_on(proxy_backend());
+    let daemon = Daemon::start(&dir.0, &config(http, l4));
+
+    // Optional: no certificate is fine, and a spoofed XFCC still goes.
+    let (ok, out) = curl(
+        &daemon,
+        &dir,
+        "opt",
+        &["-H", "X-Forwarded-Client-Cert: Hash=0000"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out, "xfcc=\n");
+    // With one: the PEM too, URL-encoded, as Envoy sends it.
+    let (ok, out) = curl(
+        &daemon,
+        &dir,
+        "opt",
+        &["--cert", "alice.pem", "--key", "alice.key"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with(&format!(
+            "xfcc=Hash={};Cert=\"-----BEGIN%20CERTIFICATE-----%0A",
+            alice.sha256()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("%0A-----END%20CERTIFICATE-----%0A\";Subject=\"CN=alice,O=tlsaccel tests\""),
+        "{out}"
+    );
+    assert!(daemon.metric("tlsaccel_client_certificates_total{result=\"none\"}") >= 1);
+
+    // L4: the PROXY v2 SSL TLV carries the verified certificate's common name.
+    let config = rustls_client(&server, Some(&alice));
+    let echoed = rt.block_on(async {
+        let mut tls = support::connect(daemon.listener("l4"), &config).await;
+        tls.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        tls.read_exact(&mut back).await.expect("echo");
+        back
+    });
+    assert_eq!(&echoed, b"ping");
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen, vec![(0x01 | 0x02 | 0x04, 0, "alice".to_owned())]);
+    // And without a certificate the L4 listener (required) refuses.
+    let alert = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(daemon.listener("l4"))
+            .await
+            .expect("connect");
+        let mut tls = tokio_rustls::TlsConnector::from(rustls_client(&server, None))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("client side of the handshake");
+        let mut buf = [0u8; 1];
+        let error = tls.read(&mut buf).await.expect_err("refused");
+        match error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+            _ => None,
+        }
+    });
+    assert_eq!(alert, Some(AlertDescription::CertificateRequired));
+}
