@@ -165,17 +165,26 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
         );
     };
     remove_hop_by_hop(&mut parts.headers);
+    set_client_certificate(&mut parts.headers, conn);
     let Some(cache) = conn.listener.cache.as_ref() else {
         return send(parts, body, &pool, host.as_deref(), conn).await;
     };
     // The response cache: a fresh entry answers here; a stale one is revalidated.
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let view = crate::cache::view(
+    let mut view = crate::cache::view(
         &parts.method,
         host.as_deref().unwrap_or(""),
         target,
         &parts.headers,
     );
+    if conn.client_certificate.is_some() {
+        // A request made with a client certificate is an authenticated one (RFC 9111
+        // §3.5): its answer is shared only when the backend says it may be.
+        view.headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("client-certificate"),
+        );
+    }
     let mut revalidating = None;
     match cache.lookup(&view) {
         crate::cache::Lookup::Fresh(head, bytes) => return cached(head, bytes),
@@ -679,9 +688,20 @@ fn add_forwarding(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
         }
     }
     headers.insert(x_forwarded_proto, HeaderValue::from_static(proto));
-    // Who the client is, only ever as this proxy saw it.
-    let xfcc = HeaderName::from_static("x-forwarded-client-cert");
-    headers.remove(&xfcc);
+}
+
+/// `X-Forwarded-Client-Cert`: who the client is, only ever as this proxy verified it. A
+/// client's own is removed, also under a name that differs only by `_` for `-` (CGI-style
+/// backends read both as one).
+fn set_client_certificate(headers: &mut HeaderMap, conn: &Conn) {
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().replace('_', "-") == "x-forwarded-client-cert")
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
     if let Some(identity) = &conn.client_certificate {
         let with_certificate = conn
             .listener
@@ -690,7 +710,7 @@ fn add_forwarding(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
             .and_then(|t| t.client_auth.as_ref())
             .is_some_and(|a| a.forward_certificate);
         if let Ok(value) = HeaderValue::from_str(&identity.xfcc(with_certificate)) {
-            headers.insert(xfcc, value);
+            headers.insert(HeaderName::from_static("x-forwarded-client-cert"), value);
         }
     }
 }

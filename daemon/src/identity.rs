@@ -288,7 +288,9 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
     rdns.join(",")
 }
 
-/// RFC 4514 §2.4: `"+,;<>\` and NUL escaped; a leading `#` or space and a trailing space too.
+/// RFC 4514 §2.4: `"+,;<>\` escaped; a leading `#` or space and a trailing space too; NUL,
+/// other control characters and anything beyond ASCII as `\` and two hex digits per byte
+/// (so the string fits an HTTP field value).
 fn escape_dn_value(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let last = text.chars().count().saturating_sub(1);
@@ -298,16 +300,21 @@ fn escape_dn_value(text: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
-            '\0' => out.push_str("\\00"),
             '#' if i == 0 => out.push_str("\\#"),
             ' ' if i == 0 || i == last => out.push_str("\\ "),
-            _ => out.push(c),
+            c if c.is_ascii_graphic() || c == ' ' => out.push(c),
+            c => {
+                let mut bytes = [0u8; 4];
+                for b in c.encode_utf8(&mut bytes).bytes() {
+                    out.push_str(&format!("\\{b:02X}"));
+                }
+            }
         }
     }
     out
 }
 
-/// An XFCC value: quoted (with `"` and `\` escaped) when it holds `,`, `;`, `=` or `"`.
+/// An XFCC value: quoted when it holds `,`, `;`, `=` or `"`.
 fn value(text: &str) -> String {
     if text.contains([',', ';', '=', '"']) {
         format!("\"{}\"", quoted(text))
@@ -316,9 +323,10 @@ fn value(text: &str) -> String {
     }
 }
 
-/// The inside of a quoted XFCC value.
+/// The inside of a quoted XFCC value: `"` escaped with a backslash, as Envoy does (and
+/// nothing else, so an RFC 4514 subject's own escapes stay as they are).
 fn quoted(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('"', "\\\"")
+    text.replace('"', "\\\"")
 }
 
 /// Percent-encoding of everything but RFC 3986's unreserved characters.
@@ -337,6 +345,7 @@ fn url_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
 
     fn certificate() -> (rcgen::Certificate, Vec<u8>) {
         let key = rcgen::KeyPair::generate().expect("key");
@@ -387,13 +396,21 @@ mod tests {
         assert_eq!(
             xfcc,
             format!(
-                "Hash={};Subject=\"CN=client one,O=Example\\\\, Inc.\";URI=\"spiffe://example.org/ns/a;b\";DNS=client.example",
+                "Hash={};Subject=\"CN=client one,O=Example\\, Inc.\";URI=\"spiffe://example.org/ns/a;b\";DNS=client.example",
                 id.sha256
             )
         );
         let with_cert = id.xfcc(true);
         assert!(with_cert.contains(";Cert=\"-----BEGIN%20CERTIFICATE-----%0A"));
         assert!(!with_cert[..with_cert.find(";Subject").unwrap()].contains(['\n', ' ', ',']));
+    }
+
+    #[test]
+    fn subjects_beyond_ascii_are_hex_escaped_and_fit_a_header() {
+        assert_eq!(escape_dn_value("Zoë"), "Zo\\C3\\AB");
+        assert_eq!(escape_dn_value("a\nb"), "a\\0Ab");
+        assert_eq!(escape_dn_value("#1 a,b "), "\\#1 a\\,b\\ ");
+        assert!(HeaderValue::from_str(&escape_dn_value("Zoë \u{7f}\u{1}")).is_ok());
     }
 
     #[test]

@@ -310,18 +310,11 @@ struct Current {
     verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
-/// The alert for a client certificate that fails verification (RFC 8446 §6.2).
+/// The alert for a client certificate that fails verification: the one rustls sends for
+/// the same error during a handshake.
 fn alert_for(error: &rustls::Error) -> AlertDescription {
-    use rustls::CertificateError as E;
     match error {
-        rustls::Error::InvalidCertificate(E::Revoked) => AlertDescription::CertificateRevoked,
-        rustls::Error::InvalidCertificate(
-            E::Expired | E::ExpiredContext { .. } | E::NotValidYet | E::NotValidYetContext { .. },
-        ) => AlertDescription::CertificateExpired,
-        rustls::Error::InvalidCertificate(E::UnknownIssuer) => AlertDescription::UnknownCA,
-        rustls::Error::InvalidCertificate(E::UnknownRevocationStatus) => {
-            AlertDescription::CertificateUnknown
-        }
+        rustls::Error::InvalidCertificate(e) => AlertDescription::from(e.clone()),
         _ => AlertDescription::BadCertificate,
     }
 }

@@ -189,13 +189,26 @@ async fn backend() -> SocketAddr {
                 let service = hyper::service::service_fn(
                     |request: Request<hyper::body::Incoming>| async move {
                         let mut text = String::new();
-                        for value in request.headers().get_all("x-forwarded-client-cert") {
-                            text.push_str(&format!("xfcc={}\n", value.to_str().unwrap_or("?")));
+                        for (name, value) in request.headers() {
+                            let value = value.to_str().unwrap_or("?");
+                            if name == "x-forwarded-client-cert" {
+                                text.push_str(&format!("xfcc={value}\n"));
+                            } else if name.as_str().replace('_', "-") == "x-forwarded-client-cert" {
+                                text.push_str(&format!("spoofed={value}\n"));
+                            }
                         }
                         if text.is_empty() {
                             text.push_str("xfcc=\n");
                         }
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                        let mut response = Response::new(Full::new(Bytes::from(text)));
+                        if request.uri().path() == "/cached" {
+                            // Fresh for a shared cache, but not marked public.
+                            response.headers_mut().insert(
+                                "cache-control",
+                                hyper::header::HeaderValue::from_static("max-age=60"),
+                            );
+                        }
+                        Ok::<_, Infallible>(response)
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -286,6 +299,8 @@ default_pool = "http"
 mode = "optional"
 ca = ["clients-ca.pem"]
 forward_certificate = true
+[listener.cache]
+max_bytes = 1048576
 [[listener.certificate]]
 chain = "cert.pem"
 key = "key.pem"
@@ -322,13 +337,24 @@ address = "127.0.0.1:0"
 
 /// curl to `listener`'s `/` with `args`; its exit status and output.
 fn curl(daemon: &Daemon, dir: &Scratch, listener: &str, args: &[&str]) -> (bool, String) {
+    curl_path(daemon, dir, listener, "/", args)
+}
+
+/// curl to `path` on `listener` with `args`.
+fn curl_path(
+    daemon: &Daemon,
+    dir: &Scratch,
+    listener: &str,
+    path: &str,
+    args: &[&str],
+) -> (bool, String) {
     let port = daemon.listener(listener).port();
     let output = Command::new("curl")
         .args(["-sS", "--max-time", "10", "--http1.1", "--cacert"])
         .arg(dir.0.join("cert.pem"))
         .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
         .args(args)
-        .arg(format!("https://localhost:{port}/"))
+        .arg(format!("https://localhost:{port}{path}"))
         .current_dir(&dir.0)
         .output()
         .expect("run curl");
@@ -372,6 +398,8 @@ fn client_certificates_are_required_verified_forwarded_and_revoked_without_touch
             "alice.key",
             "-H",
             "X-Forwarded-Client-Cert: Hash=0000;Subject=\"CN=admin\"",
+            "-H",
+            "X_Forwarded_Client_Cert: Hash=0001",
         ],
     );
     assert!(ok, "{out}");
@@ -524,6 +552,17 @@ fn optional_certificates_forward_the_pem_and_l4_backends_get_the_proxy_v2_identi
         "{out}"
     );
     assert!(daemon.metric("tlsaccel_client_certificates_total{result=\"none\"}") >= 1);
+
+    // The response cache does not hand one client's answer to another: an answer to a
+    // request with a certificate is not shared unless the backend says it may be.
+    let cert = ["--cert", "alice.pem", "--key", "alice.key"];
+    let (_, first) = curl_path(&daemon, &dir, "opt", "/cached", &cert);
+    assert!(first.contains(&alice.sha256()), "{first}");
+    let (_, anonymous) = curl_path(&daemon, &dir, "opt", "/cached", &[]);
+    assert_eq!(
+        anonymous, "xfcc=\n",
+        "another client got alice's cached answer"
+    );
 
     // L4: the PROXY v2 SSL TLV carries the verified certificate's common name.
     let config = rustls_client(&server, Some(&alice));
