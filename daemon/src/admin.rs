@@ -140,6 +140,18 @@ pub fn metrics(shared: &Shared) -> String {
         );
     }
     e.family(
+        "tlsaccel_acl_decisions_total",
+        "counter",
+        "Access-rule decisions (allow, deny): per connection in L4 mode, per request in HTTP mode.",
+    );
+    for (result, value) in s.acl_decisions.snapshot() {
+        e.sample(
+            "tlsaccel_acl_decisions_total",
+            &[("result", &result)],
+            value,
+        );
+    }
+    e.family(
         "tlsaccel_client_auth_reloads_total",
         "counter",
         "Client CA/CRL files read again after they changed: ok, or failed (the old verifier stays).",

@@ -182,6 +182,10 @@ pub struct Listener {
     pub cache: Option<CacheSettings>,
     /// Client certificates (mTLS): asked for, required, checked against CAs and CRLs.
     pub client_auth: Option<ClientAuth>,
+    /// Who may use the default pool (connections or requests no route matches); empty:
+    /// everyone.
+    #[serde(default)]
+    pub acl: Vec<AclRule>,
 }
 
 /// `[listener.client_auth]`: client certificates (docs/identity.md).
@@ -454,6 +458,50 @@ pub struct Route {
     /// HTTP mode: the request path starts with this.
     pub path_prefix: Option<Spanned<String>>,
     pub pool: Spanned<String>,
+    /// Who may use this route (docs/identity.md); empty: everyone.
+    #[serde(default)]
+    pub acl: Vec<AclRule>,
+}
+
+/// One access rule (`[[route.acl]]`, `[[listener.acl]]`): its action applies to a client
+/// that matches every field given (a list matches when any entry does). The first
+/// matching rule decides; no match denies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub action: Spanned<AclAction>,
+    /// DNS SANs: a name, or `*.` and a name for one label in front of it; no case.
+    #[serde(default)]
+    pub san_dns: Vec<String>,
+    /// URI SANs, exactly.
+    #[serde(default)]
+    pub san_uri: Vec<String>,
+    /// Email SANs; no case.
+    #[serde(default)]
+    pub san_email: Vec<String>,
+    /// The subject as an RFC 4514 string (`CN=alice,O=Example`).
+    #[serde(default)]
+    pub subject: Vec<String>,
+    /// The issuer, the same way.
+    #[serde(default)]
+    pub issuer: Vec<String>,
+    /// Serial numbers in hex (`:` and leading zeros allowed).
+    #[serde(default)]
+    pub serial: Vec<String>,
+    /// SHA-256 fingerprints of the certificate's DER, in hex (`:` allowed).
+    #[serde(default)]
+    pub sha256: Vec<String>,
+    /// Client addresses or CIDR ranges (the one a trusted PROXY header gave, if any).
+    #[serde(default = "no_suites")]
+    pub source: Spanned<Vec<String>>,
+}
+
+/// What an access rule does to the clients it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AclAction {
+    Allow,
+    Deny,
 }
 
 /// What a listener does with the decrypted stream.
@@ -1184,7 +1232,20 @@ impl Config {
                 1_000_000,
             )?;
         }
+        let acl = |rules: &[AclRule], key: &str| -> Result<(), ConfigError> {
+            for (r, rule) in rules.iter().enumerate() {
+                c.ranges(&rule.source, &format!("{key}.acl[{r}].source"))?;
+                if let Err(message) = crate::acl::check_rule(rule) {
+                    return Err(c.invalid(&rule.action, format!("{key}.acl[{r}]"), message));
+                }
+            }
+            Ok(())
+        };
+        for (i, listener) in self.listeners.iter().enumerate() {
+            acl(&listener.acl, &format!("listener[{i}]"))?;
+        }
         for (i, route) in self.routes.iter().enumerate() {
+            acl(&route.acl, &format!("route[{i}]"))?;
             if !listeners.contains(route.listener.get_ref().as_str()) {
                 return Err(c.invalid(
                     &route.listener,
@@ -1720,6 +1781,31 @@ pool = "web"
                      [listener.client_auth]\nmode = \"optional\"\nca = [\"ca.pem\"]\n";
         assert!(error(format!("{GOOD}{plain}"))
             .contains("listener[1].client_auth: a plain (tls = false) listener cannot ask"));
+    }
+
+    #[test]
+    fn access_rules_are_checked() {
+        let error = |text: String| parse(&text).unwrap_err().to_string();
+        let ok = parse(&format!(
+            "{GOOD}[[route.acl]]\naction = \"allow\"\nsan_dns = [\"*.ops.example\"]\n\
+             [[route.acl]]\naction = \"deny\"\nsource = [\"0.0.0.0/0\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.routes[0].acl.len(), 2);
+        assert!(error(format!(
+            "{GOOD}[[route.acl]]\naction = \"allow\"\nsource = [\"10.0.0/8\"]\n"
+        ))
+        .contains("route[0].acl[0].source: \"10.0.0/8\" is not an address or a CIDR range"));
+        assert!(error(format!(
+            "{GOOD}[[route.acl]]\naction = \"allow\"\nsha256 = [\"00\"]\n"
+        ))
+        .contains("route[0].acl[0]: sha256: \"00\" is not a SHA-256 fingerprint"));
+        assert!(error(format!("{GOOD}[[route.acl]]\naction = \"permit\"\n"))
+            .contains("unknown variant `permit`"));
+        assert!(error(format!(
+            "{GOOD}[[route.acl]]\naction = \"allow\"\nsan = [\"x\"]\n"
+        ))
+        .contains("unknown field `san`"));
     }
 
     #[test]

@@ -186,10 +186,10 @@ async fn establish<'a>(
         .as_deref()
         .map(|a| String::from_utf8_lossy(a).into_owned());
     let server_name = established.server_name.clone();
-    let pool = crate::route::route(state, listener, server_name.as_deref(), alpn.as_deref());
-    let proxy_header = pool
+    let routed = crate::route::route(state, listener, server_name.as_deref(), alpn.as_deref());
+    let proxy_header = routed
         .as_ref()
-        .filter(|p| p.proxy_protocol == crate::config::ProxyProtocol::V2)
+        .filter(|r| r.pool.proxy_protocol == crate::config::ProxyProtocol::V2)
         .map(|_| {
             let cipher = established
                 .suite
@@ -259,12 +259,22 @@ async fn establish<'a>(
             http: Some(serving),
         });
     }
-    let Some(pool) = pool else {
+    let Some(crate::route::Routed { pool, acl }) = routed else {
         shared.stats.unrouted.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("no route and no default pool");
         refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
         return None;
     };
+    // Access rules, once for the connection.
+    if let Some(acl) = &acl {
+        let decision = acl.decide(identity.as_deref(), client.ip());
+        shared.stats.acl_decisions.inc(decision.label());
+        if !decision.allowed {
+            tracing::info!(rule = ?decision.rule, "connection denied by an access rule");
+            refuse(&ctx, &mut sender, stream, AlertDescription::AccessDenied).await;
+            return None;
+        }
+    }
     let (lease, backend) = match pool.connect(proxy_header.as_deref()).await {
         Ok(connected) => connected,
         Err(error) => {

@@ -151,7 +151,7 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
         host: host.as_deref(),
         path: parts.uri.path(),
     };
-    let Some(pool) = route::route_request(
+    let Some(routed) = route::route_request(
         &conn.state,
         &conn.listener,
         conn.server_name.as_deref(),
@@ -164,6 +164,18 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
             "no route for this host and path\n",
         );
     };
+    if let Some(acl) = &routed.acl {
+        let decision = acl.decide(conn.client_certificate.as_deref(), conn.client.ip());
+        conn.shared.stats.acl_decisions.inc(decision.label());
+        if !decision.allowed {
+            tracing::info!(rule = ?decision.rule, path = parts.uri.path(), "request denied by an access rule");
+            return status(
+                StatusCode::FORBIDDEN,
+                "denied by this server's access rules\n",
+            );
+        }
+    }
+    let pool = routed.pool;
     remove_hop_by_hop(&mut parts.headers);
     set_client_certificate(&mut parts.headers, conn);
     let Some(cache) = conn.listener.cache.as_ref() else {

@@ -17,6 +17,7 @@
 // (`handshake::PkeEngine::run_on_fiber`), allowed there with its safety argument.
 #![deny(unsafe_code)]
 
+pub mod acl;
 pub mod admin;
 pub mod admission;
 pub mod batch;

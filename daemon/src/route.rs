@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::acl::Acl;
 use crate::pool::Pool;
 use crate::serve::{ListenerState, State};
 
@@ -16,6 +17,16 @@ pub struct RouteRule {
     pub host: Option<String>,
     pub path_prefix: Option<String>,
     pub pool: String,
+    /// Who may use it; `None`: everyone.
+    pub acl: Option<Arc<Acl>>,
+}
+
+/// A route's choice: the pool, and the rules a client must pass to use it (the route's, or
+/// the listener's for its default pool).
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub pool: Arc<Pool>,
+    pub acl: Option<Arc<Acl>>,
 }
 
 /// Picks the pool: the first route matching listener, SNI and ALPN, else the default.
@@ -24,7 +35,7 @@ pub fn route(
     listener: &ListenerState,
     sni: Option<&str>,
     alpn: Option<&str>,
-) -> Option<Arc<Pool>> {
+) -> Option<Routed> {
     route_request(state, listener, sni, alpn, None)
 }
 
@@ -44,7 +55,7 @@ pub fn route_request(
     sni: Option<&str>,
     alpn: Option<&str>,
     target: Option<Target<'_>>,
-) -> Option<Arc<Pool>> {
+) -> Option<Routed> {
     let rule = state.routes.iter().find(|r| {
         r.listener == listener.name
             && r.sni
@@ -58,8 +69,12 @@ pub fn route_request(
                 .as_deref()
                 .is_none_or(|p| target.is_some_and(|t| t.path.starts_with(p)))
     });
-    let name = rule
-        .map(|r| r.pool.as_str())
-        .or(listener.default_pool.as_deref())?;
-    state.pools.get(name).cloned()
+    let (name, acl) = match rule {
+        Some(rule) => (rule.pool.as_str(), rule.acl.clone()),
+        None => (listener.default_pool.as_deref()?, listener.acl.clone()),
+    };
+    Some(Routed {
+        pool: state.pools.get(name).cloned()?,
+        acl,
+    })
 }

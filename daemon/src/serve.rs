@@ -55,6 +55,9 @@ pub struct ServerStats {
     /// `unknown_ca`, ...; during the handshake, when it is also a handshake failure, or
     /// after it, for a resumed session).
     pub client_certificates: LabelledCounter,
+    /// Access-rule decisions (`allow`, `deny`): per connection in L4 mode, per request in
+    /// HTTP mode.
+    pub acl_decisions: LabelledCounter,
     /// Rebuilds of a listener's client-certificate verifier after its CA or CRL files
     /// changed: `ok`, or `failed` (the old one stays).
     pub client_auth_reloads: LabelledCounter,
@@ -104,6 +107,8 @@ pub struct ListenerState {
     pub http: bool,
     /// Sources whose connections start with a PROXY header.
     pub proxy_from: crate::proxy_protocol::Trusted,
+    /// Who may use the default pool.
+    pub acl: Option<Arc<crate::acl::Acl>>,
 }
 
 /// Everything a reload replaces.
@@ -472,21 +477,30 @@ fn build_state(
                     listener.accept_proxy_from.get_ref(),
                 )
                 .with_context(|| format!("listener {}", listener.name.get_ref()))?,
+                acl: crate::acl::Acl::new(&listener.acl)
+                    .with_context(|| format!("listener {} acl", listener.name.get_ref()))?
+                    .map(Arc::new),
             }),
         );
     }
     let routes = config
         .routes
         .iter()
-        .map(|r| RouteRule {
-            listener: r.listener.get_ref().clone(),
-            sni: r.sni.clone(),
-            alpn: r.alpn.clone(),
-            host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
-            path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
-            pool: r.pool.get_ref().clone(),
+        .enumerate()
+        .map(|(i, r)| {
+            Ok(RouteRule {
+                listener: r.listener.get_ref().clone(),
+                sni: r.sni.clone(),
+                alpn: r.alpn.clone(),
+                host: r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase()),
+                path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
+                pool: r.pool.get_ref().clone(),
+                acl: crate::acl::Acl::new(&r.acl)
+                    .with_context(|| format!("route[{i}] acl"))?
+                    .map(Arc::new),
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     Ok(State {
         listeners,
         pools,

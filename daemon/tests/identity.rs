@@ -597,3 +597,170 @@ fn optional_certificates_forward_the_pem_and_l4_backends_get_the_proxy_v2_identi
     });
     assert_eq!(alert, Some(AlertDescription::CertificateRequired));
 }
+
+/// Two trusted CAs, routes with access rules in HTTP mode and a listener with them in L4.
+fn acl_config(http_backend: SocketAddr, l4_backend: SocketAddr) -> String {
+    format!(
+        r#"drain_timeout_ms = 2000
+[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+mode = "http"
+alpn = ["http/1.1"]
+default_pool = "http"
+[listener.client_auth]
+mode = "required"
+ca = ["clients-ca.pem"]
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[listener]]
+name = "l4"
+address = "127.0.0.1:0"
+default_pool = "proxied"
+[listener.client_auth]
+mode = "required"
+ca = ["clients-ca.pem"]
+[[listener.acl]]
+action = "allow"
+san_dns = ["alice.clients.example"]
+source = ["127.0.0.0/8"]
+[[listener.certificate]]
+chain = "cert.pem"
+key = "key.pem"
+
+[[device]]
+address = "sim"
+queues = 2
+
+[[pool]]
+name = "http"
+servers = ["{http_backend}"]
+
+[[pool]]
+name = "proxied"
+servers = ["{l4_backend}"]
+proxy_protocol = "v2"
+
+[[route]]
+listener = "web"
+path_prefix = "/admin"
+pool = "http"
+[[route.acl]]
+action = "deny"
+serial = ["07"]
+[[route.acl]]
+action = "allow"
+issuer = ["CN=tlsaccel test clients"]
+
+[[route]]
+listener = "web"
+path_prefix = "/ops"
+pool = "http"
+[[route.acl]]
+action = "allow"
+san_uri = ["spiffe://tests.example/carol"]
+
+[admin]
+address = "127.0.0.1:0"
+"#
+    )
+}
+
+#[test]
+fn access_rules_allow_and_deny_by_certificate_and_source_in_l4_and_http_mode() {
+    let rt = runtime();
+    let dir = Scratch::new("identity-acl");
+    let server = support::write_identity(&dir.0);
+    let ca = Ca::new("tlsaccel test clients");
+    let second = Ca::new("second CA");
+    std::fs::write(
+        dir.0.join("clients-ca.pem"),
+        format!("{}{}", ca.pem, second.pem),
+    )
+    .expect("write");
+    let alice = ca.client(&dir.0, "alice", "alice", 5);
+    let _bob = ca.client(&dir.0, "bob", "bob", 7);
+    let carol = second.client(&dir.0, "carol", "carol", 9);
+    let http = rt.block_on(backend());
+    let (l4, seen) = rt.block_on(proxy_backend());
+    let daemon = Daemon::start(&dir.0, &acl_config(http, l4));
+
+    // HTTP mode: each request is decided by its route's rules (403 when denied).
+    let status = |who: &str, path: &str| {
+        let (ok, out) = curl_path(
+            &daemon,
+            &dir,
+            "web",
+            path,
+            &[
+                "--cert",
+                &format!("{who}.pem"),
+                "--key",
+                &format!("{who}.key"),
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ],
+        );
+        assert!(ok, "{out}");
+        out
+    };
+    let matrix = [
+        // /admin: bob's serial is denied first, then the first CA's clients are allowed;
+        // carol (the second CA) matches nothing and is denied.
+        ("alice", "/admin", "200"),
+        ("bob", "/admin", "403"),
+        ("carol", "/admin", "403"),
+        // /ops: carol's URI SAN only.
+        ("alice", "/ops", "403"),
+        ("carol", "/ops", "200"),
+        // No rules on the default pool: everyone with a certificate.
+        ("bob", "/other", "200"),
+        ("carol", "/other", "200"),
+    ];
+    for (who, path, wanted) in matrix {
+        assert_eq!(status(who, path), wanted, "{who} {path}");
+    }
+    assert_eq!(
+        daemon.metric("tlsaccel_acl_decisions_total{result=\"allow\"}"),
+        2
+    );
+    assert_eq!(
+        daemon.metric("tlsaccel_acl_decisions_total{result=\"deny\"}"),
+        3
+    );
+
+    // L4: the listener's rules decide once, for the connection: alice's DNS SAN from
+    // loopback is let through to the backend; carol is refused with access_denied.
+    let echoed = rt.block_on(async {
+        let mut tls =
+            support::connect(daemon.listener("l4"), &rustls_client(&server, Some(&alice))).await;
+        tls.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        tls.read_exact(&mut back).await.expect("echo");
+        back
+    });
+    assert_eq!(&echoed, b"ping");
+    let alert = rt.block_on(async {
+        let mut tls =
+            support::connect(daemon.listener("l4"), &rustls_client(&server, Some(&carol))).await;
+        let mut buf = [0u8; 1];
+        let error = tls.read(&mut buf).await.expect_err("denied");
+        match error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+            _ => None,
+        }
+    });
+    assert_eq!(alert, Some(AlertDescription::AccessDenied));
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        1,
+        "only alice reached the backend"
+    );
+}
