@@ -151,6 +151,45 @@ pub fn metrics(shared: &Shared) -> String {
             value,
         );
     }
+    if let Some(audit) = &shared.audit {
+        let a = &audit.stats;
+        e.family(
+            "tlsaccel_audit_records_total",
+            "counter",
+            "Audit log records: written to the file, waited for room in the queue (on_full = block), refused with their decision (on_full = refuse).",
+        );
+        for (result, counter) in [
+            ("written", &a.written),
+            ("waited", &a.waited),
+            ("refused", &a.refused),
+        ] {
+            e.sample(
+                "tlsaccel_audit_records_total",
+                &[("result", result)],
+                counter.load(Ordering::Relaxed),
+            );
+        }
+        e.family(
+            "tlsaccel_audit_write_errors_total",
+            "counter",
+            "Audit log opens and writes that failed (tried again every second with the same records).",
+        );
+        e.sample(
+            "tlsaccel_audit_write_errors_total",
+            &[],
+            a.write_errors.load(Ordering::Relaxed),
+        );
+        e.family(
+            "tlsaccel_audit_rotations_total",
+            "counter",
+            "Audit log files renamed to <file>.1 after passing max_bytes.",
+        );
+        e.sample(
+            "tlsaccel_audit_rotations_total",
+            &[],
+            a.rotations.load(Ordering::Relaxed),
+        );
+    }
     e.family(
         "tlsaccel_client_auth_reloads_total",
         "counter",

@@ -73,6 +73,34 @@ pub struct Config {
     /// HTTP mode's shared settings.
     #[serde(default)]
     pub http: HttpSettings,
+    /// The audit log of access decisions (off without this section).
+    pub audit: Option<Audit>,
+}
+
+/// `[audit]`: one JSON line per access decision (docs/identity.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// The file, relative to this file; appended to, rotated to `<file>.1`.
+    pub file: Spanned<String>,
+    /// Records held in memory for the writer at most.
+    #[serde(default = "default_audit_queue")]
+    pub queue: Spanned<u32>,
+    /// Rotate once the file is this large.
+    #[serde(default = "default_audit_max_bytes")]
+    pub max_bytes: Spanned<u64>,
+    /// A full queue: `block` (the decision waits for room) or `refuse` (the client is
+    /// refused: `internal_error` alert or 503).
+    #[serde(default = "default_audit_on_full")]
+    pub on_full: Spanned<AuditOnFull>,
+}
+
+/// What an access decision does when the audit queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditOnFull {
+    Block,
+    Refuse,
 }
 
 /// `[http]`: the buffer pool that holds request bodies while a server is chosen and
@@ -634,6 +662,15 @@ fn no_files() -> Spanned<Vec<PathBuf>> {
 }
 fn default_true() -> Spanned<bool> {
     spanned(true)
+}
+fn default_audit_queue() -> Spanned<u32> {
+    spanned(65_536)
+}
+fn default_audit_max_bytes() -> Spanned<u64> {
+    spanned(100 * 1024 * 1024)
+}
+fn default_audit_on_full() -> Spanned<AuditOnFull> {
+    spanned(AuditOnFull::Block)
 }
 fn default_false() -> Spanned<bool> {
     spanned(false)
@@ -1232,6 +1269,13 @@ impl Config {
                 1_000_000,
             )?;
         }
+        if let Some(audit) = &self.audit {
+            c.range(&audit.queue, "audit.queue", 1, 1 << 20)?;
+            c.range(&audit.max_bytes, "audit.max_bytes", 4096, u64::MAX)?;
+            if audit.file.get_ref().is_empty() {
+                return Err(c.invalid(&audit.file, "audit.file", "a file name is needed"));
+            }
+        }
         let acl = |rules: &[AclRule], key: &str| -> Result<(), ConfigError> {
             for (r, rule) in rules.iter().enumerate() {
                 c.ranges(&rule.source, &format!("{key}.acl[{r}].source"))?;
@@ -1781,6 +1825,25 @@ pool = "web"
                      [listener.client_auth]\nmode = \"optional\"\nca = [\"ca.pem\"]\n";
         assert!(error(format!("{GOOD}{plain}"))
             .contains("listener[1].client_auth: a plain (tls = false) listener cannot ask"));
+    }
+
+    #[test]
+    fn the_audit_section_is_checked() {
+        let error = |text: String| parse(&text).unwrap_err().to_string();
+        let ok = parse(&format!("{GOOD}[audit]\nfile = \"audit.jsonl\"\n")).unwrap();
+        let audit = ok.audit.unwrap();
+        assert_eq!(*audit.queue.get_ref(), 65_536);
+        assert_eq!(*audit.on_full.get_ref(), AuditOnFull::Block);
+        assert!(error(format!("{GOOD}[audit]\nfile = \"a\"\nqueue = 0\n")).contains("audit.queue"));
+        assert!(
+            error(format!("{GOOD}[audit]\nfile = \"a\"\nmax_bytes = 10\n"))
+                .contains("audit.max_bytes")
+        );
+        assert!(
+            error(format!("{GOOD}[audit]\nfile = \"a\"\non_full = \"drop\"\n"))
+                .contains("unknown variant `drop`")
+        );
+        assert!(error(format!("{GOOD}[audit]\nqueue = 5\n")).contains("missing field `file`"));
     }
 
     #[test]

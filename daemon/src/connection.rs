@@ -135,7 +135,26 @@ async fn establish<'a>(
         Ok(Err(error)) => {
             shared.stats.handshake_failures.inc(error.kind());
             if let Some(alert) = tls::client_certificate_refusal(&error) {
-                shared.stats.client_certificates.inc(&snake_case(alert));
+                let result = snake_case(alert);
+                shared.stats.client_certificates.inc(&result);
+                // Refused already: a full audit queue cannot refuse it more.
+                audit(
+                    shared,
+                    crate::audit::Record {
+                        event: "connection",
+                        listener: &listener.name,
+                        client: client.to_string(),
+                        sni: None,
+                        certificate: None,
+                        route: None,
+                        method: None,
+                        path: None,
+                        rule: None,
+                        result: &result,
+                        backend: None,
+                    },
+                )
+                .await;
             }
             if let Some(alert) = error.alert_sent() {
                 shared.stats.alerts_sent.inc(&format!("{alert:?}"));
@@ -229,6 +248,34 @@ async fn establish<'a>(
         policy: state.policy,
         idle_timeout: listener.idle_timeout,
     };
+    // What the audit log says of this connection's decision.
+    let record = |result: &'static str, rule: Option<usize>| crate::audit::Record {
+        event: "connection",
+        listener: &listener.name,
+        client: client.to_string(),
+        sni: server_name.as_deref(),
+        certificate: identity
+            .as_ref()
+            .ok()
+            .and_then(Option::as_deref)
+            .map(Into::into),
+        route: routed.as_ref().map(|r| r.pool.name.as_str()),
+        method: None,
+        path: None,
+        rule,
+        result,
+        backend: None,
+    };
+    if let Err(alert) = &identity {
+        let result = snake_case(*alert);
+        let mut refused = record("", None);
+        refused.result = &result;
+        audit(shared, refused).await;
+    } else if listener.http && !audit(shared, record("allow", None)).await {
+        // The audit log could not take the decision: the client is not let in.
+        refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
+        return None;
+    }
     let identity = match identity {
         Ok(identity) => identity,
         Err(alert) => {
@@ -271,6 +318,16 @@ async fn establish<'a>(
         shared.stats.acl_decisions.inc(decision.label());
         if !decision.allowed {
             tracing::info!(rule = ?decision.rule, "connection denied by an access rule");
+            let mut denied = audit_record(
+                &listener.name,
+                client,
+                server_name.as_deref(),
+                identity.as_deref(),
+                &pool.name,
+            );
+            denied.rule = decision.rule;
+            denied.result = "deny";
+            audit(shared, denied).await;
             refuse(&ctx, &mut sender, stream, AlertDescription::AccessDenied).await;
             return None;
         }
@@ -288,6 +345,24 @@ async fn establish<'a>(
         }
     };
     tracing::debug!(backend = %lease.backend().address, "backend connected");
+    if shared.audit.is_some() {
+        let mut allowed = audit_record(
+            &listener.name,
+            client,
+            server_name.as_deref(),
+            identity.as_deref(),
+            &pool.name,
+        );
+        allowed.rule = acl
+            .as_ref()
+            .and_then(|a| a.decide(identity.as_deref(), client.ip()).rule);
+        allowed.result = "allow";
+        allowed.backend = Some(lease.backend().address.to_string());
+        if !audit(shared, allowed).await {
+            refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
+            return None;
+        }
+    }
     Some(Proxied {
         ctx,
         receiver,
@@ -365,6 +440,38 @@ async fn preface(
             Ok(Ok(n)) => input.extend_from_slice(&chunk[..n]),
             Err(_) => return refuse("timeout", &"no complete PROXY header in time"),
         }
+    }
+}
+
+/// A connection's audit record, its result and rule still to fill in.
+fn audit_record<'a>(
+    listener: &'a str,
+    client: std::net::SocketAddr,
+    sni: Option<&'a str>,
+    identity: Option<&'a crate::identity::PeerIdentity>,
+    route: &'a str,
+) -> crate::audit::Record<'a> {
+    crate::audit::Record {
+        event: "connection",
+        listener,
+        client: client.to_string(),
+        sni,
+        certificate: identity.map(Into::into),
+        route: Some(route),
+        method: None,
+        path: None,
+        rule: None,
+        result: "",
+        backend: None,
+    }
+}
+
+/// Hands `record` to the audit log, if there is one; `false` when it could not take it
+/// and the decision must be refused.
+pub async fn audit(shared: &Shared, record: crate::audit::Record<'_>) -> bool {
+    match &shared.audit {
+        Some(log) => log.record(&record).await,
+        None => true,
     }
 }
 

@@ -167,6 +167,22 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
     if let Some(acl) = &routed.acl {
         let decision = acl.decide(conn.client_certificate.as_deref(), conn.client.ip());
         conn.shared.stats.acl_decisions.inc(decision.label());
+        let record = crate::audit::Record {
+            event: "request",
+            listener: &conn.listener.name,
+            client: conn.client.to_string(),
+            sni: conn.server_name.as_deref(),
+            certificate: conn.client_certificate.as_deref().map(Into::into),
+            route: Some(&routed.pool.name),
+            method: Some(parts.method.as_str()),
+            path: Some(crate::audit::short_path(parts.uri.path())),
+            rule: decision.rule,
+            result: decision.label(),
+            backend: None,
+        };
+        if !crate::connection::audit(&conn.shared, record).await {
+            return retry_later(Duration::from_secs(1));
+        }
         if !decision.allowed {
             tracing::info!(rule = ?decision.rule, path = parts.uri.path(), "request denied by an access rule");
             return status(

@@ -20,6 +20,7 @@
 pub mod acl;
 pub mod admin;
 pub mod admission;
+pub mod audit;
 pub mod batch;
 pub mod buffers;
 pub mod cache;

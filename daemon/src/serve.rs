@@ -138,6 +138,8 @@ pub struct Shared {
     pub offload: Option<Arc<Offload>>,
     /// Ticket keys and the session cache, kept across reloads.
     pub resumption: Arc<Resumption>,
+    /// The audit log (`[audit]`; its settings need a restart, SIGHUP reopens its file).
+    pub audit: Option<crate::audit::Audit>,
     pub records: RecordStats,
     pub stats: ServerStats,
     state: RwLock<Arc<State>>,
@@ -284,6 +286,10 @@ impl Server {
             provider,
             offload,
             resumption,
+            audit: config
+                .audit
+                .as_ref()
+                .map(|settings| crate::audit::Audit::start(settings, &base)),
             records: RecordStats::default(),
             stats: ServerStats::default(),
             state: RwLock::new(Arc::new(state)),
@@ -372,6 +378,9 @@ impl Server {
                 self.shared.resumption.commit(resumption);
                 *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
                 self.shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                if let Some(audit) = &self.shared.audit {
+                    audit.reopen();
+                }
                 tracing::info!("configuration reloaded");
                 Ok(())
             }

@@ -764,3 +764,243 @@ fn access_rules_allow_and_deny_by_certificate_and_source_in_l4_and_http_mode() {
         "only alice reached the backend"
     );
 }
+
+/// The audit log's lines (each parsed as JSON).
+fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+#[test]
+fn the_audit_log_holds_exactly_one_record_per_decision() {
+    let rt = runtime();
+    let dir = Scratch::new("identity-audit");
+    let server = support::write_identity(&dir.0);
+    let ca = Ca::new("tlsaccel test clients");
+    let second = Ca::new("second CA");
+    std::fs::write(
+        dir.0.join("clients-ca.pem"),
+        format!("{}{}", ca.pem, second.pem),
+    )
+    .expect("write");
+    let alice = ca.client(&dir.0, "alice", "alice", 5);
+    let bob = ca.client(&dir.0, "bob", "bob", 7);
+    let carol = second.client(&dir.0, "carol", "carol", 9);
+    let http = rt.block_on(backend());
+    let (l4, _) = rt.block_on(proxy_backend());
+    let config = acl_config(http, l4).replace(
+        "[admin]",
+        "[audit]\nfile = \"audit.jsonl\"\nqueue = 256\n\n[admin]",
+    );
+    let daemon = Daemon::start(&dir.0, &config);
+    let l4 = daemon.listener("l4");
+
+    // Many L4 connections, 32 at a time: 7 in 10 alice's (let in, echoed), 2 carol's
+    // (denied by the rule), 1 without a certificate (refused) — each one decision.
+    let connections = 2_000usize;
+    let started = std::time::Instant::now();
+    let outcome = rt.block_on(async {
+        let alice_config = rustls_client(&server, Some(&alice));
+        let carol_config = rustls_client(&server, Some(&carol));
+        let none_config = rustls_client(&server, None);
+        let gate = Arc::new(tokio::sync::Semaphore::new(32));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..connections {
+            let config = if i % 10 < 7 {
+                Arc::clone(&alice_config)
+            } else if i % 10 < 9 {
+                Arc::clone(&carol_config)
+            } else {
+                Arc::clone(&none_config)
+            };
+            let gate = Arc::clone(&gate);
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await.expect("gate");
+                let tcp = tokio::net::TcpStream::connect(l4).await.expect("connect");
+                let Ok(mut tls) = tokio_rustls::TlsConnector::from(config)
+                    .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                    .await
+                else {
+                    return false;
+                };
+                if tls.write_all(b"ping").await.is_err() {
+                    return false;
+                }
+                let mut back = [0u8; 4];
+                tls.read_exact(&mut back).await.is_ok()
+            });
+        }
+        let mut through = 0usize;
+        let mut total = 0usize;
+        while let Some(result) = tasks.join_next().await {
+            total += 1;
+            through += usize::from(result.expect("task"));
+        }
+        (through, total)
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let (through, total) = outcome;
+    println!(
+        "audit: {total} connections in {seconds:.1} s ({:.0}/s), {through} let through",
+        total as f64 / seconds
+    );
+    // HTTP mode: one record per request an access rule decides (and one per connection).
+    for who in ["alice", "bob", "carol"] {
+        let _ = curl_path(
+            &daemon,
+            &dir,
+            "web",
+            "/admin",
+            &[
+                "--cert",
+                &format!("{who}.pem"),
+                "--key",
+                &format!("{who}.key"),
+            ],
+        );
+    }
+    let _ = &bob;
+    // Every decision is in the file once the writer has caught up.
+    let expected = (total + 3 + 3) as u64;
+    let written = daemon.metric_until(
+        "tlsaccel_audit_records_total{result=\"written\"}",
+        Duration::from_secs(30),
+        |n| n >= expected,
+    );
+    assert_eq!(written, expected, "records written");
+    let lines = audit_lines(&dir.0.join("audit.jsonl"));
+    assert_eq!(lines.len() as u64, expected, "one line per decision");
+    let count = |event: &str, result: &str| {
+        lines
+            .iter()
+            .filter(|l| l["event"] == event && l["result"] == result)
+            .count()
+    };
+    assert_eq!(count("connection", "allow") as u64, through as u64 + 3);
+    assert_eq!(
+        count("connection", "deny") + count("connection", "certificate_required"),
+        total - through
+    );
+    assert_eq!(through, connections * 7 / 10, "alice's, all let through");
+    assert_eq!(count("connection", "deny"), connections * 2 / 10);
+    assert_eq!(
+        count("connection", "certificate_required"),
+        connections / 10
+    );
+    assert_eq!(count("request", "allow"), 1, "alice on /admin");
+    assert_eq!(
+        count("request", "deny"),
+        2,
+        "bob (serial) and carol (no rule)"
+    );
+    let alice_line = lines
+        .iter()
+        .find(|l| l["event"] == "connection" && l["result"] == "allow" && l["listener"] == "l4")
+        .expect("an allowed L4 connection");
+    assert_eq!(alice_line["certificate"]["sha256"], alice.sha256());
+    assert_eq!(
+        alice_line["certificate"]["subject"],
+        "CN=alice,O=tlsaccel tests"
+    );
+    assert_eq!(alice_line["route"], "proxied");
+    assert_eq!(alice_line["rule"], 0);
+    assert!(alice_line["backend"]
+        .as_str()
+        .is_some_and(|b| b.starts_with("127.0.0.1:")));
+    assert!(alice_line["time"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    let denied_request = lines
+        .iter()
+        .find(|l| l["event"] == "request" && l["result"] == "deny")
+        .expect("a denied request");
+    assert_eq!(denied_request["path"], "/admin");
+    assert_eq!(denied_request["method"], "GET");
+}
+
+#[test]
+fn a_stalled_audit_sink_refuses_new_decisions_by_policy_and_loses_none() {
+    let rt = runtime();
+    let dir = Scratch::new("identity-audit-stall");
+    let server = support::write_identity(&dir.0);
+    let ca = Ca::new("tlsaccel test clients");
+    std::fs::write(dir.0.join("clients-ca.pem"), &ca.pem).expect("write");
+    let alice = ca.client(&dir.0, "alice", "alice", 5);
+    let http = rt.block_on(backend());
+    let (l4, _) = rt.block_on(proxy_backend());
+    // The audit file is a FIFO nobody reads yet: the writer cannot even open it.
+    let fifo = dir.0.join("audit.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let config = acl_config(http, l4).replace(
+        "[admin]",
+        "[audit]\nfile = \"audit.fifo\"\nqueue = 4\non_full = \"refuse\"\n\n[admin]",
+    );
+    let daemon = Daemon::start(&dir.0, &config);
+    let l4 = daemon.listener("l4");
+    let alice_config = rustls_client(&server, Some(&alice));
+    let echo = |config: &Arc<rustls::ClientConfig>| {
+        rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(l4).await.expect("connect");
+            let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await
+            else {
+                return false;
+            };
+            if tls.write_all(b"ping").await.is_err() {
+                return false;
+            }
+            let mut back = [0u8; 4];
+            tls.read_exact(&mut back).await.is_ok()
+        })
+    };
+    // The queue (4) and the record in the writer's hands fill; then decisions are refused.
+    let mut let_in = 0;
+    let mut refused = false;
+    for _ in 0..12 {
+        if echo(&alice_config) {
+            let_in += 1;
+        } else {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "a full audit queue refused nobody ({let_in} let in)"
+    );
+    assert!(daemon.metric("tlsaccel_audit_records_total{result=\"refused\"}") >= 1);
+    // A reader comes: every record of a client that was let in arrives, none lost.
+    let reader_path = fifo.clone();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let file = std::fs::File::open(reader_path).expect("open FIFO");
+        for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while seen.len() < let_in {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the queued records reach the reader");
+        seen.push(line);
+    }
+    assert!(
+        seen.iter().all(|l| l.contains("\"result\":\"allow\"")),
+        "{seen:?}"
+    );
+    // With the sink moving again, clients are let in and recorded.
+    assert!(echo(&alice_config), "let in once the sink reads again");
+    let line = lines_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("its record");
+    assert!(line.contains("\"listener\":\"l4\""), "{line}");
+}
