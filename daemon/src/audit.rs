@@ -179,7 +179,7 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
-/// A request path for a record: at most [`MAX_PATH`] bytes (cut at a character boundary).
+/// A request path for a record: at most 1,024 bytes (cut at a character boundary).
 pub fn short_path(path: &str) -> &str {
     if path.len() <= MAX_PATH {
         return path;
