@@ -144,13 +144,7 @@ async fn refused_with(
         .await
         .expect("connect");
     let alert = |error: std::io::Error| -> Option<AlertDescription> {
-        match error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
-            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
-            other => panic!("not an alert: {error} ({other:?})"),
-        }
+        Some(alert_in(&error).unwrap_or_else(|| panic!("not an alert: {error}")))
     };
     let mut tls = match tokio_rustls::TlsConnector::from(Arc::clone(config))
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
@@ -174,6 +168,37 @@ async fn refused_with(
         }
         Err(error) => alert(error),
     }
+}
+
+/// The alert in a TLS client's I/O error, if it carries one.
+fn alert_in(error: &std::io::Error) -> Option<AlertDescription> {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
+        _ => None,
+    }
+}
+
+/// An L4 exchange through `address`: `Ok` when "ping" came back, else the alert that
+/// ended it (`None`: none was received).
+async fn ping(
+    address: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<(), Option<AlertDescription>> {
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .map_err(|e| alert_in(&e))?;
+    tls.write_all(b"ping").await.map_err(|e| alert_in(&e))?;
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await.map_err(|e| alert_in(&e))?;
+    assert_eq!(&back, b"ping");
+    Ok(())
 }
 
 /// An HTTP/1.1 backend answering every request with the `X-Forwarded-Client-Cert` values
@@ -272,51 +297,31 @@ async fn proxy_backend() -> (SocketAddr, SslSeen) {
     (address, seen)
 }
 
-fn config(http_backend: SocketAddr, l4_backend: SocketAddr) -> String {
+/// A listener block: `mode = "http"` when `http`, its default pool, then `extra` (its
+/// client_auth and acl tables).
+fn listener(name: &str, http: bool, pool: &str, extra: &str) -> String {
+    let mode = if http {
+        "mode = \"http\"\nalpn = [\"http/1.1\"]\n"
+    } else {
+        ""
+    };
+    format!(
+        "[[listener]]\nname = \"{name}\"\naddress = \"127.0.0.1:0\"\n{mode}default_pool = \"{pool}\"\n\
+         {extra}[[listener.certificate]]\nchain = \"cert.pem\"\nkey = \"key.pem\"\n\n"
+    )
+}
+
+/// The device, the HTTP pool, the L4 pool (PROXY v2) and the admin endpoint, after the
+/// listeners and before `routes`.
+fn with_pools(
+    listeners: &str,
+    http_backend: SocketAddr,
+    l4_backend: SocketAddr,
+    routes: &str,
+) -> String {
     format!(
         r#"drain_timeout_ms = 2000
-[[listener]]
-name = "web"
-address = "127.0.0.1:0"
-mode = "http"
-alpn = ["http/1.1"]
-default_pool = "http"
-[listener.client_auth]
-mode = "required"
-ca = ["clients-ca.pem"]
-crl = ["clients.crl.pem"]
-[[listener.certificate]]
-chain = "cert.pem"
-key = "key.pem"
-
-[[listener]]
-name = "opt"
-address = "127.0.0.1:0"
-mode = "http"
-alpn = ["http/1.1"]
-default_pool = "http"
-[listener.client_auth]
-mode = "optional"
-ca = ["clients-ca.pem"]
-forward_certificate = true
-[listener.cache]
-max_bytes = 1048576
-[[listener.certificate]]
-chain = "cert.pem"
-key = "key.pem"
-
-[[listener]]
-name = "l4"
-address = "127.0.0.1:0"
-default_pool = "proxied"
-[listener.client_auth]
-mode = "required"
-ca = ["clients-ca.pem"]
-[[listener.certificate]]
-chain = "cert.pem"
-key = "key.pem"
-
-[[device]]
+{listeners}[[device]]
 address = "sim"
 queues = 2
 
@@ -329,10 +334,32 @@ name = "proxied"
 servers = ["{l4_backend}"]
 proxy_protocol = "v2"
 
+{routes}
 [admin]
 address = "127.0.0.1:0"
 "#
     )
+}
+
+fn config(http_backend: SocketAddr, l4_backend: SocketAddr) -> String {
+    let required = "[listener.client_auth]\nmode = \"required\"\nca = [\"clients-ca.pem\"]\n";
+    let listeners = [
+        listener(
+            "web",
+            true,
+            "http",
+            &format!("{required}crl = [\"clients.crl.pem\"]\n"),
+        ),
+        listener(
+            "opt",
+            true,
+            "http",
+            "[listener.client_auth]\nmode = \"optional\"\nca = [\"clients-ca.pem\"]\n\
+             forward_certificate = true\n[listener.cache]\nmax_bytes = 1048576\n",
+        ),
+        listener("l4", false, "proxied", required),
+    ];
+    with_pools(&listeners.concat(), http_backend, l4_backend, "")
 }
 
 /// curl to `listener`'s `/` with `args`; its exit status and output.
@@ -565,85 +592,79 @@ fn optional_certificates_forward_the_pem_and_l4_backends_get_the_proxy_v2_identi
     );
 
     // L4: the PROXY v2 SSL TLV carries the verified certificate's common name.
-    let config = rustls_client(&server, Some(&alice));
-    let echoed = rt.block_on(async {
-        let mut tls = support::connect(daemon.listener("l4"), &config).await;
-        tls.write_all(b"ping").await.expect("write");
-        let mut back = [0u8; 4];
-        tls.read_exact(&mut back).await.expect("echo");
-        back
-    });
-    assert_eq!(&echoed, b"ping");
+    let l4 = daemon.listener("l4");
+    assert_eq!(
+        rt.block_on(ping(l4, &rustls_client(&server, Some(&alice)))),
+        Ok(())
+    );
     let seen = seen.lock().expect("lock").clone();
     assert_eq!(seen, vec![(0x01 | 0x02 | 0x04, 0, "alice".to_owned())]);
     // And without a certificate the L4 listener (required) refuses.
-    let alert = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(daemon.listener("l4"))
-            .await
-            .expect("connect");
-        let mut tls = tokio_rustls::TlsConnector::from(rustls_client(&server, None))
-            .connect(ServerName::try_from("localhost").expect("name"), tcp)
-            .await
-            .expect("client side of the handshake");
-        let mut buf = [0u8; 1];
-        let error = tls.read(&mut buf).await.expect_err("refused");
-        match error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
-            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
-            _ => None,
+    assert_eq!(
+        rt.block_on(ping(l4, &rustls_client(&server, None))),
+        Err(Some(AlertDescription::CertificateRequired))
+    );
+}
+
+/// Two trusted CAs and their clients: alice (serial 5) and bob (serial 7) from the first,
+/// carol from the second; the backends.
+struct Clients {
+    dir: Scratch,
+    server: CertificateDer<'static>,
+    alice: Client,
+    #[allow(dead_code)] // its files are what curl presents
+    bob: Client,
+    carol: Client,
+    http: SocketAddr,
+    l4: SocketAddr,
+    seen: SslSeen,
+}
+
+impl Clients {
+    fn make(rt: &tokio::runtime::Runtime, tag: &str) -> Self {
+        let dir = Scratch::new(tag);
+        let server = support::write_identity(&dir.0);
+        let ca = Ca::new("tlsaccel test clients");
+        let second = Ca::new("second CA");
+        std::fs::write(
+            dir.0.join("clients-ca.pem"),
+            format!("{}{}", ca.pem, second.pem),
+        )
+        .expect("write");
+        let alice = ca.client(&dir.0, "alice", "alice", 5);
+        let bob = ca.client(&dir.0, "bob", "bob", 7);
+        let carol = second.client(&dir.0, "carol", "carol", 9);
+        let http = rt.block_on(backend());
+        let (l4, seen) = rt.block_on(proxy_backend());
+        Self {
+            dir,
+            server,
+            alice,
+            bob,
+            carol,
+            http,
+            l4,
+            seen,
         }
-    });
-    assert_eq!(alert, Some(AlertDescription::CertificateRequired));
+    }
 }
 
 /// Two trusted CAs, routes with access rules in HTTP mode and a listener with them in L4.
 fn acl_config(http_backend: SocketAddr, l4_backend: SocketAddr) -> String {
-    format!(
-        r#"drain_timeout_ms = 2000
-[[listener]]
-name = "web"
-address = "127.0.0.1:0"
-mode = "http"
-alpn = ["http/1.1"]
-default_pool = "http"
-[listener.client_auth]
-mode = "required"
-ca = ["clients-ca.pem"]
-[[listener.certificate]]
-chain = "cert.pem"
-key = "key.pem"
-
-[[listener]]
-name = "l4"
-address = "127.0.0.1:0"
-default_pool = "proxied"
-[listener.client_auth]
-mode = "required"
-ca = ["clients-ca.pem"]
-[[listener.acl]]
-action = "allow"
-san_dns = ["alice.clients.example"]
-source = ["127.0.0.0/8"]
-[[listener.certificate]]
-chain = "cert.pem"
-key = "key.pem"
-
-[[device]]
-address = "sim"
-queues = 2
-
-[[pool]]
-name = "http"
-servers = ["{http_backend}"]
-
-[[pool]]
-name = "proxied"
-servers = ["{l4_backend}"]
-proxy_protocol = "v2"
-
-[[route]]
+    let required = "[listener.client_auth]\nmode = \"required\"\nca = [\"clients-ca.pem\"]\n";
+    let listeners = [
+        listener("web", true, "http", required),
+        listener(
+            "l4",
+            false,
+            "proxied",
+            &format!(
+                "{required}[[listener.acl]]\naction = \"allow\"\n\
+                 san_dns = [\"alice.clients.example\"]\nsource = [\"127.0.0.0/8\"]\n"
+            ),
+        ),
+    ];
+    let routes = r#"[[route]]
 listener = "web"
 path_prefix = "/admin"
 pool = "http"
@@ -661,30 +682,23 @@ pool = "http"
 [[route.acl]]
 action = "allow"
 san_uri = ["spiffe://tests.example/carol"]
-
-[admin]
-address = "127.0.0.1:0"
-"#
-    )
+"#;
+    with_pools(&listeners.concat(), http_backend, l4_backend, routes)
 }
 
 #[test]
 fn access_rules_allow_and_deny_by_certificate_and_source_in_l4_and_http_mode() {
     let rt = runtime();
-    let dir = Scratch::new("identity-acl");
-    let server = support::write_identity(&dir.0);
-    let ca = Ca::new("tlsaccel test clients");
-    let second = Ca::new("second CA");
-    std::fs::write(
-        dir.0.join("clients-ca.pem"),
-        format!("{}{}", ca.pem, second.pem),
-    )
-    .expect("write");
-    let alice = ca.client(&dir.0, "alice", "alice", 5);
-    let _bob = ca.client(&dir.0, "bob", "bob", 7);
-    let carol = second.client(&dir.0, "carol", "carol", 9);
-    let http = rt.block_on(backend());
-    let (l4, seen) = rt.block_on(proxy_backend());
+    let Clients {
+        dir,
+        server,
+        alice,
+        carol,
+        http,
+        l4,
+        seen,
+        ..
+    } = Clients::make(&rt, "identity-acl");
     let daemon = Daemon::start(&dir.0, &acl_config(http, l4));
 
     // HTTP mode: each request is decided by its route's rules (403 when denied).
@@ -735,29 +749,15 @@ fn access_rules_allow_and_deny_by_certificate_and_source_in_l4_and_http_mode() {
 
     // L4: the listener's rules decide once, for the connection: alice's DNS SAN from
     // loopback is let through to the backend; carol is refused with access_denied.
-    let echoed = rt.block_on(async {
-        let mut tls =
-            support::connect(daemon.listener("l4"), &rustls_client(&server, Some(&alice))).await;
-        tls.write_all(b"ping").await.expect("write");
-        let mut back = [0u8; 4];
-        tls.read_exact(&mut back).await.expect("echo");
-        back
-    });
-    assert_eq!(&echoed, b"ping");
-    let alert = rt.block_on(async {
-        let mut tls =
-            support::connect(daemon.listener("l4"), &rustls_client(&server, Some(&carol))).await;
-        let mut buf = [0u8; 1];
-        let error = tls.read(&mut buf).await.expect_err("denied");
-        match error
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
-            Some(rustls::Error::AlertReceived(alert)) => Some(*alert),
-            _ => None,
-        }
-    });
-    assert_eq!(alert, Some(AlertDescription::AccessDenied));
+    let l4 = daemon.listener("l4");
+    assert_eq!(
+        rt.block_on(ping(l4, &rustls_client(&server, Some(&alice)))),
+        Ok(())
+    );
+    assert_eq!(
+        rt.block_on(ping(l4, &rustls_client(&server, Some(&carol)))),
+        Err(Some(AlertDescription::AccessDenied))
+    );
     assert_eq!(
         seen.lock().expect("lock").len(),
         1,
@@ -777,20 +777,15 @@ fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn the_audit_log_holds_exactly_one_record_per_decision() {
     let rt = runtime();
-    let dir = Scratch::new("identity-audit");
-    let server = support::write_identity(&dir.0);
-    let ca = Ca::new("tlsaccel test clients");
-    let second = Ca::new("second CA");
-    std::fs::write(
-        dir.0.join("clients-ca.pem"),
-        format!("{}{}", ca.pem, second.pem),
-    )
-    .expect("write");
-    let alice = ca.client(&dir.0, "alice", "alice", 5);
-    let bob = ca.client(&dir.0, "bob", "bob", 7);
-    let carol = second.client(&dir.0, "carol", "carol", 9);
-    let http = rt.block_on(backend());
-    let (l4, _) = rt.block_on(proxy_backend());
+    let Clients {
+        dir,
+        server,
+        alice,
+        carol,
+        http,
+        l4,
+        ..
+    } = Clients::make(&rt, "identity-audit");
     let config = acl_config(http, l4).replace(
         "[admin]",
         "[audit]\nfile = \"audit.jsonl\"\nqueue = 256\n\n[admin]",
@@ -819,18 +814,7 @@ fn the_audit_log_holds_exactly_one_record_per_decision() {
             let gate = Arc::clone(&gate);
             tasks.spawn(async move {
                 let _permit = gate.acquire_owned().await.expect("gate");
-                let tcp = tokio::net::TcpStream::connect(l4).await.expect("connect");
-                let Ok(mut tls) = tokio_rustls::TlsConnector::from(config)
-                    .connect(ServerName::try_from("localhost").expect("name"), tcp)
-                    .await
-                else {
-                    return false;
-                };
-                if tls.write_all(b"ping").await.is_err() {
-                    return false;
-                }
-                let mut back = [0u8; 4];
-                tls.read_exact(&mut back).await.is_ok()
+                ping(l4, &config).await.is_ok()
             });
         }
         let mut through = 0usize;
@@ -862,7 +846,6 @@ fn the_audit_log_holds_exactly_one_record_per_decision() {
             ],
         );
     }
-    let _ = &bob;
     // Every decision is in the file once the writer has caught up.
     let expected = (total + 3 + 3) as u64;
     let written = daemon.metric_until(
@@ -942,22 +925,7 @@ fn a_stalled_audit_sink_refuses_new_decisions_by_policy_and_loses_none() {
     let daemon = Daemon::start(&dir.0, &config);
     let l4 = daemon.listener("l4");
     let alice_config = rustls_client(&server, Some(&alice));
-    let echo = |config: &Arc<rustls::ClientConfig>| {
-        rt.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(l4).await.expect("connect");
-            let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                .connect(ServerName::try_from("localhost").expect("name"), tcp)
-                .await
-            else {
-                return false;
-            };
-            if tls.write_all(b"ping").await.is_err() {
-                return false;
-            }
-            let mut back = [0u8; 4];
-            tls.read_exact(&mut back).await.is_ok()
-        })
-    };
+    let echo = |config: &Arc<rustls::ClientConfig>| rt.block_on(ping(l4, config)).is_ok();
     // The queue (4) and the record in the writer's hands fill; then decisions are refused.
     let mut let_in = 0;
     let mut refused = false;
