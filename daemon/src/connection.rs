@@ -340,6 +340,21 @@ async fn establish<'a>(
                 .backend_unavailable
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "no backend");
+            if shared.audit.is_some() {
+                // Let in by the rules, with no server to go to: recorded without a backend.
+                let mut allowed = audit_record(
+                    &listener.name,
+                    client,
+                    server_name.as_deref(),
+                    identity.as_deref(),
+                    &pool.name,
+                );
+                allowed.rule = acl
+                    .as_ref()
+                    .and_then(|a| a.decide(identity.as_deref(), client.ip()).rule);
+                allowed.result = "allow";
+                audit(shared, allowed).await;
+            }
             refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
             return None;
         }
