@@ -182,7 +182,7 @@ pub fn metrics(shared: &Shared) -> String {
         e.family(
             "tlsaccel_audit_rotations_total",
             "counter",
-            "Audit log files renamed to <file>.1 after passing max_bytes.",
+            "Audit log files renamed to <file>.<UTC time> after passing max_bytes.",
         );
         e.sample(
             "tlsaccel_audit_rotations_total",

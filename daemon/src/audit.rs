@@ -6,8 +6,8 @@
 //! (`on_full = "block"`) or is refused (`"refuse"`: the connection gets `internal_error`,
 //! the request 503), and both are counted. A write that fails is tried again every second
 //! with the same lines, so a stuck disk fills the queue and the policy applies. The file
-//! is rotated (renamed to `<file>.1`) when it passes `max_bytes`, and reopened on SIGHUP
-//! (after an outside rotation).
+//! is renamed to `<file>.<UTC time>` (never over an earlier one) when it passes
+//! `max_bytes`, and reopened on SIGHUP (after an outside rotation).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -266,11 +266,8 @@ async fn write_loop(
         pending.clear();
         lines = 0;
         if *size >= max_bytes {
-            let rotated = path.with_extension(match path.extension() {
-                Some(ext) => format!("{}.1", ext.to_string_lossy()),
-                None => "1".to_owned(),
-            });
             file = None;
+            let rotated = rotated_name(&path);
             match tokio::fs::rename(&path, &rotated).await {
                 Ok(()) => {
                     stats.rotations.fetch_add(1, Ordering::Relaxed);
@@ -284,6 +281,35 @@ async fn write_loop(
     }
 }
 
+/// The name a full audit file is renamed to: `<file>.<UTC time>`, with `.<n>` added when
+/// that exists already, so no earlier file is ever replaced.
+fn rotated_name(path: &Path) -> PathBuf {
+    let now = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{stamp}"));
+    let first = PathBuf::from(&name);
+    if !first.exists() {
+        return first;
+    }
+    (1u32..)
+        .map(|n| {
+            let mut numbered = name.clone();
+            numbered.push(format!(".{n}"));
+            PathBuf::from(numbered)
+        })
+        .find(|candidate| !candidate.exists())
+        .unwrap_or(first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,5 +321,22 @@ mod tests {
         let cut = short_path(&long);
         assert!(cut.len() <= MAX_PATH && cut.len() >= MAX_PATH - 1);
         assert!(now_rfc3339().ends_with('Z'), "{}", now_rfc3339());
+    }
+
+    #[test]
+    fn a_rotated_file_never_replaces_an_earlier_one() {
+        let dir = std::env::temp_dir().join(format!("tlsaccel-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        let first = rotated_name(&path);
+        assert!(first
+            .to_string_lossy()
+            .starts_with(&format!("{}.2", path.display())));
+        std::fs::write(&first, "taken").expect("write");
+        let second = rotated_name(&path);
+        // Within the same second: numbered after the taken one (or a new second's name).
+        assert_ne!(first, second);
+        assert!(!second.exists());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

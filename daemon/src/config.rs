@@ -81,7 +81,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Audit {
-    /// The file, relative to this file; appended to, rotated to `<file>.1`.
+    /// The file, relative to this file; appended to, renamed to `<file>.<UTC time>` when
+    /// full.
     pub file: Spanned<String>,
     /// Records held in memory for the writer at most.
     #[serde(default = "default_audit_queue")]

@@ -972,3 +972,49 @@ fn a_stalled_audit_sink_refuses_new_decisions_by_policy_and_loses_none() {
         .expect("its record");
     assert!(line.contains("\"listener\":\"l4\""), "{line}");
 }
+
+#[test]
+fn a_full_audit_file_is_renamed_and_no_record_is_lost() {
+    let rt = runtime();
+    let Clients {
+        dir,
+        server,
+        alice,
+        http,
+        l4,
+        ..
+    } = Clients::make(&rt, "identity-audit-rotate");
+    let config = acl_config(http, l4).replace(
+        "[admin]",
+        "[audit]\nfile = \"audit.jsonl\"\nmax_bytes = 4096\n\n[admin]",
+    );
+    let daemon = Daemon::start(&dir.0, &config);
+    let l4 = daemon.listener("l4");
+    let alice_config = rustls_client(&server, Some(&alice));
+    let connections = 40u64;
+    for _ in 0..connections {
+        assert_eq!(rt.block_on(ping(l4, &alice_config)), Ok(()));
+    }
+    let written = daemon.metric_until(
+        "tlsaccel_audit_records_total{result=\"written\"}",
+        Duration::from_secs(15),
+        |n| n >= connections,
+    );
+    assert_eq!(written, connections);
+    assert!(daemon.metric("tlsaccel_audit_rotations_total") >= 2);
+    // Every file: the current one and each renamed one, all lines accounted for.
+    let mut files = 0;
+    let mut lines = 0;
+    for entry in std::fs::read_dir(&dir.0).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("audit.jsonl"))
+        {
+            files += 1;
+            lines += audit_lines(&path).len() as u64;
+        }
+    }
+    assert!(files >= 3, "{files} audit files");
+    assert_eq!(lines, connections, "records across {files} files");
+}
