@@ -1,4 +1,4 @@
-//! The audit log (`[audit]`): one JSON line per access decision — each TLS connection's
+//! The audit log (`[audit]`): one JSON record per access decision — each TLS connection's
 //! (let in, or refused over its certificate or an access rule) and each HTTP request an
 //! access rule decided — written by a task of its own through a bounded queue.
 //!
@@ -7,7 +7,8 @@
 //! the request 503), and both are counted. A write that fails is tried again every second
 //! with the same lines, so a stuck disk fills the queue and the policy applies. The file
 //! is renamed to `<file>.<UTC time>` (never over an earlier one) when it passes
-//! `max_bytes`, and reopened on SIGHUP (after an outside rotation).
+//! `max_bytes`, and reopened on SIGHUP (after an outside rotation). Or each record goes as
+//! one RFC 5424 datagram to a local syslog socket (`syslog = "/dev/log"`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,12 +112,20 @@ impl Audit {
     pub fn start(settings: &config::Audit, base: &Path) -> Self {
         let (tx, rx) = mpsc::channel(*settings.queue.get_ref() as usize);
         let stats = std::sync::Arc::new(Stats::default());
-        tokio::spawn(write_loop(
-            base.join(settings.file.get_ref()),
-            *settings.max_bytes.get_ref(),
-            rx,
-            std::sync::Arc::clone(&stats),
-        ));
+        let sink = match (&settings.file, &settings.syslog) {
+            (_, Some(socket)) => Sink::Syslog {
+                socket: PathBuf::from(socket.get_ref()),
+            },
+            (Some(file), None) => Sink::File {
+                path: base.join(file.get_ref()),
+                max_bytes: *settings.max_bytes.get_ref(),
+            },
+            // The configuration's check asks for one of them.
+            (None, None) => Sink::Syslog {
+                socket: PathBuf::from("/dev/log"),
+            },
+        };
+        tokio::spawn(write_loop(sink, rx, std::sync::Arc::clone(&stats)));
         Self {
             tx,
             on_full: *settings.on_full.get_ref(),
@@ -201,81 +210,145 @@ async fn open(path: &Path) -> std::io::Result<(tokio::fs::File, u64)> {
     Ok((file, size))
 }
 
-async fn write_loop(
-    path: PathBuf,
-    max_bytes: u64,
-    mut rx: mpsc::Receiver<Message>,
-    stats: std::sync::Arc<Stats>,
-) {
-    let mut file: Option<(tokio::fs::File, u64)> = None;
-    let mut pending: Vec<u8> = Vec::new();
-    let mut lines = 0u64;
-    loop {
-        if pending.is_empty() {
-            match rx.recv().await {
-                Some(Message::Line(line)) => {
-                    pending.extend_from_slice(&line);
-                    lines += 1;
+/// Where records go.
+#[derive(Debug)]
+pub enum Sink {
+    /// Appended to a file, renamed once it passes `max_bytes`.
+    File { path: PathBuf, max_bytes: u64 },
+    /// One RFC 5424 datagram each to a local syslog socket (`/dev/log`).
+    Syslog { socket: PathBuf },
+}
+
+/// A sink opened (or not yet).
+enum Open {
+    File(tokio::fs::File, u64),
+    Syslog(tokio::net::UnixDatagram),
+}
+
+impl Sink {
+    fn describe(&self) -> String {
+        match self {
+            Sink::File { path, .. } => path.display().to_string(),
+            Sink::Syslog { socket } => format!("syslog {}", socket.display()),
+        }
+    }
+
+    async fn open(&self) -> std::io::Result<Open> {
+        match self {
+            Sink::File { path, .. } => open(path).await.map(|(f, size)| Open::File(f, size)),
+            Sink::Syslog { .. } => tokio::net::UnixDatagram::unbound().map(Open::Syslog),
+        }
+    }
+
+    /// Writes `lines[*done..]`, moving `done` past each line written; `Ok(true)` when the
+    /// file is full and should be renamed.
+    async fn write(
+        &self,
+        open: &mut Open,
+        lines: &[Vec<u8>],
+        done: &mut usize,
+    ) -> std::io::Result<bool> {
+        match (self, open) {
+            (Sink::File { max_bytes, .. }, Open::File(file, size)) => {
+                let batch: Vec<u8> = lines[*done..].concat();
+                file.write_all(&batch).await?;
+                file.flush().await?;
+                *size += batch.len() as u64;
+                *done = lines.len();
+                Ok(*size >= *max_bytes)
+            }
+            (Sink::Syslog { socket }, Open::Syslog(datagram)) => {
+                for line in &lines[*done..] {
+                    let message = syslog_message(line);
+                    datagram.send_to(&message, socket).await?;
+                    *done += 1;
                 }
+                Ok(false)
+            }
+            _ => Err(std::io::Error::other("audit sink and its handle differ")),
+        }
+    }
+}
+
+/// A record as an RFC 5424 message: facility authpriv (10), severity info (6), app
+/// `tlsaccel`, msgid `access`, the JSON as the message (without its newline).
+fn syslog_message(line: &[u8]) -> Vec<u8> {
+    let json = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut message = format!(
+        "<86>1 {} - tlsaccel {} access - ",
+        now_rfc3339(),
+        std::process::id()
+    )
+    .into_bytes();
+    message.extend_from_slice(json);
+    message
+}
+
+async fn write_loop(sink: Sink, mut rx: mpsc::Receiver<Message>, stats: std::sync::Arc<Stats>) {
+    let mut handle: Option<Open> = None;
+    let mut pending: Vec<Vec<u8>> = Vec::new();
+    let mut done = 0usize;
+    loop {
+        if done == pending.len() {
+            pending.clear();
+            done = 0;
+            match rx.recv().await {
+                Some(Message::Line(line)) => pending.push(line),
                 Some(Message::Reopen) => {
-                    file = None;
+                    handle = None;
                     continue;
                 }
                 None => return,
             }
-            while lines < BATCH as u64 {
+            while pending.len() < BATCH {
                 match rx.try_recv() {
-                    Ok(Message::Line(line)) => {
-                        pending.extend_from_slice(&line);
-                        lines += 1;
-                    }
-                    Ok(Message::Reopen) => file = None,
+                    Ok(Message::Line(line)) => pending.push(line),
+                    Ok(Message::Reopen) => handle = None,
                     Err(_) => break,
                 }
             }
         }
-        if file.is_none() {
-            match open(&path).await {
-                Ok(opened) => file = Some(opened),
+        if handle.is_none() {
+            match sink.open().await {
+                Ok(opened) => handle = Some(opened),
                 Err(error) => {
                     stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(path = %path.display(), %error, "audit log cannot be opened; retrying");
+                    tracing::error!(sink = %sink.describe(), %error, "audit log cannot be opened; retrying");
                     tokio::time::sleep(RETRY).await;
                     continue;
                 }
             }
         }
-        let Some((handle, size)) = file.as_mut() else {
+        let Some(open) = handle.as_mut() else {
             continue;
         };
-        let written = async {
-            handle.write_all(&pending).await?;
-            handle.flush().await
-        }
-        .await;
-        if let Err(error) = written {
-            // The same lines again, on a fresh handle, after a pause.
-            stats.write_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(path = %path.display(), %error, "audit log write failed; retrying");
-            file = None;
-            tokio::time::sleep(RETRY).await;
-            continue;
-        }
-        *size += pending.len() as u64;
-        stats.written.fetch_add(lines, Ordering::Relaxed);
-        pending.clear();
-        lines = 0;
-        if *size >= max_bytes {
-            file = None;
-            let rotated = rotated_name(&path);
-            match tokio::fs::rename(&path, &rotated).await {
-                Ok(()) => {
-                    stats.rotations.fetch_add(1, Ordering::Relaxed);
+        let before = done;
+        let result = sink.write(open, &pending, &mut done).await;
+        stats
+            .written
+            .fetch_add((done - before) as u64, Ordering::Relaxed);
+        match result {
+            Ok(full) => {
+                if let (true, Sink::File { path, .. }) = (full, &sink) {
+                    handle = None;
+                    let rotated = rotated_name(path);
+                    match tokio::fs::rename(path, &rotated).await {
+                        Ok(()) => {
+                            stats.rotations.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(error) => {
+                            stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(path = %path.display(), %error, "audit log rotation failed");
+                        }
+                    }
                 }
-                Err(error) => {
-                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(path = %path.display(), %error, "audit log rotation failed");
-                }
+            }
+            Err(error) => {
+                // What was not written goes again, on a fresh handle, after a pause.
+                stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(sink = %sink.describe(), %error, "audit log write failed; retrying");
+                handle = None;
+                tokio::time::sleep(RETRY).await;
             }
         }
     }
@@ -321,6 +394,20 @@ mod tests {
         let cut = short_path(&long);
         assert!(cut.len() <= MAX_PATH && cut.len() >= MAX_PATH - 1);
         assert!(now_rfc3339().ends_with('Z'), "{}", now_rfc3339());
+    }
+
+    #[test]
+    fn a_syslog_message_is_rfc_5424_with_the_json_as_its_message() {
+        let message = String::from_utf8(syslog_message(b"{\"a\":1}\n")).expect("utf-8");
+        assert!(message.starts_with("<86>1 "), "{message}");
+        let parts: Vec<&str> = message.splitn(8, ' ').collect();
+        assert!(parts[1].ends_with('Z'), "timestamp: {message}");
+        assert_eq!(parts[2], "-", "hostname left to the syslog daemon");
+        assert_eq!(parts[3], "tlsaccel");
+        assert_eq!(parts[4], std::process::id().to_string());
+        assert_eq!(parts[5], "access");
+        assert_eq!(parts[6], "-");
+        assert_eq!(parts[7], "{\"a\":1}");
     }
 
     #[test]

@@ -82,8 +82,10 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct Audit {
     /// The file, relative to this file; appended to, renamed to `<file>.<UTC time>` when
-    /// full.
-    pub file: Spanned<String>,
+    /// full. Either this or `syslog`.
+    pub file: Option<Spanned<String>>,
+    /// A local syslog socket (`/dev/log`): each record one RFC 5424 datagram.
+    pub syslog: Option<Spanned<String>>,
     /// Records held in memory for the writer at most.
     #[serde(default = "default_audit_queue")]
     pub queue: Spanned<u32>,
@@ -1273,8 +1275,29 @@ impl Config {
         if let Some(audit) = &self.audit {
             c.range(&audit.queue, "audit.queue", 1, 1 << 20)?;
             c.range(&audit.max_bytes, "audit.max_bytes", 4096, u64::MAX)?;
-            if audit.file.get_ref().is_empty() {
-                return Err(c.invalid(&audit.file, "audit.file", "a file name is needed"));
+            match (&audit.file, &audit.syslog) {
+                (Some(file), None) if !file.get_ref().is_empty() => {}
+                (None, Some(socket)) if socket.get_ref().starts_with('/') => {}
+                (Some(file), Some(_)) => {
+                    return Err(c.invalid(file, "audit.file", "either file or syslog, not both"))
+                }
+                (None, Some(socket)) => {
+                    return Err(c.invalid(
+                        socket,
+                        "audit.syslog",
+                        "the absolute path of a local syslog socket (/dev/log)",
+                    ))
+                }
+                (Some(file), None) => {
+                    return Err(c.invalid(file, "audit.file", "a file name is needed"))
+                }
+                (None, None) => {
+                    return Err(c.invalid(
+                        &audit.queue,
+                        "audit",
+                        "needs file = \"...\" or syslog = \"/dev/log\"",
+                    ))
+                }
             }
         }
         let acl = |rules: &[AclRule], key: &str| -> Result<(), ConfigError> {
@@ -1844,7 +1867,14 @@ pool = "web"
             error(format!("{GOOD}[audit]\nfile = \"a\"\non_full = \"drop\"\n"))
                 .contains("unknown variant `drop`")
         );
-        assert!(error(format!("{GOOD}[audit]\nqueue = 5\n")).contains("missing field `file`"));
+        assert!(error(format!("{GOOD}[audit]\nqueue = 5\n")).contains("audit: needs file"));
+        assert!(error(format!(
+            "{GOOD}[audit]\nfile = \"a\"\nsyslog = \"/dev/log\"\n"
+        ))
+        .contains("either file or syslog"));
+        assert!(error(format!("{GOOD}[audit]\nsyslog = \"dev/log\"\n"))
+            .contains("audit.syslog: the absolute path"));
+        assert!(parse(&format!("{GOOD}[audit]\nsyslog = \"/dev/log\"\n")).is_ok());
     }
 
     #[test]

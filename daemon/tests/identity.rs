@@ -1018,3 +1018,58 @@ fn a_full_audit_file_is_renamed_and_no_record_is_lost() {
     assert!(files >= 3, "{files} audit files");
     assert_eq!(lines, connections, "records across {files} files");
 }
+
+#[test]
+fn audit_records_go_to_a_syslog_socket_as_rfc_5424_messages() {
+    let rt = runtime();
+    let Clients {
+        dir,
+        server,
+        alice,
+        carol,
+        http,
+        l4,
+        ..
+    } = Clients::make(&rt, "identity-audit-syslog");
+    // A local syslog socket of the test's own, as /dev/log is to rsyslog.
+    let socket_path = dir.0.join("log.sock");
+    let syslog = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind syslog");
+    syslog
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let config = acl_config(http, l4).replace(
+        "[admin]",
+        &format!("[audit]\nsyslog = \"{}\"\n\n[admin]", socket_path.display()),
+    );
+    let daemon = Daemon::start(&dir.0, &config);
+    let l4 = daemon.listener("l4");
+    assert_eq!(
+        rt.block_on(ping(l4, &rustls_client(&server, Some(&alice)))),
+        Ok(())
+    );
+    assert_eq!(
+        rt.block_on(ping(l4, &rustls_client(&server, Some(&carol)))),
+        Err(Some(AlertDescription::AccessDenied))
+    );
+    let mut results = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..2 {
+        let n = syslog.recv(&mut buf).expect("a syslog datagram");
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(message.starts_with("<86>1 "), "{message}");
+        let json = message
+            .splitn(8, ' ')
+            .nth(7)
+            .unwrap_or_else(|| panic!("no message part: {message}"));
+        let record: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        assert_eq!(record["listener"], "l4");
+        results.push(record["result"].as_str().unwrap_or("").to_owned());
+    }
+    results.sort();
+    assert_eq!(results, ["allow", "deny"]);
+    assert_eq!(
+        daemon.metric("tlsaccel_audit_records_total{result=\"written\"}"),
+        2
+    );
+}
