@@ -426,42 +426,40 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
 /// the clear (before handshake keys), so it can be counted.
 ///
 /// `incoming` is what the handshake had offered rustls and not yet discarded: rustls may
-/// still refer to it.
+/// still refer to it (when no alert was queued and it reads on).
 async fn send_pending_alert(
     conn: &mut UnbufferedServerConnection,
-    incoming: &mut Vec<u8>,
+    incoming: &mut [u8],
     stream: &mut TcpStream,
     unsent: &[u8],
 ) -> Option<AlertDescription> {
     let mut out = unsent.to_vec();
     let start = out.len();
-    for _ in 0..4 {
-        let (encoded, discard) = {
-            let UnbufferedStatus { state, discard } = conn.process_tls_records(incoming);
-            let encoded = match state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let mut record = vec![0; 64];
-                    match encode.encode(&mut record) {
-                        Ok(n) => Some(record[..n].to_vec()),
-                        Err(EncodeError::InsufficientSize(size)) => {
-                            record.resize(size.required_size, 0);
-                            encode
-                                .encode(&mut record)
-                                .ok()
-                                .map(|n| record[..n].to_vec())
-                        }
-                        Err(_) => None,
+    // One call: rustls hands out the alert it queued for the error before it looks at the
+    // input again. A second call would deframe once more — the failed record again (and
+    // a second fatal alert), or ranges of a flight it no longer holds.
+    let encoded = {
+        let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);
+        match state {
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                let mut record = vec![0; 64];
+                match encode.encode(&mut record) {
+                    Ok(n) => Some(record[..n].to_vec()),
+                    Err(EncodeError::InsufficientSize(size)) => {
+                        record.resize(size.required_size, 0);
+                        encode
+                            .encode(&mut record)
+                            .ok()
+                            .map(|n| record[..n].to_vec())
                     }
+                    Err(_) => None,
                 }
-                _ => None,
-            };
-            (encoded, discard)
-        };
-        incoming.drain(..discard);
-        match encoded {
-            Some(record) => out.extend_from_slice(&record),
-            None => break,
+            }
+            _ => None,
         }
+    };
+    if let Some(record) = encoded {
+        out.extend_from_slice(&record);
     }
     if out.len() == start {
         return None;
