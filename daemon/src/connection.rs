@@ -312,22 +312,29 @@ async fn establish<'a>(
         refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
         return None;
     };
-    // Access rules, once for the connection.
-    if let Some(acl) = &acl {
-        let decision = acl.decide(identity.as_deref(), client.ip());
+    // Access rules, once for the connection; each decision goes to the audit log.
+    let decision = acl
+        .as_ref()
+        .map(|acl| acl.decide(identity.as_deref(), client.ip()));
+    let rule = decision.and_then(|d| d.rule);
+    let record = |result: &'static str, backend: Option<String>| {
+        let mut record = audit_record(
+            &listener.name,
+            client,
+            server_name.as_deref(),
+            identity.as_deref(),
+            &pool.name,
+        );
+        record.rule = rule;
+        record.result = result;
+        record.backend = backend;
+        record
+    };
+    if let Some(decision) = decision {
         shared.stats.acl_decisions.inc(decision.label());
         if !decision.allowed {
             tracing::info!(rule = ?decision.rule, "connection denied by an access rule");
-            let mut denied = audit_record(
-                &listener.name,
-                client,
-                server_name.as_deref(),
-                identity.as_deref(),
-                &pool.name,
-            );
-            denied.rule = decision.rule;
-            denied.result = "deny";
-            audit(shared, denied).await;
+            audit(shared, record("deny", None)).await;
             refuse(&ctx, &mut sender, stream, AlertDescription::AccessDenied).await;
             return None;
         }
@@ -340,40 +347,16 @@ async fn establish<'a>(
                 .backend_unavailable
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "no backend");
-            if shared.audit.is_some() {
-                // Let in by the rules, with no server to go to: recorded without a backend.
-                let mut allowed = audit_record(
-                    &listener.name,
-                    client,
-                    server_name.as_deref(),
-                    identity.as_deref(),
-                    &pool.name,
-                );
-                allowed.rule = acl
-                    .as_ref()
-                    .and_then(|a| a.decide(identity.as_deref(), client.ip()).rule);
-                allowed.result = "allow";
-                audit(shared, allowed).await;
-            }
+            // Let in by the rules, with no server to go to: recorded without a backend.
+            audit(shared, record("allow", None)).await;
             refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
             return None;
         }
     };
     tracing::debug!(backend = %lease.backend().address, "backend connected");
     if shared.audit.is_some() {
-        let mut allowed = audit_record(
-            &listener.name,
-            client,
-            server_name.as_deref(),
-            identity.as_deref(),
-            &pool.name,
-        );
-        allowed.rule = acl
-            .as_ref()
-            .and_then(|a| a.decide(identity.as_deref(), client.ip()).rule);
-        allowed.result = "allow";
-        allowed.backend = Some(lease.backend().address.to_string());
-        if !audit(shared, allowed).await {
+        let backend = Some(lease.backend().address.to_string());
+        if !audit(shared, record("allow", backend)).await {
             refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
             return None;
         }
