@@ -138,22 +138,19 @@ async fn establish<'a>(
                 let result = snake_case(alert);
                 shared.stats.client_certificates.inc(&result);
                 // Refused already: a full audit queue cannot refuse it more.
-                audit(
-                    shared,
-                    crate::audit::Record {
-                        event: "connection",
-                        listener: &listener.name,
-                        client: client.to_string(),
-                        sni: None,
-                        certificate: None,
-                        route: None,
-                        method: None,
-                        path: None,
-                        rule: None,
-                        result: &result,
-                        backend: None,
-                    },
-                )
+                audit(shared, || crate::audit::Record {
+                    event: "connection",
+                    listener: &listener.name,
+                    client: client.to_string(),
+                    sni: None,
+                    certificate: None,
+                    route: None,
+                    method: None,
+                    path: None,
+                    rule: None,
+                    result: &result,
+                    backend: None,
+                })
                 .await;
             }
             if let Some(alert) = error.alert_sent() {
@@ -268,10 +265,13 @@ async fn establish<'a>(
     };
     if let Err(alert) = &identity {
         let result = snake_case(*alert);
-        let mut refused = record("", None);
-        refused.result = &result;
-        audit(shared, refused).await;
-    } else if listener.http && !audit(shared, record("allow", None)).await {
+        audit(shared, || {
+            let mut refused = record("", None);
+            refused.result = &result;
+            refused
+        })
+        .await;
+    } else if listener.http && !audit(shared, || record("allow", None)).await {
         // The audit log could not take the decision: the client is not let in.
         refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
         return None;
@@ -334,7 +334,7 @@ async fn establish<'a>(
         shared.stats.acl_decisions.inc(decision.label());
         if !decision.allowed {
             tracing::info!(rule = ?decision.rule, "connection denied by an access rule");
-            audit(shared, record("deny", None)).await;
+            audit(shared, || record("deny", None)).await;
             refuse(&ctx, &mut sender, stream, AlertDescription::AccessDenied).await;
             return None;
         }
@@ -348,18 +348,16 @@ async fn establish<'a>(
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%error, "no backend");
             // Let in by the rules, with no server to go to: recorded without a backend.
-            audit(shared, record("allow", None)).await;
+            audit(shared, || record("allow", None)).await;
             refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
             return None;
         }
     };
     tracing::debug!(backend = %lease.backend().address, "backend connected");
-    if shared.audit.is_some() {
-        let backend = Some(lease.backend().address.to_string());
-        if !audit(shared, record("allow", backend)).await {
-            refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
-            return None;
-        }
+    let server = &lease.backend().address;
+    if !audit(shared, || record("allow", Some(server.clone()))).await {
+        refuse(&ctx, &mut sender, stream, AlertDescription::InternalError).await;
+        return None;
     }
     Some(Proxied {
         ctx,
@@ -464,11 +462,11 @@ fn audit_record<'a>(
     }
 }
 
-/// Hands `record` to the audit log, if there is one; `false` when it could not take it
-/// and the decision must be refused.
-pub async fn audit(shared: &Shared, record: crate::audit::Record<'_>) -> bool {
+/// Hands the record `make` builds to the audit log, if there is one (without one, nothing
+/// is built); `false` when the log could not take it and the decision must be refused.
+pub async fn audit<'a>(shared: &Shared, make: impl FnOnce() -> crate::audit::Record<'a>) -> bool {
     match &shared.audit {
-        Some(log) => log.record(&record).await,
+        Some(log) => log.record(&make()).await,
         None => true,
     }
 }

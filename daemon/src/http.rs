@@ -167,7 +167,7 @@ async fn forward(request: Request<Incoming>, conn: &Conn) -> Response<Body> {
     if let Some(acl) = &routed.acl {
         let decision = acl.decide(conn.client_certificate.as_deref(), conn.client.ip());
         conn.shared.stats.acl_decisions.inc(decision.label());
-        let record = crate::audit::Record {
+        let record = || crate::audit::Record {
             event: "request",
             listener: &conn.listener.name,
             client: conn.client.to_string(),
@@ -722,9 +722,18 @@ fn add_forwarding(headers: &mut HeaderMap, conn: &Conn, host: Option<&str>) {
 /// client's own is removed, also under a name that differs only by `_` for `-` (CGI-style
 /// backends read both as one).
 fn set_client_certificate(headers: &mut HeaderMap, conn: &Conn) {
+    const XFCC: &[u8] = b"x-forwarded-client-cert";
+    // Names are lower case already; compared in place, with nothing allocated per field.
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().replace('_', "-") == "x-forwarded-client-cert")
+        .filter(|name| {
+            let name = name.as_str().as_bytes();
+            name.len() == XFCC.len()
+                && name
+                    .iter()
+                    .zip(XFCC)
+                    .all(|(&a, &b)| a == b || (a == b'_' && b == b'-'))
+        })
         .cloned()
         .collect();
     for name in spoofed {
